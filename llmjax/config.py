@@ -1,0 +1,292 @@
+"""Experiment configs: an ml_collections ConfigDict at the edge, validated frozen dataclasses inside.
+
+An experiment file's `get_config(arg)` starts from `base_config()`, overrides what it needs and
+returns `finalize(config, arg)`. The library never reads a ConfigDict: `resolve()` converts it to an
+`Experiment` of frozen dataclasses, rejecting unknown keys, wrong types and impossible combinations
+with a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from llmjax.errors import ConfigError
+from llmjax.models import presets
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of one Transformer; decoder or encoder, GPT-2 or Llama style, is data."""
+  vocab_size: int = 256
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention); fewer: grouped-query attention.
+  head_dim: int = 0  # 0: d_model // n_heads.
+  d_ff: int = 1024
+  max_len: int = 256
+  causal: bool = True  # False: bidirectional encoder.
+  pos_emb: str = "learned"  # learned | rope | none
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  norm_position: str = "pre"  # pre (GPT/Llama) | post (BERT)
+  embed_norm: bool = False  # normalise the summed embeddings (BERT)
+  final_norm: bool = True  # a norm after the last block (pre-norm models)
+  mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | swiglu
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  type_vocab_size: int = 0  # >0: token-type embeddings (BERT segment A/B)
+  dropout: float = 0.0
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  attention_impl: str = "xla"  # xla | cudnn | auto
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (data, fsdp, tensor) and the logical->mesh rules preset; -1 fills the rest."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: str = "dp"  # dp | fsdp | tp | fsdp_tp
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay, global-norm clipping, gradient accumulation."""
+  lr: float = 1e-3
+  warmup_steps: int = 100
+  schedule: str = "cosine"  # cosine | constant
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0  # 0 disables clipping
+  accum_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it becomes packed token sequences."""
+  source: str = "stdlib"  # stdlib | files | tfds
+  files: str = ""  # glob, for source=files
+  tfds_name: str = ""
+  tfds_split: str = "train"
+  tfds_data_dir: str = ""
+  tfds_text_key: str = "text"
+  tokenizer: str = "byte"  # byte | hf:PATH (a local directory with tokenizer.json)
+  seq_len: int = 256
+  val_fraction: float = 0.05
+  max_bytes: int = 0  # 0: whole corpus; >0: read at most this many bytes (smoke runs)
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: budget, batch, cadence of logging, evaluation, checkpoints and samples."""
+  steps: int = 1000
+  batch_size: int = 32  # global, in sequences
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 250
+  eval_batches: int = 20
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  sample_prompts: int = 4
+  sample_tokens: int = 200
+  sample_temperature: float = 0.8
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  name: str
+  model: ModelConfig
+  mesh: MeshConfig
+  optim: OptimConfig
+  data: DataConfig
+  train: TrainConfig
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
+             "train": TrainConfig}
+_CHOICES = {
+    "model.pos_emb": ("learned", "rope", "none"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.mlp": ("gelu_tanh", "gelu", "relu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_impl": ("xla", "cudnn", "auto"),
+    "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
+    "optim.schedule": ("cosine", "constant"),
+    "data.source": ("stdlib", "files", "tfds"),
+}
+
+
+def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """A `config.model` section: every ModelConfig field, from a named preset plus overrides."""
+  fields = dataclasses.asdict(ModelConfig())
+  fields.update(presets.get(preset))
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ConfigError(f"unknown model field(s) {unknown}; allowed: {sorted(fields)}")
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with defaults; experiments override, never add."""
+  c = ml_collections.ConfigDict()
+  c.name = "experiment"
+  c.model = model_section("gpt2")
+  for section, cls in _SECTIONS.items():
+    if section != "model":
+      c[section] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrink any experiment to a run of seconds, keeping its architecture family."""
+  c.model.n_layers = 2
+  c.model.d_model = 64
+  c.model.n_heads = 4
+  c.model.n_kv_heads = min(c.model.n_kv_heads, 2) if c.model.n_kv_heads else 0
+  c.model.head_dim = 0
+  c.model.d_ff = 128
+  c.model.max_len = 64
+  c.data.seq_len = 64
+  c.data.max_bytes = 300_000
+  c.train.steps = 20
+  c.train.batch_size = 8
+  c.train.log_every = 5
+  c.train.eval_every = 10
+  c.train.eval_batches = 2
+  c.train.checkpoint_every = 10
+  c.train.sample_prompts = 2
+  c.train.sample_tokens = 16
+  c.optim.warmup_steps = 5
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Apply the `FILE:ARG` argument every experiment understands (`smoke`) and lock the keys."""
+  if arg == "smoke":
+    c = smoke(c)
+  elif arg:
+    raise ConfigError(f"unknown config argument {arg!r}; allowed: 'smoke' or none")
+  c.lock()
+  return c
+
+
+def _check_type(key: str, value: Any, annotation: str) -> Any:
+  expected = {"int": int, "float": float, "bool": bool, "str": str}[annotation]
+  if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(value, bool) and expected is not bool:
+    raise ConfigError(f"config.{key} must be {annotation}, got bool {value!r}")
+  if not isinstance(value, expected):
+    raise ConfigError(f"config.{key} must be {annotation}, got {type(value).__name__} {value!r}")
+  return value
+
+
+def _section(name: str, cls, values: dict) -> Any:
+  hints = {f.name: f.type for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ConfigError(f"unknown config key config.{name}.{unknown[0]}; allowed in config.{name}: "
+                      f"{', '.join(sorted(hints))}")
+  typed = {k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+  for k, v in typed.items():
+    allowed = _CHOICES.get(f"{name}.{k}")
+    if allowed and v not in allowed:
+      raise ConfigError(f"config.{name}.{k}={v!r} is not one of {', '.join(allowed)}")
+  return cls(**typed)
+
+
+def resolve(c: ml_collections.ConfigDict | dict) -> Experiment:
+  """ConfigDict (or its dict form) -> validated Experiment; raises ConfigError naming the key."""
+  d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+  unknown = sorted(set(d) - set(_SECTIONS) - {"name"})
+  if unknown:
+    raise ConfigError(f"unknown config key config.{unknown[0]}; allowed: name, "
+                      f"{', '.join(_SECTIONS)}")
+  sections = {k: _section(k, cls, dict(d.get(k, {}))) for k, cls in _SECTIONS.items()}
+  exp = Experiment(name=_check_type("name", d.get("name", "experiment"), "str"), **sections)
+  validate(exp)
+  return exp
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(exp: Experiment) -> None:
+  """Combinations that cannot run; device-dependent checks live in parallel.mesh."""
+  m, t, o, data = exp.model, exp.train, exp.optim, exp.data
+  for key, value in (("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                     ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                     ("model.d_ff", m.d_ff), ("model.max_len", m.max_len),
+                     ("data.seq_len", data.seq_len), ("train.steps", t.steps),
+                     ("train.batch_size", t.batch_size), ("optim.accum_steps", o.accum_steps),
+                     ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                     ("train.checkpoint_every", t.checkpoint_every),
+                     ("train.keep_checkpoints", t.keep_checkpoints)):
+    _require(value > 0, f"config.{key} must be positive, got {value}")
+  _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+           f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
+           "(or set config.model.head_dim)")
+  _require(m.n_heads % m.kv_heads == 0,
+           f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
+  _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
+           f"rotary embeddings need an even head dim, got {m.dim_per_head}")
+  _require(data.seq_len <= m.max_len,
+           f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
+  _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")
+  _require(0.0 < data.val_fraction < 1.0,
+           f"config.data.val_fraction must be in (0, 1), got {data.val_fraction}")
+  _require(t.batch_size % o.accum_steps == 0,
+           f"config.train.batch_size={t.batch_size} must be divisible by "
+           f"config.optim.accum_steps={o.accum_steps}")
+  _require(data.source != "files" or bool(data.files),
+           "config.data.files must be a glob when config.data.source='files'")
+  _require(data.source != "tfds" or bool(data.tfds_name),
+           "config.data.tfds_name must be set when config.data.source='tfds'")
+  _require(data.tokenizer == "byte" or data.tokenizer.startswith("hf:"),
+           f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte' or 'hf:PATH'")
+  for axis in ("data", "fsdp", "tensor"):
+    size = getattr(exp.mesh, axis)
+    _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
+  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor].count(-1) <= 1,
+           "at most one of config.mesh.data/fsdp/tensor may be -1")
+
+
+def as_dict(exp: Experiment) -> dict:
+  return dataclasses.asdict(exp)
+
+
+def from_json(text: str) -> Experiment:
+  return resolve(json.loads(text))
+

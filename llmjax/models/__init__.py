@@ -1,0 +1,1 @@
+"""Models: one Transformer (decoder or encoder by config) and its presets."""

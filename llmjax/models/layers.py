@@ -1,0 +1,82 @@
+"""Building blocks shared by every model: dense layers, norms, MLPs, rotary embeddings.
+
+Tensor-name letters: B batch, L length, S key length, D model width, F MLP width,
+N query heads, K key/value heads, H head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax.config import ModelConfig
+from llmjax.parallel import axes
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def init_normal(std: float, logical_axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), logical_axes)
+
+
+def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, *,
+          axis=-1, std: float | None = None) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel and bias carry logical axis names (bias: the output axes)."""
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=cfg.use_bias, name=name,
+      dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+      kernel_init=init_normal(cfg.init_std if std is None else std, logical_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, logical_axes[-n_out:]))
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm by config; flax reduces in float32 and returns the compute dtype."""
+  common = dict(epsilon=cfg.norm_eps, dtype=dtype_of(cfg.dtype),
+                param_dtype=dtype_of(cfg.param_dtype), name=name,
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(**common)
+  return nn.LayerNorm(**common, bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                        (axes.NORM,)))
+
+
+_ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "swiglu": nn.silu,  # gate activation; the gate itself is the `wg` projection
+}
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP: act(x Wi) Wo, or SwiGLU silu(x Wg) * (x Wi) Wo."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    act = _ACTIVATIONS[cfg.mlp]
+    h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi")(x_BLD)
+    if cfg.mlp == "swiglu":
+      h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg")(x_BLD)) * h_BLF
+    else:
+      h_BLF = act(h_BLF)
+    h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    return dense(cfg, cfg.d_model, (axes.MLP, axes.EMBED), "wo",
+                 std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)(h_BLF)
+
+
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotate-half convention (the one Llama checkpoints use)."""
+  half = x_BLNH.shape[-1] // 2
+  inv_freq_H = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLNH.shape[-1])
+  angle_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq_H
+  sin_BL1H = jnp.sin(angle_BLH)[:, :, None, :]
+  cos_BL1H = jnp.cos(angle_BLH)[:, :, None, :]
+  x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
+  rotated = jnp.concatenate([x1 * cos_BL1H - x2 * sin_BL1H, x2 * cos_BL1H + x1 * sin_BL1H], -1)
+  return rotated.astype(x_BLNH.dtype)

@@ -1,0 +1,122 @@
+"""One Transformer for decoders (GPT-2, Llama) and encoders (BERT), shaped entirely by ModelConfig.
+
+`Transformer.apply({"params": p}, tokens_BL, ...)` is a pure function of its parameters. Layers
+are optionally stacked with `nn.scan` (one compiled block, a leading `layers` axis on every block
+parameter) and optionally rematerialised under a named policy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax.config import ModelConfig
+from llmjax.models import layers
+from llmjax.models.attention import Attention
+from llmjax.parallel import axes
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_ACT_BLD = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+
+
+class Block(nn.Module):
+  """Attention + MLP with residuals; pre-norm (GPT, Llama) or post-norm (BERT)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    attn, mlp = Attention(cfg, name="attn"), layers.Mlp(cfg, name="mlp")
+    norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
+    if cfg.norm_position == "pre":
+      x_BLD = x_BLD + drop(attn(norm1(x_BLD), segment_ids_BL, positions_BL))
+      x_BLD = x_BLD + drop(mlp(norm2(x_BLD)))
+    else:
+      x_BLD = norm1(x_BLD + drop(attn(x_BLD, segment_ids_BL, positions_BL)))
+      x_BLD = norm2(x_BLD + drop(mlp(x_BLD)))
+    return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+  """Position of each token within its segment (restarts at 0 where the segment id changes)."""
+  length = segment_ids_BL.shape[1]
+  index_BL = jnp.broadcast_to(jnp.arange(length), segment_ids_BL.shape)
+  starts_BL = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BL[:, :1], bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]],
+      axis=1)
+  start_index_BL = jax.lax.cummax(jnp.where(starts_BL, index_BL, 0), axis=1)
+  return index_BL - start_index_BL
+
+
+def _stack(cfg: ModelConfig, deterministic: bool, x_BLD, segment_ids_BL, positions_BL):
+  """All blocks, either scanned (one compiled body, params with a leading layers axis) or unrolled."""
+  block = _block_class(cfg)
+  if cfg.scan_layers:
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                    metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+    x_BLD, _ = stack(cfg, deterministic, name="layers")(x_BLD, segment_ids_BL, positions_BL)
+    return x_BLD
+  for i in range(cfg.n_layers):
+    x_BLD, _ = block(cfg, deterministic, name=f"layer_{i}")(x_BLD, segment_ids_BL, positions_BL)
+  return x_BLD
+
+
+class Transformer(nn.Module):
+  """tokens [B, L] -> logits [B, L, V] (or final hidden states [B, L, D] with return_hidden)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None, token_types_BL=None,
+               deterministic: bool = True, return_hidden: bool = False):
+    cfg = self.cfg
+    param_dtype, dtype = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.dtype)
+    embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=dtype, param_dtype=param_dtype)
+    if positions_BL is None:
+      positions_BL = (positions_from_segments(segment_ids_BL) if segment_ids_BL is not None
+                      else jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape))
+
+    token_embed = embed(cfg.vocab_size, name="embed", embedding_init=layers.init_normal(
+        cfg.init_std, (axes.VOCAB, axes.EMBED)))
+    x_BLD = token_embed(tokens_BL)
+    if cfg.pos_emb == "learned":
+      x_BLD += embed(cfg.max_len, name="pos_embed", embedding_init=layers.init_normal(
+          cfg.init_std, (axes.POSITIONS, axes.EMBED)))(positions_BL)
+    if cfg.type_vocab_size:
+      types_BL = jnp.zeros_like(tokens_BL) if token_types_BL is None else token_types_BL
+      x_BLD += embed(cfg.type_vocab_size, name="type_embed", embedding_init=layers.init_normal(
+          cfg.init_std, (axes.TYPES, axes.EMBED)))(types_BL)
+    if cfg.embed_norm:
+      x_BLD = layers.norm(cfg, "embed_norm")(x_BLD)
+    x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
+    x_BLD = nn.with_logical_constraint(x_BLD, _ACT_BLD)
+
+    x_BLD = _stack(cfg, deterministic, x_BLD, segment_ids_BL, positions_BL)
+    if cfg.final_norm:
+      x_BLD = layers.norm(cfg, "final_norm")(x_BLD)
+    if return_hidden:
+      return x_BLD
+    if cfg.tie_embeddings:
+      logits_BLV = token_embed.attend(x_BLD)
+    else:
+      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head", kernel_init=layers.init_normal(
+                                cfg.init_std, (axes.EMBED, axes.VOCAB)))(x_BLD)
+    return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))

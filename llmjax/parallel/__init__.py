@@ -1,0 +1,1 @@
+"""Parallelism: logical axis names, meshes, and logical->mesh rules."""
