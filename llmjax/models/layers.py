@@ -22,15 +22,45 @@ def init_normal(std: float, logical_axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), logical_axes)
 
 
+class DenseGeneral(nn.Module):
+  """x contracted over `axis` with a kernel [*in_dims, *features]; created at its real shape.
+
+  flax's own DenseGeneral initialises a flattened 2-D kernel, which breaks logical sharding
+  annotations (and scanned stacks) for multi-axis kernels.
+  """
+  features: tuple[int, ...]
+  logical_axes: tuple[str, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    contract = tuple(a % x.ndim for a in self.axis)
+    in_dims = tuple(x.shape[a] for a in contract)
+    kernel = self.param("kernel", init_normal(self.std, self.logical_axes),
+                        in_dims + self.features, dtype_of(self.param_dtype))
+    compute = dtype_of(self.dtype)
+    y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute),
+                            ((contract, tuple(range(len(contract)))), ((), ())))
+    if self.use_bias:
+      bias_axes = self.logical_axes[len(in_dims):]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                        self.features, dtype_of(self.param_dtype))
+      y = y + bias.astype(compute)
+    return y
+
+
 def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, *,
-          axis=-1, std: float | None = None) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel and bias carry logical axis names (bias: the output axes)."""
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=cfg.use_bias, name=name,
-      dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-      kernel_init=init_normal(cfg.init_std if std is None else std, logical_axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, logical_axes[-n_out:]))
+          axis=-1, std: float | None = None) -> DenseGeneral:
+  """A DenseGeneral configured from the model's dtypes, bias choice and init scale."""
+  return DenseGeneral(
+      features=(features,) if isinstance(features, int) else tuple(features),
+      logical_axes=logical_axes, axis=(axis,) if isinstance(axis, int) else tuple(axis),
+      use_bias=cfg.use_bias, std=cfg.init_std if std is None else std, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, name=name)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:

@@ -1,0 +1,39 @@
+"""llmjax train --config=experiments/lm/stdlib_gpt.py[:smoke] --workdir=DIR [--config.a.b=v]."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from llmjax import config as config_lib
+from llmjax.cli import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running with it resumes.")
+
+
+def main(argv: list[str] | None = None) -> None:
+  common.parse_flags(sys.argv if argv is None else argv)
+  if _CONFIG.value is None:
+    common.fail("--config=FILE is required (e.g. --config=experiments/lm/stdlib_gpt.py)")
+  if not _WORKDIR.value:
+    common.fail("--workdir=DIR is required")
+  with common.user_errors():
+    exp = config_lib.resolve(_CONFIG.value)
+    from llmjax import train  # heavy imports only after the flags are known to be good
+    result = train.run(exp, _WORKDIR.value)
+  workdir = os.path.abspath(_WORKDIR.value)
+  line = f"final validation loss {result['loss']:.4f} nats/token at step {result['step']}"
+  if "bits_per_byte" in result:
+    line += f" ({result['bits_per_byte']:.3f} bits/byte)"
+  print(line)
+  print(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, plots/loss.png, "
+        "samples.txt)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,234 @@
+"""The training loop, top to bottom: config -> mesh and rules -> abstract init -> shardings ->
+state (fresh or restored) -> data iterator (fresh or restored) -> jitted step -> metrics,
+checkpoints, plots and samples.
+
+Everything that can reject the input (mesh, shapes, data) runs before the workdir is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from llmjax import checkpoint, flops, generate
+from llmjax.config import Experiment
+from llmjax.data import text
+from llmjax.errors import ConfigError
+from llmjax.models.transformer import Transformer
+from llmjax.parallel import mesh as meshlib
+from llmjax.parallel import sharding
+from llmjax.train import init, optim, reporting, step
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the loop needs, assembled and validated before anything is written."""
+  exp: Experiment
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Transformer
+  corpus: text.Corpus
+  tx: object
+  schedule: object
+  abstract_state: object
+  state_shardings: object
+
+
+def prepare(exp: Experiment) -> Setup:
+  """Validate against the devices and data; build model, optimiser and abstract state."""
+  mesh = meshlib.make_mesh(exp.mesh)
+  rules = sharding.rules_for(exp.mesh.rules)
+  sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
+  per_step = meshlib.batch_parallelism(mesh) * exp.optim.accum_steps
+  if exp.train.batch_size % per_step:
+    raise ConfigError(f"config.train.batch_size={exp.train.batch_size} must be divisible by the "
+                      f"data-parallel size (mesh data*fsdp={meshlib.batch_parallelism(mesh)}) x "
+                      f"config.optim.accum_steps={exp.optim.accum_steps}")
+  corpus = text.load_corpus(exp.data)
+  if corpus.tokenizer.vocab_size > exp.model.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={exp.model.vocab_size} is smaller than the "
+                      f"tokenizer's vocabulary ({corpus.tokenizer.vocab_size})")
+  model = Transformer(exp.model)
+  tx = optim.make_optimizer(exp.optim, exp.train.steps)
+  schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
+  abstract_state, state_shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh, rules)
+  return Setup(exp, mesh, rules, model, corpus, tx, schedule, abstract_state, state_shardings)
+
+
+def compile_steps(s: Setup):
+  """The jitted train and eval steps, with explicit shardings; the train state is donated."""
+  batch_sharding = sharding.batch_sharding(s.mesh)
+  train = jax.jit(
+      functools.partial(step.train_step, model=s.model, tx=s.tx, schedule=s.schedule,
+                        accum_steps=s.exp.optim.accum_steps),
+      in_shardings=(s.state_shardings, batch_sharding),
+      out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(step.eval_step, model=s.model),
+                     in_shardings=(s.state_shardings, batch_sharding),
+                     out_shardings=sharding.replicated(s.mesh))
+  return train, evaluate
+
+
+def _data_iterator(s: Setup, data_state: dict | None):
+  iterator = text.batch_iterator(
+      s.corpus.train, s.exp.train.batch_size // jax.process_count(), seed=s.exp.data.seed,
+      shuffle=True, num_epochs=None, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if data_state:
+    iterator.set_state(data_state["grain"].encode())
+  return iterator
+
+
+def _data_state(iterator) -> dict:
+  state = iterator.get_state()
+  return {"grain": state.decode() if isinstance(state, bytes) else json.dumps(state)}
+
+
+def evaluate(s: Setup, eval_fn, state, batches) -> dict:
+  """Validation loss, perplexity and (byte tokenizer) bits per byte over fixed batches."""
+  loss_sum, tokens = 0.0, 0.0
+  for batch in batches:
+    out = jax.device_get(eval_fn(state, sharding.global_batch(batch, s.mesh)))
+    loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+  loss = loss_sum / max(tokens, 1.0)
+  metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+  if s.corpus.tokenizer.name == "byte":
+    metrics["bits_per_byte"] = loss / math.log(2)
+  return metrics
+
+
+class _Throughput:
+  """Tokens/s and model FLOP utilisation over the steps since the last report."""
+
+  def __init__(self, s: Setup):
+    exp = s.exp
+    self.tokens_per_step = exp.train.batch_size * exp.data.seq_len
+    self.flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size,
+                                                     exp.data.seq_len)
+    device = jax.devices()[0]
+    self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
+    if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now
+      self.peak = flops.measured_matmul_peak(exp.model.dtype) * len(jax.local_devices())
+    self.peak *= jax.process_count()
+    self.reset()
+
+  def reset(self):
+    self.start, self.steps = time.perf_counter(), 0
+
+  def report(self) -> dict:
+    seconds = max(time.perf_counter() - self.start, 1e-9)
+    rate = {"tokens_per_s": self.tokens_per_step * self.steps / seconds,
+            "mfu": self.flops_per_step * self.steps / seconds / self.peak}
+    self.reset()
+    return rate
+
+
+def write_samples(s: Setup, state, path: str) -> None:
+  """Continue a few validation prompts and write prompt + continuation as text."""
+  t = s.exp.train
+  n_new = min(t.sample_tokens, s.exp.model.max_len // 2)
+  prompt_len = min(64, s.exp.model.max_len - n_new)
+  rows = s.corpus.val["tokens"][: t.sample_prompts, :prompt_len]
+  params = jax.device_get(state.params)  # samples run on one device: a few KB to a few MB
+  out = generate.sample(s.model, params, jax.numpy.asarray(rows), jax.random.PRNGKey(t.seed),
+                        n_new=n_new, temperature=t.sample_temperature)
+  decode = s.corpus.tokenizer.decode
+  with open(path, "w") as f:
+    for prompt, continuation in zip(rows, np.asarray(out)):
+      f.write(f"=== prompt\n{decode(prompt)}\n=== continuation\n{decode(continuation)}\n\n")
+
+
+def run(exp: Experiment, workdir: str) -> dict:
+  """Train (or resume) `exp` in `workdir`; returns the final validation metrics."""
+  s = prepare(exp)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(exp.to_json())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), exp.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = init.init_state(exp.train.seed, s.model, s.tx, exp.data.seq_len, s.mesh, s.rules,
+                            s.state_shardings)
+    data_state = None
+  else:
+    state, data_state, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings)
+  start = int(jax.device_get(state.step))
+  writer = reporting.MetricWriter(workdir, is_main=is_main)
+  if is_main:
+    reporting.truncate_after(writer.path, start)
+  iterator = _data_iterator(s, data_state)
+  train_fn, eval_fn = compile_steps(s)
+  val_batches = text.eval_batches(s.corpus.val, exp.train.batch_size // jax.process_count(),
+                                  exp.train.eval_batches)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    state = _train(s, state, start, iterator, train_fn, eval_fn, val_batches, ckpt, writer)
+    final = evaluate(s, eval_fn, state, val_batches)
+  end = int(jax.device_get(state.step))
+  writer.write(end, "val", final)
+  if ckpt.latest_step() != end:
+    ckpt.save(end, state, _data_state(iterator), json.loads(exp.to_json()))
+  ckpt.close()
+  writer.close()
+  if is_main:
+    reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
+    write_samples(s, state, os.path.join(workdir, "samples.txt"))
+  return {"step": end, **final}
+
+
+def _train(s: Setup, state, start, iterator, train_fn, eval_fn, val_batches, ckpt, writer):
+  """Steps start..steps-1; step n-1's metrics are read only after step n is dispatched."""
+  t = s.exp.train
+  throughput = _Throughput(s)
+  bar = _progress(t, start)
+  pending, interval = None, []
+  for step_index in range(start, t.steps):
+    batch = sharding.global_batch(next(iterator), s.mesh)
+    state, metrics = train_fn(state, batch)
+    if pending is not None:
+      interval.append(jax.device_get(pending))
+    pending, done = metrics, step_index + 1
+    if done % t.log_every == 0 or done == t.steps:
+      interval.append(jax.device_get(pending))
+      pending = None
+      record = _summarise(interval) | throughput.report()
+      writer.write(done, "train", record)
+      interval = []
+      if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        mfu=f"{record['mfu']:.1%}")
+    if done % t.eval_every == 0 and done != t.steps:
+      writer.write(done, "val", evaluate(s, eval_fn, state, val_batches))
+      throughput.reset()  # evaluation time is not training throughput
+    if done % t.checkpoint_every == 0 and done != t.steps:
+      ckpt.save(done, state, _data_state(iterator), json.loads(s.exp.to_json()))
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  return state
+
+
+def _summarise(interval: list[dict]) -> dict:
+  """Mean of the finite steps' metrics; non-finite ones are counted, never averaged in."""
+  finite = [m for m in interval if m["nonfinite"] == 0 and np.isfinite(m["loss"])]
+  record = {"nonfinite_steps": len(interval) - len(finite), "lr": float(interval[-1]["lr"])}
+  for key in ("loss", "grad_norm"):
+    record[key] = float(np.mean([m[key] for m in finite])) if finite else float("nan")
+  return record
+
+
+def _progress(t, start):
+  if not t.progress or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,53 @@
+"""Optimiser from OptimConfig: AdamW, warmup + cosine, clipping, decay mask, non-finite guard."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from llmjax.config import OptimConfig
+
+# Parameters that never get weight decay: norms, biases, embeddings (path regexes).
+NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embedding$")
+
+
+def path_str(path) -> str:
+  """'layer_0/attn/q/kernel' from a jax key path (boxing attributes such as `.value` dropped)."""
+  names = []
+  for key in path:
+    name = getattr(key, "key", None) or getattr(key, "name", None)
+    if name is None and hasattr(key, "idx"):
+      name = str(key.idx)
+    if name is not None and name != "value":
+      names.append(str(name))
+  return "/".join(names)
+
+
+def regex_mask(params, patterns, *, match_means: bool = True):
+  """Bool pytree over params: whether the parameter path matches any pattern."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(c.search(path_str(path)) for c in compiled) == match_means, params)
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  if cfg.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+        [cfg.warmup_steps])
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW; decay masked off norms/biases/embeddings; updates skipped when grads are non-finite."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  decay_mask = lambda params: regex_mask(params, NO_DECAY, match_means=False)
+  chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  # A non-finite step leaves params and moments untouched; the loop decides when to give up.
+  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)

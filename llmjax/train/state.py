@@ -1,0 +1,17 @@
+"""Train state: everything a step reads and writes, as one pytree (no functions inside)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # PRNGKey data (uint32[2]); per-step keys are folded in from `step`
+  model_state: Any  # non-trainable collections, e.g. {"batch_stats": ...}; {} for Transformers

@@ -1,0 +1,89 @@
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, model and optimiser bound.
+
+The loop binds `model`, `tx` and `schedule` with functools.partial and jits once with explicit
+shardings, donating the state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llmjax.objectives import lm
+from llmjax.parallel.mesh import BATCH_AXES
+from llmjax.train.state import TrainState
+
+
+def split_microbatches(batch: dict, accum_steps: int) -> dict:
+  """[B, ...] -> [A, B/A, ...], microbatch a = rows a, a+A, ...: each device keeps its own rows."""
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    spec = jax.sharding.PartitionSpec(None, BATCH_AXES)
+    return jax.lax.with_sharding_constraint(x, spec) if _has_mesh() else x
+  return jax.tree.map(split, batch)
+
+
+def _has_mesh() -> bool:
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+def _grads(state: TrainState, batch: dict, rng, model, accum_steps: int):
+  """Summed loss, token count and summed grads over `accum_steps` microbatches."""
+  def loss_fn(params, microbatch, key, model_state):
+    loss_sum, count, model_state = lm.loss_terms(
+        model, params, microbatch, deterministic=False, rngs={"dropout": key},
+        model_state=model_state)
+    return loss_sum, (count, model_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss_sum, (count, model_state)), grads = grad_fn(state.params, batch, rng, state.model_state)
+    return loss_sum, count, grads, model_state
+
+  def body(carry, xs):
+    loss_acc, count_acc, grads_acc, model_state = carry
+    microbatch, index = xs
+    (loss_sum, (count, model_state)), grads = grad_fn(
+        state.params, microbatch, jax.random.fold_in(rng, index), model_state)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (loss_acc + loss_sum, count_acc + count, grads_acc, model_state), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, state.model_state)
+  xs = (split_microbatches(batch, accum_steps), jnp.arange(accum_steps))
+  (loss_sum, count, grads, model_state), _ = jax.lax.scan(body, init, xs)
+  return loss_sum, count, grads, model_state
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accum_steps: int = 1):
+  """One optimizer update on a global batch; loss is the mean over all target tokens."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss_sum, count, grads, model_state = _grads(state, batch, rng, model, accum_steps)
+  denominator = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss_sum) & opt_state.last_finite
+  metrics = {
+      "loss": loss_sum / denominator,
+      "tokens": count,
+      "grad_norm": optax.global_norm(grads),
+      "lr": schedule(state.step),
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+  }
+  # apply_if_finite already zeroed the update of a non-finite step (and counted it); running
+  # statistics such as BatchNorm's must not take it in either.
+  model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), model_state,
+                             state.model_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model):
+  """(sum of token losses, number of target tokens) on one batch, deterministic."""
+  loss_sum, count, _ = lm.loss_terms(model, state.params, batch, deterministic=True,
+                                     model_state=state.model_state)
+  return {"loss_sum": loss_sum, "tokens": count}
