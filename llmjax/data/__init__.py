@@ -1,0 +1,1 @@
+"""Data: tokenizers, document sources, packed token sequences and grain iterators."""
