@@ -87,6 +87,15 @@ def _data_iterator(s: Setup, data_state: dict | None):
   return iterator
 
 
+def _process_slices(global_batches: list[dict]) -> list[dict]:
+  """This process's rows of each global batch (every process holds the same global list)."""
+  count, index = jax.process_count(), jax.process_index()
+  def rows(x):
+    per_process = x.shape[0] // count
+    return x[index * per_process:(index + 1) * per_process]
+  return [jax.tree.map(rows, batch) for batch in global_batches]
+
+
 def _data_state(iterator) -> dict:
   state = iterator.get_state()
   return {"grain": state.decode() if isinstance(state, bytes) else json.dumps(state)}
@@ -168,8 +177,8 @@ def run(exp: Experiment, workdir: str) -> dict:
     reporting.truncate_after(writer.path, start)
   iterator = _data_iterator(s, data_state)
   train_fn, eval_fn = compile_steps(s)
-  val_batches = text.eval_batches(s.corpus.val, exp.train.batch_size // jax.process_count(),
-                                  exp.train.eval_batches)
+  val_batches = _process_slices(text.eval_batches(s.corpus.val, exp.train.batch_size,
+                                                  exp.train.eval_batches))
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     state = _train(s, state, start, iterator, train_fn, eval_fn, val_batches, ckpt, writer)
     final = evaluate(s, eval_fn, state, val_batches)
@@ -194,6 +203,7 @@ def _train(s: Setup, state, start, iterator, train_fn, eval_fn, val_batches, ckp
   for step_index in range(start, t.steps):
     batch = sharding.global_batch(next(iterator), s.mesh)
     state, metrics = train_fn(state, batch)
+    throughput.steps += 1
     if pending is not None:
       interval.append(jax.device_get(pending))
     pending, done = metrics, step_index + 1
