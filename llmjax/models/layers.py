@@ -1,7 +1,8 @@
 """Building blocks shared by every model: dense layers, norms, MLPs, rotary embeddings.
 
-Tensor-name letters: B batch, L length, S key length, D model width, F MLP width,
-N query heads, K key/value heads, H head dim, V vocabulary.
+Tensor-name letters: B batch, L length, S key length (or cache slots), D model width, F MLP width,
+N query heads, K key/value heads, H head dim, V vocabulary, C classes, P prompt length,
+T prompt + generated length.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
                                                                         (axes.NORM,)))
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
@@ -89,7 +90,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    act = _ACTIVATIONS[cfg.mlp]
+    act = ACTIVATIONS[cfg.mlp]
     h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi")(x_BLD)
     if cfg.mlp == "swiglu":
       h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg")(x_BLD)) * h_BLF

@@ -2,7 +2,9 @@
 
 `Transformer.apply({"params": p}, tokens_BL, ...)` is a pure function of its parameters. Layers
 are optionally stacked with `nn.scan` (one compiled block, a leading `layers` axis on every block
-parameter) and optionally rematerialised under a named policy.
+parameter) and optionally rematerialised under a named policy. With `decode=True` the model also
+reads and writes a "cache" collection (keys, values, segment ids and the next free slot; see
+`init_cache`), so a prompt is run once and each new token costs one position.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from flax import linen as nn
 
 from llmjax.config import ModelConfig
 from llmjax.models import layers
-from llmjax.models.attention import Attention
+from llmjax.models import attention
 from llmjax.parallel import axes
 
 REMAT_POLICIES = {
@@ -31,24 +33,26 @@ class Block(nn.Module):
   """Attention + MLP with residuals; pre-norm (GPT, Llama) or post-norm (BERT)."""
   cfg: ModelConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, mask_B1LS, positions_BL, cache_index):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    attn, mlp = Attention(cfg, name="attn"), layers.Mlp(cfg, name="mlp")
+    attn = attention.Attention(cfg, self.decode, name="attn")
+    mlp = layers.Mlp(cfg, name="mlp")
     norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
     if cfg.norm_position == "pre":
-      x_BLD = x_BLD + drop(attn(norm1(x_BLD), segment_ids_BL, positions_BL))
+      x_BLD = x_BLD + drop(attn(norm1(x_BLD), mask_B1LS, positions_BL, cache_index))
       x_BLD = x_BLD + drop(mlp(norm2(x_BLD)))
     else:
-      x_BLD = norm1(x_BLD + drop(attn(x_BLD, segment_ids_BL, positions_BL)))
+      x_BLD = norm1(x_BLD + drop(attn(x_BLD, mask_B1LS, positions_BL, cache_index)))
       x_BLD = norm2(x_BLD + drop(mlp(x_BLD)))
     return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
 
 
-def _block_class(cfg: ModelConfig):
-  if cfg.remat == "none":
+def _block_class(cfg: ModelConfig, decode: bool):
+  if cfg.remat == "none" or decode:  # decoding takes no gradients: nothing to rematerialise
     return Block
   return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
@@ -64,19 +68,48 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
   return index_BL - start_index_BL
 
 
-def _stack(cfg: ModelConfig, deterministic: bool, x_BLD, segment_ids_BL, positions_BL):
+def _stack(cfg: ModelConfig, deterministic: bool, decode: bool, x_BLD, mask_B1LS, positions_BL,
+           cache_index):
   """All blocks, either scanned (one compiled body, params with a leading layers axis) or unrolled."""
-  block = _block_class(cfg)
+  block = _block_class(cfg, decode)
+  args = (mask_B1LS, positions_BL, cache_index)
   if cfg.scan_layers:
-    stack = nn.scan(block, variable_axes={"params": 0},
+    stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                    in_axes=(nn.broadcast,) * len(args), length=cfg.n_layers,
                     metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-    x_BLD, _ = stack(cfg, deterministic, name="layers")(x_BLD, segment_ids_BL, positions_BL)
+    x_BLD, _ = stack(cfg, deterministic, decode, name="layers")(x_BLD, *args)
     return x_BLD
   for i in range(cfg.n_layers):
-    x_BLD, _ = block(cfg, deterministic, name=f"layer_{i}")(x_BLD, segment_ids_BL, positions_BL)
+    x_BLD, _ = block(cfg, deterministic, decode, name=f"layer_{i}")(x_BLD, *args)
   return x_BLD
+
+
+class _Mask(nn.Module):
+  """The attention mask, and in decode mode the cache's segment ids and next free slot."""
+  decode: bool
+
+  @nn.compact
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL):
+    """-> (mask [B, 1, L, S] or None, positions [B, L], cache slot of the first token or None)."""
+    batch, length = tokens_BL.shape
+    if not self.decode:
+      if positions_BL is None:
+        positions_BL = (positions_from_segments(segment_ids_BL) if segment_ids_BL is not None
+                        else jnp.broadcast_to(jnp.arange(length), tokens_BL.shape))
+      return attention.segment_mask(segment_ids_BL), positions_BL, None
+    # Sized at init by the input length: init_cache passes the whole prompt + generation budget.
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    cached = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
+    start = index.value
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL, jnp.int32)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(start + jnp.arange(length), tokens_BL.shape)
+    cached.value = jax.lax.dynamic_update_slice(cached.value, segment_ids_BL.astype(jnp.int32),
+                                                (0, start))
+    index.value = start + length
+    return attention.decode_mask(cached.value, segment_ids_BL, start), positions_BL, start
 
 
 class Transformer(nn.Module):
@@ -85,13 +118,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None, token_types_BL=None,
-               deterministic: bool = True, return_hidden: bool = False):
+               deterministic: bool = True, return_hidden: bool = False, decode: bool = False,
+               last_only: bool = False):
+    """`decode`: use and update the "cache" collection; `last_only`: logits [B, 1, V] of the
+    last position (what generation needs from a prompt)."""
     cfg = self.cfg
     param_dtype, dtype = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.dtype)
     embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=dtype, param_dtype=param_dtype)
-    if positions_BL is None:
-      positions_BL = (positions_from_segments(segment_ids_BL) if segment_ids_BL is not None
-                      else jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape))
+    mask_B1LS, positions_BL, cache_index = _Mask(decode, name="mask")(
+        tokens_BL, segment_ids_BL, positions_BL)
 
     token_embed = embed(cfg.vocab_size, name="embed", embedding_init=layers.init_normal(
         cfg.init_std, (axes.VOCAB, axes.EMBED)))
@@ -108,7 +143,9 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, _ACT_BLD)
 
-    x_BLD = _stack(cfg, deterministic, x_BLD, segment_ids_BL, positions_BL)
+    x_BLD = _stack(cfg, deterministic, decode, x_BLD, mask_B1LS, positions_BL, cache_index)
+    if last_only:
+      x_BLD = x_BLD[:, -1:]
     if cfg.final_norm:
       x_BLD = layers.norm(cfg, "final_norm")(x_BLD)
     if return_hidden:
@@ -120,3 +157,10 @@ class Transformer(nn.Module):
                             name="lm_head", kernel_init=layers.init_normal(
                                 cfg.init_std, (axes.EMBED, axes.VOCAB)))(x_BLD)
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+
+def init_cache(model: nn.Module, batch: int, length: int) -> dict:
+  """An empty decode cache (zeros, next slot 0) for `batch` rows of up to `length` tokens."""
+  tokens_BL = jnp.zeros((batch, length), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BL, decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])

@@ -1,0 +1,96 @@
+"""BERT-style heads around the encoder form of the Transformer: pooler, masked-LM, classifier.
+
+Each wraps `Transformer` (params under "encoder") rather than forking it, so the encoder's
+parameter tree, sharding and presets are the ones every other model uses. Attention follows
+Hugging Face's BERT: an `attention_mask_BL` (1 real, 0 padding) hides padding keys, positions
+count from 0 at the first column whatever the padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax.config import ModelConfig
+from llmjax.models import layers
+from llmjax.models.transformer import Transformer
+from llmjax.parallel import axes
+
+
+def _encode(cfg: ModelConfig, tokens_BL, attention_mask_BL, token_types_BL, deterministic):
+  """(encoder module, hidden states [B, L, D]) with Hugging Face's padding semantics."""
+  encoder = Transformer(cfg, name="encoder")
+  positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+  # Segment ids equal to the mask put real queries on exactly the real keys, as HF's key mask
+  # does; padding queries see only padding (HF lets them see real keys), outputs nobody reads.
+  hidden_BLD = encoder(tokens_BL, segment_ids_BL=attention_mask_BL, positions_BL=positions_BL,
+                       token_types_BL=token_types_BL, deterministic=deterministic,
+                       return_hidden=True)
+  return encoder, hidden_BLD
+
+
+class Pooler(nn.Module):
+  """tanh(dense(first token)): BERT's sentence vector."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden_BLD: jax.Array) -> jax.Array:
+    dense = layers.dense(self.cfg, self.cfg.d_model, (axes.EMBED, None), "dense")
+    return jnp.tanh(dense(hidden_BLD[:, 0]))
+
+
+class Encoder(nn.Module):
+  """Hugging Face `BertModel`: tokens -> (hidden states [B, L, D], pooled [B, D] or None)."""
+  cfg: ModelConfig
+  pooler: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
+               deterministic: bool = True):
+    _, hidden_BLD = _encode(self.cfg, tokens_BL, attention_mask_BL, token_types_BL, deterministic)
+    pooled_BD = Pooler(self.cfg, name="pooler")(hidden_BLD) if self.pooler else None
+    return hidden_BLD, pooled_BD
+
+
+class MaskedLM(nn.Module):
+  """Hugging Face `BertForMaskedLM`: dense + act + LayerNorm, then the (tied) decoder + bias."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
+               deterministic: bool = True):
+    cfg = self.cfg
+    encoder, hidden_BLD = _encode(cfg, tokens_BL, attention_mask_BL, token_types_BL,
+                                  deterministic)
+    h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
+    h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
+    dtype = layers.dtype_of(cfg.dtype)
+    if cfg.tie_embeddings:
+      table_VD = nn.unbox(encoder.variables["params"]["embed"]["embedding"])
+      logits_BLV = jnp.einsum("bld,vd->blv", h_BLD.astype(dtype), table_VD.astype(dtype))
+    else:
+      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="decoder",
+                            param_dtype=layers.dtype_of(cfg.param_dtype),
+                            kernel_init=layers.init_normal(cfg.init_std,
+                                                           (axes.EMBED, axes.VOCAB)))(h_BLD)
+    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (axes.VOCAB,)),
+                        (cfg.vocab_size,), layers.dtype_of(cfg.param_dtype))
+    logits_BLV = logits_BLV + bias_V.astype(dtype)
+    return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+
+class SequenceClassifier(nn.Module):
+  """Hugging Face `BertForSequenceClassification`: pooled vector -> dropout -> logits [B, C]."""
+  cfg: ModelConfig
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
+               deterministic: bool = True):
+    cfg = self.cfg
+    _, hidden_BLD = _encode(cfg, tokens_BL, attention_mask_BL, token_types_BL, deterministic)
+    pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
+    pooled_BD = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled_BD)
+    return layers.dense(cfg, self.num_labels, (axes.EMBED, None), "classifier")(pooled_BD)
