@@ -1,57 +1,283 @@
-"""Checkpoints on orbax: train state (sharded arrays), data-iterator state and config as JSON.
+"""Checkpoints on orbax, with the guarantees orbax alone does not give.
 
-Saves are asynchronous and atomic (orbax commits a step by renaming its temporary directory);
-leftover temporary directories from a killed run are cleaned on start. Restores go onto an
-abstract target carrying shardings, so a checkpoint restores onto whatever mesh the run has.
+Each step directory holds four items: `state` (sharded arrays), `data` (grain iterator state,
+JSON), `config` (resolved experiment, JSON) and `meta` (per-array checksums and the ranking
+metric, JSON). Saves are asynchronous and atomic (orbax commits a step by renaming its temporary
+directory; leftovers of a killed save are cleaned on start). Restores go onto an abstract target
+carrying shardings, so any mesh can restore any checkpoint, and every restored array is verified
+against its checksum: a truncated, missing or bit-flipped file is reported by step and array path,
+never restored silently. Retention keeps the newest k steps always, plus the best n by a metric
+where NaN/inf rank worst. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.errors import UserError
+from llmjax.train.optim import path_str
+
+ITEMS = ("state", "data", "config", "meta")
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be saved or restored as promised; the message names step and path."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32, whatever its dtype (so checksums see every bit)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  width = jnp.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """Two position-weighted sums mod 2**32 with odd weights: any single bit flip changes both."""
+  bits = _as_uint32(x).ravel()
+  index = jnp.arange(bits.size, dtype=jnp.uint32)
+  first = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+  second = jnp.sum((bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B),
+                   dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+_checksums_device = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def checksums(tree) -> dict[str, list]:
+  """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh."""
+  sums = jax.device_get(_checksums_device(tree))
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat_sums = jax.tree_util.tree_leaves(sums, is_leaf=lambda x: isinstance(x, np.ndarray))
+  return {path_str(path): [int(s[0]), int(s[1]), list(leaf.shape), str(leaf.dtype)]
+          for (path, leaf), s in zip(flat, flat_sums)}
+
+
+def structure_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+  """Human-readable differences between two {path: shape} maps (missing, unexpected, reshaped)."""
+  problems = [f"missing in checkpoint: {p} {expected[p]}" for p in sorted(set(expected) - set(saved))]
+  problems += [f"unexpected in checkpoint: {p} {saved[p]}" for p in sorted(set(saved) - set(expected))]
+  problems += [f"shape of {p}: checkpoint {saved[p]}, model {expected[p]}"
+               for p in sorted(set(saved) & set(expected)) if tuple(saved[p]) != tuple(expected[p])]
+  return problems
+
+
+def _rank_value(metric) -> float:
+  """Lower is better; NaN, inf and missing rank worst."""
+  return float(metric) if metric is not None and math.isfinite(metric) else math.inf
 
 
 class Checkpointer:
-  """Saves and restores (state, data_state, config) under `directory`, keeping the newest `keep`."""
+  """Save/restore (state, data_state, config) under `directory` with verification and retention."""
 
-  def __init__(self, directory: str, keep: int, *, async_save: bool = True):
+  def __init__(self, directory: str, keep: int, *, keep_best: int = 0, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "config"))
+    self.keep, self.keep_best = keep, keep_best
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=True, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    except OSError as e:
+      raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict, config: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+  def save(self, step: int, state, data_state: dict, config: dict, metric: float | None = None):
+    """Start an async save of `step`; errors of the previous save surface here."""
+    meta = {"step": int(step), "metric": metric if metric is None or math.isfinite(metric)
+            else str(metric), "checksums": checksums(state)}
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # orbax raises many types for a failed write; all mean the same here
+      raise CheckpointError(f"checkpoint save failed at step {step} in {self.directory}: "
+                            f"{_one_line(e)}") from e
+    self._apply_retention(protect=step)
+
+  def _apply_retention(self, protect: int) -> None:
+    """Delete committed steps outside newest-k and best-n; never the one being written."""
+    steps = [s for s in self.all_steps() if s != protect]
+    keep = set(sorted(steps + [protect])[-self.keep:])
+    if self.keep_best:
+      ranked = sorted(steps, key=lambda s: (_rank_value(self._metric(s)), -s))
+      keep |= set(ranked[: self.keep_best])
+    for step in steps:
+      if step not in keep:
+        self._manager.delete(step)
+
+  def _metric(self, step: int):
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      value = meta.meta.get("metric")
+      return value if isinstance(value, (int, float)) else None
+    except Exception:  # an unreadable meta ranks worst; integrity is checked on restore
+      return None
 
   def restore(self, step: int, abstract_state, shardings):
-    """(state placed in `shardings`, data_state, config dict) for a committed step."""
+    """(state in `shardings`, data_state, config) of `step`, verified; CheckpointError if not."""
+    self.wait()
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+      raise CheckpointError(f"checkpoint step {step}: metadata unreadable: {_one_line(e)}") from e
+    expected = {path_str(p): tuple(a.shape)
+                for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    saved = {p: tuple(v[2]) for p, v in meta["checksums"].items()}
+    problems = structure_mismatch(saved, expected)
+    if problems:
+      raise UserError(f"checkpoint step {step} in {self.directory} does not match this model: "
+                      + "; ".join(problems[:20]))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
           config=ocp.args.JsonRestore()))
-    except (ValueError, KeyError) as e:
-      raise UserError(f"checkpoint {self.directory}/{step} does not match this model: {e}") from e
+    except Exception as e:
+      raise CheckpointError(f"checkpoint step {step}: unreadable: {_one_line(e)}") from e
+    actual = checksums(restored.state)
+    for path, want in meta["checksums"].items():
+      if actual.get(path, [None, None])[:2] != want[:2]:
+        raise CheckpointError(f"checkpoint step {step}: array {path} fails its checksum "
+                              "(file corrupted or altered)")
     return restored.state, restored.data, restored.config
 
+  def restore_latest_good(self, abstract_state, shardings):
+    """Newest step that verifies, quarantining the ones that do not; None when there are none."""
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.restore(step, abstract_state, shardings)
+      except CheckpointError as e:
+        print(f"warning: {e}; trying an earlier checkpoint", file=sys.stderr)
+        failures.append(str(e))
+        self._quarantine(step)
+    if failures:
+      raise CheckpointError(f"no valid checkpoint in {self.directory}: " + "; ".join(failures))
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Move a corrupt step aside (kept for inspection) so a new save of that step can succeed."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
+      os.makedirs(aside, exist_ok=True)
+      target = os.path.join(aside, str(step))
+      shutil.rmtree(target, ignore_errors=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise CheckpointError(f"checkpoint save failed in {self.directory}: {_one_line(e)}") from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".split())[:400]
+
+
+def restore_params(directory: str, abstract_params, shardings):
+  """Only the params of the newest verified step under `directory` (e.g. to initialise from)."""
+  manager = Checkpointer(directory, keep=1_000_000)
+  for step in reversed(manager.all_steps()):
+    meta = manager._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    want = {p[len("params/"):]: v for p, v in meta["checksums"].items() if p.startswith("params/")}
+    problems = structure_mismatch(
+        {p: tuple(v[2]) for p, v in want.items()},
+        {path_str(p): tuple(a.shape)
+         for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
+    if problems:
+      raise UserError(f"checkpoint step {step} in {directory} does not match this model: "
+                      + "; ".join(problems[:20]))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+    item = {"params": target}
+    restored = manager._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+    params = restored.state["params"]
+    got = checksums(params)
+    if all(got.get(p, [None])[:2] == v[:2] for p, v in want.items()):
+      return params
+    print(f"warning: checkpoint step {step} in {directory} fails its checksums; trying an "
+          "earlier one", file=sys.stderr)
+  raise CheckpointError(f"no valid checkpoint in {directory}")
+
+
+def export_params(params, model_config: dict, out_dir: str) -> None:
+  """Parameters only (no optimizer state): out_dir/{params/, model_config.json, checksums.json}.
+
+  Written to a temporary sibling and renamed, so a failed export leaves nothing half-written.
+  """
+  import json
+
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    raise UserError(f"--out={out_dir} already exists; choose a new directory")
+  tmp = out_dir + ".tmp-export"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(os.path.join(tmp, "params"), params)
+  with open(os.path.join(tmp, "model_config.json"), "w") as f:
+    json.dump(model_config, f, indent=2, sort_keys=True)
+  with open(os.path.join(tmp, "checksums.json"), "w") as f:
+    json.dump(checksums(params), f)
+  os.rename(tmp, out_dir)
+
+
+def load_exported(path: str, abstract_params=None, shardings=None):
+  """(model_config dict, params) from an export directory, checksums verified."""
+  import json
+
+  path = os.path.abspath(path)
+  config_file = os.path.join(path, "model_config.json")
+  if not os.path.exists(config_file):
+    raise UserError(f"{path} is not an llmjax export (no model_config.json)")
+  with open(config_file) as f:
+    model_config = json.load(f)
+  with open(os.path.join(path, "checksums.json")) as f:
+    want = json.load(f)
+  target = None
+  if abstract_params is not None:
+    problems = structure_mismatch(
+        {p: tuple(v[2]) for p, v in want.items()},
+        {path_str(p): tuple(a.shape)
+         for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
+    if problems:
+      raise UserError(f"export {path} does not match this model: " + "; ".join(problems[:20]))
+    target = abstract_params if shardings is None else jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+  with ocp.StandardCheckpointer() as loader:
+    params = loader.restore(os.path.join(path, "params"), target)
+  got = checksums(params)
+  bad = [p for p, v in want.items() if got.get(p, [None, None])[:2] != v[:2]]
+  if bad:
+    raise CheckpointError(f"export {path}: array {bad[0]} fails its checksum")
+  return model_config, params

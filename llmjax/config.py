@@ -108,11 +108,15 @@ class TrainConfig:
   eval_every: int = 250
   eval_batches: int = 20
   checkpoint_every: int = 500
-  keep_checkpoints: int = 3
+  keep_checkpoints: int = 3  # the newest k are always kept
+  keep_best: int = 0  # plus the best n by validation loss (NaN/inf rank worst)
+  async_checkpoint: bool = True
+  max_nonfinite: int = 20  # consecutive non-finite steps tolerated before the run stops
   sample_prompts: int = 4
   sample_tokens: int = 200
   sample_temperature: float = 0.8
   progress: bool = True
+  init_from: str = ""  # "" (random init) | "hf:PATH" | "workdir:PATH" | "export:PATH"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +257,8 @@ def validate(exp: Experiment) -> None:
                      ("train.batch_size", t.batch_size), ("optim.accum_steps", o.accum_steps),
                      ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
                      ("train.checkpoint_every", t.checkpoint_every),
-                     ("train.keep_checkpoints", t.keep_checkpoints)):
+                     ("train.keep_checkpoints", t.keep_checkpoints),
+                     ("train.max_nonfinite", t.max_nonfinite)):
     _require(value > 0, f"config.{key} must be positive, got {value}")
   _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
            f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
@@ -276,6 +281,10 @@ def validate(exp: Experiment) -> None:
            "config.data.tfds_name must be set when config.data.source='tfds'")
   _require(data.tokenizer == "byte" or data.tokenizer.startswith("hf:"),
            f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte' or 'hf:PATH'")
+  _require(t.keep_best >= 0, f"config.train.keep_best must be >= 0, got {t.keep_best}")
+  _require(t.init_from == "" or t.init_from.split(":", 1)[0] in ("hf", "workdir", "export"),
+           f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
+           "'export:PATH'")
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")

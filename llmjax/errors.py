@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
   """Missing or unreadable data: corpus files, tfds datasets, tokenizers."""
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. too many consecutive non-finite steps); the message names the step."""

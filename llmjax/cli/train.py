@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from llmjax import config as config_lib
 from llmjax.cli import common
+from llmjax.errors import TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:arg].",
                                           lock_config=True)
@@ -25,8 +26,16 @@ def main(argv: list[str] | None = None) -> None:
   with common.user_errors():
     exp = config_lib.resolve(_CONFIG.value)
     from llmjax import train  # heavy imports only after the flags are known to be good
-    result = train.run(exp, _WORKDIR.value)
+    try:
+      result = train.run(exp, _WORKDIR.value)
+    except TrainingError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   workdir = os.path.abspath(_WORKDIR.value)
+  if result.get("preempted"):
+    print(f"preempted: checkpoint saved at step {result['step']} in {workdir}/checkpoints; "
+          "run the same command again to resume")
+    return
   line = f"final validation loss {result['loss']:.4f} nats/token at step {result['step']}"
   if "bits_per_byte" in result:
     line += f" ({result['bits_per_byte']:.3f} bits/byte)"

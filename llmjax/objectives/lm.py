@@ -30,6 +30,8 @@ def loss_terms(model, params, batch: dict, *, deterministic: bool, rngs=None, mo
   """Apply the model to a token batch -> (loss sum, token count, updated model_state)."""
   tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
   targets_BL, loss_mask_BL = next_token_targets(tokens_BL, segment_ids_BL)
+  if "weights" in batch:  # optional per-example weights [B]
+    loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
   model_state = model_state or {}
   variables = {"params": params, **model_state}
   kwargs = dict(segment_ids_BL=segment_ids_BL, deterministic=deterministic, rngs=rngs)

@@ -21,11 +21,11 @@ from flax import linen as nn
 from llmjax import checkpoint, flops, generate
 from llmjax.config import Experiment
 from llmjax.data import text
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, TrainingError
 from llmjax.models.transformer import Transformer
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
-from llmjax.train import init, optim, reporting, step
+from llmjax.train import init, optim, preemption, pretrained, reporting, step
 
 
 @dataclasses.dataclass
@@ -155,37 +155,53 @@ def write_samples(s: Setup, state, path: str) -> None:
       f.write(f"=== prompt\n{decode(prompt)}\n=== continuation\n{decode(continuation)}\n\n")
 
 
+def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
+  """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights)."""
+  found = ckpt.restore_latest_good(s.abstract_state, s.state_shardings)
+  if found is not None:
+    _, (state, data_state, _) = found
+    return state, data_state
+  t = s.exp.train
+  state = init.init_state(t.seed, s.model, s.tx, s.exp.data.seq_len, s.mesh, s.rules,
+                          s.state_shardings)
+  if t.init_from:
+    params = pretrained.load_params(t.init_from, s.abstract_state.params,
+                                    s.state_shardings.params)
+    state = state.replace(params=params)
+  return state, None
+
+
 def run(exp: Experiment, workdir: str) -> dict:
-  """Train (or resume) `exp` in `workdir`; returns the final validation metrics."""
+  """Train (or resume) `exp` in `workdir`; returns the final validation metrics.
+
+  SIGTERM/SIGINT finish the current step, save it and return {"step", "preempted": True}.
+  """
   s = prepare(exp)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(exp.to_json())
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), exp.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = init.init_state(exp.train.seed, s.model, s.tx, exp.data.seq_len, s.mesh, s.rules,
-                            s.state_shardings)
-    data_state = None
-  else:
-    state, data_state, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings)
+  t = exp.train
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                 keep_best=t.keep_best, async_save=t.async_checkpoint)
+  state, data_state = initial_state(s, ckpt)
   start = int(jax.device_get(state.step))
   writer = reporting.MetricWriter(workdir, is_main=is_main)
   if is_main:
     reporting.truncate_after(writer.path, start)
-  iterator = _data_iterator(s, data_state)
-  train_fn, eval_fn = compile_steps(s)
-  val_batches = _process_slices(text.eval_batches(s.corpus.val, exp.train.batch_size,
-                                                  exp.train.eval_batches))
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    state = _train(s, state, start, iterator, train_fn, eval_fn, val_batches, ckpt, writer)
-    final = evaluate(s, eval_fn, state, val_batches)
+  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state))
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules), preemption.Listener() as signals:
+    state = loop.train(state, start, signals)
+    if loop.preempted_at is not None:
+      ckpt.close()
+      writer.close()
+      return {"step": loop.preempted_at, "preempted": True}
+    final = loop.evaluate(state)
   end = int(jax.device_get(state.step))
   writer.write(end, "val", final)
-  if ckpt.latest_step() != end:
-    ckpt.save(end, state, _data_state(iterator), json.loads(exp.to_json()))
+  if end not in ckpt.all_steps():
+    loop.save(state, end, final["loss"])
   ckpt.close()
   writer.close()
   if is_main:
@@ -194,38 +210,86 @@ def run(exp: Experiment, workdir: str) -> dict:
   return {"step": end, **final}
 
 
-def _train(s: Setup, state, start, iterator, train_fn, eval_fn, val_batches, ckpt, writer):
-  """Steps start..steps-1; step n-1's metrics are read only after step n is dispatched."""
-  t = s.exp.train
-  throughput = _Throughput(s)
-  bar = _progress(t, start)
-  pending, interval = None, []
-  for step_index in range(start, t.steps):
-    batch = sharding.global_batch(next(iterator), s.mesh)
-    state, metrics = train_fn(state, batch)
-    throughput.steps += 1
-    if pending is not None:
-      interval.append(jax.device_get(pending))
-    pending, done = metrics, step_index + 1
-    if done % t.log_every == 0 or done == t.steps:
-      interval.append(jax.device_get(pending))
-      pending = None
-      record = _summarise(interval) | throughput.report()
-      writer.write(done, "train", record)
-      interval = []
+class _Loop:
+  """The step loop and its periodic work; step n-1's metrics are read after step n is dispatched."""
+
+  def __init__(self, s: Setup, ckpt, writer, iterator):
+    self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
+    self.train_fn, self.eval_fn = compile_steps(s)
+    self.val_batches = _process_slices(text.eval_batches(s.corpus.val, s.exp.train.batch_size,
+                                                         s.exp.train.eval_batches))
+    self.throughput = _Throughput(s)
+    self.last_val_loss = None
+    self.consecutive_nonfinite = 0
+    self.preempted_at = None
+
+  def evaluate(self, state) -> dict:
+    metrics = evaluate(self.s, self.eval_fn, state, self.val_batches)
+    self.last_val_loss = metrics["loss"]
+    return metrics
+
+  def save(self, state, step: int, metric=None) -> None:
+    self.ckpt.save(step, state, _data_state(self.iterator), json.loads(self.s.exp.to_json()),
+                   metric=self.last_val_loss if metric is None else metric)
+
+  def train(self, state, start: int, signals):
+    t = self.s.exp.train
+    bar = _progress(t, start)
+    pending, interval = None, []
+    for step_index in range(start, t.steps):
+      batch = sharding.global_batch(next(self.iterator), self.s.mesh)
+      state, metrics = self.train_fn(state, batch)
+      self.throughput.steps += 1
+      if pending is not None:
+        interval.append(self._check_finite(jax.device_get(pending), step_index))
+      pending, done = metrics, step_index + 1
+      stop = signals.should_stop(self.ckpt, done)
+      if done % t.log_every == 0 or done == t.steps or stop:
+        interval.append(self._check_finite(jax.device_get(pending), done))
+        pending = None
+        self._log(done, interval, bar)
+        interval = []
+      if stop:
+        self.save(state, done)
+        self.ckpt.wait()
+        self.preempted_at = done
+        break
+      self._periodic(state, done)
       if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        mfu=f"{record['mfu']:.1%}")
-    if done % t.eval_every == 0 and done != t.steps:
-      writer.write(done, "val", evaluate(s, eval_fn, state, val_batches))
-      throughput.reset()  # evaluation time is not training throughput
-    if done % t.checkpoint_every == 0 and done != t.steps:
-      ckpt.save(done, state, _data_state(iterator), json.loads(s.exp.to_json()))
+        bar.update(1)
     if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
-  return state
+      bar.close()
+    return state
+
+  def _periodic(self, state, done: int) -> None:
+    t = self.s.exp.train
+    if done % t.eval_every == 0 and done != t.steps:
+      self.writer.write(done, "val", self.evaluate(state))
+      self.throughput.reset()  # evaluation time is not training throughput
+    if done % t.checkpoint_every == 0 and done != t.steps:
+      self.save(state, done)
+
+  def _check_finite(self, metrics: dict, step: int) -> dict:
+    """Count consecutive non-finite steps; past the limit, stop naming the step."""
+    if metrics["nonfinite"]:
+      self.consecutive_nonfinite += 1
+      limit = self.s.exp.train.max_nonfinite
+      if self.consecutive_nonfinite > limit:
+        kept = self.ckpt.all_steps()
+        raise TrainingError(
+            f"{self.consecutive_nonfinite} consecutive non-finite steps (limit "
+            f"config.train.max_nonfinite={limit}), the last at step {step}; params were not "
+            f"updated by them; last good checkpoint: step {kept[-1] if kept else 'none'}")
+    else:
+      self.consecutive_nonfinite = 0
+    return metrics
+
+  def _log(self, done: int, interval: list[dict], bar) -> None:
+    record = _summarise(interval) | self.throughput.report()
+    self.writer.write(done, "train", record)
+    if bar is not None:
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                      mfu=f"{record['mfu']:.1%}")
 
 
 def _summarise(interval: list[dict]) -> dict:
