@@ -191,19 +191,20 @@ def run(exp: Experiment, workdir: str) -> dict:
   if is_main:
     reporting.truncate_after(writer.path, start)
   loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state))
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules), preemption.Listener() as signals:
-    state = loop.train(state, start, signals)
-    if loop.preempted_at is not None:
-      ckpt.close()
-      writer.close()
-      return {"step": loop.preempted_at, "preempted": True}
-    final = loop.evaluate(state)
-  end = int(jax.device_get(state.step))
-  writer.write(end, "val", final)
-  if end not in ckpt.all_steps():
-    loop.save(state, end, final["loss"])
-  ckpt.close()
-  writer.close()
+  try:
+    with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
+          preemption.Listener() as signals):
+      state = loop.train(state, start, signals)
+      if loop.preempted_at is not None:
+        return {"step": loop.preempted_at, "preempted": True}
+      final = loop.evaluate(state)
+    end = int(jax.device_get(state.step))
+    writer.write(end, "val", final)
+    if end not in ckpt.all_steps():
+      loop.save(state, end, final["loss"])
+  finally:  # pending async saves complete (or report their failure) on every exit path
+    writer.close()
+    ckpt.close()
   if is_main:
     reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
     write_samples(s, state, os.path.join(workdir, "samples.txt"))
