@@ -50,7 +50,7 @@ class DenseGeneral(nn.Module):
       bias_axes = self.logical_axes[len(in_dims):]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
                         self.features, dtype_of(self.param_dtype))
-      y = y + bias.astype(compute)
+      y = y + bias.astype(compute).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
     return y
 
 
@@ -105,7 +105,7 @@ def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, rotate-half convention (the one Llama checkpoints use)."""
   half = x_BLNH.shape[-1] // 2
   inv_freq_H = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLNH.shape[-1])
-  angle_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq_H
+  angle_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq_H[None, None]
   sin_BL1H = jnp.sin(angle_BLH)[:, :, None, :]
   cos_BL1H = jnp.cos(angle_BLH)[:, :, None, :]
   x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
