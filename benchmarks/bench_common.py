@@ -1,0 +1,213 @@
+"""Shared pieces of the benchmark scripts: config from flags, a jitted train step, timing, output.
+
+Imports only the model/parallel/train-step half of llmjax (never llmjax.data or
+llmjax.train.loop), so the scripts run on a GPU box without grain or tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from llmjax import config as configlib
+from llmjax.models.transformer import Transformer
+from llmjax.parallel import mesh as meshlib
+from llmjax.parallel import sharding
+from llmjax.train import init, optim, step
+
+# The issue's reference config: transformers' GPT-2 at these shapes trains at ~920 tokens/s on
+# the project's 2-core CPU machines.
+REFERENCE = dict(preset="gpt2", d_model=512, n_layers=6, n_heads=8, d_ff=2048, seq_len=256,
+                 batch=8, vocab=8192, dtype="float32")
+TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=16, batch=2, vocab=64)
+
+
+def add_model_flags(parser, **defaults) -> None:
+  """--preset, shapes, dtype, remat, scan, attention_impl, --tiny; defaults: the reference."""
+  d = {**REFERENCE, **defaults}
+  parser.add_argument("--preset", default=d["preset"], choices=("gpt2", "llama"))
+  for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "vocab"):
+    parser.add_argument(f"--{name}", type=int, default=d[name])
+  parser.add_argument("--n_kv_heads", type=int, default=0, help="0: same as n_heads")
+  parser.add_argument("--dtype", default=d["dtype"], choices=("float32", "bfloat16"),
+                      help="compute dtype; parameters stay float32")
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
+  parser.add_argument("--scan", action="store_true", help="stack layers with nn.scan")
+  parser.add_argument("--attention_impl", default="xla", choices=("xla", "cudnn", "auto"))
+  parser.add_argument("--tiny", action="store_true",
+                      help="a seconds-long run with tiny shapes (tests); overrides the shapes")
+  parser.add_argument("--json", default="", help="write the results here as JSON")
+
+
+def apply_tiny(args) -> None:
+  if args.tiny:
+    for key, value in TINY.items():
+      setattr(args, key, value)
+
+
+def experiment(args, *, n_layers=None, scan=None, remat=None, mesh="data=1", rules="dp"):
+  """A validated llmjax Experiment for these flags (shapes, optimiser defaults, mesh)."""
+  c = configlib.base_config()
+  c.model = configlib.model_section(
+      args.preset, vocab_size=args.vocab, d_model=args.d_model,
+      n_layers=args.n_layers if n_layers is None else n_layers, n_heads=args.n_heads,
+      n_kv_heads=args.n_kv_heads, d_ff=args.d_ff, max_len=args.seq_len, dtype=args.dtype,
+      scan_layers=args.scan if scan is None else scan,
+      remat=args.remat if remat is None else remat, attention_impl=args.attention_impl)
+  c.data.seq_len = args.seq_len
+  c.train.batch_size = args.batch
+  c.mesh.update(parse_mesh(mesh))
+  c.mesh.rules = rules
+  return configlib.resolve(c)
+
+
+def parse_mesh(text: str) -> dict:
+  """'data=4,tensor=2' -> {'data': 4, 'fsdp': 1, 'tensor': 2}; unnamed axes are 1."""
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+  for item in filter(None, text.split(",")):
+    key, _, value = item.partition("=")
+    if key not in sizes:
+      raise SystemExit(f"--mesh: unknown axis {key!r}; allowed: data, fsdp, tensor")
+    sizes[key] = int(value)
+  return sizes
+
+
+@dataclasses.dataclass
+class Built:
+  """A model, optimiser, mesh and the train step jitted the way the loop jits it."""
+  exp: configlib.Experiment
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Transformer
+  tx: object
+  abstract_state: object
+  state_shardings: object
+  batch_sharding: object
+  train: object  # jax.jit-wrapped train step
+
+
+def build(exp: configlib.Experiment, devices=None) -> Built:
+  """Mesh over `devices` (all by default), abstract state, and the jitted, donating train step."""
+  devices = jax.devices() if devices is None else devices
+  mesh = meshlib.make_mesh(exp.mesh, devices)
+  rules = sharding.rules_for(exp.mesh.rules)
+  sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
+  model = Transformer(exp.model)
+  tx = optim.make_optimizer(exp.optim, exp.train.steps)
+  schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
+  abstract, shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train = jax.jit(
+      functools.partial(step.train_step, model=model, tx=tx, schedule=schedule,
+                        accum_steps=exp.optim.accum_steps),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Built(exp, mesh, rules, model, tx, abstract, shardings, batch_sharding, train)
+
+
+def abstract_batch(exp: configlib.Experiment) -> dict:
+  shape = (exp.train.batch_size, exp.data.seq_len)
+  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+          "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+
+
+def random_batch(b: Built, seed: int = 0) -> dict:
+  """Uniform random tokens, one segment per row (every position but the last has a target)."""
+  shape = (b.exp.train.batch_size, b.exp.data.seq_len)
+  tokens = np.random.default_rng(seed).integers(0, b.exp.model.vocab_size, shape, np.int32)
+  host = {"tokens": tokens, "segment_ids": np.ones(shape, np.int32)}
+  return jax.device_put(host, b.batch_sharding)
+
+
+def lower(b: Built):
+  """Lower the train step on abstract inputs (nothing allocated), under the mesh and rules."""
+  with jax.set_mesh(b.mesh), nn.logical_axis_rules(b.rules):
+    return b.train.lower(b.abstract_state, abstract_batch(b.exp))
+
+
+def init_state(b: Built, seed: int = 0):
+  return init.init_state(seed, b.model, b.tx, b.exp.data.seq_len, b.mesh, b.rules,
+                         b.state_shardings)
+
+
+def time_steps(run_once, steps: int, warmup: int) -> dict:
+  """Call run_once() (which must block until its result is ready) warmup + steps times.
+
+  Returns the wall times of the timed calls and their median; the first call (compilation) is
+  reported separately as first_call_s.
+  """
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    run_once()
+    elapsed = time.perf_counter() - start
+    if i == 0:
+      first = elapsed
+    if i >= warmup:
+      times.append(elapsed)
+  return {"first_call_s": first, "step_times_s": times, "median_step_s": statistics.median(times)}
+
+
+def versions() -> dict:
+  out = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def environment() -> dict:
+  """Date, host, devices, load: what a reader needs to judge a figure."""
+  device = jax.devices()[0]
+  load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "load_average_1_5_15": [round(x, 2) for x in load],
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "n_devices": jax.device_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "versions": versions(),
+  }
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+  """A plain aligned text table; floats get 4 significant digits."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return "-" if v is None else str(v)
+  cells = [[cell(v) for v in row] for row in [header] + rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def write_json(path: str, result: dict) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True, allow_nan=False)
+    f.write("\n")

@@ -1,0 +1,236 @@
+"""Train-step throughput: tokens/s, achieved FLOP/s and MFU against two ceilings.
+
+  python benchmarks/train_throughput.py --compare=hf-torch --json=/tmp/throughput.json
+
+Defaults are the issue's reference config (GPT-2 shape, 6 layers, d_model 512, 8 heads, seq 256,
+batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the loop jits it
+(explicit shardings, donated state) on a 1-device mesh, or on all devices with --mesh data=-1.
+Compilation and --warmup steps are excluded; the figure is the median of --steps timed steps,
+each ended by block_until_ready. `--compare=hf-torch` times transformers' GPT2LMHeadModel with
+torch.optim.AdamW (same shapes, hyper-parameters, clipping and decay mask) in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bench_common as common  # noqa: E402
+from llmjax import flops  # noqa: E402
+
+FLOP_FORMULA = (
+    "train FLOPs/step = 3 x forward; forward per sequence = 2*L*n_layers*(matmul params per "
+    "block: q,k,v,o + MLP) + n_layers*4*L^2*N*H*(1/2 causal) + 2*L*D*V (logits); x batch. "
+    "Embedding lookups, norms, softmax, elementwise and optimizer work not counted "
+    "(llmjax.flops.train_flops_per_step).")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  common.add_model_flags(p)
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--mesh", default="data=1",
+                 help="'data=1' (one device, default) or e.g. 'data=-1' for all devices")
+  p.add_argument("--rules", default="dp", choices=("dp", "fsdp", "tp", "fsdp_tp"))
+  p.add_argument("--matmul_n", type=int, default=4096,
+                 help="size of the square matmul measured as the same-run ceiling")
+  p.add_argument("--matmul_repeats", type=int, default=5)
+  p.add_argument("--compare", default="", choices=("", "hf-torch"))
+  args = p.parse_args(argv)
+  common.apply_tiny(args)
+  if args.tiny:
+    args.matmul_n = min(args.matmul_n, 256)
+    args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+  if args.steps < 1 or args.warmup < 0:
+    p.error("--steps must be >= 1 and --warmup >= 0")
+  if args.compare == "hf-torch" and args.preset != "gpt2":
+    p.error("--compare=hf-torch runs transformers' GPT2LMHeadModel: use --preset gpt2")
+  return args
+
+
+def time_jax(b: common.Built, steps: int, warmup: int) -> dict:
+  """Lower+compile once (timed apart), then median wall time of the compiled, donating step."""
+  start = time.perf_counter()
+  compiled = common.lower(b).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": common.init_state(b)}
+  batch = common.random_batch(b)
+  losses = []
+
+  def once():
+    state, metrics = compiled(holder["state"], batch)
+    jax.block_until_ready((state, metrics))
+    holder["state"] = state
+    losses.append(float(metrics["loss"]))
+
+  timing = common.time_steps(once, steps, warmup)
+  return {"compile_s": compile_s, **timing, "final_loss": losses[-1]}
+
+
+def torch_matmul_peak(n: int, repeats: int) -> float:
+  import torch
+  a = torch.ones(n, n)
+  torch.mm(a, a)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(a, a)
+    times.append(time.perf_counter() - start)
+  return 2.0 * n**3 / statistics.median(times)
+
+
+def time_hf_torch(exp, steps: int, warmup: int, seed: int = 0) -> dict:
+  """transformers GPT2LMHeadModel + torch AdamW at the same shapes and optimiser settings."""
+  import torch
+  import transformers
+
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  torch.manual_seed(seed)
+  m, o = exp.model, exp.optim
+  hf_config = transformers.GPT2Config(
+      vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.n_layers,
+      n_head=m.n_heads, n_inner=m.d_ff, activation_function="gelu_new",
+      layer_norm_epsilon=m.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+      attn_implementation="sdpa")
+  model = transformers.GPT2LMHeadModel(hf_config).train()
+  # llmjax decays only matrices, never biases, norms or embeddings (optim.NO_DECAY): same here.
+  decay, no_decay = [], []
+  for name, param in model.named_parameters():
+    (decay if param.ndim >= 2 and ".wte." not in f".{name}" and ".wpe." not in f".{name}"
+     else no_decay).append(param)
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  shape = (exp.train.batch_size, exp.data.seq_len)
+  tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, m.vocab_size, shape))
+  losses = []
+
+  def once():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    if o.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    opt.step()
+    losses.append(float(loss.detach()))  # CPU torch is synchronous; this also ends the step
+
+  timing = common.time_steps(once, steps, warmup)
+  return {**timing, "final_loss": losses[-1], "threads": threads,
+          "attn_implementation": model.config._attn_implementation,
+          "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def rates(timing: dict, tokens_per_step: int, flops_per_step: float, ceiling: float,
+          datasheet: float | None) -> dict:
+  seconds = timing["median_step_s"]
+  achieved = flops_per_step / seconds
+  return {"tokens_per_s": tokens_per_step / seconds, "achieved_flops_per_s": achieved,
+          "tflops_per_s": achieved / 1e12, "fraction_of_measured_matmul": achieved / ceiling,
+          "mfu_datasheet": achieved / datasheet if datasheet else None}
+
+
+def run(args) -> dict:
+  exp = common.experiment(args, mesh=args.mesh, rules=args.rules)
+  devices = jax.devices()[:1] if args.mesh in ("", "data=1") else jax.devices()
+  b = common.build(exp, devices)
+  n_dev = b.mesh.size
+  on_cpu = jax.default_backend() == "cpu"
+  # Simulated CPU devices share the same cores: the ceiling is one device's, not n times it.
+  scale = 1 if on_cpu else n_dev
+  per_device_peak = flops.device_peak(jax.devices()[0].device_kind, args.dtype)
+  datasheet = per_device_peak * scale if per_device_peak else None
+  matmul_before = flops.measured_matmul_peak(args.dtype, args.matmul_n, args.matmul_repeats)
+  jax_timing = time_jax(b, args.steps, args.warmup)
+  torch_timing = (time_hf_torch(exp, args.steps, args.warmup) if args.compare == "hf-torch"
+                  else None)
+  matmul_after = flops.measured_matmul_peak(args.dtype, args.matmul_n, args.matmul_repeats)
+  # The higher of the two measurements, so that load during one of them cannot flatter the MFU.
+  ceiling = max(matmul_before, matmul_after) * scale
+  tokens_per_step = exp.train.batch_size * exp.data.seq_len
+  flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size, exp.data.seq_len)
+  result = {
+      "benchmark": "train_throughput",
+      "environment": common.environment(),
+      "config": {"model": dataclasses.asdict(exp.model),
+                 "optim": dataclasses.asdict(exp.optim), "batch": exp.train.batch_size,
+                 "seq_len": exp.data.seq_len, "mesh": dict(b.mesh.shape), "rules": args.rules,
+                 "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny},
+      "flop_formula": FLOP_FORMULA,
+      "flops_per_step": flops_per_step,
+      "tokens_per_step": tokens_per_step,
+      "ceilings": {"datasheet_flops_per_s": datasheet,
+                   "measured_matmul_flops_per_s": ceiling,
+                   "measured_matmul_before_after": [matmul_before, matmul_after],
+                   "matmul_n": args.matmul_n, "matmul_dtype": args.dtype,
+                   "note": "measured: jitted [n,n]@[n,n] on one device; datasheet: "
+                           "llmjax.flops.PEAKS (None on CPUs)"},
+      "jax": {**jax_timing, **rates(jax_timing, tokens_per_step, flops_per_step, ceiling,
+                                     datasheet)},
+  }
+  if torch_timing is not None:
+    torch_mm = torch_matmul_peak(args.matmul_n, args.matmul_repeats) if args.dtype == "float32" \
+        else None
+    result["hf_torch"] = {**torch_timing,
+                          **rates(torch_timing, tokens_per_step, flops_per_step, ceiling, None),
+                          "torch_matmul_flops_per_s": torch_mm}
+    result["jax_over_torch_tokens_per_s"] = (result["jax"]["tokens_per_s"] /
+                                             result["hf_torch"]["tokens_per_s"])
+  return result
+
+
+def report(result: dict) -> str:
+  header = ["system", "tokens/s", "median step s", "TFLOP/s", "% matmul ceiling", "MFU datasheet"]
+  rows = []
+  for key, label in (("jax", "llmjax (jax)"), ("hf_torch", "transformers (torch)")):
+    if key in result:
+      r = result[key]
+      rows.append([label, r["tokens_per_s"], r["median_step_s"], r["tflops_per_s"],
+                   100 * r["fraction_of_measured_matmul"],
+                   None if r["mfu_datasheet"] is None else 100 * r["mfu_datasheet"]])
+  c, env = result["ceilings"], result["environment"]
+  m = result["config"]["model"]
+  lines = [
+      f"train_throughput  {env['date']}  {env['backend']} ({env['device_kind']}), "
+      f"{env['cpu_count']} CPUs, load {env['load_average_1_5_15']}",
+      f"model: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, d_ff "
+      f"{m['d_ff']}, vocab {m['vocab_size']}, seq {result['config']['seq_len']}, batch "
+      f"{result['config']['batch']}, {m['dtype']}, remat {m['remat']}, scan {m['scan_layers']}",
+      f"FLOPs/step {result['flops_per_step']:.4g}  ({result['flop_formula']})",
+      f"ceilings: measured {c['matmul_dtype']} matmul n={c['matmul_n']}: "
+      f"{c['measured_matmul_flops_per_s'] / 1e9:.4g} GFLOP/s; datasheet: "
+      + ("n/a" if c["datasheet_flops_per_s"] is None
+         else f"{c['datasheet_flops_per_s'] / 1e12:.4g} TFLOP/s"),
+      f"jax compile {result['jax']['compile_s']:.3g} s",
+      "",
+      common.format_table(header, rows),
+  ]
+  if "jax_over_torch_tokens_per_s" in result:
+    lines.append(f"\njax/torch tokens/s ratio: {result['jax_over_torch_tokens_per_s']:.3f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  result = run(args)
+  for value in (result["jax"]["tokens_per_s"], result["jax"]["achieved_flops_per_s"]):
+    assert math.isfinite(value) and value > 0, value
+  print(report(result))
+  common.write_json(args.json, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""Tiny runs of the benchmark scripts: well-formed tables and JSON (no speed asserted), and the
+FSDP memory bound (asserted): device 0 holds <= 1.15 x (params + optimizer state) / 8."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str):
+  """Import benchmarks/<name>.py as a module (its main(argv) runs in this process)."""
+  sys.path.insert(0, str(BENCHMARKS))
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _run(name: str, argv: list[str], tmp_path, capsys) -> tuple[dict, str]:
+  out = tmp_path / f"{name}.json"
+  returned = _script(name).main(argv + ["--tiny", f"--json={out}"])
+  stdout = capsys.readouterr().out
+  written = json.loads(out.read_text())
+  assert written["benchmark"] == name == returned["benchmark"]
+  assert written["environment"]["versions"]["jax"] == jax.__version__
+  return written, stdout
+
+
+def test_train_throughput_tiny_with_torch(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  result, stdout = _run("train_throughput", ["--compare=hf-torch", "--steps=2", "--warmup=1"],
+                        tmp_path, capsys)
+  assert "tokens/s" in stdout and "llmjax (jax)" in stdout and "transformers (torch)" in stdout
+  assert "jax/torch tokens/s ratio" in stdout
+  assert "causal" in result["flop_formula"]
+  assert _positive(result["flops_per_step"]) and _positive(result["tokens_per_step"])
+  assert _positive(result["ceilings"]["measured_matmul_flops_per_s"])
+  assert result["ceilings"]["datasheet_flops_per_s"] is None  # CPUs have no datasheet peak
+  for system in ("jax", "hf_torch"):
+    r = result[system]
+    assert len(r["step_times_s"]) == 2
+    for key in ("tokens_per_s", "median_step_s", "achieved_flops_per_s",
+                "fraction_of_measured_matmul", "final_loss"):
+      assert _positive(r[key]), (system, key, r[key])
+    assert r["mfu_datasheet"] is None
+  assert _positive(result["jax"]["compile_s"])
+  assert _positive(result["jax_over_torch_tokens_per_s"])
+
+
+def test_compile_time_tiny(tmp_path, capsys):
+  # Two compiles only (XLA:CPU compiles a tiny step in seconds); unrolled is the same code path.
+  result, stdout = _run("compile_time", ["--layers=1,2", "--modes=scan", "--no_warmup"],
+                        tmp_path, capsys)
+  assert "compile s" in stdout and "scan: total(2 layers) / total(1 layers)" in stdout
+  assert [(r["n_layers"], r["scan"]) for r in result["rows"]] == [(1, True), (2, True)]
+  for row in result["rows"]:
+    assert all(_positive(row[k]) for k in ("lower_s", "compile_s", "total_s",
+                                           "optimized_hlo_lines"))
+  assert _positive(result["scan_ratio"]["total_ratio"]) and result["unrolled_ratio"] is None
+
+
+def test_memory_fsdp_bound(tmp_path, capsys):
+  """Under FSDP on 8 devices, device 0 holds <= 1.15 x total/8 of params + optimizer state."""
+  # Device 0's state bytes from the shardings (--no_init saves a compile); the compiled step's
+  # argument bytes below are XLA's own per-device count of the same state.
+  result, stdout = _run("memory", ["--rules=fsdp", "--remats=none", "--no_init"], tmp_path,
+                        capsys)
+  assert "argument MiB" in stdout and "FSDP: device 0 holds" in stdout
+  (row,) = result["rows"]
+  for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+    assert _positive(row[key]), key
+  state = result["state"]["fsdp"]
+  bound = 1.15 * state["total_bytes"] / 8
+  assert state["device0_bytes"] <= bound, state
+  # The compiled step's arguments on a device: that state plus this device's rows of the batch.
+  batch_per_device = result["config"]["global_batch_bytes"] / 8
+  assert row["argument_size_in_bytes"] <= bound + batch_per_device, (row, state)
+  assert result["fsdp_bound"]["ok"]
