@@ -77,7 +77,7 @@ class MaskedLM(nn.Module):
     bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              (axes.VOCAB,)),
                         (cfg.vocab_size,), layers.dtype_of(cfg.param_dtype))
-    logits_BLV = logits_BLV + bias_V.astype(dtype)
+    logits_BLV = logits_BLV + bias_V.astype(dtype)[None, None]
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 

@@ -1,0 +1,184 @@
+"""load / save / load_params: Hugging Face directories <-> (llmjax model, params)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from llmjax.config import ModelConfig
+from llmjax.hf import bert, files, gpt2, llama, mapping
+from llmjax.hf.arch import RUNTIME_FIELDS, Architecture
+from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
+from llmjax.models import presets
+from llmjax.parallel import sharding
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
+                                                                     bert.ARCH)}
+
+
+def _hf_config(path: str, architecture: str | None):
+  """(Architecture, HF class name, transformers config object) of a directory."""
+  import transformers  # configs only: no modelling code, no remote code
+  raw = files.read_config(path)
+  model_type = raw.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise UnsupportedModelError(f"{path}/config.json: model_type {model_type!r} is not supported;"
+                                f" supported: {', '.join(ARCHITECTURES)}")
+  arch = ARCHITECTURES[model_type]
+  name = architecture or (raw.get("architectures") or [next(iter(arch.classes))])[0]
+  if name not in arch.classes:
+    raise UnsupportedModelError(f"{path}: architecture {name!r} is not supported; supported for "
+                                f"{model_type}: {', '.join(arch.classes)}")
+  return arch, name, getattr(transformers, arch.config_class).from_dict(raw)
+
+
+def model_config(path: str, *, dtype: str = "float32", scan_layers: bool = False,
+                 architecture: str | None = None) -> ModelConfig:
+  """The llmjax ModelConfig of a HF directory (e.g. to build an experiment's model section)."""
+  arch, _, hf = _hf_config(path, architecture)
+  return _config(arch, hf, dtype, scan_layers)
+
+
+def _config(arch: Architecture, hf, dtype: str, scan_layers: bool) -> ModelConfig:
+  base = ModelConfig(**presets.get(arch.preset))
+  return dataclasses.replace(base, **arch.from_hf(hf), dtype=dtype, param_dtype=dtype,
+                             scan_layers=scan_layers)
+
+
+def build(path: str, *, dtype: str = "float32", scan_layers: bool = False,
+          architecture: str | None = None) -> nn.Module:
+  """The llmjax model (Transformer or a BERT head) a HF directory describes, without weights."""
+  return _build(path, dtype, scan_layers, architecture)[1]
+
+
+def _build(path, dtype, scan_layers, architecture) -> tuple[Architecture, nn.Module]:
+  arch, name, hf = _hf_config(path, architecture)
+  return arch, arch.classes[name](_config(arch, hf, dtype, scan_layers), hf)
+
+
+def abstract_params(model: nn.Module):
+  """Parameter shapes with their logical-axis boxes, allocating nothing."""
+  tokens_BL = jnp.zeros((1, min(8, model.cfg.max_len)), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BL))["params"]
+
+
+def load(path: str, dtype: str = "float32", *, architecture: str | None = None,
+         scan_layers: bool = False, mesh: Mesh | None = None, rules="dp"):
+  """(model, params) from a HF directory; with `mesh`, each parameter goes straight to its shards.
+
+  `rules` is a preset name of llmjax.parallel.sharding.RULES or a logical->mesh rules tuple.
+  """
+  arch, model = _build(path, dtype, scan_layers, architecture)
+  boxed = abstract_params(model)
+  shardings = None
+  if mesh is not None:
+    rules = sharding.rules_for(rules) if isinstance(rules, str) else rules
+    with nn.logical_axis_rules(rules):
+      shardings = sharding.logical_shardings(boxed, mesh, rules)
+  return model, _read_params(path, arch, model, nn.unbox(boxed), shardings)
+
+
+def load_params(path: str, abstract, shardings=None, *, architecture: str | None = None):
+  """HF weights placed into a given abstract params tree (e.g. a training state's), one by one.
+
+  Scanned or unrolled layers follow `abstract`; dtypes are `abstract`'s. Raises
+  WeightsMismatchError naming every path whose presence or shape differs from the checkpoint's.
+  """
+  flat = mapping.flatten(abstract)
+  scanned = any("layers" in p.split("/") for p in flat)
+  arch, model = _build(path, "float32", scanned, architecture)
+  problems = mapping.tree_problems(_shapes(flat), _shapes(_abstract_flat(model)), "the checkpoint")
+  if problems:
+    raise WeightsMismatchError(f"hf:{path} does not match the model's parameters: "
+                               + "; ".join(problems))
+  return _read_params(path, arch, model, abstract, shardings)
+
+
+def _shapes(flat: dict) -> dict[str, tuple]:
+  return {p: tuple(a.shape) for p, a in flat.items()}
+
+
+def _abstract_flat(model: nn.Module) -> dict:
+  return mapping.flatten(nn.unbox(abstract_params(model)))
+
+
+def _aliases(arch: Architecture):
+  """Names a tensor may have on disk: with or without the base prefix, old gamma/beta norms."""
+  def aliases(key: str) -> list[str]:
+    names = [key, key[len(arch.prefix):] if key.startswith(arch.prefix) else arch.prefix + key]
+    legacy = [re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma",
+                     re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", n)) for n in names]
+    return names + [n for n in legacy if n not in names]
+  return aliases
+
+
+def _read_params(path: str, arch: Architecture, model: nn.Module, abstract, shardings):
+  index = files.WeightIndex(path)
+  tensors, flat = arch.tensors(model), mapping.flatten(abstract)
+  scanned = model.cfg.scan_layers
+  mapping.check_model_paths(tensors, flat, scanned)
+  available = {k: e.shape for k, e in index.entries.items()}
+  found = mapping.resolve_keys(tensors, available, _aliases(arch), arch.ignored(model), path)
+  placement = mapping.flatten(shardings) if shardings is not None else {}
+  return mapping.place(tensors, lambda key: index.read(found[key]), flat, scanned,
+                       lambda dest, x: jax.device_put(x, placement.get(dest)))
+
+
+def _arch_of(model: nn.Module) -> Architecture:
+  """The architecture that can express `model` exactly, or UnsupportedModelError saying why not."""
+  why = []
+  for arch in ARCHITECTURES.values():
+    name = arch.class_of(model)
+    if name is None:
+      continue
+    mismatch = _mismatch(arch, model.cfg)
+    if not mismatch:
+      return arch
+    why.append(f"as {name}: {mismatch}")
+  raise UnsupportedModelError(f"no Hugging Face architecture expresses this {type(model).__name__}"
+                              + (f" ({'; '.join(why)})" if why else ""))
+
+
+def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
+  """'' if cfg -> HF config -> cfg is lossless, else the fields HF cannot express."""
+  import transformers
+  try:
+    hf = getattr(transformers, arch.config_class)(**arch.to_hf(cfg))
+    back = _config(arch, hf, cfg.dtype, cfg.scan_layers)
+  except UnsupportedModelError as e:
+    return str(e)
+  def norm(c):
+    return dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
+                               rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0)
+  a, b = norm(cfg), norm(back)
+  diff = [f.name for f in dataclasses.fields(ModelConfig)
+          if f.name not in RUNTIME_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+  return ", ".join(f"needs {k}={getattr(b, k)!r}, model has {getattr(a, k)!r}" for k in diff)
+
+
+def save(model: nn.Module, params, path: str, *, config_overrides: dict | None = None) -> None:
+  """Write `path`/config.json + model.safetensors that transformers' from_pretrained loads.
+
+  `config_overrides` adds HF config fields llmjax does not track (bos/eos/pad token ids, labels).
+  """
+  import transformers
+  arch = _arch_of(model)
+  flat = mapping.flatten(nn.unbox(params))
+  problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
+  if problems:
+    raise WeightsMismatchError("params do not match the model: " + "; ".join(problems))
+  fields = dict(arch.to_hf(model.cfg), architectures=[arch.class_of(model)],
+                dtype=model.cfg.param_dtype)
+  if hasattr(model, "num_labels"):
+    fields["num_labels"] = model.num_labels
+  fields.update(config_overrides or {})
+  config = getattr(transformers, arch.config_class)(**fields).to_dict()
+  try:
+    files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers), config)
+  except OSError as e:
+    raise HFError(f"cannot write {path}: {e}") from e
