@@ -1,35 +1,153 @@
-"""Text generation from a decoder: temperature sampling inside one compiled loop.
+"""Text generation from a decoder with a KV cache, inside one compiled loop.
 
-This first version recomputes the full prefix each step (no KV cache); it serves the training
-loop's samples. Prompts are right-aligned in a fixed buffer so every row decodes in lockstep.
+The prompt runs once (prefill) and fills the cache; then a `lax.while_loop` feeds one token per
+step until every row has produced an EOS or the token budget is spent. Greedy, temperature,
+top-k and top-p sampling; the RNG is explicit (step i uses `fold_in(rng, i)`, so a key gives the
+same tokens every time). Batches of different-length prompts are left-padded: every row's last
+prompt token sits in the last column, and positions count real tokens only (Hugging Face's
+`position_ids = cumsum(attention_mask) - 1`), so padded and unpadded rows decode identically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from llmjax.errors import UserError
+from llmjax.models.transformer import init_cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_new", "temperature"))
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: temperature 0 is greedy; top_k 0 and top_p 1 switch off."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def validate(self, vocab_size: int) -> None:
+    if self.temperature < 0:
+      raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+    if not 0 <= self.top_k <= vocab_size:
+      raise UserError(f"top_k must be in [0, vocab size {vocab_size}], got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (tokens [B, P], mask [B, P]) right-aligned, as `generate` expects."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("every prompt needs at least one token")
+  width = max(len(p) for p in prompts)
+  tokens_BP = np.full((len(prompts), width), pad_id, np.int32)
+  mask_BP = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens_BP[row, width - len(prompt):] = prompt
+    mask_BP[row, width - len(prompt):] = 1
+  return tokens_BP, mask_BP
+
+
+def filter_logits(logits_BV: jax.Array, sampling: Sampling) -> jax.Array:
+  """Temperature, then top-k, then top-p (the order transformers applies them)."""
+  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if sampling.top_p < 1:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly above each token
+    keep_BV = before_BV < sampling.top_p  # always keeps the most likely token
+    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def next_token(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """[B, V] logits -> [B] token ids."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits_BV, sampling)).astype(jnp.int32)
+
+
+def generate(model, params, prompt_BP, rng: jax.Array | None = None, *, prompt_mask_BP=None,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_ids: Sequence[int] = (), pad_id: int = 0,
+             on_token: Callable[[int, np.ndarray], None] | None = None) -> jax.Array:
+  """Left-padded prompts [B, P] -> new tokens [B, max_new_tokens]; `pad_id` after a row's EOS.
+
+  `on_token(step, tokens_B)` (optional) is called on the host as each step's tokens are chosen,
+  from inside the compiled loop, for streaming.
+  """
+  cfg = model.cfg
+  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+  batch, prompt_len = prompt_BP.shape
+  sampling = Sampling(float(temperature), int(top_k), float(top_p))
+  sampling.validate(cfg.vocab_size)
+  if max_new_tokens < 1 or prompt_len < 1:
+    raise UserError(f"need a prompt and max_new_tokens >= 1, got prompt length {prompt_len} and "
+                    f"max_new_tokens={max_new_tokens}")
+  if cfg.pos_emb == "learned" and prompt_len + max_new_tokens - 1 > cfg.max_len:
+    raise UserError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the "
+                    f"model's {cfg.max_len} learned positions by "
+                    f"{prompt_len + max_new_tokens - 1 - cfg.max_len}")
+  if sampling.temperature > 0 and rng is None:
+    raise UserError("sampling (temperature > 0) needs an explicit rng key")
+  mask_BP = (jnp.ones_like(prompt_BP) if prompt_mask_BP is None
+             else jnp.asarray(prompt_mask_BP, jnp.int32))
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return _generate(model, params, prompt_BP, mask_BP, rng, max_new_tokens=max_new_tokens,
+                   sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                   on_token=on_token)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids",
+                                             "pad_id", "on_token"))
+def _generate(model, params, prompt_BP, mask_BP, rng, *, max_new_tokens, sampling, eos_ids, pad_id,
+              on_token):
+  batch, prompt_len = prompt_BP.shape
+
+  def forward(tokens_BL, positions_BL, segment_ids_BL, cache):
+    logits_B1V, variables = model.apply(
+        {"params": params, "cache": cache}, tokens_BL, positions_BL=positions_BL,
+        segment_ids_BL=segment_ids_BL, decode=True, last_only=True, mutable=["cache"])
+    return logits_B1V[:, -1], variables["cache"]
+
+  def choose(step, logits_BV, done_B):
+    token_B = next_token(logits_BV, jax.random.fold_in(rng, step), sampling)
+    token_B = jnp.where(done_B, pad_id, token_B)
+    if on_token is not None:
+      io_callback(lambda s, t: on_token(int(s), np.asarray(t)), None, step, token_B, ordered=True)
+    return token_B, done_B | jnp.isin(token_B, jnp.asarray(eos_ids or (-1,), jnp.int32))
+
+  # Padding keeps position 0 (its own segment, never seen by real tokens).
+  positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
+  cache = init_cache(model, batch, prompt_len + max_new_tokens)
+  logits_BV, cache = forward(prompt_BP, positions_BP, mask_BP, cache)
+  token_B, done_B = choose(0, logits_BV, jnp.zeros((batch,), bool))
+  out_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
+
+  def cond(carry):
+    step, _, done_B, *_ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, token_B, done_B, out_BN, cache, position_B = carry
+    logits_BV, cache = forward(token_B[:, None], position_B[:, None],
+                               jnp.ones_like(token_B)[:, None], cache)
+    token_B, done_B = choose(step, logits_BV, done_B)
+    return step + 1, token_B, done_B, out_BN.at[:, step].set(token_B), cache, position_B + 1
+
+  carry = (jnp.int32(1), token_B, done_B, out_BN, cache, positions_BP[:, -1] + 1)
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
 def sample(model, params, prompt_BP: jax.Array, rng: jax.Array, *, n_new: int,
            temperature: float = 1.0) -> jax.Array:
   """[B, P] prompt tokens -> [B, n_new] sampled tokens (greedy when temperature == 0)."""
-  batch, prompt_len = prompt_BP.shape
-  buffer_BT = jnp.concatenate([prompt_BP, jnp.zeros((batch, n_new), prompt_BP.dtype)], axis=1)
-
-  def body(i, carry):
-    buffer_BT, rng = carry
-    logits_BTV = model.apply({"params": params}, buffer_BT)
-    logits_BV = logits_BTV[:, prompt_len + i - 1].astype(jnp.float32)
-    rng, key = jax.random.split(rng)
-    if temperature > 0:
-      next_B = jax.random.categorical(key, logits_BV / temperature)
-    else:
-      next_B = jnp.argmax(logits_BV, axis=-1)
-    buffer_BT = buffer_BT.at[:, prompt_len + i].set(next_B.astype(buffer_BT.dtype))
-    return buffer_BT, rng
-
-  buffer_BT, _ = jax.lax.fori_loop(0, n_new, body, (buffer_BT, rng))
-  return buffer_BT[:, prompt_len:]
+  return generate(model, params, prompt_BP, rng, max_new_tokens=n_new, temperature=temperature)
