@@ -145,21 +145,29 @@ def init_state(b: Built, seed: int = 0):
 
 
 def time_steps(run_once, steps: int, warmup: int) -> dict:
-  """Call run_once() (which must block until its result is ready) warmup + steps times.
+  """Call run_once() (which must block until its result is ready) warmup + steps times."""
+  return time_interleaved({"only": run_once}, steps, warmup)["only"]
 
-  Returns the wall times of the timed calls and their median; the first call (compilation) is
-  reported separately as first_call_s.
+
+def time_interleaved(runners: dict, steps: int, warmup: int) -> dict:
+  """Alternate one call of each runner per round, so that load drift hits every system alike.
+
+  Each runner must block until its result is ready. Per runner: the first call's time
+  (first_call_s), the wall times of the `steps` calls after `warmup` untimed ones, and their
+  median.
   """
-  times = []
+  times = {name: [] for name in runners}
+  first = {}
   for i in range(warmup + steps):
-    start = time.perf_counter()
-    run_once()
-    elapsed = time.perf_counter() - start
-    if i == 0:
-      first = elapsed
-    if i >= warmup:
-      times.append(elapsed)
-  return {"first_call_s": first, "step_times_s": times, "median_step_s": statistics.median(times)}
+    for name, run_once in runners.items():
+      start = time.perf_counter()
+      run_once()
+      elapsed = time.perf_counter() - start
+      first.setdefault(name, elapsed)
+      if i >= warmup:
+        times[name].append(elapsed)
+  return {name: {"first_call_s": first[name], "step_times_s": t,
+                 "median_step_s": statistics.median(t)} for name, t in times.items()}
 
 
 def versions() -> dict:
@@ -192,10 +200,10 @@ def environment() -> dict:
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
-  """A plain aligned text table; floats get 4 significant digits."""
+  """A plain aligned text table; floats >= 1000 as integers, others with 4 significant digits."""
   def cell(v):
     if isinstance(v, float):
-      return f"{v:.4g}"
+      return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return "-" if v is None else str(v)
   cells = [[cell(v) for v in row] for row in [header] + rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

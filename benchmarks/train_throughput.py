@@ -59,23 +59,22 @@ def parse_args(argv=None):
   return args
 
 
-def time_jax(b: common.Built, steps: int, warmup: int) -> dict:
-  """Lower+compile once (timed apart), then median wall time of the compiled, donating step."""
+def jax_runner(b: common.Built):
+  """(run one step, info): lower+compile timed apart; then the compiled, donating step."""
   start = time.perf_counter()
   compiled = common.lower(b).compile()
-  compile_s = time.perf_counter() - start
+  info = {"compile_s": time.perf_counter() - start, "losses": [],
+          "n_params": sum(x.size for x in jax.tree.leaves(b.abstract_state.params))}
   holder = {"state": common.init_state(b)}
   batch = common.random_batch(b)
-  losses = []
 
   def once():
     state, metrics = compiled(holder["state"], batch)
     jax.block_until_ready((state, metrics))
     holder["state"] = state
-    losses.append(float(metrics["loss"]))
+    info["losses"].append(float(metrics["loss"]))
 
-  timing = common.time_steps(once, steps, warmup)
-  return {"compile_s": compile_s, **timing, "final_loss": losses[-1]}
+  return once, info
 
 
 def torch_matmul_peak(n: int, repeats: int) -> float:
@@ -90,8 +89,8 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
   return 2.0 * n**3 / statistics.median(times)
 
 
-def time_hf_torch(exp, steps: int, warmup: int, seed: int = 0) -> dict:
-  """transformers GPT2LMHeadModel + torch AdamW at the same shapes and optimiser settings."""
+def hf_torch_runner(exp, seed: int = 0):
+  """(run one step, info): transformers GPT2LMHeadModel + torch AdamW, same shapes and settings."""
   import torch
   import transformers
 
@@ -116,7 +115,9 @@ def time_hf_torch(exp, steps: int, warmup: int, seed: int = 0) -> dict:
                           lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   shape = (exp.train.batch_size, exp.data.seq_len)
   tokens = torch.from_numpy(np.random.default_rng(seed).integers(0, m.vocab_size, shape))
-  losses = []
+  info = {"losses": [], "threads": threads,
+          "attn_implementation": model.config._attn_implementation,
+          "n_params": sum(p.numel() for p in model.parameters())}
 
   def once():
     opt.zero_grad(set_to_none=True)
@@ -125,12 +126,9 @@ def time_hf_torch(exp, steps: int, warmup: int, seed: int = 0) -> dict:
     if o.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
     opt.step()
-    losses.append(float(loss.detach()))  # CPU torch is synchronous; this also ends the step
+    info["losses"].append(float(loss.detach()))  # CPU torch is synchronous: the step is done
 
-  timing = common.time_steps(once, steps, warmup)
-  return {**timing, "final_loss": losses[-1], "threads": threads,
-          "attn_implementation": model.config._attn_implementation,
-          "n_params": sum(p.numel() for p in model.parameters())}
+  return once, info
 
 
 def rates(timing: dict, tokens_per_step: int, flops_per_step: float, ceiling: float,
@@ -153,9 +151,15 @@ def run(args) -> dict:
   per_device_peak = flops.device_peak(jax.devices()[0].device_kind, args.dtype)
   datasheet = per_device_peak * scale if per_device_peak else None
   matmul_before = flops.measured_matmul_peak(args.dtype, args.matmul_n, args.matmul_repeats)
-  jax_timing = time_jax(b, args.steps, args.warmup)
-  torch_timing = (time_hf_torch(exp, args.steps, args.warmup) if args.compare == "hf-torch"
-                  else None)
+  runners, infos = {}, {}
+  runners["jax"], infos["jax"] = jax_runner(b)
+  if args.compare == "hf-torch":
+    runners["hf_torch"], infos["hf_torch"] = hf_torch_runner(exp)
+  # One step of each system per round: under shared, drifting load both see the same conditions.
+  timings = common.time_interleaved(runners, args.steps, args.warmup)
+  for name, info in infos.items():
+    losses = info.pop("losses")
+    timings[name].update(info, final_loss=losses[-1], first_loss=losses[0])
   matmul_after = flops.measured_matmul_peak(args.dtype, args.matmul_n, args.matmul_repeats)
   # The higher of the two measurements, so that load during one of them cannot flatter the MFU.
   ceiling = max(matmul_before, matmul_after) * scale
@@ -177,14 +181,17 @@ def run(args) -> dict:
                    "matmul_n": args.matmul_n, "matmul_dtype": args.dtype,
                    "note": "measured: jitted [n,n]@[n,n] on one device; datasheet: "
                            "llmjax.flops.PEAKS (None on CPUs)"},
-      "jax": {**jax_timing, **rates(jax_timing, tokens_per_step, flops_per_step, ceiling,
-                                     datasheet)},
+      "timing": "median of --steps per system after compilation and --warmup steps; with "
+                "--compare the systems alternate one step each per round",
+      "jax": {**timings["jax"], **rates(timings["jax"], tokens_per_step, flops_per_step,
+                                        ceiling, datasheet)},
   }
-  if torch_timing is not None:
+  if "hf_torch" in timings:
     torch_mm = torch_matmul_peak(args.matmul_n, args.matmul_repeats) if args.dtype == "float32" \
         else None
-    result["hf_torch"] = {**torch_timing,
-                          **rates(torch_timing, tokens_per_step, flops_per_step, ceiling, None),
+    result["hf_torch"] = {**timings["hf_torch"],
+                          **rates(timings["hf_torch"], tokens_per_step, flops_per_step, ceiling,
+                                  None),
                           "torch_matmul_flops_per_s": torch_mm}
     result["jax_over_torch_tokens_per_s"] = (result["jax"]["tokens_per_s"] /
                                              result["hf_torch"]["tokens_per_s"])
