@@ -1,0 +1,133 @@
+"""Bad input fails early and clearly: through the real CLI (exit code 2, one line naming the key
+or file, no traceback, no workdir), and at the library boundary (`resolve` raises ConfigError)."""
+
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from llmjax import config as config_lib
+from llmjax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "--config=experiments/lm/stdlib_gpt.py:smoke"
+
+# name -> (flags, devices, strings the error line must contain)
+BAD_INPUTS = {
+    "unknown_key": ([SMOKE, "--config.train.stepz=5"], 1, ["config.train.stepz"]),
+    "wrong_type": ([SMOKE, "--config.train.steps=abc"], 1, ["config.train.steps", "abc"]),
+    "heads_do_not_divide_d_model": ([SMOKE, "--config.model.n_heads=3"], 1,
+                                    ["config.model.n_heads", "config.model.d_model"]),
+    "kv_heads_do_not_divide_heads": ([SMOKE, "--config.model.n_kv_heads=3"], 1,
+                                     ["config.model.n_kv_heads"]),
+    "mesh_is_not_the_device_count": ([SMOKE, "--config.mesh.data=3"], 1, ["config.mesh"]),
+    "batch_not_divisible_by_data_parallel": ([SMOKE, "--config.train.batch_size=12"], 8,
+                                             ["config.train.batch_size"]),
+    "sequence_longer_than_positions": ([SMOKE, "--config.data.seq_len=512"], 1,
+                                       ["config.data.seq_len", "config.model.max_len"]),
+    "missing_corpus_files": ([SMOKE, "--config.data.source=files",
+                              "--config.data.files=/nonexistent/*.txt"], 1,
+                             ["/nonexistent/*.txt"]),
+    "unknown_config_argument": (["--config=experiments/lm/stdlib_gpt.py:bogus"], 1, ["bogus"]),
+}
+
+
+def run_train(workdir, flags, devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "llmjax.cli.main", "train", *flags,
+                         f"--workdir={workdir}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+  """Every bad command, run two at a time (each subprocess is mostly jax import)."""
+  base = tmp_path_factory.mktemp("bad")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {name: pool.submit(run_train, base / name, flags, devices)
+               for name, (flags, devices, _) in BAD_INPUTS.items()}
+    return {name: (base / name, f.result()) for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli_results, name):
+  workdir, proc = cli_results[name]
+  _, _, must_name = BAD_INPUTS[name]
+  report = f"exit {proc.returncode}; stderr:\n{proc.stderr[-2000:]}"
+  assert proc.returncode == 2, report
+  assert "Traceback" not in proc.stderr, report
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, report
+  for needle in must_name:
+    assert needle in lines[0], report
+  assert not workdir.exists() or not any(workdir.iterdir()), sorted(os.listdir(workdir))
+
+
+def test_error_lines_differ_per_cause(cli_results):
+  """Guards against one generic message that would happen to contain every key."""
+  lines = {proc.stderr.strip() for _, proc in cli_results.values()}
+  assert len(lines) == len(BAD_INPUTS)
+
+
+# --- the library boundary ---------------------------------------------------------------------
+
+
+def base_dict():
+  return config_lib.base_config().to_dict()
+
+
+def test_base_config_resolves_and_round_trips_through_json():
+  exp = config_lib.resolve(config_lib.base_config())
+  assert config_lib.from_json(exp.to_json()) == exp
+
+
+@pytest.mark.parametrize("mutate,names", [
+    (lambda d: d.update(modle={}), ["config.modle"]),
+    (lambda d: d["model"].update(norm="batchnorm"), ["config.model.norm", "batchnorm",
+                                                     "layernorm", "rmsnorm"]),
+    (lambda d: d["mesh"].update(rules="zero3"), ["config.mesh.rules", "zero3"]),
+    (lambda d: d["train"].update(stepz=5), ["config.train.stepz", "steps"]),
+    (lambda d: d["train"].update(steps="abc"), ["config.train.steps", "int"]),
+    (lambda d: d["train"].update(steps=True), ["config.train.steps"]),
+    (lambda d: d["optim"].update(lr="fast"), ["config.optim.lr", "float"]),
+    (lambda d: d["train"].update(steps=0), ["config.train.steps", "positive"]),
+    (lambda d: d["model"].update(n_heads=3), ["config.model.n_heads"]),
+    (lambda d: d["model"].update(n_kv_heads=3), ["config.model.n_kv_heads"]),
+    (lambda d: d["data"].update(seq_len=10_000), ["config.data.seq_len"]),
+    (lambda d: d["optim"].update(accum_steps=5), ["config.optim.accum_steps"]),
+    (lambda d: d["mesh"].update(data=-1, fsdp=-1), ["config.mesh"]),
+])
+def test_resolve_rejects_naming_the_key(mutate, names):
+  d = base_dict()
+  mutate(d)
+  with pytest.raises(ConfigError) as err:
+    config_lib.resolve(d)
+  message = str(err.value)
+  assert "\n" not in message
+  for name in names:
+    assert name in message
+
+
+def test_ints_are_accepted_for_floats_but_stay_floats():
+  d = base_dict()
+  d["optim"]["lr"] = 1
+  exp = config_lib.resolve(d)
+  assert exp.optim.lr == 1.0 and isinstance(exp.optim.lr, float)
+
+
+def test_model_section_and_presets_reject_unknown_names():
+  with pytest.raises(ConfigError, match="n_layerz"):
+    config_lib.model_section("gpt2", n_layerz=2)
+  with pytest.raises(ConfigError, match="t5"):
+    config_lib.model_section("t5")
+
+
+def test_experiment_configs_are_locked():
+  """Experiments override keys, never add them: a typo in an experiment file fails loudly."""
+  c = config_lib.finalize(config_lib.base_config(), None)
+  with pytest.raises(AttributeError):
+    c.train.stepz = 5

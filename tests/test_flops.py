@@ -1,0 +1,73 @@
+"""FLOP counts against hand counts, and datasheet peaks by device kind."""
+
+import dataclasses
+
+import pytest
+
+from llmjax import flops
+from llmjax.config import ModelConfig
+
+# d_model 8, 2 heads of 4, d_ff 16, one layer, vocabulary 10; sequences of 4 tokens.
+TINY = ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=4,
+                   mlp="gelu_tanh", causal=False)
+
+# Hand count for one sequence of L=4 (a multiply-add is 2 FLOPs):
+#   q, k, v, o projections: 4 matrices of 8 x (2 heads x 4) = 4 x 64 = 256 weights
+#   MLP in and out: 2 x 8 x 16 = 256 weights                -> 512 matmul weights per block
+#   matmuls: 2 x L x 512 = 2 x 4 x 512                       = 4096
+#   attention scores q.k and p.v: 2 x (2 x L x L x N x H) = 4 x 16 x 2 x 4 = 512 (causal: 256)
+#   logits: 2 x L x D x V = 2 x 4 x 8 x 10                   = 640
+#   forward: 4096 + 512 + 640 = 5248; training (x3) = 15744 per sequence.
+HAND_TRAIN_BIDIRECTIONAL = 3 * (4096 + 512 + 640)
+HAND_TRAIN_CAUSAL = 3 * (4096 + 256 + 640)
+# SwiGLU adds the gate matrix: 3 x 8 x 16 = 384 MLP weights -> 640 per block -> 2 x 4 x 640.
+HAND_TRAIN_SWIGLU_CAUSAL = 3 * (2 * 4 * 640 + 256 + 640)
+# One key/value head (GQA): k and v are 8 x 4 each: 64 + 64 + 32 + 32 + 256 = 448 weights.
+HAND_TRAIN_GQA_CAUSAL = 3 * (2 * 4 * 448 + 256 + 640)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(), HAND_TRAIN_BIDIRECTIONAL),
+    (dict(causal=True), HAND_TRAIN_CAUSAL),
+    (dict(causal=True, mlp="swiglu"), HAND_TRAIN_SWIGLU_CAUSAL),
+    (dict(causal=True, n_kv_heads=1), HAND_TRAIN_GQA_CAUSAL),
+])
+def test_train_flops_match_hand_count(overrides, expected):
+  cfg = dataclasses.replace(TINY, **overrides)
+  assert flops.train_flops_per_step(cfg, batch_size=1, seq_len=4) == expected
+
+
+def test_flops_scale_with_batch_and_layers_but_not_head_and_logits():
+  cfg = dataclasses.replace(TINY, causal=True)
+  one = flops.train_flops_per_step(cfg, 1, 4)
+  assert flops.train_flops_per_step(cfg, 3, 4) == 3 * one
+  two_layers = dataclasses.replace(cfg, n_layers=2)
+  # Only the block (matmuls + attention) doubles; the logits are counted once.
+  assert flops.train_flops_per_step(two_layers, 1, 4) == one + 3 * (4096 + 256)
+
+
+def test_explicit_head_dim_is_used():
+  # 2 heads of 3 on d_model 8: q, k, v, o are 8 x 6 = 48 weights each.
+  cfg = dataclasses.replace(TINY, head_dim=3)
+  attention = 4 * 4 * 4 * 2 * 3  # 4 x L^2 x N x H, bidirectional
+  expected = 3 * (2 * 4 * (4 * 48 + 256) + attention + 640)
+  assert flops.train_flops_per_step(cfg, 1, 4) == expected
+
+
+@pytest.mark.parametrize("kind,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 312e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+])
+def test_device_peak_lookup(kind, dtype, peak):
+  assert flops.device_peak(kind, dtype) == peak
+
+
+@pytest.mark.parametrize("kind,dtype", [("cpu", "float32"), ("TFRT_CPU_0", "bfloat16"),
+                                        ("Some Future Accelerator", "bfloat16"),
+                                        ("TPU v5 lite", "float64")])
+def test_device_peak_unknown_is_none(kind, dtype):
+  assert flops.device_peak(kind, dtype) is None
