@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from llmjax.config import ModelConfig
 
-# Dense datasheet peaks in FLOP/s by dtype, keyed by a substring of jax's device_kind.
+# Dense datasheet peaks in FLOP/s by dtype, keyed by a substring of jax's device_kind; the
+# first matching key wins, so more specific names come first.
 PEAKS = {
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},

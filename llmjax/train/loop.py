@@ -198,10 +198,10 @@ def run(exp: Experiment, workdir: str) -> dict:
       if loop.preempted_at is not None:
         return {"step": loop.preempted_at, "preempted": True}
       final = loop.evaluate(state)
-    end = int(jax.device_get(state.step))
-    writer.write(end, "val", final)
-    if end not in ckpt.all_steps():
-      loop.save(state, end, final["loss"])
+      end = int(jax.device_get(state.step))
+      writer.write(end, "val", final)
+      if end not in ckpt.all_steps():
+        loop.save(state, end, final["loss"])
   finally:  # pending async saves complete (or report their failure) on every exit path
     writer.close()
     ckpt.close()
