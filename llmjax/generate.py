@@ -101,14 +101,14 @@ def generate(model, params, prompt_BP, rng: jax.Array | None = None, *, prompt_m
   mask_BP = (jnp.ones_like(prompt_BP) if prompt_mask_BP is None
              else jnp.asarray(prompt_mask_BP, jnp.int32))
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  return _generate(model, params, prompt_BP, mask_BP, rng, max_new_tokens=max_new_tokens,
-                   sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                   on_token=on_token)
+  eos_E = jnp.asarray([int(e) for e in eos_ids] or [-1], jnp.int32)  # -1: never produced
+  return _generate(model, params, prompt_BP, mask_BP, rng, eos_E, max_new_tokens=max_new_tokens,
+                   sampling=sampling, pad_id=int(pad_id), on_token=on_token)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids",
-                                             "pad_id", "on_token"))
-def _generate(model, params, prompt_BP, mask_BP, rng, *, max_new_tokens, sampling, eos_ids, pad_id,
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "pad_id",
+                                             "on_token"))
+def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, sampling, pad_id,
               on_token):
   batch, prompt_len = prompt_BP.shape
 
@@ -123,7 +123,7 @@ def _generate(model, params, prompt_BP, mask_BP, rng, *, max_new_tokens, samplin
     token_B = jnp.where(done_B, pad_id, token_B)
     if on_token is not None:
       io_callback(lambda s, t: on_token(int(s), np.asarray(t)), None, step, token_B, ordered=True)
-    return token_B, done_B | jnp.isin(token_B, jnp.asarray(eos_ids or (-1,), jnp.int32))
+    return token_B, done_B | jnp.isin(token_B, eos_E)
 
   # Padding keeps position 0 (its own segment, never seen by real tokens).
   positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
@@ -151,3 +151,37 @@ def sample(model, params, prompt_BP: jax.Array, rng: jax.Array, *, n_new: int,
            temperature: float = 1.0) -> jax.Array:
   """[B, P] prompt tokens -> [B, n_new] sampled tokens (greedy when temperature == 0)."""
   return generate(model, params, prompt_BP, rng, max_new_tokens=n_new, temperature=temperature)
+
+
+def stream(model, params, tokenizer, prompt: str, rng: jax.Array, *,
+           write: Callable[[str], None], echo: bool = True, **kwargs) -> str:
+  """Continue `prompt`, handing each new piece of text to `write` as its token is chosen.
+
+  With `echo` the prompt is written first, once the first token is ready.
+
+  `tokenizer` has `encode(text)` and `decode(ids)`; kwargs go to `generate`. Text is decoded
+  from all tokens so far (a character may span tokens) and a trailing replacement character is
+  held back until the bytes that complete it arrive.
+  """
+  ids = list(tokenizer.encode(prompt))
+  if not ids:
+    raise UserError("the prompt encodes to no tokens")
+  new: list[int] = []
+  shown = [0]
+  eos = set(kwargs.get("eos_ids", ()))
+
+  def on_token(step: int, tokens_B: np.ndarray) -> None:
+    if echo and not new:
+      write(prompt)
+    if new and new[-1] in eos:  # after EOS the row only pads
+      return
+    new.append(int(tokens_B[0]))
+    if new[-1] in eos:
+      return
+    text = tokenizer.decode(new).rstrip("\ufffd")
+    write(text[shown[0]:])
+    shown[0] = max(shown[0], len(text))
+
+  generate(model, params, np.asarray([ids], np.int32), rng, on_token=on_token,
+           **kwargs).block_until_ready()
+  return tokenizer.decode([t for t in new if t not in eos])

@@ -8,8 +8,8 @@ from llmjax.hf.api import (ARCHITECTURES, abstract_params, build, load, load_par
                            model_config, save)
 from llmjax.hf.errors import (HFError, PickleWeightsError, UnsupportedModelError,
                               WeightsMismatchError)
-from llmjax.hf.tokens import generation_defaults, load_tokenizer
+from llmjax.hf.tokens import TextTokenizer, generation_defaults, load_tokenizer
 
-__all__ = ["ARCHITECTURES", "HFError", "PickleWeightsError", "UnsupportedModelError",
+__all__ = ["ARCHITECTURES", "HFError", "TextTokenizer", "PickleWeightsError", "UnsupportedModelError",
            "WeightsMismatchError", "abstract_params", "build", "generation_defaults", "load",
            "load_params", "load_tokenizer", "model_config", "save"]

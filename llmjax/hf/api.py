@@ -21,6 +21,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, l
                                                                      bert.ARCH)}
 
 
+# HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
+_NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
 def _hf_config(path: str, architecture: str | None):
   """(Architecture, HF class name, transformers config object) of a directory."""
   import transformers  # configs only: no modelling code, no remote code
@@ -148,10 +152,12 @@ def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
   """'' if cfg -> HF config -> cfg is lossless, else the fields HF cannot express."""
   import transformers
   try:
-    hf = getattr(transformers, arch.config_class)(**arch.to_hf(cfg))
+    hf = getattr(transformers, arch.config_class)(**arch.to_hf(cfg), **_NO_SPECIAL_TOKENS)
     back = _config(arch, hf, cfg.dtype, cfg.scan_layers)
   except UnsupportedModelError as e:
     return str(e)
+  except (TypeError, ValueError) as e:  # the HF config class rejects a value outright
+    return " ".join(str(e).split())[:200]
   def norm(c):
     return dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
                                rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0)
@@ -173,7 +179,7 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   if problems:
     raise WeightsMismatchError("params do not match the model: " + "; ".join(problems))
   fields = dict(arch.to_hf(model.cfg), architectures=[arch.class_of(model)],
-                dtype=model.cfg.param_dtype)
+                dtype=model.cfg.param_dtype, **_NO_SPECIAL_TOKENS)
   if hasattr(model, "num_labels"):
     fields["num_labels"] = model.num_labels
   fields.update(config_overrides or {})

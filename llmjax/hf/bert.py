@@ -28,7 +28,7 @@ def to_hf(cfg) -> dict:
               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
               intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
               type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
-              hidden_act=HF_ACTIVATION.get(cfg.mlp), hidden_dropout_prob=cfg.dropout,
+              hidden_act=HF_ACTIVATION.get(cfg.mlp, cfg.mlp), hidden_dropout_prob=cfg.dropout,
               attention_probs_dropout_prob=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings)
 
 

@@ -17,6 +17,20 @@ def load_tokenizer(path: str):
     raise HFError(f"no usable tokenizer in {path}: {' '.join(str(e).split())[:300]}") from e
 
 
+class TextTokenizer:
+  """A transformers tokenizer behind llmjax's `encode(text)` / `decode(ids)` interface."""
+
+  def __init__(self, tokenizer):
+    self.hf = tokenizer
+    self.vocab_size = len(tokenizer)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.hf.encode(text))  # with the special tokens the model was trained with
+
+  def decode(self, ids) -> str:
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 def generation_defaults(path: str) -> dict:
   """{'eos_token_ids': [...], 'pad_token_id': int | None} from generation_config.json / config.json."""
   found: dict = {}

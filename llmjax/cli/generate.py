@@ -1,0 +1,48 @@
+"""llmjax generate --checkpoint=DIR|hf:PATH --prompt="..." [--max_new_tokens --temperature ...]."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from llmjax.cli import common
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An llmjax export DIR or hf:PATH.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Token budget (stops earlier at EOS).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for sampling.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+
+
+def main(argv: list[str] | None = None) -> None:
+  common.parse_flags(sys.argv if argv is None else argv)
+  if not _CHECKPOINT.value or _PROMPT.value is None:
+    common.fail("--checkpoint=DIR|hf:PATH and --prompt=TEXT are required")
+  with common.user_errors():
+    import jax  # heavy imports only after the flags are known to be good
+
+    from llmjax import generate
+    from llmjax.hf import convert
+    loaded = convert.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)
+    tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
+    generate.stream(loaded.model, loaded.params, tokenizer, _PROMPT.value,
+                    jax.random.PRNGKey(_SEED.value), write=_write,
+                    max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                    top_k=_TOP_K.value, top_p=_TOP_P.value, eos_ids=loaded.eos_token_ids,
+                    pad_id=loaded.pad_token_id or 0)
+  print()
+
+
+def _write(text: str) -> None:
+  sys.stdout.write(text)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()
