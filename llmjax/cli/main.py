@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-VERBS = ("train", "export")
+VERBS = ("train", "export", "convert", "generate")
 
 
 def main(argv: list[str] | None = None) -> None:
