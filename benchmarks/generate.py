@@ -1,0 +1,111 @@
+"""Greedy decoding tokens/s: llmjax (KV cache, one compiled loop) vs transformers' torch generate.
+
+  python benchmarks/generate.py --json=/tmp/generate.json   # GPT-2 shape, 6 x 384, batch 1 and 8
+  python benchmarks/generate.py --tiny                      # seconds; checks the script only
+
+Both run the same random GPT-2 (built with transformers, saved as safetensors, loaded into
+llmjax), fp32, on the same CPU in the same process, from the same prompt, for the same number of
+new tokens (no EOS), and must produce identical tokens. Time is the wall time of one whole
+`generate` call (prompt prefill + decode); the median of --repeats after one warm-up (which
+compiles JAX), the two systems alternating so that load from other processes hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import bench_common as common  # noqa: E402
+
+REFERENCE = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=50257, n_positions=1024)
+TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+  p.add_argument("--prompt_len", type=int, default=16)
+  p.add_argument("--new_tokens", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--tiny", action="store_true", help="tiny model and budget (tests)")
+  p.add_argument("--json", default="", help="write the results here as JSON")
+  args = p.parse_args(argv)
+  args.batches = [int(b) for b in args.batches.split(",") if b]
+  if args.tiny:
+    args.prompt_len, args.new_tokens, args.repeats = 4, 8, 1
+  if not args.batches or min(args.batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
+    p.error("--batches, --new_tokens and --repeats must be positive")
+  return args
+
+
+def measure(model, params, torch_model, batch: int, args) -> dict:
+  import torch
+
+  from llmjax import generate
+  vocab = model.cfg.vocab_size
+  prompt = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt_len), np.int32)
+
+  def run_llmjax():
+    out = generate.generate(model, params, prompt, max_new_tokens=args.new_tokens)
+    results["llmjax"] = np.asarray(out.block_until_ready())
+
+  def run_torch():
+    with torch.inference_mode():
+      ids = torch.from_numpy(prompt).long()
+      out = torch_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 pad_token_id=0)
+    results["torch"] = out[:, args.prompt_len:].numpy()
+
+  results = {}
+  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch}, args.repeats, 1)
+  new = batch * args.new_tokens
+  jax_s, torch_s = times["llmjax"]["median_step_s"], times["torch"]["median_step_s"]
+  return {"batch": batch, "llmjax_tokens_per_s": new / jax_s, "torch_tokens_per_s": new / torch_s,
+          "ratio": torch_s / jax_s, "llmjax_first_call_s": times["llmjax"]["first_call_s"],
+          "same_tokens": bool(np.array_equal(results["llmjax"], results["torch"])),
+          "times": times}
+
+
+def run(args) -> dict:
+  import torch
+  import transformers
+
+  from llmjax import hf
+  shape = TINY if args.tiny else REFERENCE
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
+  torch_model = transformers.GPT2LMHeadModel(config).eval()
+  with tempfile.TemporaryDirectory() as directory:
+    torch_model.save_pretrained(directory)
+    model, params = hf.load(directory)
+  rows = [measure(model, params, torch_model, batch, args) for batch in args.batches]
+  return {"benchmark": "generate", "environment": common.environment(),
+          "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": "float32", **shape},
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats, "tiny": args.tiny,
+                     "torch_threads": torch.get_num_threads()},
+          "what": "wall time of one greedy generate call (prefill + decode), median; "
+                  "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time",
+          "rows": rows}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  result = run(args)
+  table = [[r["batch"], r["llmjax_tokens_per_s"], r["torch_tokens_per_s"], r["ratio"],
+            r["same_tokens"]] for r in result["rows"]]
+  print(common.format_table(["batch", "llmjax tok/s", "torch tok/s", "ratio", "same tokens"],
+                            table))
+  common.write_json(args.json, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()
