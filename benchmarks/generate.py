@@ -33,6 +33,9 @@ def parse_args(argv=None):
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU threads for both systems (0: each library's default); set before JAX "
+                      "starts, so only from the command line")
   p.add_argument("--tiny", action="store_true", help="tiny model and budget (tests)")
   p.add_argument("--json", default="", help="write the results here as JSON")
   args = p.parse_args(argv)
@@ -73,11 +76,21 @@ def measure(model, params, torch_model, batch: int, args) -> dict:
           "times": times}
 
 
+def limit_threads(n: int) -> None:
+  """Both systems on n threads: comparable when other processes share the CPU."""
+  import torch
+  torch.set_num_threads(n)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                             f"{'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}")
+
+
 def run(args) -> dict:
   import torch
   import transformers
 
   from llmjax import hf
+  if args.threads:
+    limit_threads(args.threads)
   shape = TINY if args.tiny else REFERENCE
   torch.manual_seed(0)
   config = transformers.GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
@@ -90,6 +103,7 @@ def run(args) -> dict:
           "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": "float32", **shape},
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "tiny": args.tiny,
+                     "threads": args.threads or "default",
                      "torch_threads": torch.get_num_threads()},
           "what": "wall time of one greedy generate call (prefill + decode), median; "
                   "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time",

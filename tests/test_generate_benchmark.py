@@ -1,4 +1,4 @@
-"""benchmarks/generate.py --tiny: a well-formed table and JSON, identical tokens (no speed asserted)."""
+"""benchmarks/generate.py --tiny: a well-formed table and JSON, same tokens; no speed asserted."""
 
 import importlib.util
 import json

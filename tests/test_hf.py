@@ -165,7 +165,8 @@ def _copy(directory, dest, *, config=None, tensors=None):
 
 def test_unsupported_model_type_lists_the_supported_ones(saved, tmp_path):
   bad = _copy(saved["gpt2"][0], tmp_path, config={"model_type": "t5", "auto_map": {"x": "y"}})
-  with pytest.raises(hf.UnsupportedModelError, match="model_type 't5'.*supported: gpt2, llama, bert"):
+  with pytest.raises(hf.UnsupportedModelError,
+                     match="model_type 't5'.*supported: gpt2, llama, bert"):
     hf.load(bad)
   bad = _copy(saved["bert"][0], tmp_path / "b", config={"architectures": ["BertForPreTraining"]})
   with pytest.raises(hf.UnsupportedModelError, match="BertForPreTraining.*BertForMaskedLM"):

@@ -9,7 +9,7 @@ from absl import flags
 
 from llmjax.cli import common
 
-_FROM = flags.DEFINE_string("from", None, "hf:PATH (a HF model directory) or DIR (an llmjax export).")
+_FROM = flags.DEFINE_string("from", None, "hf:PATH (a HF model directory) or DIR (an export).")
 _TO = flags.DEFINE_string("to", None, "DIR (a new llmjax export) or hf:PATH (a HF directory).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Parameter dtype of an export written from HF.")

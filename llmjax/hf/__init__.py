@@ -10,6 +10,6 @@ from llmjax.hf.errors import (HFError, PickleWeightsError, UnsupportedModelError
                               WeightsMismatchError)
 from llmjax.hf.tokens import TextTokenizer, generation_defaults, load_tokenizer
 
-__all__ = ["ARCHITECTURES", "HFError", "TextTokenizer", "PickleWeightsError", "UnsupportedModelError",
-           "WeightsMismatchError", "abstract_params", "build", "generation_defaults", "load",
-           "load_params", "load_tokenizer", "model_config", "save"]
+__all__ = ["ARCHITECTURES", "HFError", "PickleWeightsError", "TextTokenizer",
+           "UnsupportedModelError", "WeightsMismatchError", "abstract_params", "build",
+           "generation_defaults", "load", "load_params", "load_tokenizer", "model_config", "save"]

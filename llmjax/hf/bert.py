@@ -1,4 +1,4 @@
-"""BERT (`BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`) <-> llmjax.models.heads."""
+"""BERT (`BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`) <-> models.heads."""
 
 from __future__ import annotations
 

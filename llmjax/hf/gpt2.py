@@ -21,7 +21,8 @@ def from_hf(c) -> dict:
 def to_hf(cfg) -> dict:
   return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
               n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_len,
-              layer_norm_epsilon=cfg.norm_eps, activation_function=HF_ACTIVATION.get(cfg.mlp, cfg.mlp),
+              layer_norm_epsilon=cfg.norm_eps,
+              activation_function=HF_ACTIVATION.get(cfg.mlp, cfg.mlp),
               resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
               tie_word_embeddings=cfg.tie_embeddings)
 

@@ -32,7 +32,7 @@ class TextTokenizer:
 
 
 def generation_defaults(path: str) -> dict:
-  """{'eos_token_ids': [...], 'pad_token_id': int | None} from generation_config.json / config.json."""
+  """{'eos_token_ids': [...], 'pad_token_id': int | None} from (generation_)config.json."""
   found: dict = {}
   for name in ("config.json", "generation_config.json"):  # the latter wins, as in transformers
     file = os.path.join(path, name)

@@ -29,7 +29,7 @@ def segment_mask(segment_ids_BL: jax.Array | None) -> jax.Array | None:
 
 def decode_mask(cached_segment_ids_BS: jax.Array, segment_ids_BL: jax.Array,
                 index: jax.Array) -> jax.Array:
-  """[B, 1, L, S]: queries at cache slots index.. see filled slots up to themselves, same segment."""
+  """[B, 1, L, S]: the query in slot index + i sees slots <= index + i of its own segment."""
   length, size = segment_ids_BL.shape[1], cached_segment_ids_BS.shape[1]
   query_slot_L = index + jnp.arange(length)
   causal_LS = jnp.arange(size)[None, :] <= query_slot_L[:, None]

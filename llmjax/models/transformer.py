@@ -70,7 +70,7 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
 
 def _stack(cfg: ModelConfig, deterministic: bool, decode: bool, x_BLD, mask_B1LS, positions_BL,
            cache_index):
-  """All blocks, either scanned (one compiled body, params with a leading layers axis) or unrolled."""
+  """All blocks, scanned (one compiled body, params with a leading layers axis) or unrolled."""
   block = _block_class(cfg, decode)
   args = (mask_B1LS, positions_BL, cache_index)
   if cfg.scan_layers:
