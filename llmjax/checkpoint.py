@@ -66,12 +66,18 @@ def checksums(tree) -> dict[str, list]:
 
 
 def structure_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-  """Human-readable differences between two {path: shape} maps (missing, unexpected, reshaped)."""
-  problems = [f"missing in checkpoint: {p} {expected[p]}" for p in sorted(set(expected) - set(saved))]
-  problems += [f"unexpected in checkpoint: {p} {saved[p]}" for p in sorted(set(saved) - set(expected))]
-  problems += [f"shape of {p}: checkpoint {saved[p]}, model {expected[p]}"
-               for p in sorted(set(saved) & set(expected)) if tuple(saved[p]) != tuple(expected[p])]
-  return problems
+  """Human-readable differences between two {path: shape} maps, parameters before the rest."""
+  order = lambda p: (not p.startswith("params/"), p)
+  problems = [(p, f"missing in checkpoint: {p} {expected[p]}") for p in set(expected) - set(saved)]
+  problems += [(p, f"unexpected in checkpoint: {p} {saved[p]}") for p in set(saved) - set(expected)]
+  problems += [(p, f"shape of {p}: checkpoint {saved[p]}, model {expected[p]}")
+               for p in set(saved) & set(expected) if tuple(saved[p]) != tuple(expected[p])]
+  return [text for _, text in sorted(problems, key=lambda item: order(item[0]))]
+
+
+def describe(problems: list[str], limit: int = 20) -> str:
+  more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+  return "; ".join(problems[:limit]) + more
 
 
 def _rank_value(metric) -> float:
@@ -88,7 +94,10 @@ class Checkpointer:
     try:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=True,
+          # Create step directories in the caller: when that fails in orbax's background
+          # thread, its other threads wait minutes for a signal that never comes.
+          async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     except OSError as e:
       raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
@@ -102,7 +111,8 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, config: dict, metric: float | None = None):
     """Start an async save of `step`; errors of the previous save surface here."""
     meta = {"step": int(step), "metric": metric if metric is None or math.isfinite(metric)
-            else str(metric), "checksums": checksums(state)}
+            else str(metric), "checksums": checksums(state),
+            "json_sha256": {"data": _json_hash(data_state), "config": _json_hash(config)}}
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -117,7 +127,8 @@ class Checkpointer:
     steps = [s for s in self.all_steps() if s != protect]
     keep = set(sorted(steps + [protect])[-self.keep:])
     if self.keep_best:
-      ranked = sorted(steps, key=lambda s: (_rank_value(self._metric(s)), -s))
+      finite = [s for s in steps if math.isfinite(_rank_value(self._metric(s)))]
+      ranked = sorted(finite, key=lambda s: (_rank_value(self._metric(s)), -s))
       keep |= set(ranked[: self.keep_best])
     for step in steps:
       if step not in keep:
@@ -144,7 +155,7 @@ class Checkpointer:
     problems = structure_mismatch(saved, expected)
     if problems:
       raise UserError(f"checkpoint step {step} in {self.directory} does not match this model: "
-                      + "; ".join(problems[:20]))
+                      + describe(problems))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
     try:
@@ -153,6 +164,10 @@ class Checkpointer:
           config=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointError(f"checkpoint step {step}: unreadable: {_one_line(e)}") from e
+    for name, value in (("data", restored.data), ("config", restored.config)):
+      if _json_hash(value) != meta.get("json_sha256", {}).get(name):
+        raise CheckpointError(f"checkpoint step {step}: item {name} fails its checksum "
+                              "(file corrupted or altered)")
     actual = checksums(restored.state)
     for path, want in meta["checksums"].items():
       if actual.get(path, [None, None])[:2] != want[:2]:
@@ -199,7 +214,13 @@ class Checkpointer:
 
 
 def _one_line(e: Exception) -> str:
-  return " ".join(f"{type(e).__name__}: {e}".split())[:400]
+  return " ".join(f"{type(e).__name__}: {e}".split())[:1500]
+
+
+def _json_hash(value) -> str:
+  import hashlib
+  import json
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def restore_params(directory: str, abstract_params, shardings):
@@ -214,7 +235,7 @@ def restore_params(directory: str, abstract_params, shardings):
          for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
     if problems:
       raise UserError(f"checkpoint step {step} in {directory} does not match this model: "
-                      + "; ".join(problems[:20]))
+                      + describe(problems))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, shardings)
     item = {"params": target}
@@ -271,7 +292,7 @@ def load_exported(path: str, abstract_params=None, shardings=None):
         {path_str(p): tuple(a.shape)
          for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
     if problems:
-      raise UserError(f"export {path} does not match this model: " + "; ".join(problems[:20]))
+      raise UserError(f"export {path} does not match this model: " + describe(problems))
     target = abstract_params if shardings is None else jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
   with ocp.StandardCheckpointer() as loader:

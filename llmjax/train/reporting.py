@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from llmjax.train import tbevents
+
 
 class MetricWriter:
   """One JSON object per logged (step, split) in metrics.jsonl, mirrored to TensorBoard."""
@@ -17,8 +19,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if is_main:
-      from tensorboardX import SummaryWriter  # no TensorFlow needed
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = tbevents.EventWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.is_main:
