@@ -153,21 +153,40 @@ def time_interleaved(runners: dict, steps: int, warmup: int) -> dict:
   """Alternate one call of each runner per round, so that load drift hits every system alike.
 
   Each runner must block until its result is ready. Per runner: the first call's time
-  (first_call_s), the wall times of the `steps` calls after `warmup` untimed ones, and their
-  median.
+  (first_call_s); the wall times of the `steps` calls after `warmup` untimed ones and their
+  median; and the process CPU time of the same calls (user + system, all threads), which a
+  shared machine's load inflates far less than wall time.
   """
-  times = {name: [] for name in runners}
+  wall = {name: [] for name in runners}
+  cpu = {name: [] for name in runners}
   first = {}
   for i in range(warmup + steps):
     for name, run_once in runners.items():
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       run_once()
-      elapsed = time.perf_counter() - start
+      elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
       first.setdefault(name, elapsed)
       if i >= warmup:
-        times[name].append(elapsed)
-  return {name: {"first_call_s": first[name], "step_times_s": t,
-                 "median_step_s": statistics.median(t)} for name, t in times.items()}
+        wall[name].append(elapsed)
+        cpu[name].append(cpu_elapsed)
+  return {name: {"first_call_s": first[name], "step_times_s": wall[name],
+                 "median_step_s": statistics.median(wall[name]), "step_cpu_s": cpu[name],
+                 "median_step_cpu_s": statistics.median(cpu[name])} for name in runners}
+
+
+def matmul_rates(dtype: str, n: int, repeats: int) -> dict:
+  """Wall and process-CPU FLOP/s of single [n,n]@[n,n] jitted matmuls (best of `repeats`)."""
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    matmul(a).block_until_ready()
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
+  flop = 2.0 * n**3
+  return {"flops_per_s_best": flop / min(wall), "flops_per_cpu_s_best": flop / min(cpu)}
 
 
 def versions() -> dict:

@@ -51,11 +51,15 @@ def test_train_throughput_tiny_with_torch(tmp_path, capsys):
     r = result[system]
     assert len(r["step_times_s"]) == 2
     for key in ("tokens_per_s", "median_step_s", "achieved_flops_per_s",
-                "fraction_of_measured_matmul", "final_loss"):
+                "fraction_of_measured_matmul", "best_step_s", "tokens_per_s_best",
+                "median_step_cpu_s", "tokens_per_cpu_s", "fraction_of_matmul_per_cpu_s",
+                "final_loss"):
       assert _positive(r[key]), (system, key, r[key])
     assert r["mfu_datasheet"] is None
   assert _positive(result["jax"]["compile_s"])
   assert _positive(result["jax_over_torch_tokens_per_s"])
+  assert _positive(result["jax_over_torch_tokens_per_s_best"])
+  assert _positive(result["jax_over_torch_tokens_per_cpu_s"])
 
 
 def test_compile_time_tiny(tmp_path, capsys):
