@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from llmjax.errors import UserError
-from llmjax.models.transformer import init_cache
+from llmjax.models.transformer import Transformer, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,9 @@ def generate(model, params, prompt_BP, rng: jax.Array | None = None, *, prompt_m
   `on_token(step, tokens_B)` (optional) is called on the host as each step's tokens are chosen,
   from inside the compiled loop, for streaming.
   """
+  if not isinstance(model, Transformer) or not model.cfg.causal:
+    raise UserError(f"generation needs a causal decoder Transformer, got {type(model).__name__}"
+                    + ("" if not hasattr(model, "cfg") or model.cfg.causal else " (bidirectional)"))
   cfg = model.cfg
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   batch, prompt_len = prompt_BP.shape

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -17,7 +16,9 @@ pytest.importorskip("transformers")
 import _hf_helpers as H  # noqa: E402
 from llmjax import generate as G  # noqa: E402
 from llmjax import hf  # noqa: E402
+from llmjax.config import ModelConfig  # noqa: E402
 from llmjax.errors import UserError  # noqa: E402
+from llmjax.models import heads, presets  # noqa: E402
 from llmjax.models.transformer import init_cache  # noqa: E402
 
 PROMPTS = [[5, 17, 3, 99, 42], [8, 1, 64, 23, 7, 7, 30, 2, 11], [60, 4, 9]]
@@ -117,6 +118,9 @@ def test_training_loop_sample_api_and_bad_requests(saved):
     G.generate(model, params, prompt, max_new_tokens=64)
   with pytest.raises(UserError, match="explicit rng"):
     G.generate(model, params, prompt, max_new_tokens=4, temperature=0.5)
+  bert = heads.MaskedLM(ModelConfig(**presets.get("bert")))
+  with pytest.raises(UserError, match="causal decoder.*MaskedLM"):
+    G.generate(bert, {}, prompt, max_new_tokens=4)
   with pytest.raises(UserError, match="top_p"):
     G.generate(model, params, prompt, jax.random.PRNGKey(0), max_new_tokens=4, temperature=1.0,
                top_p=0.0)

@@ -130,7 +130,14 @@ def _read_params(path: str, arch: Architecture, model: nn.Module, abstract, shar
   found = mapping.resolve_keys(tensors, available, _aliases(arch), arch.ignored(model), path)
   placement = mapping.flatten(shardings) if shardings is not None else {}
   return mapping.place(tensors, lambda key: index.read(found[key]), flat, scanned,
-                       lambda dest, x: jax.device_put(x, placement.get(dest)))
+                       lambda dest, x: _put(x, placement.get(dest)))
+
+
+def _put(x, where):
+  """Only this process's shards leave the host (the same file is read on every process)."""
+  if where is None:
+    return jax.device_put(x)
+  return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 def _arch_of(model: nn.Module) -> Architecture:
