@@ -71,7 +71,8 @@ def filter_logits(logits_BV: jax.Array, sampling: Sampling) -> jax.Array:
 def next_token(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """[B, V] logits -> [B] token ids."""
   if sampling.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    # top_k(., 1) takes the first maximum like argmax, and XLA:CPU runs it 3-4x faster.
+    return jax.lax.top_k(logits_BV, 1)[1][:, 0].astype(jnp.int32)
   return jax.random.categorical(key, filter_logits(logits_BV, sampling)).astype(jnp.int32)
 
 
