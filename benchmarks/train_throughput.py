@@ -50,6 +50,9 @@ def parse_args(argv=None):
   p.add_argument("--matmul_repeats", type=int, default=5,
                  help="single-shot matmul measurements before and after the steps; best kept")
   p.add_argument("--compare", default="", choices=("", "hf-torch"))
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU threads for both systems (0: all cores each); 1 gives a like-for-like "
+                      "figure when other processes share the cores")
   args = p.parse_args(argv)
   common.apply_tiny(args)
   if args.tiny:
@@ -92,12 +95,21 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
   return 2.0 * n**3 / statistics.median(times)
 
 
-def hf_torch_runner(exp, seed: int = 0):
+def limit_threads(n: int) -> None:
+  """XLA:CPU on n threads; must run before JAX starts its backend (torch is set per runner)."""
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    raise SystemExit("--threads must be applied before JAX initialises its backend")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                             f"{'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}")
+
+
+def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   """(run one step, info): transformers GPT2LMHeadModel + torch AdamW, same shapes and settings."""
   import torch
   import transformers
 
-  threads = os.cpu_count()
+  threads = threads or os.cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   m, o = exp.model, exp.optim
@@ -176,7 +188,7 @@ def run(args) -> dict:
   runners, infos = {}, {}
   runners["jax"], infos["jax"] = jax_runner(b)
   if args.compare == "hf-torch":
-    runners["hf_torch"], infos["hf_torch"] = hf_torch_runner(exp)
+    runners["hf_torch"], infos["hf_torch"] = hf_torch_runner(exp, threads=args.threads)
   # One step of each system per round: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup)
   for name, info in infos.items():
@@ -198,7 +210,8 @@ def run(args) -> dict:
       "config": {"model": dataclasses.asdict(exp.model),
                  "optim": dataclasses.asdict(exp.optim), "batch": exp.train.batch_size,
                  "seq_len": exp.data.seq_len, "mesh": dict(b.mesh.shape), "rules": args.rules,
-                 "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny},
+                 "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
+                 "threads": args.threads or "default"},
       "flop_formula": FLOP_FORMULA,
       "flops_per_step": flops_per_step,
       "tokens_per_step": tokens_per_step,
@@ -271,6 +284,8 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.threads:
+    limit_threads(args.threads)
   result = run(args)
   for value in (result["jax"]["tokens_per_s"], result["jax"]["achieved_flops_per_s"]):
     assert math.isfinite(value) and value > 0, value
