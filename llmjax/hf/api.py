@@ -49,6 +49,8 @@ def model_config(path: str, *, dtype: str = "float32", scan_layers: bool = False
 
 
 def _config(arch: Architecture, hf, dtype: str, scan_layers: bool) -> ModelConfig:
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise HFError(f"dtype={dtype!r}: allowed float32, bfloat16, float16")
   base = ModelConfig(**presets.get(arch.preset))
   return dataclasses.replace(base, **arch.from_hf(hf), dtype=dtype, param_dtype=dtype,
                              scan_layers=scan_layers)
