@@ -51,8 +51,8 @@ def parse_args(argv=None):
                  help="single-shot matmul measurements before and after the steps; best kept")
   p.add_argument("--compare", default="", choices=("", "hf-torch"))
   p.add_argument("--threads", type=int, default=0,
-                 help="CPU threads for both systems (0: all cores each); 1 gives a like-for-like "
-                      "figure when other processes share the cores")
+                 help="pin the process to this many cores, torch threads to match (0: all cores); "
+                      "1 gives a like-for-like figure when other processes share the cores")
   args = p.parse_args(argv)
   common.apply_tiny(args)
   if args.tiny:
@@ -96,12 +96,17 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
 
 
 def limit_threads(n: int) -> None:
-  """XLA:CPU on n threads; must run before JAX starts its backend (torch is set per runner)."""
+  """This process (XLA:CPU and torch alike) on the first n of its CPUs; before JAX starts.
+
+  XLA flags alone do not do it: XLA:CPU runs independent thunks concurrently on its own pool
+  whatever --xla_cpu_multi_thread_eigen says, so the process is pinned to n cores instead.
+  """
   from jax._src import xla_bridge
   if xla_bridge.backends_are_initialized():
     raise SystemExit("--threads must be applied before JAX initialises its backend")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                             f"{'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}")
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}")
 
 
 def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
@@ -211,7 +216,8 @@ def run(args) -> dict:
                  "optim": dataclasses.asdict(exp.optim), "batch": exp.train.batch_size,
                  "seq_len": exp.data.seq_len, "mesh": dict(b.mesh.shape), "rules": args.rules,
                  "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
-                 "threads": args.threads or "default"},
+                 "threads": args.threads or "default",
+                 "cpu_affinity": sorted(os.sched_getaffinity(0))},
       "flop_formula": FLOP_FORMULA,
       "flops_per_step": flops_per_step,
       "tokens_per_step": tokens_per_step,
