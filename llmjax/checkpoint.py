@@ -80,6 +80,21 @@ def describe(problems: list[str], limit: int = 20) -> str:
   return "; ".join(problems[:limit]) + more
 
 
+def check_structure(saved_checksums: dict, abstract, where: str) -> None:
+  """UserError naming every path and shape where `abstract` differs from what was saved."""
+  problems = structure_mismatch(
+      {p: tuple(v[2]) for p, v in saved_checksums.items()},
+      {path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]})
+  if problems:
+    raise UserError(f"{where} does not match this model: " + describe(problems))
+
+
+def _target(abstract, shardings):
+  """Abstract arrays carrying the shardings a restore should place them in."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def _rank_value(metric) -> float:
   """Lower is better; NaN, inf and missing rank worst."""
   return float(metric) if metric is not None and math.isfinite(metric) else math.inf
@@ -91,6 +106,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int, *, keep_best: int = 0, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.keep, self.keep_best = keep, keep_best
+    self._metrics: dict[int, float | None] = {}  # read from disk once per step, not per save
     try:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, create=True, enable_async_checkpointing=async_save,
@@ -120,6 +136,7 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for a failed write; all mean the same here
       raise CheckpointError(f"checkpoint save failed at step {step} in {self.directory}: "
                             f"{_one_line(e)}") from e
+    self._metrics[step] = metric
     self._apply_retention(protect=step)
 
   def _apply_retention(self, protect: int) -> None:
@@ -127,14 +144,20 @@ class Checkpointer:
     steps = [s for s in self.all_steps() if s != protect]
     keep = set(sorted(steps + [protect])[-self.keep:])
     if self.keep_best:
-      finite = [s for s in steps if math.isfinite(_rank_value(self._metric(s)))]
-      ranked = sorted(finite, key=lambda s: (_rank_value(self._metric(s)), -s))
+      rank = {s: _rank_value(self._metric(s)) for s in steps}
+      ranked = sorted((s for s in steps if math.isfinite(rank[s])), key=lambda s: (rank[s], -s))
       keep |= set(ranked[: self.keep_best])
     for step in steps:
       if step not in keep:
         self._manager.delete(step)
 
   def _metric(self, step: int):
+    if step not in self._metrics:
+      self._metrics[step] = self._metric_on_disk(step)
+    value = self._metrics[step]
+    return value if isinstance(value, (int, float)) else None
+
+  def _metric_on_disk(self, step: int):
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       value = meta.meta.get("metric")
@@ -149,15 +172,9 @@ class Checkpointer:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:
       raise CheckpointError(f"checkpoint step {step}: metadata unreadable: {_one_line(e)}") from e
-    expected = {path_str(p): tuple(a.shape)
-                for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    saved = {p: tuple(v[2]) for p, v in meta["checksums"].items()}
-    problems = structure_mismatch(saved, expected)
-    if problems:
-      raise UserError(f"checkpoint step {step} in {self.directory} does not match this model: "
-                      + describe(problems))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+    check_structure(meta["checksums"], abstract_state,
+                    f"checkpoint step {step} in {self.directory}")
+    target = _target(abstract_state, shardings)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
@@ -229,16 +246,8 @@ def restore_params(directory: str, abstract_params, shardings):
   for step in reversed(manager.all_steps()):
     meta = manager._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     want = {p[len("params/"):]: v for p, v in meta["checksums"].items() if p.startswith("params/")}
-    problems = structure_mismatch(
-        {p: tuple(v[2]) for p, v in want.items()},
-        {path_str(p): tuple(a.shape)
-         for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
-    if problems:
-      raise UserError(f"checkpoint step {step} in {directory} does not match this model: "
-                      + describe(problems))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, shardings)
-    item = {"params": target}
+    check_structure(want, abstract_params, f"checkpoint step {step} in {directory}")
+    item = {"params": _target(abstract_params, shardings)}
     restored = manager._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
@@ -287,14 +296,8 @@ def load_exported(path: str, abstract_params=None, shardings=None):
     want = json.load(f)
   target = None
   if abstract_params is not None:
-    problems = structure_mismatch(
-        {p: tuple(v[2]) for p, v in want.items()},
-        {path_str(p): tuple(a.shape)
-         for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]})
-    if problems:
-      raise UserError(f"export {path} does not match this model: " + describe(problems))
-    target = abstract_params if shardings is None else jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+    check_structure(want, abstract_params, f"export {path}")
+    target = abstract_params if shardings is None else _target(abstract_params, shardings)
   with ocp.StandardCheckpointer() as loader:
     params = loader.restore(os.path.join(path, "params"), target)
   got = checksums(params)
