@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -111,11 +110,7 @@ def build(exp: configlib.Experiment, devices=None) -> Built:
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   abstract, shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  train = jax.jit(
-      functools.partial(step.train_step, model=model, tx=tx, schedule=schedule,
-                        accum_steps=exp.optim.accum_steps),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  train, _ = step.jit_steps(model, tx, schedule, exp.optim.accum_steps, mesh, shardings)
   return Built(exp, mesh, rules, model, tx, abstract, shardings, batch_sharding, train)
 
 

@@ -8,7 +8,6 @@ Everything that can reject the input (mesh, shapes, data) runs before the workdi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -65,16 +64,8 @@ def prepare(exp: Experiment) -> Setup:
 
 def compile_steps(s: Setup):
   """The jitted train and eval steps, with explicit shardings; the train state is donated."""
-  batch_sharding = sharding.batch_sharding(s.mesh)
-  train = jax.jit(
-      functools.partial(step.train_step, model=s.model, tx=s.tx, schedule=s.schedule,
-                        accum_steps=s.exp.optim.accum_steps),
-      in_shardings=(s.state_shardings, batch_sharding),
-      out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(step.eval_step, model=s.model),
-                     in_shardings=(s.state_shardings, batch_sharding),
-                     out_shardings=sharding.replicated(s.mesh))
-  return train, evaluate
+  return step.jit_steps(s.model, s.tx, s.schedule, s.exp.optim.accum_steps, s.mesh,
+                        s.state_shardings)
 
 
 def _data_iterator(s: Setup, data_state: dict | None):
