@@ -482,7 +482,7 @@ def test_export_writes_params_only_and_refuses_an_existing_directory(reference, 
   assert not os.path.exists(out + ".tmp-export")
 
   # Loaded straight into another mesh's shardings, verified.
-  *_, abstract, shardings = _setup({}, MeshConfig(data=4, tensor=2, rules="tp"))
+  *_, abstract, shardings = _setup(model_config, MeshConfig(data=4, tensor=2, rules="tp"))
   _, placed = checkpoint.load_exported(out, abstract.params, shardings.params)
   assert all(v.tobytes() == state_params[p].tobytes() for p, v in h.flat(placed).items())
 
