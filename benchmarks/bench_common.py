@@ -52,9 +52,10 @@ def add_model_flags(parser, **defaults) -> None:
   parser.add_argument("--json", default="", help="write the results here as JSON")
 
 
-def apply_tiny(args) -> None:
+def apply_tiny(args, tiny: dict = TINY) -> None:
+  """With --tiny, replace the shape flags by `tiny` (TINY unless the script has its own)."""
   if args.tiny:
-    for key, value in TINY.items():
+    for key, value in tiny.items():
       setattr(args, key, value)
 
 
@@ -169,19 +170,18 @@ def time_interleaved(runners: dict, steps: int, warmup: int) -> dict:
                  "median_step_cpu_s": statistics.median(cpu[name])} for name in runners}
 
 
-def matmul_rates(dtype: str, n: int, repeats: int) -> dict:
-  """Wall and process-CPU FLOP/s of single [n,n]@[n,n] jitted matmuls (best of `repeats`)."""
+def matmul_shots(dtype: str, n: int, repeats: int) -> list[dict]:
+  """Wall and process-CPU FLOP/s of `repeats` single [n,n]@[n,n] jitted matmuls, one compile."""
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
-  wall, cpu = [], []
+  shots = []
   for _ in range(repeats):
     start, cpu_start = time.perf_counter(), time.process_time()
     matmul(a).block_until_ready()
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - cpu_start)
-  flop = 2.0 * n**3
-  return {"flops_per_s_best": flop / min(wall), "flops_per_cpu_s_best": flop / min(cpu)}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    shots.append({"flops_per_s": 2.0 * n**3 / wall, "flops_per_cpu_s": 2.0 * n**3 / cpu})
+  return shots
 
 
 def versions() -> dict:

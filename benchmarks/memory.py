@@ -45,9 +45,7 @@ def parse_args(argv=None):
   p.add_argument("--no_init", action="store_true",
                  help="count device 0's state bytes from the shardings instead of initialising")
   args = p.parse_args(argv)
-  if args.tiny:
-    for key, value in TINY.items():
-      setattr(args, key, value)
+  common.apply_tiny(args, TINY)
   args.rules = [x for x in args.rules.split(",") if x]
   args.remats = [x for x in args.remats.split(",") if x]
   if not args.rules or set(args.rules) - set(MESHES):

@@ -157,12 +157,6 @@ def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   return once, info
 
 
-def matmul_ceiling(args) -> list[float]:
-  """FLOP/s of --matmul_repeats single-shot [n,n]@[n,n] matmuls (llmjax.flops)."""
-  return [flops.measured_matmul_peak(args.dtype, args.matmul_n, repeats=1)
-          for _ in range(args.matmul_repeats)]
-
-
 def rates(timing: dict, tokens_per_step: int, flops_per_step: float, ceiling: float,
           datasheet: float | None, cpu_ceiling: float) -> dict:
   """Rates from the median step; *_best from the fastest step (least disturbed by load);
@@ -189,7 +183,7 @@ def run(args) -> dict:
   scale = 1 if on_cpu else n_dev
   per_device_peak = flops.device_peak(jax.devices()[0].device_kind, args.dtype)
   datasheet = per_device_peak * scale if per_device_peak else None
-  matmul_before = matmul_ceiling(args)
+  shots_before = common.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   runners, infos = {}, {}
   runners["jax"], infos["jax"] = jax_runner(b)
   if args.compare == "hf-torch":
@@ -199,11 +193,12 @@ def run(args) -> dict:
   for name, info in infos.items():
     losses = info.pop("losses")
     timings[name].update(info, final_loss=losses[-1], first_loss=losses[0])
-  matmul_after = matmul_ceiling(args)
+  shots_after = common.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
+  matmul_before = [shot["flops_per_s"] for shot in shots_before]
+  matmul_after = [shot["flops_per_s"] for shot in shots_after]
   # The best single shot before or after: a ceiling, so load during a shot cannot flatter MFU.
   ceiling = max(matmul_before + matmul_after) * scale
-  matmul_cpu = common.matmul_rates(args.dtype, args.matmul_n, args.matmul_repeats)
-  cpu_ceiling = matmul_cpu["flops_per_cpu_s_best"]
+  cpu_ceiling = max(shot["flops_per_cpu_s"] for shot in shots_before + shots_after)
   tokens_per_step = exp.train.batch_size * exp.data.seq_len
   flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size, exp.data.seq_len)
   result = {

@@ -12,6 +12,8 @@ where NaN/inf rank worst. No pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -235,8 +237,6 @@ def _one_line(e: Exception) -> str:
 
 
 def _json_hash(value) -> str:
-  import hashlib
-  import json
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
@@ -265,7 +265,6 @@ def export_params(params, model_config: dict, out_dir: str) -> None:
 
   Written to a temporary sibling and renamed, so a failed export leaves nothing half-written.
   """
-  import json
 
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir):
@@ -284,7 +283,6 @@ def export_params(params, model_config: dict, out_dir: str) -> None:
 
 def load_exported(path: str, abstract_params=None, shardings=None):
   """(model_config dict, params) from an export directory, checksums verified."""
-  import json
 
   path = os.path.abspath(path)
   config_file = os.path.join(path, "model_config.json")

@@ -97,7 +97,7 @@ def jit_steps(model, tx: optax.GradientTransformation, schedule, accum_steps: in
               state_shardings):
   """(train, evaluate): jitted with explicit shardings and the backend's compile options."""
   batch_sharding = sharding.batch_sharding(mesh)
-  options = compiler_options()
+  options = compiler_options(mesh)
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         accum_steps=accum_steps),
