@@ -46,7 +46,7 @@ def add_model_flags(parser, **defaults) -> None:
                       help="compute dtype; parameters stay float32")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
   parser.add_argument("--scan", action="store_true", help="stack layers with nn.scan")
-  parser.add_argument("--attention_impl", default="xla", choices=("xla", "cudnn", "auto"))
+  parser.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "blocked", "cudnn"))
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long run with tiny shapes (tests); overrides the shapes")
   parser.add_argument("--json", default="", help="write the results here as JSON")

@@ -47,7 +47,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"  # none | full | dots | dots_no_batch
-  attention_impl: str = "xla"  # xla | cudnn | auto
+  attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see models/attention.py)
+  attention_block: int = 64  # query block of attention_impl="blocked"
 
   @property
   def kv_heads(self) -> int:
@@ -142,7 +143,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention_impl": ("xla", "cudnn", "auto"),
+    "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
     "optim.schedule": ("cosine", "constant"),
     "data.source": ("stdlib", "files", "tfds"),
@@ -253,6 +254,7 @@ def validate(exp: Experiment) -> None:
   for key, value in (("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
                      ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
                      ("model.d_ff", m.d_ff), ("model.max_len", m.max_len),
+                     ("model.attention_block", m.attention_block),
                      ("data.seq_len", data.seq_len), ("train.steps", t.steps),
                      ("train.batch_size", t.batch_size), ("optim.accum_steps", o.accum_steps),
                      ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),

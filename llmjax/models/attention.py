@@ -1,10 +1,15 @@
-"""Multi-head / grouped-query self-attention through `jax.nn.dot_product_attention`.
+"""Multi-head / grouped-query self-attention.
 
-Going through the fused op lets GPUs take cuDNN flash attention (`attention_impl="cudnn"`),
-while CPUs and TPUs get XLA's implementation. Masks: causal by config; `segment_ids` keep packed
-documents (and padding, id 0) from attending across boundaries. With `decode=True` keys and
-values also go to a "cache" collection, so generation runs the prompt once and then one token
-per step against the cached prefix.
+`attention_impl` picks how the attention core runs; all compute the same function:
+- "xla": `jax.nn.dot_product_attention`'s XLA path: full L x L scores, the causal half masked.
+- "blocked": causal attention by query blocks, each against only the keys at or before it, so
+  the masked half is mostly never computed (`blocked_causal_attention`); the fastest on CPU
+  (benchmarks/RESULTS.md).
+- "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU, half dtypes).
+- "auto": cuDNN on GPU in half precision, blocked for causal attention on CPU, XLA otherwise.
+Masks: causal by config; `segment_ids` keep packed documents (and padding, id 0) from attending
+across boundaries. With `decode=True` keys and values also go to a "cache" collection, so
+generation runs the prompt once and then one token per step against the cached prefix.
 """
 
 from __future__ import annotations
@@ -37,11 +42,44 @@ def decode_mask(cached_segment_ids_BS: jax.Array, segment_ids_BL: jax.Array,
   return (same_BLS & causal_LS[None])[:, None]
 
 
-def _implementation(cfg: ModelConfig) -> str | None:
-  if cfg.attention_impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and cfg.dtype in ("bfloat16", "float16") else None
-  return cfg.attention_impl
+def blocked_causal_attention(q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array,
+                             mask_B1LL: jax.Array | None, block: int) -> jax.Array:
+  """Causal attention, query block by query block, each against keys [0, end of the block).
+
+  Exact (the softmax of each query row sees all of its unmasked keys at once), so unlike flash
+  attention no running max/sum is needed; it only skips the key blocks above the diagonal,
+  about half the scores for long sequences. Numerics follow `jax.nn.dot_product_attention`:
+  scores and softmax in float32, probabilities cast to the value dtype. Key/value head k serves
+  query heads [k * G, (k + 1) * G), G = N / K.
+  """
+  batch, length, n, h = q_BLNH.shape
+  k = k_BLKH.shape[2]
+  q_BLKGH = q_BLNH.reshape(batch, length, k, n // k, h)
+  out = []
+  for start in range(0, length, block):
+    end = min(start + block, length)
+    scores_BKGQS = jnp.einsum("bqkgh,bskh->bkgqs", q_BLKGH[:, start:end], k_BLKH[:, :end],
+                              preferred_element_type=jnp.float32) * h**-0.5
+    visible_BKGQS = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None, None]
+    if mask_B1LL is not None:
+      visible_BKGQS = visible_BKGQS & mask_B1LL[:, :, None, start:end, :end]
+    scores_BKGQS = jnp.where(visible_BKGQS, scores_BKGQS, jnp.finfo(jnp.float32).min)
+    probs_BKGQS = jax.nn.softmax(scores_BKGQS, axis=-1).astype(v_BLKH.dtype)
+    out.append(jnp.einsum("bkgqs,bskh->bqkgh", probs_BKGQS, v_BLKH[:, :end]))
+  return jnp.concatenate(out, axis=1).reshape(batch, length, n, h)
+
+
+def implementation(cfg: ModelConfig, length: int) -> str:
+  """The attention core this model runs for a length-L causal or bidirectional input."""
+  impl = cfg.attention_impl
+  if impl == "auto":
+    platform = jax.default_backend()
+    if platform == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+      return "cudnn"
+    impl = "blocked" if platform == "cpu" else "xla"
+  if impl == "blocked" and not (cfg.causal and length > cfg.attention_block):
+    return "xla"  # nothing above a diagonal to skip
+  return impl
 
 
 class Attention(nn.Module):
@@ -67,10 +105,12 @@ class Attention(nn.Module):
       # The decode mask already holds causality and padding; cuDNN's fused path takes neither.
       k_BSKH, v_BSKH = self._cached(k_BLKH, v_BLKH, cache_index)
       out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS)
+    elif (impl := implementation(cfg, x_BLD.shape[1])) == "blocked":
+      out_BLNH = blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block)
     else:
       out_BLNH = jax.nn.dot_product_attention(
           q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LS, is_causal=cfg.causal,
-          implementation=_implementation(cfg))
+          implementation=None if impl == "xla" else impl)
     out_BLNH = nn.with_logical_constraint(out_BLNH,
                                           (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     return layers.dense(cfg, cfg.d_model, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), "o",
