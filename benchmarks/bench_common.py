@@ -145,26 +145,41 @@ def time_steps(run_once, steps: int, warmup: int) -> dict:
   return time_interleaved({"only": run_once}, steps, warmup)["only"]
 
 
-def time_interleaved(runners: dict, steps: int, warmup: int) -> dict:
-  """Alternate one call of each runner per round, so that load drift hits every system alike.
+def time_interleaved(runners: dict, steps: int, warmup: int, block: int = 1) -> dict:
+  """Alternate the runners in rounds, so that load drift hits every system alike.
 
+  After `warmup` untimed calls of each, every round gives each runner `block` timed calls; with
+  block > 1 one untimed call precedes them. That settling call matters on CPU: a step right
+  after the other system's step measured ~1 s slower at the reference shape (caches and the
+  allocator's pages left to the other process-half; benchmarks/RESULTS.md), so strict one-by-one
+  alternation (block=1) charges both systems for the switching.
   Each runner must block until its result is ready. Per runner: the first call's time
-  (first_call_s); the wall times of the `steps` calls after `warmup` untimed ones and their
-  median; and the process CPU time of the same calls (user + system, all threads), which a
-  shared machine's load inflates far less than wall time.
+  (first_call_s); the wall times of the timed calls and their median; and the process CPU time
+  of the same calls (user + system, all threads), which a shared machine's load inflates far
+  less than wall time.
   """
   wall = {name: [] for name in runners}
   cpu = {name: [] for name in runners}
   first = {}
-  for i in range(warmup + steps):
-    for name, run_once in runners.items():
-      start, cpu_start = time.perf_counter(), time.process_time()
-      run_once()
-      elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
-      first.setdefault(name, elapsed)
-      if i >= warmup:
-        wall[name].append(elapsed)
-        cpu[name].append(cpu_elapsed)
+
+  def call(name, timed):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    runners[name]()
+    elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
+    first.setdefault(name, elapsed)
+    if timed:
+      wall[name].append(elapsed)
+      cpu[name].append(cpu_elapsed)
+
+  for _ in range(warmup):
+    for name in runners:
+      call(name, timed=False)
+  while any(len(wall[name]) < steps for name in runners):
+    for name in runners:
+      if block > 1:
+        call(name, timed=False)
+      for _ in range(min(block, steps - len(wall[name]))):
+        call(name, timed=True)
   return {name: {"first_call_s": first[name], "step_times_s": wall[name],
                  "median_step_s": statistics.median(wall[name]), "step_cpu_s": cpu[name],
                  "median_step_cpu_s": statistics.median(cpu[name])} for name in runners}

@@ -8,7 +8,8 @@ batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the
 Compilation and --warmup steps are excluded; the figure is the median of --steps timed steps,
 each ended by block_until_ready. `--compare=hf-torch` times transformers' GPT2LMHeadModel with
 torch.optim.AdamW (same shapes, hyper-parameters, schedule, clipping and decay mask) in the same
-process, alternating one step of each system per round so that shared load hits both alike.
+process; the systems take turns in blocks of --block timed steps, each block after one untimed
+settling step, so that shared load hits both alike without charging either for the switch.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ FLOP_FORMULA = (
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_model_flags(p)
-  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--steps", type=int, default=9, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--block", type=int, default=3,
+                 help="with --compare: timed steps of one system before switching to the other, "
+                      "after one untimed settling step (1: strict alternation, no settling)")
   p.add_argument("--mesh", default="data=1",
                  help="'data=1' (one device, default) or e.g. 'data=-1' for all devices")
   p.add_argument("--rules", default="dp", choices=("dp", "fsdp", "tp", "fsdp_tp"))
@@ -58,8 +62,8 @@ def parse_args(argv=None):
   if args.tiny:
     args.matmul_n = min(args.matmul_n, 256)
     args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
-  if args.steps < 1 or args.warmup < 0:
-    p.error("--steps must be >= 1 and --warmup >= 0")
+  if args.steps < 1 or args.warmup < 0 or args.block < 1:
+    p.error("--steps and --block must be >= 1 and --warmup >= 0")
   if args.compare == "hf-torch" and args.preset != "gpt2":
     p.error("--compare=hf-torch runs transformers' GPT2LMHeadModel: use --preset gpt2")
   return args
@@ -188,8 +192,8 @@ def run(args) -> dict:
   runners["jax"], infos["jax"] = jax_runner(b)
   if args.compare == "hf-torch":
     runners["hf_torch"], infos["hf_torch"] = hf_torch_runner(exp, threads=args.threads)
-  # One step of each system per round: under shared, drifting load both see the same conditions.
-  timings = common.time_interleaved(runners, args.steps, args.warmup)
+  # Systems take turns in blocks: under shared, drifting load both see the same conditions.
+  timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
   for name, info in infos.items():
     losses = info.pop("losses")
     timings[name].update(info, final_loss=losses[-1], first_loss=losses[0])
@@ -210,7 +214,8 @@ def run(args) -> dict:
       "config": {"model": dataclasses.asdict(exp.model),
                  "optim": dataclasses.asdict(exp.optim), "batch": exp.train.batch_size,
                  "seq_len": exp.data.seq_len, "mesh": dict(b.mesh.shape), "rules": args.rules,
-                 "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
+                 "steps": args.steps, "warmup": args.warmup, "block": args.block,
+                 "tiny": args.tiny,
                  "threads": args.threads or "default",
                  "cpu_affinity": sorted(os.sched_getaffinity(0))},
       "flop_formula": FLOP_FORMULA,
@@ -226,7 +231,8 @@ def run(args) -> dict:
                            "before and after the steps; datasheet: llmjax.flops.PEAKS (None on "
                            "CPUs)"},
       "timing": "median of --steps per system after compilation and --warmup steps; with "
-                "--compare the systems alternate one step each per round",
+                "--compare the systems take turns, --block timed steps each after one "
+                "untimed settling step",
       "jax": {**timings["jax"], **rates(timings["jax"], tokens_per_step, flops_per_step,
                                         ceiling, datasheet, cpu_ceiling)},
   }
