@@ -74,3 +74,21 @@ def test_auto_picks_blocked_for_causal_models_on_cpu_only_when_blocks_can_be_ski
   assert attention.implementation(base, base.attention_block) == "xla"  # one block: nothing skipped
   assert attention.implementation(dataclasses.replace(base, causal=False), 128) == "xla"
   assert attention.implementation(dataclasses.replace(base, attention_impl="xla"), 128) == "xla"
+
+
+def test_cudnn_falls_back_to_xla_only_when_auto_chose_it():
+  if jax.default_backend() != "cpu":
+    pytest.skip("needs a backend without cuDNN")
+  q, k, v, _ = qkv(jnp.bfloat16)
+  want = xla_core(q, k, v, packed_mask())
+  got = attention.fused_attention(q, k, v, packed_mask(), True, "cudnn", fallback=True)
+  np.testing.assert_array_equal(got, want)  # this CPU has no cuDNN: XLA ran
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    attention.fused_attention(q, k, v, packed_mask(), True, "cudnn", fallback=False)
+
+
+def test_auto_on_gpu_picks_cudnn_for_half_precision_only(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  base = config_lib.resolve({"model": config_lib.model_section("llama").to_dict()}).model
+  assert attention.implementation(dataclasses.replace(base, dtype="bfloat16"), 128) == "cudnn"
+  assert attention.implementation(base, 128) == "xla"

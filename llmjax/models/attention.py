@@ -6,13 +6,16 @@
   the masked half is mostly never computed (`blocked_causal_attention`); the fastest on CPU
   (benchmarks/RESULTS.md).
 - "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU, half dtypes).
-- "auto": cuDNN on GPU in half precision, blocked for causal attention on CPU, XLA otherwise.
+- "auto": cuDNN on GPU in half precision (XLA where cuDNN refuses the call: no cuDNN, an
+  unsupported head size or mask), blocked for causal attention on CPU, XLA otherwise.
 Masks: causal by config; `segment_ids` keep packed documents (and padding, id 0) from attending
 across boundaries. With `decode=True` keys and values also go to a "cache" collection, so
 generation runs the prompt once and then one token per step against the cached prefix.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +85,22 @@ def implementation(cfg: ModelConfig, length: int) -> str:
   return impl
 
 
+def fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, causal: bool, impl: str,
+                    fallback: bool) -> jax.Array:
+  """`jax.nn.dot_product_attention` with impl "xla" or "cudnn"; with `fallback`, a cuDNN call
+  that jax refuses while tracing (no cuDNN, unsupported shapes) runs through XLA instead."""
+  kwargs = dict(mask=mask_B1LS, is_causal=causal)
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, implementation="cudnn",
+                                          **kwargs)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      if not fallback:
+        raise
+      logging.warning("cuDNN attention unavailable (%s); using XLA's attention", e)
+  return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, **kwargs)
+
+
 class Attention(nn.Module):
   """Self-attention; K key/value heads shared by groups of N / K query heads."""
   cfg: ModelConfig
@@ -108,9 +127,8 @@ class Attention(nn.Module):
     elif (impl := implementation(cfg, x_BLD.shape[1])) == "blocked":
       out_BLNH = blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block)
     else:
-      out_BLNH = jax.nn.dot_product_attention(
-          q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LS, is_causal=cfg.causal,
-          implementation=None if impl == "xla" else impl)
+      out_BLNH = fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.causal, impl,
+                                 fallback=cfg.attention_impl == "auto")
     out_BLNH = nn.with_logical_constraint(out_BLNH,
                                           (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     return layers.dense(cfg, cfg.d_model, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), "o",
