@@ -35,8 +35,9 @@ def experiment(rules="dp", accum_steps=1, model_overrides=None, **mesh):
   """A tiny Llama-shaped (GQA, untied head) experiment; constant lr, so step 0 really updates.
 
   One layer: sharding does not depend on depth, and each 8-device compile costs seconds."""
+  # attention_block < SEQ: on CPU the blocked attention core runs sharded too.
   model = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
-               max_len=SEQ)
+               max_len=SEQ, attention_block=SEQ // 4)
   model.update(model_overrides or {})
   return config_lib.resolve({
       "model": config_lib.model_section("llama", **model).to_dict(),
