@@ -149,10 +149,10 @@ def time_interleaved(runners: dict, steps: int, warmup: int, block: int = 1) -> 
   """Alternate the runners in rounds, so that load drift hits every system alike.
 
   After `warmup` untimed calls of each, every round gives each runner `block` timed calls; with
-  block > 1 one untimed call precedes them. That settling call matters on CPU: a step right
-  after the other system's step measured ~1 s slower at the reference shape (caches and the
-  allocator's pages left to the other process-half; benchmarks/RESULTS.md), so strict one-by-one
-  alternation (block=1) charges both systems for the switching.
+  block > 1 one untimed call precedes them. That settling call matters on CPU: strictly
+  alternating llmjax and torch steps in one process made both ~1 s per step slower at the
+  reference shape than running each alone (benchmarks/RESULTS.md; the cause was not pinned
+  down), so block=1 charges both systems for the switching.
   Each runner must block until its result is ready. Per runner: the first call's time
   (first_call_s); the wall times of the timed calls and their median; and the process CPU time
   of the same calls (user + system, all threads), which a shared machine's load inflates far
@@ -183,20 +183,6 @@ def time_interleaved(runners: dict, steps: int, warmup: int, block: int = 1) -> 
   return {name: {"first_call_s": first[name], "step_times_s": wall[name],
                  "median_step_s": statistics.median(wall[name]), "step_cpu_s": cpu[name],
                  "median_step_cpu_s": statistics.median(cpu[name])} for name in runners}
-
-
-def matmul_shots(dtype: str, n: int, repeats: int) -> list[dict]:
-  """Wall and process-CPU FLOP/s of `repeats` single [n,n]@[n,n] jitted matmuls, one compile."""
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  shots = []
-  for _ in range(repeats):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    matmul(a).block_until_ready()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    shots.append({"flops_per_s": 2.0 * n**3 / wall, "flops_per_cpu_s": 2.0 * n**3 / cpu})
-  return shots
 
 
 def versions() -> dict:

@@ -187,7 +187,7 @@ def run(args) -> dict:
   scale = 1 if on_cpu else n_dev
   per_device_peak = flops.device_peak(jax.devices()[0].device_kind, args.dtype)
   datasheet = per_device_peak * scale if per_device_peak else None
-  shots_before = common.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
+  shots_before = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   runners, infos = {}, {}
   runners["jax"], infos["jax"] = jax_runner(b)
   if args.compare == "hf-torch":
@@ -197,7 +197,7 @@ def run(args) -> dict:
   for name, info in infos.items():
     losses = info.pop("losses")
     timings[name].update(info, final_loss=losses[-1], first_loss=losses[0])
-  shots_after = common.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
+  shots_after = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   matmul_before = [shot["flops_per_s"] for shot in shots_before]
   matmul_after = [shot["flops_per_s"] for shot in shots_after]
   # The best single shot before or after: a ceiling, so load during a shot cannot flatter MFU.

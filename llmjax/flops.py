@@ -10,6 +10,12 @@ elementwise work are not counted, as is conventional for MFU.
 
 from __future__ import annotations
 
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
 from llmjax.config import ModelConfig
 
 # Dense datasheet peaks in FLOP/s by dtype, keyed by a substring of jax's device_kind; the
@@ -56,20 +62,23 @@ def device_peak(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device (median of `repeats`)."""
-  import time
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
+def matmul_shots(dtype: str, n: int, repeats: int) -> list[dict]:
+  """`repeats` single [n, n] @ [n, n] jitted matmuls on the default device, one compile: each
+  shot's wall and process-CPU seconds (user + system, all threads) and FLOP/s by both."""
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
-  times = []
+  shots = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     matmul(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2.0 * n**3 / float(np.median(times))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    shots.append({"wall_s": wall, "cpu_s": cpu, "flops_per_s": 2.0 * n**3 / wall,
+                  "flops_per_cpu_s": 2.0 * n**3 / cpu})
+  return shots
+
+
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device (median of `repeats`)."""
+  wall_s = statistics.median(shot["wall_s"] for shot in matmul_shots(dtype, n, repeats))
+  return 2.0 * n**3 / wall_s
