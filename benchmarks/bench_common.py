@@ -185,6 +185,21 @@ def time_interleaved(runners: dict, steps: int, warmup: int, block: int = 1) -> 
                  "median_step_cpu_s": statistics.median(cpu[name])} for name in runners}
 
 
+def limit_threads(n: int) -> None:
+  """This process (XLA:CPU and torch alike) on the first n of its CPUs; call before JAX starts.
+
+  XLA flags alone do not do it: XLA:CPU runs independent thunks concurrently on its own pool
+  whatever --xla_cpu_multi_thread_eigen says, so the process is pinned to n cores instead.
+  Each script sets torch's thread count to match.
+  """
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    raise SystemExit("--threads must be applied before JAX initialises its backend")
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}")
+
+
 def versions() -> dict:
   out = {}
   for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers"):

@@ -7,7 +7,9 @@ Both run the same random GPT-2 (built with transformers, saved as safetensors, l
 llmjax), fp32, on the same CPU in the same process, from the same prompt, for the same number of
 new tokens (no EOS), and must produce identical tokens. Time is the wall time of one whole
 `generate` call (prompt prefill + decode); the median of --repeats after one warm-up (which
-compiles JAX), the two systems alternating so that load from other processes hits both alike.
+compiles JAX). The systems take turns in blocks of --block timed calls, each block after one
+untimed settling call (as in train_throughput.py), so that load from other processes hits both
+alike without charging either for the switch.
 """
 
 from __future__ import annotations
@@ -33,17 +35,21 @@ def parse_args(argv=None):
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--block", type=int, default=3,
+                 help="timed calls of one system before switching to the other, after one "
+                      "untimed settling call (1: strict alternation, no settling)")
   p.add_argument("--threads", type=int, default=0,
-                 help="CPU threads for both systems (0: each library's default); set before JAX "
-                      "starts, so only from the command line")
+                 help="pin the process to this many cores, torch threads to match (0: all cores, "
+                      "each library's default threads); applied before JAX starts")
   p.add_argument("--tiny", action="store_true", help="tiny model and budget (tests)")
   p.add_argument("--json", default="", help="write the results here as JSON")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batches.split(",") if b]
   if args.tiny:
-    args.prompt_len, args.new_tokens, args.repeats = 4, 8, 1
-  if not args.batches or min(args.batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
-    p.error("--batches, --new_tokens and --repeats must be positive")
+    args.prompt_len, args.new_tokens, args.repeats, args.block = 4, 8, 1, 1
+  if (not args.batches or min(args.batches) < 1 or args.new_tokens < 1 or args.repeats < 1
+      or args.block < 1):
+    p.error("--batches, --new_tokens, --repeats and --block must be positive")
   return args
 
 
@@ -67,7 +73,8 @@ def measure(model, params, torch_model, batch: int, args) -> dict:
     results["torch"] = out[:, args.prompt_len:].numpy()
 
   results = {}
-  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch}, args.repeats, 1)
+  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch}, args.repeats, 1,
+                                  block=args.block)
   new = batch * args.new_tokens
   jax_s, torch_s = times["llmjax"]["median_step_s"], times["torch"]["median_step_s"]
   return {"batch": batch, "llmjax_tokens_per_s": new / jax_s, "torch_tokens_per_s": new / torch_s,
@@ -76,21 +83,13 @@ def measure(model, params, torch_model, batch: int, args) -> dict:
           "times": times}
 
 
-def limit_threads(n: int) -> None:
-  """Both systems on n threads: comparable when other processes share the CPU."""
-  import torch
-  torch.set_num_threads(n)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                             f"{'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}")
-
-
 def run(args) -> dict:
   import torch
   import transformers
 
   from llmjax import hf
   if args.threads:
-    limit_threads(args.threads)
+    torch.set_num_threads(args.threads)
   shape = TINY if args.tiny else REFERENCE
   torch.manual_seed(0)
   config = transformers.GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
@@ -102,7 +101,7 @@ def run(args) -> dict:
   return {"benchmark": "generate", "environment": common.environment(),
           "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": "float32", **shape},
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "repeats": args.repeats, "tiny": args.tiny,
+                     "repeats": args.repeats, "block": args.block, "tiny": args.tiny,
                      "threads": args.threads or "default",
                      "torch_threads": torch.get_num_threads()},
           "what": "wall time of one greedy generate call (prefill + decode), median; "
@@ -112,6 +111,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.threads:
+    common.limit_threads(args.threads)
   result = run(args)
   table = [[r["batch"], r["llmjax_tokens_per_s"], r["torch_tokens_per_s"], r["ratio"],
             r["same_tokens"]] for r in result["rows"]]

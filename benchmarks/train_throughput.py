@@ -99,20 +99,6 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
   return 2.0 * n**3 / statistics.median(times)
 
 
-def limit_threads(n: int) -> None:
-  """This process (XLA:CPU and torch alike) on the first n of its CPUs; before JAX starts.
-
-  XLA flags alone do not do it: XLA:CPU runs independent thunks concurrently on its own pool
-  whatever --xla_cpu_multi_thread_eigen says, so the process is pinned to n cores instead.
-  """
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
-    raise SystemExit("--threads must be applied before JAX initialises its backend")
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}")
-
-
 def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   """(run one step, info): transformers GPT2LMHeadModel + torch AdamW, same shapes and settings."""
   import torch
@@ -292,7 +278,7 @@ def report(result: dict) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.threads:
-    limit_threads(args.threads)
+    common.limit_threads(args.threads)
   result = run(args)
   for value in (result["jax"]["tokens_per_s"], result["jax"]["achieved_flops_per_s"]):
     assert math.isfinite(value) and value > 0, value
