@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurement in one call on a lent GPU machine: train_throughput.py for a ~1.3B GPT-2
 # shape (24 layers, d_model 2048, 16 heads, d_ff 8192, seq 2048, vocab 50304), bf16 compute with
-# fp32 parameters, one GPU, in three variants (cuDNN attention; XLA attention with remat;
-# cuDNN at twice the batch with remat). Results (JSON + logs) go to $1 (default $OUT).
+# fp32 parameters, one GPU, in four variants (cuDNN attention; the same under launch/gpu_env.sh's
+# XLA flags; cuDNN at twice the batch with remat; XLA attention with remat). Results (JSON + logs)
+# go to $1 (default $OUT). Variants run in that order while BUDGET seconds (default 560, under
+# the device call's 600) leave room for another RUN_TIMEOUT (default 130); the rest are skipped.
 #
 #   bash benchmarks/gpu_run.sh "$OUT"
 #
@@ -22,14 +24,18 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.csv" 2>&1
 shape=${SHAPE:---preset=gpt2 --d_model=2048 --n_layers=24 --n_heads=16 --d_ff=8192 --seq_len=2048 --vocab=50304}
-run() {
-  local name=$1; shift
+limit=${RUN_TIMEOUT:-130}
+run() {  # run NAME ENV_SETUP FLAGS...: ENV_SETUP is a command run in the variant's subshell first
+  local name=$1 setup=$2; shift 2
+  if (( SECONDS + limit > ${BUDGET:-560} )); then echo "== $name: skipped (budget)"; return; fi
   echo "== $name: $*"
   # shellcheck disable=SC2086
-  timeout "${RUN_TIMEOUT:-170}" "$py" benchmarks/train_throughput.py $shape --dtype=bfloat16 \
-    --matmul_n=8192 --steps=6 --warmup=2 "$@" --json="$out/$name.json" >"$out/$name.log" 2>&1
+  ( $setup; timeout "$limit" "$py" benchmarks/train_throughput.py $shape --dtype=bfloat16 \
+      --matmul_n=8192 --steps=6 --warmup=2 "$@" --json="$out/$name.json" >"$out/$name.log" 2>&1 )
   echo "exit $?"; grep -E "tokens/s|llmjax|ceilings|compile" "$out/$name.log" | tail -4
 }
-run cudnn_b8 --attention_impl=cudnn --batch=8
-run xla_b8_dots_no_batch --attention_impl=xla --batch=8 --remat=dots_no_batch
-run cudnn_b16_dots_no_batch --attention_impl=cudnn --batch=16 --remat=dots_no_batch
+gpu_env() { source launch/gpu_env.sh; echo "XLA_FLAGS=$XLA_FLAGS" >"$out/gpu_env.txt"; }
+run cudnn_b8 : --attention_impl=cudnn --batch=8
+run cudnn_b8_gpu_env gpu_env --attention_impl=cudnn --batch=8
+run cudnn_b16_dots_no_batch : --attention_impl=cudnn --batch=16 --remat=dots_no_batch
+run xla_b8_dots_no_batch : --attention_impl=xla --batch=8 --remat=dots_no_batch
