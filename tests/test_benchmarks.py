@@ -91,3 +91,21 @@ def test_memory_fsdp_bound(tmp_path, capsys):
   batch_per_device = result["config"]["global_batch_bytes"] / 8
   assert row["argument_size_in_bytes"] <= bound + batch_per_device, (row, state)
   assert result["fsdp_bound"]["ok"]
+
+
+def test_limit_threads_pins_the_process_before_jax_starts_and_refuses_after():
+  """--threads=N: the process runs on N cores (subprocess: pinning is for the whole process)."""
+  import os
+  import subprocess
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs at least 2 CPUs to see the pinning")
+  code = ("import os, sys, jax; sys.path.insert(0, sys.argv[1]); import bench_common as c; "
+          "c.limit_threads(1); print(len(os.sched_getaffinity(0)), os.environ['XLA_FLAGS']); "
+          "jax.numpy.zeros(2).block_until_ready(); c.limit_threads(1)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  cores, flags = done.stdout.split(maxsplit=1)
+  assert cores == "1" and "--xla_cpu_multi_thread_eigen=false" in flags
+  assert done.returncode == 1  # the second call, after JAX started, exits with the reason
+  assert "--threads must be applied before JAX initialises its backend" in done.stderr
