@@ -109,3 +109,21 @@ def test_limit_threads_pins_the_process_before_jax_starts_and_refuses_after():
   assert cores == "1" and "--xla_cpu_multi_thread_eigen=false" in flags
   assert done.returncode == 1  # the second call, after JAX started, exits with the reason
   assert "--threads must be applied before JAX initialises its backend" in done.stderr
+
+
+def test_train_throughput_runs_without_the_data_stack(tmp_path):
+  """The GPU image has jax, flax and optax but no grain or tensorflow-datasets: the benchmark's
+  import path must not need them (nor orbax, torch or tqdm without --compare)."""
+  import os
+  import subprocess
+  absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
+            "tqdm"]
+  code = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
+          "sys.path.insert(0, sys.argv[1]); import train_throughput; "
+          "train_throughput.main(['--tiny', '--json=' + sys.argv[3]])")
+  out = tmp_path / "t.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), ",".join(absent), str(out)],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads(out.read_text())["jax"]["tokens_per_s"] > 0
