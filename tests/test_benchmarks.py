@@ -4,7 +4,9 @@ FSDP memory bound (asserted): device 0 holds <= 1.15 x (params + optimizer state
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -24,6 +26,13 @@ def _script(name: str):
 
 def _positive(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -c code BENCHMARKS args...` in a fresh process on the CPU with no XLA flags."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def _run(name: str, argv: list[str], tmp_path, capsys) -> tuple[dict, str]:
@@ -95,16 +104,12 @@ def test_memory_fsdp_bound(tmp_path, capsys):
 
 def test_limit_threads_pins_the_process_before_jax_starts_and_refuses_after():
   """--threads=N: the process runs on N cores (subprocess: pinning is for the whole process)."""
-  import os
-  import subprocess
   if len(os.sched_getaffinity(0)) < 2:
     pytest.skip("needs at least 2 CPUs to see the pinning")
-  code = ("import os, sys, jax; sys.path.insert(0, sys.argv[1]); import bench_common as c; "
-          "c.limit_threads(1); print(len(os.sched_getaffinity(0)), os.environ['XLA_FLAGS']); "
-          "jax.numpy.zeros(2).block_until_ready(); c.limit_threads(1)")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], env=env,
-                        capture_output=True, text=True, timeout=120)
+  done = _python("import os, sys, jax; sys.path.insert(0, sys.argv[1]); import bench_common as c; "
+                 "c.limit_threads(1); "
+                 "print(len(os.sched_getaffinity(0)), os.environ['XLA_FLAGS']); "
+                 "jax.numpy.zeros(2).block_until_ready(); c.limit_threads(1)")
   cores, flags = done.stdout.split(maxsplit=1)
   assert cores == "1" and "--xla_cpu_multi_thread_eigen=false" in flags
   assert done.returncode == 1  # the second call, after JAX started, exits with the reason
@@ -114,16 +119,12 @@ def test_limit_threads_pins_the_process_before_jax_starts_and_refuses_after():
 def test_train_throughput_runs_without_the_data_stack(tmp_path):
   """The GPU image has jax, flax and optax but no grain or tensorflow-datasets: the benchmark's
   import path must not need them (nor orbax, torch or tqdm without --compare)."""
-  import os
-  import subprocess
   absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
             "tqdm"]
-  code = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
-          "sys.path.insert(0, sys.argv[1]); import train_throughput; "
-          "train_throughput.main(['--tiny', '--json=' + sys.argv[3]])")
   out = tmp_path / "t.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), ",".join(absent), str(out)],
-                        env=env, capture_output=True, text=True, timeout=300)
+  done = _python("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
+                 "sys.path.insert(0, sys.argv[1]); import train_throughput; "
+                 "train_throughput.main(['--tiny', '--json=' + sys.argv[3]])",
+                 ",".join(absent), str(out))
   assert done.returncode == 0, done.stderr[-3000:]
   assert json.loads(out.read_text())["jax"]["tokens_per_s"] > 0
