@@ -91,8 +91,18 @@ class DataConfig:
   tfds_name: str = ""
   tfds_split: str = "train"
   tfds_data_dir: str = ""
-  tfds_text_key: str = "text"
-  tokenizer: str = "byte"  # byte | hf:PATH (a local directory with tokenizer.json)
+  tfds_text_key: str = "text"  # the text field of a tfds LM corpus
+  tfds_val_split: str = ""  # labelled tfds data: "" splits validation off the train split
+  tfds_test_split: str = ""  # labelled tfds data: "" means no test split
+  # byte | hf:PATH (a directory with tokenizer.json) | wordpiece:N | bpe:N (an N-token vocabulary
+  # trained offline on the training split, saved as WORKDIR/tokenizer.json and reused from there)
+  tokenizer: str = "byte"
+  text_key: str = "text"  # labelled data (CSV/JSONL columns, tfds fields): the text
+  label_key: str = "label"  # ... and the label (names or integers)
+  label_names: str = ""  # comma-separated: fixes the label set and its order ("" from the data)
+  val_files: str = ""  # labelled files: glob of the validation split ("" splits it off train)
+  test_files: str = ""  # labelled files: glob of the test split ("" means none)
+  stdlib_classes: int = 8  # source=stdlib for classification: the K most common packages
   seq_len: int = 256
   val_fraction: float = 0.05
   max_bytes: int = 0  # 0: whole corpus; >0: read at most this many bytes (smoke runs)
@@ -118,6 +128,19 @@ class TrainConfig:
   sample_temperature: float = 0.8
   progress: bool = True
   init_from: str = ""  # "" (random init) | "hf:PATH" | "workdir:PATH" | "export:PATH"
+  init_new: str = ""  # regex of parameter paths initialised fresh despite init_from (new heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Which objective (llmjax/tasks/) and its own settings."""
+  name: str = "lm"  # lm | mlm | classify
+  mask_prob: float = 0.15  # mlm: fraction of real tokens chosen for prediction
+  mask_token_ratio: float = 0.8  # mlm: of the chosen, replaced by [MASK]
+  random_token_ratio: float = 0.1  # mlm: of the chosen, replaced by a random token (rest kept)
+  num_classes: int = 0  # classify: 0 takes the number of labels in the data
+  pooling: str = "auto"  # classify: auto (cls for encoders, last for decoders) | cls | last
+  label_smoothing: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +151,14 @@ class Experiment:
   optim: OptimConfig
   data: DataConfig
   train: TrainConfig
+  task: TaskConfig = TaskConfig()
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-             "train": TrainConfig}
+             "train": TrainConfig, "task": TaskConfig}
 _CHOICES = {
     "model.pos_emb": ("learned", "rope", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -147,6 +171,7 @@ _CHOICES = {
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
     "optim.schedule": ("cosine", "constant"),
     "data.source": ("stdlib", "files", "tfds"),
+    "task.pooling": ("auto", "cls", "last"),
 }
 
 
@@ -281,8 +306,24 @@ def validate(exp: Experiment) -> None:
            "config.data.files must be a glob when config.data.source='files'")
   _require(data.source != "tfds" or bool(data.tfds_name),
            "config.data.tfds_name must be set when config.data.source='tfds'")
-  _require(data.tokenizer == "byte" or data.tokenizer.startswith("hf:"),
-           f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte' or 'hf:PATH'")
+  kind, _, size = data.tokenizer.partition(":")
+  _require(data.tokenizer == "byte" or (kind == "hf" and bool(size))
+           or (kind in ("wordpiece", "bpe") and size.isdigit() and int(size) > 0),
+           f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte', 'hf:PATH', "
+           "'wordpiece:N' or 'bpe:N' (N a vocabulary size)")
+  task = exp.task
+  _require(0.0 < task.mask_prob < 1.0,
+           f"config.task.mask_prob must be in (0, 1), got {task.mask_prob}")
+  _require(task.mask_token_ratio >= 0 and task.random_token_ratio >= 0
+           and task.mask_token_ratio + task.random_token_ratio <= 1.0,
+           "config.task.mask_token_ratio + config.task.random_token_ratio must be in [0, 1], got "
+           f"{task.mask_token_ratio} + {task.random_token_ratio}")
+  _require(task.num_classes == 0 or task.num_classes >= 2,
+           f"config.task.num_classes must be 0 (from the data) or >= 2, got {task.num_classes}")
+  _require(0.0 <= task.label_smoothing < 1.0,
+           f"config.task.label_smoothing must be in [0, 1), got {task.label_smoothing}")
+  _require(data.stdlib_classes >= 2,
+           f"config.data.stdlib_classes must be >= 2, got {data.stdlib_classes}")
   _require(t.keep_best >= 0, f"config.train.keep_best must be >= 0, got {t.keep_best}")
   _require(t.init_from == "" or t.init_from.split(":", 1)[0] in ("hf", "workdir", "export"),
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "

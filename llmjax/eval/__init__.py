@@ -1,0 +1,1 @@
+"""Evaluation: jit-safe metric sums (metrics.py), LM choice scoring (scoring.py), `llmjax eval`."""
