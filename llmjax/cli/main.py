@@ -1,20 +1,51 @@
-"""`llmjax VERB [flags]`: dispatch to llmjax.cli.VERB (each verb defines only its own flags)."""
+"""`llmjax VERB [flags]`: dispatch to llmjax.cli.VERB (each verb defines only its own flags).
+
+`llmjax`, `llmjax --help` or `llmjax help` list the verbs; `llmjax VERB --help` (or `llmjax help
+VERB`) shows that verb's usage and flags. Only the named verb's module is imported.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-VERBS = ("train", "export", "convert", "generate")
+from llmjax.cli import common
+
+# The one list of verbs: name -> one line for `llmjax --help`; each is the module llmjax.cli.NAME.
+VERBS = {
+    "train": "train a model from an experiment file; rerunning with the same --workdir resumes",
+    "eval": "evaluate a run's checkpoint on a split, or classify by LM scoring (zero-/few-shot)",
+    "export": "write a run's checkpoint parameters alone, for eval, generate or fine-tuning",
+    "convert": "convert an llmjax export to or from a Hugging Face model directory",
+    "generate": "continue a prompt with an llmjax export or a Hugging Face model",
+}
+
+
+def usage() -> str:
+  width = max(map(len, VERBS))
+  return "\n".join(["usage: llmjax VERB [--flags]", "", "verbs:"]
+                   + [f"  {name.ljust(width)}  {line}" for name, line in VERBS.items()]
+                   + ["", "llmjax VERB --help shows a verb's usage and flags."])
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] not in VERBS:
-    print(f"usage: llmjax {{{','.join(VERBS)}}} [--flags]", file=sys.stderr)
+  args = argv[1:]
+  if not args:
+    print(usage(), file=sys.stderr)
     sys.exit(2)
-  verb = importlib.import_module(f"llmjax.cli.{argv[1]}")
-  verb.main([f"llmjax {argv[1]}"] + argv[2:])
+  if args[0] in common.HELP_ARGS or args == ["help"]:
+    print(usage())
+    return
+  if args[0] == "help":  # `llmjax help VERB`
+    args = [args[1], "--help"]
+  if args[0] not in VERBS:
+    problem = (f"expected a verb before {args[0]}" if args[0].startswith("-")
+               else f"unknown verb {args[0]!r}")
+    print(f"error: {problem}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  verb = importlib.import_module(f"llmjax.cli.{args[0]}")
+  verb.main([f"llmjax {args[0]}"] + args[1:])
 
 
 if __name__ == "__main__":
