@@ -240,12 +240,39 @@ def _json_hash(value) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def restore_params(directory: str, abstract_params, shardings):
-  """Only the params of the newest verified step under `directory` (e.g. to initialise from)."""
+def _step_meta(manager: "Checkpointer", step: int) -> dict:
+  return manager._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def _param_checksums(meta: dict) -> dict:
+  return {p[len("params/"):]: v for p, v in meta["checksums"].items() if p.startswith("params/")}
+
+
+def saved_param_shapes(directory: str) -> dict[str, tuple]:
+  """{param path: shape} of the newest step under `directory` (no arrays read)."""
+  manager = Checkpointer(directory, keep=1_000_000)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {directory}")
+  return {p: tuple(v[2]) for p, v in _param_checksums(_step_meta(manager, steps[-1])).items()}
+
+
+def _only(want: dict, abstract) -> dict:
+  """The checksums of the paths in `abstract` (a subtree being restored on its own)."""
+  paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  return {p: v for p, v in want.items() if p in paths}
+
+
+def restore_params(directory: str, abstract_params, shardings, *, partial: bool = False):
+  """Only the params of the newest verified step under `directory` (e.g. to initialise from).
+
+  `partial`: `abstract_params` may be a subtree of the saved params; only it is read.
+  """
   manager = Checkpointer(directory, keep=1_000_000)
   for step in reversed(manager.all_steps()):
-    meta = manager._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    want = {p[len("params/"):]: v for p, v in meta["checksums"].items() if p.startswith("params/")}
+    want = _param_checksums(_step_meta(manager, step))
+    if partial:
+      want = _only(want, abstract_params)
     check_structure(want, abstract_params, f"checkpoint step {step} in {directory}")
     item = {"params": _target(abstract_params, shardings)}
     restored = manager._manager.restore(step, args=ocp.args.Composite(
@@ -281,23 +308,41 @@ def export_params(params, model_config: dict, out_dir: str) -> None:
   os.rename(tmp, out_dir)
 
 
-def load_exported(path: str, abstract_params=None, shardings=None):
-  """(model_config dict, params) from an export directory, checksums verified."""
-
-  path = os.path.abspath(path)
-  config_file = os.path.join(path, "model_config.json")
-  if not os.path.exists(config_file):
+def _export_checksums(path: str) -> dict:
+  if not os.path.exists(os.path.join(path, "model_config.json")):
     raise UserError(f"{path} is not an llmjax export (no model_config.json)")
-  with open(config_file) as f:
-    model_config = json.load(f)
   with open(os.path.join(path, "checksums.json")) as f:
-    want = json.load(f)
+    return json.load(f)
+
+
+def exported_shapes(path: str) -> dict[str, tuple]:
+  """{param path: shape} of an export (no arrays read)."""
+  return {p: tuple(v[2]) for p, v in _export_checksums(os.path.abspath(path)).items()}
+
+
+def load_exported(path: str, abstract_params=None, shardings=None, *, partial: bool = False):
+  """(model_config dict, params) from an export directory, checksums verified.
+
+  `partial`: `abstract_params` may be a subtree of the exported params; only it is read.
+  """
+  path = os.path.abspath(path)
+  want = _export_checksums(path)
+  with open(os.path.join(path, "model_config.json")) as f:
+    model_config = json.load(f)
   target = None
   if abstract_params is not None:
+    if partial:
+      want = _only(want, abstract_params)
     check_structure(want, abstract_params, f"export {path}")
     target = abstract_params if shardings is None else _target(abstract_params, shardings)
-  with ocp.StandardCheckpointer() as loader:
-    params = loader.restore(os.path.join(path, "params"), target)
+  if partial:
+    with ocp.PyTreeCheckpointer() as loader:
+      params = loader.restore(os.path.join(path, "params"), args=ocp.args.PyTreeRestore(
+          target, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  else:
+    with ocp.StandardCheckpointer() as loader:
+      params = loader.restore(os.path.join(path, "params"), target)
   got = checksums(params)
   bad = [p for p, v in want.items() if got.get(p, [None, None])[:2] != v[:2]]
   if bad:

@@ -31,11 +31,45 @@ _LENGTH_NORM = flags.DEFINE_boolean("length_norm", False,
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "Zero-/few-shot: the text field.")
 _LABEL_KEY = flags.DEFINE_string("label_key", "label", "Zero-/few-shot: the label field.")
 _SEED = flags.DEFINE_integer("seed", 0, "Zero-/few-shot: seed for drawing the shots.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Zero-/few-shot: byte or hf:PATH; default: "
+                                 "the checkpoint's own tokenizer.")
 
 
 def main(argv: list[str] | None = None) -> None:
   common.parse_flags(sys.argv if argv is None else argv)
-  common.fail("llmjax eval is being built")
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    common.fail("give either --workdir=DIR (a training run) or --checkpoint=hf:PATH|DIR with "
+                "--data=FILE.jsonl --labels=A,B,... (zero-/few-shot scoring)")
+  with common.user_errors():
+    from llmjax.eval import evaluate  # heavy imports only after the flags are known to be good
+    if _WORKDIR.value:
+      report = evaluate.evaluate_run(_WORKDIR.value, _STEP.value, _SPLIT.value)
+      print(evaluate.table(report))
+      print(f"wrote {', '.join(report['files'])}")
+    else:
+      print(evaluate.table(_zero_shot()))
+
+
+def _zero_shot() -> dict:
+  from llmjax.errors import UserError
+  from llmjax.eval import zeroshot
+  from llmjax.hf import convert
+  if not _DATA.value or not _LABELS.value:
+    raise UserError("--checkpoint needs --data=FILE.jsonl and --labels=NAME,NAME,...")
+  if _SHOTS.value < 0 or (_SHOTS.value > 0 and not _SHOT_DATA.value):
+    raise UserError(f"--shots={_SHOTS.value} needs --shot_data=FILE.jsonl (a separate labelled "
+                    "split the shots are drawn from)")
+  labels = [name.strip() for name in _LABELS.value.split(",")]
+  examples = zeroshot.read_jsonl(_DATA.value, _TEXT_KEY.value, _LABEL_KEY.value)
+  pool = (zeroshot.read_jsonl(_SHOT_DATA.value, _TEXT_KEY.value, _LABEL_KEY.value)
+          if _SHOTS.value else None)
+  loaded = convert.load_any(_CHECKPOINT.value)
+  tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
+  template = _TEMPLATE.value.replace("\\n", "\n")  # a typed \n is a newline
+  result = zeroshot.classify(loaded.model, loaded.params, tokenizer, examples, labels, template,
+                             shots=_SHOTS.value, shot_pool=pool,
+                             length_normalize=_LENGTH_NORM.value, seed=_SEED.value)
+  return {"examples": len(examples), "shots": _SHOTS.value, **result["report"]}
 
 
 if __name__ == "__main__":

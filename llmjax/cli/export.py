@@ -28,26 +28,10 @@ def export(workdir: str, out: str, step: int | None) -> int:
   """Restore a verified checkpoint of `workdir` on this host's devices and write its params."""
   import jax
 
-  from llmjax import checkpoint, config as config_lib
-  from llmjax.errors import UserError
-  from llmjax.models.transformer import Transformer
-  from llmjax.parallel import mesh as meshlib, sharding
-  from llmjax.train import init, optim
+  from llmjax import checkpoint
+  from llmjax.train import rundir
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise UserError(f"--workdir={workdir} has no config.json: not an llmjax run directory")
-  with open(config_path) as f:
-    exp = config_lib.from_json(f.read())
-  model, tx = Transformer(exp.model), optim.make_optimizer(exp.optim, exp.train.steps)
-  mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, rules="dp"))
-  abstract, shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh,
-                                             sharding.rules_for("dp"))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
-  steps = ckpt.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise UserError(f"--step={step}: available checkpoint steps in {workdir}: {steps or 'none'}")
-  chosen = steps[-1] if step is None else step
-  state, _, _ = ckpt.restore(chosen, abstract, shardings)
-  checkpoint.export_params(jax.device_get(state.params), dataclasses.asdict(exp.model), out)
-  return chosen
+  run = rundir.restore(workdir, step)
+  checkpoint.export_params(jax.device_get(run.state.params), dataclasses.asdict(run.exp.model),
+                           out)
+  return run.step

@@ -51,12 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"preempted: checkpoint saved at step {result['step']} in {workdir}/checkpoints; "
           "run the same command again to resume")
     return
-  line = f"final validation loss {result['loss']:.4f} nats/token at step {result['step']}"
-  if "bits_per_byte" in result:
-    line += f" ({result['bits_per_byte']:.3f} bits/byte)"
-  print(line)
-  print(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, plots/loss.png, "
-        "samples.txt)")
+  print(f"{result['headline']} at step {result['step']}")
+  print(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, plots/, and the "
+        "task's own: samples.txt, eval/)")
 
 
 if __name__ == "__main__":

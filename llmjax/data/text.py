@@ -15,7 +15,7 @@ import numpy as np
 
 from llmjax.config import DataConfig
 from llmjax.data.sources import read_documents, stdlib_root
-from llmjax.data.tokenizers import get_tokenizer
+from llmjax.data import tokenizers
 from llmjax.errors import DataError
 
 
@@ -27,6 +27,7 @@ class Corpus:
   tokenizer: Any
   n_train_tokens: int
   n_val_tokens: int
+  artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. tokenizer.json
 
 
 def _unit_hash(seed: int, name: str) -> float:
@@ -77,11 +78,14 @@ def _describe_source(cfg: DataConfig) -> str:
   return where + (f" with config.data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else "")
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
+def load_corpus(cfg: DataConfig, workdir: str | None = None) -> Corpus:
   """Read, split by document, tokenize and pack the configured corpus."""
-  tokenizer = get_tokenizer(cfg.tokenizer)  # before reading: a bad path should fail fast
+  if not cfg.tokenizer.startswith(("wordpiece:", "bpe:")):  # a bad path should fail fast
+    tokenizers.get_tokenizer(cfg.tokenizer)
   docs = read_documents(cfg)
   train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+  tokenizer, artifacts = tokenizers.for_run(cfg.tokenizer, workdir,
+                                            lambda: [t for _, t in train_docs])
   train = pack(tokenizer.encode_batch([t for _, t in train_docs]), cfg.seq_len)
   val = pack(tokenizer.encode_batch([t for _, t in val_docs]), cfg.seq_len)
   for side, arrays in (("training", train), ("validation", val)):
@@ -90,7 +94,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                       "read; at least 2 non-empty documents are needed)")
   return Corpus(train=train, val=val, tokenizer=tokenizer,
                 n_train_tokens=int((train["segment_ids"] > 0).sum()),
-                n_val_tokens=int((val["segment_ids"] > 0).sum()))
+                n_val_tokens=int((val["segment_ids"] > 0).sum()), artifacts=artifacts)
 
 
 class _Rows:

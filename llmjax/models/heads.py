@@ -94,3 +94,25 @@ class SequenceClassifier(nn.Module):
     pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
     pooled_BD = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled_BD)
     return layers.dense(cfg, self.num_labels, (axes.EMBED, None), "classifier")(pooled_BD)
+
+
+class DecoderClassifier(nn.Module):
+  """A causal Transformer read at each row's last real token -> logits [B, C].
+
+  The decoder shares this module's scope, so its parameters sit where a causal LM's do (`embed`,
+  `layer_0`, ...) and an LM checkpoint loads into it with only `classifier/` new.
+  """
+  cfg: ModelConfig
+  num_labels: int = 2
+
+  def setup(self):
+    self.decoder = Transformer(self.cfg)
+    nn.share_scope(self, self.decoder)
+    self.classifier = layers.dense(self.cfg, self.num_labels, (axes.EMBED, None), "classifier")
+
+  def __call__(self, tokens_BL, *, segment_ids_BL, deterministic: bool = True):
+    hidden_BLD = self.decoder(tokens_BL, segment_ids_BL=segment_ids_BL,
+                              deterministic=deterministic, return_hidden=True)
+    last_B = jnp.maximum(jnp.sum(segment_ids_BL != 0, axis=1) - 1, 0)
+    last_BD = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
+    return self.classifier(last_BD)

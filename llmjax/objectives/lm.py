@@ -1,4 +1,5 @@
-"""Causal language modelling: next-token targets within a segment, masked cross-entropy."""
+"""Language modelling objectives: next-token targets within a segment (causal), BERT-style
+corruption (masked), and the masked cross-entropy both use."""
 
 from __future__ import annotations
 
@@ -26,19 +27,20 @@ def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array, loss_mask_BL
   return jnp.sum(losses_BL * loss_mask_BL), jnp.sum(loss_mask_BL)
 
 
-def loss_terms(model, params, batch: dict, *, deterministic: bool, rngs=None, model_state=None):
-  """Apply the model to a token batch -> (loss sum, token count, updated model_state)."""
-  tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
-  targets_BL, loss_mask_BL = next_token_targets(tokens_BL, segment_ids_BL)
-  if "weights" in batch:  # optional per-example weights [B]
-    loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
-  model_state = model_state or {}
-  variables = {"params": params, **model_state}
-  kwargs = dict(segment_ids_BL=segment_ids_BL, deterministic=deterministic, rngs=rngs)
-  if model_state and not deterministic:  # e.g. BatchNorm statistics update while training
-    logits_BLV, model_state = model.apply(variables, tokens_BL, mutable=list(model_state),
-                                          **kwargs)
-  else:
-    logits_BLV = model.apply(variables, tokens_BL, **kwargs)
-  loss_sum, count = cross_entropy_sum(logits_BLV, targets_BL, loss_mask_BL)
-  return loss_sum, count, model_state
+def mask_tokens(rng, tokens_BL: jax.Array, can_mask_BL: jax.Array, *, mask_id: int,
+                vocab_size: int, mask_prob: float, mask_token_ratio: float,
+                random_token_ratio: float):
+  """BERT's corruption: choose each maskable token with `mask_prob`; of the chosen, replace
+  `mask_token_ratio` by [MASK], `random_token_ratio` by a random token, keep the rest.
+
+  Returns (inputs_BL, chosen_BL float32): the loss counts the chosen positions only.
+  """
+  choose_key, how_key, random_key = jax.random.split(rng, 3)
+  chosen_BL = (jax.random.uniform(choose_key, tokens_BL.shape) < mask_prob) & can_mask_BL
+  how_BL = jax.random.uniform(how_key, tokens_BL.shape)
+  to_mask_BL = chosen_BL & (how_BL < mask_token_ratio)
+  to_random_BL = chosen_BL & (how_BL >= mask_token_ratio) & (
+      how_BL < mask_token_ratio + random_token_ratio)
+  random_BL = jax.random.randint(random_key, tokens_BL.shape, 0, vocab_size, tokens_BL.dtype)
+  inputs_BL = jnp.where(to_mask_BL, mask_id, jnp.where(to_random_BL, random_BL, tokens_BL))
+  return inputs_BL, chosen_BL.astype(jnp.float32)

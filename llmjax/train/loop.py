@@ -1,7 +1,9 @@
-"""The training loop, top to bottom: config -> mesh and rules -> abstract init -> shardings ->
-state (fresh or restored) -> data iterator (fresh or restored) -> jitted step -> metrics,
-checkpoints, plots and samples.
+"""The training loop, top to bottom: config -> task and its data -> mesh and rules -> model and
+example batch -> abstract init -> shardings -> state (fresh, restored, or from other weights with
+new heads) -> data iterator (fresh or restored) -> jitted step -> metrics, checkpoints, plots and
+the task's outputs.
 
+The loop never branches on the task: everything objective-specific is a `Task` method.
 Everything that can reject the input (mesh, shapes, data) runs before the workdir is touched.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -17,14 +18,13 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from llmjax import checkpoint, flops, generate
+from llmjax import checkpoint, flops, tasks
 from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import ConfigError, TrainingError
-from llmjax.models.transformer import Transformer
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
-from llmjax.train import init, optim, preemption, pretrained, reporting, step
+from llmjax.train import init, optim, preemption, pretrained, reporting, rundir, step
 
 
 @dataclasses.dataclass
@@ -33,44 +33,60 @@ class Setup:
   exp: Experiment
   mesh: jax.sharding.Mesh
   rules: tuple
-  model: Transformer
-  corpus: text.Corpus
+  task: tasks.Task
+  model: nn.Module
+  data: tasks.Data
   tx: object
   schedule: object
+  init_variables: object  # rngs -> variables (the task's init on a zero example batch)
   abstract_state: object
   state_shardings: object
 
 
-def prepare(exp: Experiment) -> Setup:
-  """Validate against the devices and data; build model, optimiser and abstract state."""
-  mesh = meshlib.make_mesh(exp.mesh)
-  rules = sharding.rules_for(exp.mesh.rules)
-  sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
+def check_batch(exp: Experiment, mesh) -> None:
   per_step = meshlib.batch_parallelism(mesh) * exp.optim.accum_steps
   if exp.train.batch_size % per_step:
     raise ConfigError(f"config.train.batch_size={exp.train.batch_size} must be divisible by the "
                       f"data-parallel size (mesh data*fsdp={meshlib.batch_parallelism(mesh)}) x "
                       f"config.optim.accum_steps={exp.optim.accum_steps}")
-  corpus = text.load_corpus(exp.data)
-  if corpus.tokenizer.vocab_size > exp.model.vocab_size:
+
+
+def check_vocab(exp: Experiment, tokenizer) -> None:
+  if tokenizer.vocab_size > exp.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={exp.model.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({corpus.tokenizer.vocab_size})")
-  model = Transformer(exp.model)
+                      f"tokenizer's vocabulary ({tokenizer.vocab_size}; config.data.tokenizer="
+                      f"{exp.data.tokenizer!r})")
+
+
+def prepare(exp: Experiment, workdir: str | None = None) -> Setup:
+  """Validate against the devices and data; build task, model, optimiser and abstract state."""
+  exp = pretrained.resolve_model(exp)
+  task = tasks.build(exp)
+  mesh = meshlib.make_mesh(exp.mesh)
+  rules = sharding.rules_for(exp.mesh.rules)
+  sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
+  check_batch(exp, mesh)
+  data = task.data(workdir)
+  check_vocab(exp, data.tokenizer)
+  task = task.with_info(data.info)
+  model = task.model()
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
-  abstract_state, state_shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh, rules)
-  return Setup(exp, mesh, rules, model, corpus, tx, schedule, abstract_state, state_shardings)
+  init_variables = init.variables_init(task, model, task.example_batch(1))
+  abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules)
+  return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
+               abstract_state, state_shardings)
 
 
 def compile_steps(s: Setup):
   """The jitted train and eval steps, with explicit shardings; the train state is donated."""
-  return step.jit_steps(s.model, s.tx, s.schedule, s.exp.optim.accum_steps, s.mesh,
-                        s.state_shardings)
+  return step.jit_steps(step.bind_loss(s.task, s.model), s.tx, s.schedule,
+                        s.exp.optim.accum_steps, s.mesh, s.state_shardings)
 
 
 def _data_iterator(s: Setup, data_state: dict | None):
   iterator = text.batch_iterator(
-      s.corpus.train, s.exp.train.batch_size // jax.process_count(), seed=s.exp.data.seed,
+      s.data.train, s.exp.train.batch_size // jax.process_count(), seed=s.exp.data.seed,
       shuffle=True, num_epochs=None, process_index=jax.process_index(),
       process_count=jax.process_count())
   if data_state:
@@ -92,17 +108,20 @@ def _data_state(iterator) -> dict:
   return {"grain": state.decode() if isinstance(state, bytes) else json.dumps(state)}
 
 
-def evaluate(s: Setup, eval_fn, state, batches) -> dict:
-  """Validation loss, perplexity and (byte tokenizer) bits per byte over fixed batches."""
-  loss_sum, tokens = 0.0, 0.0
+def eval_sums(mesh, eval_fn, state, batches) -> dict:
+  """The eval step's sums added over fixed batches (in float64 on the host)."""
+  total = None
   for batch in batches:
-    out = jax.device_get(eval_fn(state, sharding.global_batch(batch, s.mesh)))
-    loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-  loss = loss_sum / max(tokens, 1.0)
-  metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-  if s.corpus.tokenizer.name == "byte":
-    metrics["bits_per_byte"] = loss / math.log(2)
-  return metrics
+    out = jax.device_get(eval_fn(state, sharding.global_batch(batch, mesh)))
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  return total
+
+
+def evaluate(s: Setup, eval_fn, state, batches) -> tuple[dict, dict]:
+  """(the task's report, the sums it came from) over fixed batches."""
+  sums = eval_sums(s.mesh, eval_fn, state, batches)
+  return s.task.report(sums), sums
 
 
 class _Throughput:
@@ -110,7 +129,7 @@ class _Throughput:
 
   def __init__(self, s: Setup):
     exp = s.exp
-    self.tokens_per_step = exp.train.batch_size * exp.data.seq_len
+    self.tokens_per_step = exp.train.batch_size * s.task.tokens_per_example()
     self.flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size,
                                                      exp.data.seq_len)
     device = jax.devices()[0]
@@ -131,21 +150,6 @@ class _Throughput:
     return rate
 
 
-def write_samples(s: Setup, state, path: str) -> None:
-  """Continue a few validation prompts and write prompt + continuation as text."""
-  t = s.exp.train
-  n_new = min(t.sample_tokens, s.exp.model.max_len // 2)
-  prompt_len = min(64, s.exp.model.max_len - n_new)
-  rows = s.corpus.val["tokens"][: t.sample_prompts, :prompt_len]
-  params = jax.device_get(state.params)  # samples run on one device: a few KB to a few MB
-  out = generate.sample(s.model, params, jax.numpy.asarray(rows), jax.random.PRNGKey(t.seed),
-                        n_new=n_new, temperature=t.sample_temperature)
-  decode = s.corpus.tokenizer.decode
-  with open(path, "w") as f:
-    for prompt, continuation in zip(rows, np.asarray(out)):
-      f.write(f"=== prompt\n{decode(prompt)}\n=== continuation\n{decode(continuation)}\n\n")
-
-
 def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
   """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights)."""
   found = ckpt.restore_latest_good(s.abstract_state, s.state_shardings)
@@ -153,12 +157,11 @@ def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
     _, (state, data_state, _) = found
     return state, data_state
   t = s.exp.train
-  state = init.init_state(t.seed, s.model, s.tx, s.exp.data.seq_len, s.mesh, s.rules,
-                          s.state_shardings)
+  state = init.init_state(t.seed, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   if t.init_from:
-    params = pretrained.load_params(t.init_from, s.abstract_state.params,
+    params = pretrained.load_params(t.init_from, t.init_new, state.params,
                                     s.state_shardings.params)
-    state = state.replace(params=params)
+    state = state.replace(params=params, opt_state=s.tx.init(params))
   return state, None
 
 
@@ -167,12 +170,15 @@ def run(exp: Experiment, workdir: str) -> dict:
 
   SIGTERM/SIGINT finish the current step, save it and return {"step", "preempted": True}.
   """
-  s = prepare(exp)
+  s = prepare(exp, workdir)
+  exp = s.exp
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(exp.to_json())
+    files = {rundir.CONFIG_FILE: exp.to_json(),
+             rundir.TASK_INFO_FILE: json.dumps(s.data.info, indent=2), **s.data.artifacts}
+    for name, text_ in files.items():
+      _write_atomic(os.path.join(workdir, name), text_)
   t = exp.train
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
                                  keep_best=t.keep_best, async_save=t.async_checkpoint)
@@ -188,7 +194,7 @@ def run(exp: Experiment, workdir: str) -> dict:
       state = loop.train(state, start, signals)
       if loop.preempted_at is not None:
         return {"step": loop.preempted_at, "preempted": True}
-      final = loop.evaluate(state)
+      final, sums = loop.evaluate_with_sums(state)
       end = int(jax.device_get(state.step))
       writer.write(end, "val", final)
       if end not in ckpt.all_steps():
@@ -198,8 +204,16 @@ def run(exp: Experiment, workdir: str) -> dict:
     ckpt.close()
   if is_main:
     reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
-    write_samples(s, state, os.path.join(workdir, "samples.txt"))
-  return {"step": end, **final}
+    s.task.write_report(workdir, final, sums, f"step_{end}")
+    # Outputs run on one device: a few KB to a few MB of params.
+    s.task.finish(tasks.Outputs(workdir, s.model, jax.device_get(state.params), s.data, final))
+  return {"step": end, "headline": s.task.headline(final), **final}
+
+
+def _write_atomic(path: str, text_: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text_)
+  os.replace(path + ".tmp", path)
 
 
 class _Loop:
@@ -208,17 +222,20 @@ class _Loop:
   def __init__(self, s: Setup, ckpt, writer, iterator):
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
     self.train_fn, self.eval_fn = compile_steps(s)
-    self.val_batches = _process_slices(text.eval_batches(s.corpus.val, s.exp.train.batch_size,
+    self.val_batches = _process_slices(text.eval_batches(s.data.val, s.exp.train.batch_size,
                                                          s.exp.train.eval_batches))
     self.throughput = _Throughput(s)
     self.last_val_loss = None
     self.consecutive_nonfinite = 0
     self.preempted_at = None
 
-  def evaluate(self, state) -> dict:
-    metrics = evaluate(self.s, self.eval_fn, state, self.val_batches)
+  def evaluate_with_sums(self, state) -> tuple[dict, dict]:
+    metrics, sums = evaluate(self.s, self.eval_fn, state, self.val_batches)
     self.last_val_loss = metrics["loss"]
-    return metrics
+    return metrics, sums
+
+  def evaluate(self, state) -> dict:
+    return self.evaluate_with_sums(state)[0]
 
   def save(self, state, step: int, metric=None) -> None:
     self.ckpt.save(step, state, _data_state(self.iterator), json.loads(self.s.exp.to_json()),

@@ -1,31 +1,175 @@
-"""`config.train.init_from`: start training from existing weights instead of random ones."""
+"""`config.train.init_from`: start training from existing weights, with new heads where asked.
+
+Every parameter the model and the checkpoint share is loaded; parameters matching
+`config.train.init_new` (a regex, full match on `a/b/c` paths) keep their fresh initialisation and
+are listed; any other parameter the checkpoint lacks, or has in another shape, is an error naming
+it: never a silent fresh init. Checkpoint parameters the model has no place for (the MLM head of
+an encoder being fine-tuned as a classifier) are listed and left out.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
+import sys
+
+import jax
 
 from llmjax import checkpoint
-from llmjax.errors import UserError
+from llmjax.config import Experiment, ModelConfig
+from llmjax.errors import ConfigError, UserError
+from llmjax.hf.arch import RUNTIME_FIELDS
+from llmjax.hf.mapping import flatten, unflatten
+
+# How a run computes, not what it computes: the experiment decides these, never the checkpoint.
+_NOT_SHAPE = set(RUNTIME_FIELDS) | {"dropout"}
 
 
-def load_params(spec: str, abstract_params, shardings):
-  """Params for `hf:PATH`, `export:PATH` or `workdir:PATH`, placed in `shardings`."""
+def _split(spec: str) -> tuple[str, str]:
   kind, _, path = spec.partition(":")
   if not path:
     raise UserError(f"config.train.init_from={spec!r} has no path after '{kind}:'")
+  if kind not in ("hf", "export", "workdir"):
+    raise UserError(f"config.train.init_from={spec!r}: allowed hf:PATH, export:PATH, "
+                    "workdir:PATH")
+  return kind, path
+
+
+def source_model_config(spec: str) -> dict:
+  """The ModelConfig fields of the checkpoint `spec` names."""
+  kind, path = _split(spec)
   if kind == "hf":
     from llmjax import hf
-    return hf.load_params(path, abstract_params, shardings)
-  if kind == "export":
-    return checkpoint.load_exported(path, abstract_params, shardings)[1]
-  if kind == "workdir":
-    return _from_workdir(path, abstract_params, shardings)
-  raise UserError(f"config.train.init_from={spec!r}: allowed hf:PATH, export:PATH, workdir:PATH")
+    return dataclasses.asdict(hf.model_config(path))
+  file = os.path.join(path, "model_config.json" if kind == "export" else "config.json")
+  if not os.path.isfile(file):
+    what = "an llmjax export (no model_config.json)" if kind == "export" else \
+        "an llmjax run directory (no config.json)"
+    raise UserError(f"config.train.init_from={spec!r}: {path} is not {what}")
+  with open(file) as f:
+    fields = json.load(f)
+  return fields if kind == "export" else fields["model"]
 
 
-def _from_workdir(path: str, abstract_params, shardings):
-  """The params of another run's newest verified checkpoint (its optimizer state is not used)."""
+def resolve_model(exp: Experiment) -> Experiment:
+  """`exp` with the model shape of its init_from checkpoint, where the experiment left defaults.
+
+  A shape field the experiment sets to something other than the checkpoint's is a conflict,
+  named with both values.
+  """
+  spec = exp.train.init_from
+  if not spec:
+    return exp
+  source, default = source_model_config(spec), ModelConfig()
+  taken, conflicts = {}, []
+  for field in dataclasses.fields(ModelConfig):
+    name = field.name
+    if name in _NOT_SHAPE or name not in source:
+      continue
+    ours, theirs = getattr(exp.model, name), source[name]
+    if ours == theirs:
+      continue
+    if ours == getattr(default, name):
+      taken[name] = theirs
+    else:
+      conflicts.append(f"config.model.{name}={ours!r} but the checkpoint has {theirs!r}")
+  if conflicts:
+    raise ConfigError(f"config.train.init_from={spec!r} conflicts with the experiment: "
+                      + "; ".join(conflicts))
+  if taken:
+    print(f"init_from {spec}: model shape from the checkpoint: "
+          + ", ".join(f"{k}={v!r}" for k, v in sorted(taken.items())), file=sys.stderr)
+  return dataclasses.replace(exp, model=dataclasses.replace(exp.model, **taken))
+
+
+def load_params(spec: str, init_new: str, fresh_params, shardings):
+  """`fresh_params` with every parameter not matching `init_new` replaced by the checkpoint's."""
+  kind, path = _split(spec)
+  fresh = flatten(fresh_params)
+  new = _matching(init_new, fresh)
+  wanted = {p: a for p, a in fresh.items() if p not in new}
+  saved_shapes = _saved_shapes(kind, path, spec, wanted, shardings) if new else None
+  if not new:  # the whole tree comes from the checkpoint, placed straight into its shards
+    return _load_all(kind, path, fresh_params, shardings)
+  _check(spec, wanted, saved_shapes, init_new)
+  loaded = _load_subset(kind, path, unflatten(wanted), _subset(shardings, wanted))
+  ignored = sorted(set(saved_shapes) - set(fresh))
+  print(f"init_from {spec}: loaded {len(wanted)} parameters; fresh (train.init_new="
+        f"{init_new!r}): {', '.join(sorted(new))}"
+        + (f"; not used from the checkpoint: {', '.join(ignored)}" if ignored else ""),
+        file=sys.stderr)
+  return unflatten({**fresh, **flatten(loaded)})
+
+
+def _matching(init_new: str, flat: dict) -> set[str]:
+  if not init_new:
+    return set()
+  try:
+    pattern = re.compile(init_new)
+  except re.error as e:
+    raise ConfigError(f"config.train.init_new={init_new!r} is not a regex: {e}") from e
+  new = {p for p in flat if pattern.fullmatch(p)}
+  if not new:
+    raise ConfigError(f"config.train.init_new={init_new!r} matches no parameter of the model; "
+                      f"its parameters include: {', '.join(sorted(flat)[:12])}")
+  return new
+
+
+def _check(spec: str, wanted: dict, saved: dict[str, tuple], init_new: str) -> None:
+  missing = [f"{p} {list(a.shape)}" for p, a in sorted(wanted.items()) if p not in saved]
+  shaped = [f"{p}: model {list(a.shape)}, checkpoint {list(saved[p])}"
+            for p, a in sorted(wanted.items()) if p in saved and tuple(saved[p]) != a.shape]
+  problems = ([f"missing in the checkpoint: {m}" for m in missing]
+              + [f"shape of {s}" for s in shaped])
+  if problems:
+    raise UserError(f"config.train.init_from={spec!r}: " + checkpoint.describe(problems)
+                    + f" (only parameters matching config.train.init_new={init_new!r} may be "
+                    "new)")
+
+
+def _subset(shardings, wanted: dict):
+  flat = flatten(shardings)
+  return unflatten({p: flat[p] for p in wanted})
+
+
+def _workdir_checkpoints(path: str, spec: str) -> str:
   directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
-    raise UserError(f"config.train.init_from=workdir:{path}: no checkpoints/ in that workdir")
-  return checkpoint.restore_params(directory, abstract_params, shardings)
+    raise UserError(f"config.train.init_from={spec!r}: no checkpoints/ in that workdir")
+  return directory
+
+
+def _saved_shapes(kind, path, spec, wanted, shardings) -> dict[str, tuple]:
+  if kind == "workdir":
+    return checkpoint.saved_param_shapes(_workdir_checkpoints(path, spec))
+  if kind == "export":
+    return checkpoint.exported_shapes(path)
+  from llmjax import hf
+  _, params = hf.load(path)
+  return {p: tuple(a.shape) for p, a in flatten(params).items()}
+
+
+def _load_all(kind, path, abstract, shardings):
+  if kind == "hf":
+    from llmjax import hf
+    return hf.load_params(path, abstract, shardings)
+  if kind == "export":
+    return checkpoint.load_exported(path, abstract, shardings)[1]
+  return checkpoint.restore_params(_workdir_checkpoints(path, kind + ":" + path), abstract,
+                                   shardings)
+
+
+def _load_subset(kind, path, abstract, shardings):
+  """Only the parameters in `abstract` (a subtree of the checkpoint's), verified and placed."""
+  if kind == "workdir":
+    return checkpoint.restore_params(_workdir_checkpoints(path, kind + ":" + path), abstract,
+                                     shardings, partial=True)
+  if kind == "export":
+    return checkpoint.load_exported(path, abstract, shardings, partial=True)[1]
+  from llmjax import hf
+  _, params = hf.load(path)
+  flat, where = flatten(params), flatten(shardings)
+  return unflatten({p: jax.device_put(flat[p].astype(a.dtype), where[p])
+                    for p, a in flatten(abstract).items()})

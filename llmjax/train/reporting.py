@@ -25,7 +25,8 @@ class MetricWriter:
     if not self.is_main:
       return
     record = {"step": int(step), "split": split}
-    record.update({k: _plain(v) for k, v in metrics.items()})
+    # Scalars only: per-class tables and confusion matrices go to eval/ and plots/.
+    record.update({k: _plain(v) for k, v in metrics.items() if not isinstance(v, (list, dict))})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():

@@ -1,7 +1,9 @@
-"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, model and optimiser bound.
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, loss and optimiser bound.
 
-`jit_steps` binds `model`, `tx` and `schedule` and jits both once with explicit shardings,
-donating the train state; the loop and the benchmarks share it, so benchmarks time what runs.
+The steps know nothing of models or objectives: `loss(variables, batch, *, rng, train)` returns
+`LossTerms` (sums and counts; a task's loss with its model bound, see `bind_loss`). `jit_steps`
+jits both once with explicit shardings, donating the train state; the loop and the benchmarks
+share it, so benchmarks time what runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.objectives import lm
 from llmjax.parallel import sharding
 from llmjax.parallel.mesh import BATCH_AXES
 from llmjax.train.compile_options import compiler_options
@@ -32,13 +33,16 @@ def _has_mesh() -> bool:
   return not jax.sharding.get_abstract_mesh().empty
 
 
-def _grads(state: TrainState, batch: dict, rng, model, accum_steps: int):
-  """Summed loss, token count and summed grads over `accum_steps` microbatches."""
+def bind_loss(task, model):
+  """The step's loss: `task.loss` with its model bound."""
+  return functools.partial(task.loss, model)
+
+
+def _grads(state: TrainState, batch: dict, rng, loss, accum_steps: int):
+  """Summed loss, weight (tokens, examples) and summed grads over `accum_steps` microbatches."""
   def loss_fn(params, microbatch, key, model_state):
-    loss_sum, count, model_state = lm.loss_terms(
-        model, params, microbatch, deterministic=False, rngs={"dropout": key},
-        model_state=model_state)
-    return loss_sum, (count, model_state)
+    terms = loss({"params": params, **model_state}, microbatch, rng=key, train=True)
+    return terms.loss_sum, (terms.weight, terms.model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
@@ -60,11 +64,11 @@ def _grads(state: TrainState, batch: dict, rng, model, accum_steps: int):
   return loss_sum, count, grads, model_state
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, *, loss, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accum_steps: int = 1):
-  """One optimizer update on a global batch; loss is the mean over all target tokens."""
+  """One optimizer update on a global batch; loss is the mean over everything that counts."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss_sum, count, grads, model_state = _grads(state, batch, rng, model, accum_steps)
+  loss_sum, count, grads, model_state = _grads(state, batch, rng, loss, accum_steps)
   denominator = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -72,7 +76,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   finite = jnp.isfinite(loss_sum) & opt_state.last_finite
   metrics = {
       "loss": loss_sum / denominator,
-      "tokens": count,
+      "weight": count,
       "grad_norm": optax.global_norm(grads),
       "lr": schedule(state.step),
       "nonfinite": 1.0 - finite.astype(jnp.float32),
@@ -86,25 +90,24 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model):
-  """(sum of token losses, number of target tokens) on one batch, deterministic."""
-  loss_sum, count, _ = lm.loss_terms(model, state.params, batch, deterministic=True,
-                                     model_state=state.model_state)
-  return {"loss_sum": loss_sum, "tokens": count}
+def eval_step(state: TrainState, batch: dict, *, loss):
+  """{"loss_sum", "weight", **metric sums} of one batch, deterministic; batches add up."""
+  terms = loss({"params": state.params, **state.model_state}, batch, rng=None, train=False)
+  return {"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums}
 
 
-def jit_steps(model, tx: optax.GradientTransformation, schedule, accum_steps: int, mesh,
+def jit_steps(loss, tx: optax.GradientTransformation, schedule, accum_steps: int, mesh,
               state_shardings):
   """(train, evaluate): jitted with explicit shardings and the backend's compile options."""
   batch_sharding = sharding.batch_sharding(mesh)
   options = compiler_options(mesh)
   train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+      functools.partial(train_step, loss=loss, tx=tx, schedule=schedule,
                         accum_steps=accum_steps),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0,
       compiler_options=options)
-  evaluate = jax.jit(functools.partial(eval_step, model=model),
+  evaluate = jax.jit(functools.partial(eval_step, loss=loss),
                      in_shardings=(state_shardings, batch_sharding),
                      out_shardings=sharding.replicated(mesh), compiler_options=options)
   return train, evaluate

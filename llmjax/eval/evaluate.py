@@ -1,0 +1,69 @@
+"""A run's checkpoint evaluated on a whole split: the task's report, eval/step_N.json, plots.
+
+The same task code runs here as every `train.eval_every` steps of training; only the batches
+differ (all of the split here, the first `train.eval_batches` there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+from flax import linen as nn
+
+from llmjax import tasks
+from llmjax.errors import UserError
+from llmjax.parallel import sharding
+from llmjax.train import rundir, step as steplib
+
+
+def split_arrays(data: tasks.Data, split: str, workdir: str) -> dict:
+  arrays = {"val": data.val, "test": data.test}[split]
+  if arrays is None:
+    raise UserError(f"--split={split}: the data of {workdir} has no {split} split (for labelled "
+                    "files set config.data.test_files; for tfds config.data.tfds_test_split)")
+  return arrays
+
+
+def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> dict:
+  """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json."""
+  from llmjax.data import text
+  run = rundir.restore(workdir, step)
+  task, data = tasks.setup(run.exp, workdir)
+  arrays = split_arrays(data, split, workdir)
+  devices = run.mesh.size
+  batch_size = devices * math.ceil(run.exp.train.batch_size / devices)
+  batches = text.eval_batches(arrays, batch_size)
+  eval_fn = jax.jit(lambda state, batch: steplib.eval_step(
+      state, batch, loss=steplib.bind_loss(task, run.model)))
+  rules = sharding.rules_for("dp")
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
+    from llmjax.train import loop
+    sums = loop.eval_sums(run.mesh, eval_fn, run.state, batches)
+  report = {"step": run.step, "split": split, **task.report(sums)}
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"step_{run.step}.json" if split == "val"
+                      else f"step_{run.step}_{split}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(path + ".tmp", path)
+  report["files"] = [path] + task.write_report(workdir, report, sums, f"step {run.step} {split}")
+  return report
+
+
+def table(report: dict) -> str:
+  """Scalar metrics one per line, then the per-class table when there is one."""
+  lines = [f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}"
+           for k, v in report.items() if isinstance(v, (int, float, str))]
+  per_class = report.get("per_class")
+  if per_class:
+    width = max(len(c["name"]) for c in per_class)
+    lines.append("")
+    lines.append(f"{'class':>{width}}  precision  recall      f1  support")
+    for c in per_class:
+      lines.append(f"{c['name']:>{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  "
+                   f"{c['f1']:6.4f}  {c['support']:7d}")
+  return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Evaluation plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def confusion(confusion_CC: np.ndarray, names, out_png: str, title: str) -> None:
+  """A confusion matrix with class names on both axes and the counts in the cells."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  n = confusion_CC.shape[0]
+  names = list(names) if names else [str(i) for i in range(n)]
+  size = max(4.0, 0.6 * n + 2)
+  fig, ax = plt.subplots(figsize=(size + 1, size))
+  image = ax.imshow(confusion_CC, cmap="Blues")
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  ax.set_xticks(range(n), names, rotation=45, ha="right")
+  ax.set_yticks(range(n), names)
+  ax.set_xlabel("predicted label")
+  ax.set_ylabel("true label")
+  ax.set_title(title)
+  threshold = confusion_CC.max() / 2 if confusion_CC.size else 0
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, str(int(confusion_CC[i, j])), ha="center", va="center", fontsize=8,
+              color="white" if confusion_CC[i, j] > threshold else "black")
+  os.makedirs(os.path.dirname(out_png), exist_ok=True)
+  fig.savefig(out_png, dpi=120, bbox_inches="tight")
+  plt.close(fig)

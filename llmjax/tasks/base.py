@@ -1,0 +1,119 @@
+"""The task layer: what differs between objectives, behind one small interface.
+
+A task owns its model, example batch, data, loss, report and end-of-run outputs; the loop, the
+steps, abstract init, checkpoints, preemption and the CLI only ever call these methods. Losses
+return sums and counts, never means, so sharded devices, accumulated microbatches and eval
+batches reduce exactly by adding; means are taken once, on the host, in `report`.
+
+Adding a task: subclass `Task` in a new module of this package, register it in `TASKS`
+(`llmjax/tasks/__init__.py`), add an experiment and tests (docs/tasks.md has a worked example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from llmjax.config import Experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+  """One batch's loss as sums: reduced across devices, microbatches and batches by adding."""
+  loss_sum: jax.Array  # summed loss over everything that counts (tokens, examples)
+  weight: jax.Array  # how many things counted; the mean loss is loss_sum / weight
+  sums: dict  # metric sums (correct predictions, a confusion matrix, ...), added like the loss
+  model_state: dict  # updated non-trainable collections (BatchNorm statistics); {} if none
+
+
+jax.tree_util.register_dataclass(LossTerms, data_fields=["loss_sum", "weight", "sums",
+                                                         "model_state"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A task's data: in-memory rows for the train iterator and the fixed evaluation splits."""
+  train: dict[str, np.ndarray]  # every array has the examples on axis 0
+  val: dict[str, np.ndarray]
+  test: dict[str, np.ndarray] | None
+  tokenizer: Any
+  info: dict  # what the task's model and loss need to know about the data (label names, ids)
+  artifacts: dict[str, str]  # files the run keeps in its workdir: name -> text (tokenizer.json)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """What a finished run hands its task for end-of-run outputs."""
+  workdir: str
+  model: nn.Module
+  params: Any  # host arrays
+  data: Data
+  report: dict  # the final evaluation, as `Task.report` returned it
+
+
+class Task:
+  """Base class: an objective bound to an experiment and to what its data revealed (`info`)."""
+  name = "task"
+
+  def __init__(self, exp: Experiment, info: dict | None = None):
+    self.exp = exp
+    self.info = info or {}
+
+  def with_info(self, info: dict) -> "Task":
+    return type(self)(self.exp, info)
+
+  def data(self, workdir: str | None) -> Data:
+    """Read, tokenize and split; reuse the tokenizer / label set a workdir already holds."""
+    raise NotImplementedError
+
+  def model(self) -> nn.Module:
+    raise NotImplementedError
+
+  def example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one batch: for abstract init, jit and benchmarks."""
+    raise NotImplementedError
+
+  def init(self, model: nn.Module, rngs: dict, batch: dict) -> dict:
+    """All variables of `model`, from zeros shaped like `batch`."""
+    raise NotImplementedError
+
+  def loss(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool) -> LossTerms:
+    raise NotImplementedError
+
+  def report(self, sums: dict) -> dict:
+    """Evaluation sums (loss_sum, weight and the task's own) -> scalar metrics for metrics.jsonl."""
+    raise NotImplementedError
+
+  def headline(self, report: dict) -> str:
+    """One line for the end of `llmjax train`."""
+    return f"final validation loss {report['loss']:.4f}"
+
+  def write_report(self, workdir: str, report: dict, sums: dict, tag: str) -> list[str]:
+    """Task-specific files for an evaluation (plots); returns the paths written."""
+    return []
+
+  def finish(self, outputs: Outputs) -> list[str]:
+    """End-of-training outputs such as samples.txt; returns the paths written."""
+    return []
+
+  def tokens_per_example(self) -> int:
+    return self.exp.data.seq_len
+
+
+def zeros_like_batch(example: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  return jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), example)
+
+
+def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng, **kwargs):
+  """(outputs, updated model_state): mutable collections update only while training."""
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  rngs = {"dropout": rng} if rng is not None else None
+  if model_state and train:
+    out, model_state = model.apply(variables, *args, mutable=list(model_state), rngs=rngs,
+                                   **kwargs)
+    return out, dict(model_state)
+  return model.apply(variables, *args, rngs=rngs, **kwargs), model_state

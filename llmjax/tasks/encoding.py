@@ -1,0 +1,74 @@
+"""What the text tasks share: the run's tokenizer, special ids, and rows of token ids."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from llmjax.config import Experiment
+from llmjax.errors import ConfigError
+
+_TRAINED = ("wordpiece:", "bpe:")
+
+
+def _init_from_tokenizer_dir(spec: str) -> str | None:
+  """The directory holding the tokenizer.json of an init_from checkpoint, if it has one."""
+  kind, _, path = spec.partition(":")
+  candidates = {"workdir": [path], "export": [os.path.join(path, "tokenizer"), path],
+                "hf": [path]}.get(kind, [])
+  return next((d for d in candidates if os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
+
+
+def run_tokenizer(exp: Experiment, workdir: str | None, training_texts):
+  """(tokenizer, artifacts). A vocabulary to be trained gives way to the init_from checkpoint's:
+  pretrained embeddings are indexed by that checkpoint's ids, a new vocabulary would scramble them.
+  """
+  from llmjax.data import tokenizers
+  spec = exp.data.tokenizer
+  resumed = workdir and os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE))
+  if spec.startswith(_TRAINED) and exp.train.init_from and not resumed:
+    found = _init_from_tokenizer_dir(exp.train.init_from)
+    if found:
+      print(f"tokenizer: using {found}/tokenizer.json of config.train.init_from instead of "
+            f"training {spec}", file=sys.stderr)
+      spec = f"hf:{found}"
+  return tokenizers.for_run(spec, workdir, training_texts)
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+  return {role: tokenizer.special_id(role) for role in ("pad", "cls", "sep", "mask")}
+
+
+def require_special(specials: dict, role: str, exp: Experiment, why: str) -> int:
+  if specials[role] is None:
+    raise ConfigError(f"config.data.tokenizer={exp.data.tokenizer!r} has no {role} token, which "
+                      f"{why} needs; use a trained vocabulary ('wordpiece:N', 'bpe:N') or an "
+                      "hf:PATH tokenizer that has one")
+  return specials[role]
+
+
+def framed_rows(pieces: list[np.ndarray], seq_len: int, specials: dict) -> dict[str, np.ndarray]:
+  """One piece per row as [CLS] piece [SEP] (where the vocabulary has them), zero-padded:
+  {"tokens", "segment_ids"} [N, seq_len] int32, segment 1 on real tokens, 0 on padding."""
+  head = [specials["cls"]] if specials.get("cls") is not None else []
+  tail = [specials["sep"]] if specials.get("sep") is not None else []
+  room = seq_len - len(head) - len(tail)
+  pad = specials.get("pad") or 0
+  tokens = np.full((len(pieces), seq_len), pad, np.int32)
+  segment_ids = np.zeros((len(pieces), seq_len), np.int32)
+  for row, piece in enumerate(pieces):
+    ids = np.concatenate([head, np.asarray(piece[:room]), tail]).astype(np.int32)
+    tokens[row, :ids.size] = ids
+    segment_ids[row, :ids.size] = 1
+  return {"tokens": tokens, "segment_ids": segment_ids}
+
+
+def chunks(token_docs: list[np.ndarray], size: int, min_size: int = 2) -> list[np.ndarray]:
+  """Each document cut into consecutive pieces of `size` tokens; shorter scraps than
+  `min_size` are dropped (a row of [CLS] x [SEP] teaches nothing)."""
+  out = []
+  for doc in token_docs:
+    out += [doc[i:i + size] for i in range(0, doc.size, size) if doc[i:i + size].size >= min_size]
+  return out

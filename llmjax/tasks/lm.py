@@ -1,0 +1,82 @@
+"""`lm`: causal language modelling on packed text (next token within a document)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.objectives import lm as lm_objective
+from llmjax.tasks.base import Data, LossTerms, Outputs, Task, apply_model
+
+
+class LM(Task):
+  """A decoder Transformer trained to predict each next token; reports loss, perplexity, bits/byte."""
+  name = "lm"
+
+  def data(self, workdir):
+    from llmjax.data import text  # the data stack loads only when data is needed
+    corpus = text.load_corpus(self.exp.data, workdir)
+    return Data(train=corpus.train, val=corpus.val, test=None, tokenizer=corpus.tokenizer,
+                info={"tokenizer": corpus.tokenizer.name,
+                      "vocab_size": corpus.tokenizer.vocab_size},
+                artifacts=corpus.artifacts)
+
+  def model(self):
+    from llmjax.models.transformer import Transformer
+    return Transformer(self.exp.model)
+
+  def example_batch(self, batch_size):
+    shape = (batch_size, self.exp.data.seq_len)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+
+  def init(self, model, rngs, batch):
+    return model.init(rngs, batch["tokens"])
+
+  def loss(self, model, variables, batch, *, rng, train):
+    tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
+    targets_BL, loss_mask_BL = lm_objective.next_token_targets(tokens_BL, segment_ids_BL)
+    if "weights" in batch:  # optional per-example weights [B]
+      loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
+    logits_BLV, model_state = apply_model(model, variables, tokens_BL, train=train, rng=rng,
+                                          segment_ids_BL=segment_ids_BL, deterministic=not train)
+    loss_sum, count = lm_objective.cross_entropy_sum(logits_BLV, targets_BL, loss_mask_BL)
+    return LossTerms(loss_sum, count, {}, model_state)
+
+  def report(self, sums):
+    tokens = float(sums["weight"])
+    loss = float(sums["loss_sum"]) / max(tokens, 1.0)
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    if self.info.get("tokenizer") == "byte":
+      metrics["bits_per_byte"] = loss / math.log(2)
+    return metrics
+
+  def headline(self, report):
+    line = f"final validation loss {report['loss']:.4f} nats/token"
+    if "bits_per_byte" in report:
+      line += f" ({report['bits_per_byte']:.3f} bits/byte)"
+    return line
+
+  def finish(self, outputs: Outputs):
+    path = os.path.join(outputs.workdir, "samples.txt")
+    write_samples(self.exp, outputs.model, outputs.params, outputs.data, path)
+    return [path]
+
+
+def write_samples(exp, model, params, data: Data, path: str) -> None:
+  """Continue a few validation prompts and write prompt + continuation as text."""
+  from llmjax import generate
+  t = exp.train
+  n_new = min(t.sample_tokens, exp.model.max_len // 2)
+  prompt_len = min(64, exp.model.max_len - n_new)
+  rows = data.val["tokens"][: t.sample_prompts, :prompt_len]
+  out = generate.sample(model, params, jnp.asarray(rows), jax.random.PRNGKey(t.seed),
+                        n_new=n_new, temperature=t.sample_temperature)
+  decode = data.tokenizer.decode
+  with open(path, "w") as f:
+    for prompt, continuation in zip(rows, np.asarray(out)):
+      f.write(f"=== prompt\n{decode(prompt)}\n=== continuation\n{decode(continuation)}\n\n")

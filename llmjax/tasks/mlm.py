@@ -1,0 +1,93 @@
+"""`mlm`: BERT-style masked-LM pretraining of an encoder on any text source.
+
+Each row is [CLS] + a piece of one document + [SEP]. Corruption happens on device, inside the
+loss, from the step's key: 15% of real tokens chosen (never [CLS], [SEP] or padding), of those 80%
+[MASK], 10% a random token, 10% kept; the loss counts the chosen positions only. Evaluation
+corrupts with a key derived from the batch's own tokens, so every evaluation of a fixed batch
+masks the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.objectives import lm as lm_objective
+from llmjax.tasks import encoding
+from llmjax.tasks.base import Data, LossTerms, Task, apply_model
+
+
+class MaskedLM(Task):
+  """An encoder with BERT's masked-LM head; reports masked-token loss and accuracy."""
+  name = "mlm"
+
+  def data(self, workdir):
+    from llmjax.data import sources, text
+    exp = self.exp
+    docs = sources.read_documents(exp.data)
+    train_docs, val_docs = text.split_documents(docs, exp.data.val_fraction, exp.data.seed)
+    tokenizer, artifacts = encoding.run_tokenizer(exp, workdir, lambda: [t for _, t in train_docs])
+    specials = encoding.special_ids(tokenizer)
+    encoding.require_special(specials, "mask", exp, "masked-LM pretraining")
+    room = exp.data.seq_len - (specials["cls"] is not None) - (specials["sep"] is not None)
+
+    def rows(side):
+      ids = tokenizer.encode_batch([t for _, t in side], add_special_tokens=False)
+      return encoding.framed_rows(encoding.chunks(ids, room), exp.data.seq_len, specials)
+    info = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **{
+        f"{role}_id": value for role, value in specials.items()}}
+    return Data(train=rows(train_docs), val=rows(val_docs), test=None, tokenizer=tokenizer,
+                info=info, artifacts=artifacts)
+
+  def model(self):
+    from llmjax.models.heads import MaskedLM as MaskedLMHead
+    return MaskedLMHead(self.exp.model)
+
+  def example_batch(self, batch_size):
+    shape = (batch_size, self.exp.data.seq_len)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+
+  def init(self, model, rngs, batch):
+    return model.init(rngs, batch["tokens"], attention_mask_BL=batch["segment_ids"])
+
+  def corrupt(self, tokens_BL, segment_ids_BL, rng):
+    """(inputs_BL, chosen_BL): the masked-LM corruption of one batch."""
+    if rng is None:  # evaluation: the same positions every time this batch is seen
+      weights_L = jnp.arange(1, tokens_BL.shape[1] + 1, dtype=jnp.uint32)
+      rng = jax.random.fold_in(jax.random.PRNGKey(self.exp.data.seed),
+                               jnp.sum(tokens_BL.astype(jnp.uint32) * weights_L[None]))
+    specials = [self.info[k] for k in ("cls_id", "sep_id", "pad_id")
+                if self.info.get(k) is not None]
+    can_mask_BL = segment_ids_BL != 0
+    for special in specials:
+      can_mask_BL &= tokens_BL != special
+    t = self.exp.task
+    return lm_objective.mask_tokens(
+        rng, tokens_BL, can_mask_BL, mask_id=self.info["mask_id"],
+        vocab_size=self.info["vocab_size"], mask_prob=t.mask_prob,
+        mask_token_ratio=t.mask_token_ratio, random_token_ratio=t.random_token_ratio)
+
+  def loss(self, model, variables, batch, *, rng, train):
+    tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
+    corrupt_key, dropout_key = jax.random.split(rng) if rng is not None else (None, None)
+    inputs_BL, chosen_BL = self.corrupt(tokens_BL, segment_ids_BL, corrupt_key)
+    logits_BLV, model_state = apply_model(model, variables, inputs_BL, train=train,
+                                          rng=dropout_key, attention_mask_BL=segment_ids_BL,
+                                          deterministic=not train)
+    loss_sum, count = lm_objective.cross_entropy_sum(logits_BLV, tokens_BL, chosen_BL)
+    correct = jnp.sum((jnp.argmax(logits_BLV, -1) == tokens_BL) * chosen_BL)
+    return LossTerms(loss_sum, count, {"correct": correct}, model_state)
+
+  def report(self, sums):
+    chosen = float(sums["weight"])
+    loss = float(sums["loss_sum"]) / max(chosen, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "masked_accuracy": float(sums["correct"]) / max(chosen, 1.0),
+            "masked_tokens": chosen}
+
+  def headline(self, report):
+    return (f"final validation masked-LM loss {report['loss']:.4f}, masked-token accuracy "
+            f"{report['masked_accuracy']:.2%}")
