@@ -24,6 +24,7 @@ from flax import linen as nn
 
 from llmjax import config as configlib
 from llmjax.models.transformer import Transformer
+from llmjax.tasks.lm import LM
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.train import init, optim, step
@@ -98,6 +99,7 @@ class Built:
   state_shardings: object
   batch_sharding: object
   train: object  # jax.jit-wrapped train step
+  init_variables: object  # rngs -> variables, as the loop initialises
 
 
 def build(exp: configlib.Experiment, devices=None) -> Built:
@@ -106,13 +108,17 @@ def build(exp: configlib.Experiment, devices=None) -> Built:
   mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
-  model = Transformer(exp.model)
+  task = LM(exp)  # the main job's objective: what `llmjax train` runs
+  model = task.model()
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
-  abstract, shardings = init.state_shardings(model, tx, exp.data.seq_len, mesh, rules)
+  init_variables = init.variables_init(task, model, task.example_batch(1))
+  abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  train, _ = step.jit_steps(model, tx, schedule, exp.optim.accum_steps, mesh, shardings)
-  return Built(exp, mesh, rules, model, tx, abstract, shardings, batch_sharding, train)
+  train, _ = step.jit_steps(step.bind_loss(task, model), tx, schedule, exp.optim.accum_steps,
+                            mesh, shardings)
+  return Built(exp, mesh, rules, model, tx, abstract, shardings, batch_sharding, train,
+               init_variables)
 
 
 def abstract_batch(exp: configlib.Experiment) -> dict:
@@ -136,8 +142,7 @@ def lower(b: Built):
 
 
 def init_state(b: Built, seed: int = 0):
-  return init.init_state(seed, b.model, b.tx, b.exp.data.seq_len, b.mesh, b.rules,
-                         b.state_shardings)
+  return init.init_state(seed, b.init_variables, b.tx, b.mesh, b.rules, b.state_shardings)
 
 
 def time_steps(run_once, steps: int, warmup: int) -> dict:

@@ -155,16 +155,17 @@ def model_setup(workdir: str):
   import jax
 
   from llmjax import config as config_lib
-  from llmjax.models.transformer import Transformer
   from llmjax.parallel import mesh as meshlib, sharding
+  from llmjax.tasks.lm import LM
   from llmjax.train import init, optim
 
   with open(os.path.join(workdir, "config.json")) as f:
     exp = config_lib.from_json(f.read())
   mesh = meshlib.make_mesh(config_lib.MeshConfig(data=1), devices=jax.devices()[:1])
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
-  return init.state_shardings(Transformer(exp.model), tx, exp.data.seq_len, mesh,
-                              sharding.rules_for("dp"))
+  task = LM(exp)
+  init_variables = init.variables_init(task, task.model(), task.example_batch(1))
+  return init.state_shardings(init_variables, tx, mesh, sharding.rules_for("dp"))
 
 
 def flat(tree) -> dict:

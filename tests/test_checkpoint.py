@@ -276,6 +276,7 @@ def _setup(model_overrides: dict, mesh_cfg, devices=None):
   from llmjax.config import ModelConfig, OptimConfig
   from llmjax.models.transformer import Transformer
   from llmjax.parallel import mesh as meshlib, sharding
+  from llmjax.tasks.lm import LM
   from llmjax.train import init, optim
 
   model_cfg = ModelConfig(**{"vocab_size": 256, "d_model": 32, "n_layers": 1, "n_heads": 4,
@@ -283,7 +284,9 @@ def _setup(model_overrides: dict, mesh_cfg, devices=None):
   model, tx = Transformer(model_cfg), optim.make_optimizer(OptimConfig(), 10)
   mesh = meshlib.make_mesh(mesh_cfg, devices=devices)
   rules = sharding.rules_for(mesh_cfg.rules)
-  abstract, shardings = init.state_shardings(model, tx, 32, mesh, rules)
+  init_variables = init.variables_init(LM(None), model, {
+      "tokens": jax.ShapeDtypeStruct((1, 32), jax.numpy.int32)})
+  abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)
   return model, tx, mesh, rules, abstract, shardings
 
 

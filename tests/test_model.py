@@ -13,7 +13,7 @@ from flax import linen as nn
 from llmjax import config as config_lib
 from llmjax.models import transformer
 from llmjax.models.transformer import Transformer, positions_from_segments
-from llmjax.objectives import lm
+from llmjax.tasks.lm import LM
 from llmjax.parallel import axes
 
 VOCAB, D_MODEL, N_HEADS, D_FF, N_LAYERS, MAX_LEN = 64, 32, 4, 64, 2, 32
@@ -82,8 +82,8 @@ def stack_layers(params, n_layers=N_LAYERS):
 
 def loss_fn(model, params, tokens_BL, segment_ids_BL):
   batch = {"tokens": tokens_BL, "segment_ids": segment_ids_BL}
-  loss_sum, count, _ = lm.loss_terms(model, params, batch, deterministic=True)
-  return loss_sum / count
+  terms = LM(None).loss(model, {"params": params}, batch, rng=None, train=False)
+  return terms.loss_sum / terms.weight
 
 
 @pytest.fixture(scope="module", params=list(PRESET_OVERRIDES))

@@ -271,9 +271,9 @@ def _rows(n_rows: int, seq_len: int = 4) -> dict:
 def test_data_iterator_restored_at_recorded_states_continues_identically(tmp_path):
   from llmjax.train import loop
 
-  corpus = types.SimpleNamespace(train=_rows(23))
+  data = types.SimpleNamespace(train=_rows(23))
   setup = types.SimpleNamespace(
-      corpus=corpus, exp=types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4),
+      data=data, exp=types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4),
                                                data=types.SimpleNamespace(seed=7)))
   iterator = loop._data_iterator(setup, None)
   states, batches = [], []

@@ -12,6 +12,7 @@ from llmjax.errors import ConfigError
 from llmjax.models.transformer import Transformer
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
+from llmjax.tasks.lm import LM
 from llmjax.train import init, loop, optim
 
 SEQ, BATCH = 16, 8
@@ -49,15 +50,18 @@ def experiment(rules="dp", accum_steps=1, model_overrides=None, **mesh):
 
 
 def setup_for(exp, devices=None) -> loop.Setup:
-  """What loop.prepare builds, without a corpus: mesh, rules, model, optimiser, shardings."""
+  """What loop.prepare builds, without data: mesh, rules, model, optimiser, shardings."""
   mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
-  model = Transformer(exp.model)
+  task = LM(exp)
+  model = task.model()
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
-  abstract, shardings = init.state_shardings(model, tx, SEQ, mesh, rules)
-  return loop.Setup(exp, mesh, rules, model, None, tx, schedule, abstract, shardings)
+  init_variables = init.variables_init(task, model, task.example_batch(1))
+  abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)
+  return loop.Setup(exp, mesh, rules, task, model, None, tx, schedule, init_variables, abstract,
+                    shardings)
 
 
 def one_step(s: loop.Setup, host_state, host_batch):
@@ -83,7 +87,7 @@ def make_batch(seed=0):
 def initial():
   """A real sharded init (fsdp x tensor): the sharded state and a host copy of it."""
   s = setup_for(experiment("fsdp_tp", **MESHES["fsdp_tp"]))
-  state = init.init_state(0, s.model, s.tx, SEQ, s.mesh, s.rules, s.state_shardings)
+  state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   return s, state, jax.device_get(state)
 
 
@@ -149,7 +153,7 @@ def test_sharded_step_equals_one_device_step(preset, initial, reference):
   assert_placed(new_state.params, logical_names(s), s.mesh, PARAM_PLACEMENT[preset])
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
-  assert metrics["tokens"] == ref_metrics["tokens"] and metrics["nonfinite"] == 0
+  assert metrics["weight"] == ref_metrics["weight"] and metrics["nonfinite"] == 0
   params = jax.device_get(new_state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), params,
                ref_params)
@@ -164,7 +168,7 @@ def test_gradient_accumulation_equals_one_big_batch(initial, reference):
   s = setup_for(experiment("tp", accum_steps=2, **MESHES["tp"]))
   new_state, metrics = one_step(s, host_state, make_batch())
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
-  assert metrics["tokens"] == ref_metrics["tokens"]
+  assert metrics["weight"] == ref_metrics["weight"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
                jax.device_get(new_state.params), ref_params)
 

@@ -22,6 +22,7 @@ from flax import linen as nn
 import llmjax.train
 from llmjax import config as config_lib
 from llmjax.models.transformer import Transformer
+from llmjax.tasks.lm import LM
 from llmjax.train import optim, reporting, step
 from llmjax.train.state import TrainState
 
@@ -123,7 +124,7 @@ def test_tiny_model_overfits_one_batch():
                      rng=jax.random.PRNGKey(1), model_state={})
   batch = {"tokens": jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32),
            "segment_ids": jnp.ones((4, 16), jnp.int32)}
-  train = jax.jit(functools.partial(step.train_step, model=model, tx=tx,
+  train = jax.jit(functools.partial(step.train_step, loss=step.bind_loss(LM(cfg), model), tx=tx,
                                     schedule=optim.learning_rate_schedule(cfg.optim, 400)))
   losses = []
   for _ in range(400):

@@ -132,5 +132,5 @@ def get_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     return ByteTokenizer()
   if spec.startswith("hf:") and len(spec) > 3:
     return HFTokenizer(spec[3:])
-  raise DataError(f"unknown tokenizer {spec!r}; allowed: 'byte', 'hf:PATH' "
-                  "(a directory with tokenizer.json), 'wordpiece:N' or 'bpe:N'")
+  raise DataError(f"unknown tokenizer {spec!r}; allowed: 'byte' or 'hf:PATH' "
+                  "(a directory with tokenizer.json); trained: 'wordpiece:N' or 'bpe:N'")
