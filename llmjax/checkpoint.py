@@ -287,8 +287,10 @@ def restore_params(directory: str, abstract_params, shardings, *, partial: bool 
   raise CheckpointError(f"no valid checkpoint in {directory}")
 
 
-def export_params(params, model_config: dict, out_dir: str) -> None:
-  """Parameters only (no optimizer state): out_dir/{params/, model_config.json, checksums.json}.
+def export_params(params, model_config: dict, out_dir: str,
+                  extra_files: dict[str, str] | None = None) -> None:
+  """Parameters only (no optimizer state): out_dir/{params/, model_config.json, checksums.json}
+  plus `extra_files` ({relative path: text}).
 
   Written to a temporary sibling and renamed, so a failed export leaves nothing half-written.
   """
@@ -305,6 +307,10 @@ def export_params(params, model_config: dict, out_dir: str) -> None:
     json.dump(model_config, f, indent=2, sort_keys=True)
   with open(os.path.join(tmp, "checksums.json"), "w") as f:
     json.dump(checksums(params), f)
+  for name, text in (extra_files or {}).items():
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    with open(os.path.join(tmp, name), "w") as f:
+      f.write(text)
   os.rename(tmp, out_dir)
 
 

@@ -32,6 +32,15 @@ BAD_INPUTS = {
                               "--config.data.files=/nonexistent/*.txt"], 1,
                              ["/nonexistent/*.txt"]),
     "unknown_config_argument": (["--config=experiments/lm/stdlib_gpt.py:bogus"], 1, ["bogus"]),
+    "unknown_task": ([SMOKE, "--config.task.name=regress"], 1,
+                     ["config.task.name='regress'", "lm, mlm, classify"]),
+    "init_from_is_not_a_run": ([SMOKE, "--config.train.init_from=workdir:/nonexistent/run"], 1,
+                               ["config.train.init_from", "/nonexistent/run"]),
+    "mlm_tokenizer_without_mask": ([SMOKE, "--config.task.name=mlm"], 1,
+                                   ["config.data.tokenizer='byte'", "mask"]),
+    "pooling_does_not_fit_the_model": ([SMOKE, "--config.task.name=classify",
+                                        "--config.task.pooling=cls"], 1,
+                                       ["config.task.pooling='cls'", "causal decoder"]),
 }
 
 

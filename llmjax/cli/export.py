@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -29,9 +30,17 @@ def export(workdir: str, out: str, step: int | None) -> int:
   import jax
 
   from llmjax import checkpoint
+  from llmjax.hf import convert
   from llmjax.train import rundir
 
   run = rundir.restore(workdir, step)
+  # Which module wraps the config (a BERT head, its label count) and the run's vocabulary, so
+  # `llmjax convert --to=hf:` and `generate` need nothing else.
+  extra = {convert.MODEL_FILE: json.dumps(convert.describe(run.model), indent=2)}
+  tokenizer = os.path.join(workdir, "tokenizer.json")
+  if os.path.isfile(tokenizer):
+    with open(tokenizer) as f:
+      extra[os.path.join(convert.TOKENIZER_DIR, "tokenizer.json")] = f.read()
   checkpoint.export_params(jax.device_get(run.state.params), dataclasses.asdict(run.exp.model),
-                           out)
+                           out, extra)
   return run.step

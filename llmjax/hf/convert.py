@@ -27,7 +27,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                     "tokenizer.model", "spiece.model", "chat_template.jinja")
 _MODULES = {"Transformer": Transformer, "Encoder": heads.Encoder, "MaskedLM": heads.MaskedLM,
-            "SequenceClassifier": heads.SequenceClassifier}
+            "SequenceClassifier": heads.SequenceClassifier,
+            "DecoderClassifier": heads.DecoderClassifier}
 
 
 @dataclasses.dataclass

@@ -58,11 +58,11 @@ def check_vocab(exp: Experiment, tokenizer) -> None:
                       f"{exp.data.tokenizer!r})")
 
 
-def prepare(exp: Experiment, workdir: str | None = None) -> Setup:
+def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   """Validate against the devices and data; build task, model, optimiser and abstract state."""
   exp = pretrained.resolve_model(exp)
   task = tasks.build(exp)
-  mesh = meshlib.make_mesh(exp.mesh)
+  mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
   check_batch(exp, mesh)
@@ -74,6 +74,9 @@ def prepare(exp: Experiment, workdir: str | None = None) -> Setup:
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
   abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules)
+  resuming = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if exp.train.init_from and not resuming:
+    pretrained.check(exp.train.init_from, exp.train.init_new, abstract_state.params)
   return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
                abstract_state, state_shardings)
 

@@ -84,6 +84,17 @@ def resolve_model(exp: Experiment) -> Experiment:
   return dataclasses.replace(exp, model=dataclasses.replace(exp.model, **taken))
 
 
+def check(spec: str, init_new: str, abstract_params) -> None:
+  """Before anything is written: init_new matches, and the checkpoint has every other parameter
+  in its shape (UserError naming them otherwise)."""
+  flat = flatten(abstract_params)
+  new = _matching(init_new, flat)
+  if new:
+    kind, path = _split(spec)
+    wanted = {p: a for p, a in flat.items() if p not in new}
+    _check(spec, wanted, _saved_shapes(kind, path, spec, wanted, None), init_new)
+
+
 def load_params(spec: str, init_new: str, fresh_params, shardings):
   """`fresh_params` with every parameter not matching `init_new` replaced by the checkpoint's."""
   kind, path = _split(spec)
