@@ -104,8 +104,11 @@ class Task:
     return self.exp.data.seq_len
 
 
-def zeros_like_batch(example: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-  return jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), example)
+def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """{"tokens", "segment_ids"}: [B, L] int32, the rows every text task starts from."""
+  shape = (batch_size, seq_len)
+  return {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32),
+          "segment_ids": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
 
 
 def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng, **kwargs):

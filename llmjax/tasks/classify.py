@@ -15,7 +15,7 @@ import optax
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Task, apply_model
+from llmjax.tasks.base import Data, LossTerms, Task, apply_model, token_batch
 
 LABELS_FILE = "labels.json"
 
@@ -87,9 +87,7 @@ class Classify(Task):
     return cls(self.exp.model, num_labels=self.num_classes())
 
   def example_batch(self, batch_size):
-    shape = (batch_size, self.exp.data.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+    return {**token_batch(batch_size, self.exp.data.seq_len),
             "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
             "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.objectives import lm as lm_objective
-from llmjax.tasks.base import Data, LossTerms, Outputs, Task, apply_model
+from llmjax.tasks.base import Data, LossTerms, Outputs, Task, apply_model, token_batch
 
 
 class LM(Task):
@@ -30,9 +30,7 @@ class LM(Task):
     return Transformer(self.exp.model)
 
   def example_batch(self, batch_size):
-    shape = (batch_size, self.exp.data.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+    return token_batch(batch_size, self.exp.data.seq_len)
 
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["tokens"])

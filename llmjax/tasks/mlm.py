@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Task, apply_model
+from llmjax.tasks.base import Data, LossTerms, Task, apply_model, token_batch
 
 
 class MaskedLM(Task):
@@ -46,9 +46,7 @@ class MaskedLM(Task):
     return MaskedLMHead(self.exp.model)
 
   def example_batch(self, batch_size):
-    shape = (batch_size, self.exp.data.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+    return token_batch(batch_size, self.exp.data.seq_len)
 
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["tokens"], attention_mask_BL=batch["segment_ids"])
