@@ -54,22 +54,24 @@ def write_corpus(root: pathlib.Path, n: int = 8) -> str:
   return str(root / "*.txt")
 
 
-def experiment(task: str, tmp: pathlib.Path, **sections) -> config_lib.Experiment:
-  """A tiny experiment of `task` on files the test writes (encoders for mlm and classify)."""
+def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
+               **sections) -> config_lib.Experiment:
+  """A tiny experiment of `task` on files the test writes (encoders for mlm and classify
+  unless `decoder`)."""
   c = config_lib.base_config()
-  if task == "lm":
+  if task == "lm" or decoder:
     c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=2,
                                        n_heads=4, d_ff=64, max_len=32)
     c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "byte"
-  else:
+  if task != "lm" and not decoder:
     c.model = config_lib.model_section("bert", vocab_size=256, d_model=32, n_layers=2,
                                        n_heads=4, d_ff=64, max_len=32)
     if task == "mlm":
       c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "wordpiece:256"
-    else:
-      c.data.files = str(write_labelled(tmp / "train.csv"))
-      c.data.val_files = str(write_labelled(tmp / "val.csv", 3, seed=1))
-      c.data.tokenizer = "byte"
+  if task == "classify":
+    c.data.files = str(write_labelled(tmp / "train.csv"))
+    c.data.val_files = str(write_labelled(tmp / "val.csv", 3, seed=1))
+    c.data.tokenizer = "byte"
   c.task.name = task
   c.data.source, c.data.seq_len = "files", 32
   c.train.update(dict(steps=4, batch_size=8, log_every=2, eval_every=4, eval_batches=2,
@@ -273,9 +275,9 @@ def test_mlm_export_loads_in_transformers_as_bert_for_masked_lm(mlm_run, tmp_pat
 # --- every task on 8 devices ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task_name", ["lm", "mlm", "classify"])
+@pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "classify_decoder"])
 def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
-  exp = experiment(task_name, tmp_path)
+  exp = experiment(task_name.split("_")[0], tmp_path, decoder=task_name.endswith("decoder"))
   one = loop.prepare(dataclasses_replace_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])
   state = init.init_state(0, one.init_variables, one.tx, one.mesh, one.rules, one.state_shardings)
   host_state = jax.device_get(state)
@@ -336,3 +338,73 @@ def test_a_tiny_classifier_fits_its_data_through_the_cli(tmp_path):
   proc = _cli("eval", f"--workdir={workdir}", "--split=test")
   assert proc.returncode == 2 and "no test split" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+# --- decoders as classifiers ------------------------------------------------------------------
+
+
+def test_a_decoder_classifier_loads_an_lm_run_with_only_the_classifier_new(tmp_path):
+  lm_exp = experiment("lm", tmp_path)
+  llmjax.train.run(lm_exp, str(tmp_path / "lm"))
+  exp = experiment("classify", tmp_path, decoder=True,
+                   train=dict(init_from=f"workdir:{tmp_path / 'lm'}", init_new="classifier/.*"))
+  s = loop.prepare(exp, str(tmp_path / "cls"))
+  assert s.exp.model.causal and type(s.model).__name__ == "DecoderClassifier"
+  fresh = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
+  params = jax.device_get(pretrained.load_params(s.exp.train.init_from, s.exp.train.init_new,
+                                                 fresh.params, s.state_shardings.params))
+  lm_params = checkpoint.restore_params(
+      str(tmp_path / "lm" / "checkpoints"),
+      jax.eval_shape(lambda: {k: v for k, v in params.items() if k != "classifier"}),
+      jax.tree.map(lambda _: sharding.replicated(s.mesh),
+                   {k: v for k, v in params.items() if k != "classifier"}), partial=True)
+  jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in params.items()
+                                               if k != "classifier"}, jax.device_get(lm_params))
+  # The pooled position is each row's last real token: padding after it changes nothing.
+  batch = next(loop._data_iterator(s, None))
+  variables = {"params": params}
+  logits = s.model.apply(variables, batch["tokens"], segment_ids_BL=batch["segment_ids"])
+  tokens = np.asarray(batch["tokens"]).copy()
+  tokens[np.asarray(batch["segment_ids"]) == 0] = 7
+  again = s.model.apply(variables, tokens, segment_ids_BL=batch["segment_ids"])
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(again), atol=1e-6)
+
+
+# --- zero-/few-shot through the CLI -----------------------------------------------------------
+
+
+def test_zero_and_few_shot_cli_report_what_the_library_computes(tmp_path):
+  pytest.importorskip("torch")
+  import _hf_helpers as H
+
+  from llmjax.eval import zeroshot
+  from llmjax.hf import convert
+  H.make("gpt2_chars", tmp_path / "lm")
+  H.save_char_tokenizer(tmp_path / "lm")
+  rng = np.random.default_rng(0)
+  for name, n in (("test", 12), ("shots", 8)):
+    with open(tmp_path / f"{name}.jsonl", "w") as f:
+      for _ in range(n):
+        label = rng.choice(["yes", "no"])
+        f.write(json.dumps({"text": "".join(rng.choice(list("abcde"), 5)), "label": label}) + "\n")
+  common = [f"--checkpoint=hf:{tmp_path / 'lm'}", f"--data={tmp_path / 'test.jsonl'}",
+            "--labels=yes,no", "--template=q {text} a"]
+  zero = _cli("eval", *common)
+  few = _cli("eval", *common, "--shots=2", f"--shot_data={tmp_path / 'shots.jsonl'}")
+  loaded = convert.load_any(f"hf:{tmp_path / 'lm'}")
+  tokenizer = convert.tokenizer_for(loaded, None)
+  examples = zeroshot.read_jsonl(str(tmp_path / "test.jsonl"))
+  pool = zeroshot.read_jsonl(str(tmp_path / "shots.jsonl"))
+  for proc, shots in ((zero, 0), (few, 2)):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = zeroshot.classify(loaded.model, loaded.params, tokenizer, examples, ["yes", "no"],
+                             "q {text} a", shots=shots, shot_pool=pool if shots else None)
+    line = next(l for l in proc.stdout.splitlines() if l.split()[:1] == ["accuracy"])
+    assert float(line.split()[1]) == pytest.approx(want["report"]["accuracy"], abs=1e-4)
+  missing_pool = _cli("eval", *common, "--shots=2")
+  assert missing_pool.returncode == 2 and "--shot_data" in missing_pool.stderr
+  H.make("bert_mlm", tmp_path / "encoder")
+  H.save_char_tokenizer(tmp_path / "encoder")
+  encoder = _cli("eval", *common[1:], f"--checkpoint=hf:{tmp_path / 'encoder'}")
+  assert encoder.returncode == 2 and "causal" in encoder.stderr, encoder.stderr[-2000:]
+  assert all("Traceback" not in p.stderr for p in (missing_pool, encoder))
