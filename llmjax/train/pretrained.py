@@ -92,7 +92,7 @@ def check(spec: str, init_new: str, abstract_params) -> None:
   if new:
     kind, path = _split(spec)
     wanted = {p: a for p, a in flat.items() if p not in new}
-    _check(spec, wanted, _saved_shapes(kind, path, spec, wanted, None), init_new)
+    _check(spec, wanted, _saved_shapes(kind, path, spec), init_new)
 
 
 def load_params(spec: str, init_new: str, fresh_params, shardings):
@@ -101,7 +101,7 @@ def load_params(spec: str, init_new: str, fresh_params, shardings):
   fresh = flatten(fresh_params)
   new = _matching(init_new, fresh)
   wanted = {p: a for p, a in fresh.items() if p not in new}
-  saved_shapes = _saved_shapes(kind, path, spec, wanted, shardings) if new else None
+  saved_shapes = _saved_shapes(kind, path, spec) if new else None
   if not new:  # the whole tree comes from the checkpoint, placed straight into its shards
     return _load_all(kind, path, fresh_params, shardings)
   _check(spec, wanted, saved_shapes, init_new)
@@ -152,7 +152,7 @@ def _workdir_checkpoints(path: str, spec: str) -> str:
   return directory
 
 
-def _saved_shapes(kind, path, spec, wanted, shardings) -> dict[str, tuple]:
+def _saved_shapes(kind, path, spec) -> dict[str, tuple]:
   if kind == "workdir":
     return checkpoint.saved_param_shapes(_workdir_checkpoints(path, spec))
   if kind == "export":
