@@ -207,3 +207,92 @@ def test_unsupported_settings_and_inexpressible_exports(saved, tmp_path):
   with pytest.raises(hf.UnsupportedModelError, match="pos_emb='learned', model has 'rope'"):
     hf.save(rope_gpt, {}, str(tmp_path / "b"))  # refused before any parameter is read
   assert not os.path.exists(tmp_path / "b")
+
+
+# --- Llama with projection biases (attention_bias = mlp_bias <-> use_bias) ---------------------
+
+
+def _biased_llama(directory, seed: int, **config):
+  """A random LlamaForCausalLM with biases on every projection, saved to `directory`."""
+  import torch
+  base = dict(vocab_size=H.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=H.MAX_LEN, rms_norm_eps=1e-6,
+              initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **config})).eval()
+  with torch.no_grad():  # HF initialises biases to zero, which would hide a mis-mapped one
+    for name, p in model.named_parameters():
+      if name.endswith(".bias"):
+        p.normal_(0.0, 0.2)
+  model.save_pretrained(str(directory))
+  return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_with_biases_loads_with_parity(kv_heads, tmp_path):
+  ref_model = _biased_llama(tmp_path, kv_heads, num_key_value_heads=kv_heads,
+                            attention_bias=True, mlp_bias=True)
+  model, params, diff = _decoder_parity(str(tmp_path), ref_model)
+  assert model.cfg.use_bias and model.cfg.kv_heads == kv_heads
+  assert params["layer_0"]["attn"]["k"]["bias"].shape == (kv_heads, 8)
+  assert params["layer_1"]["mlp"]["wg"]["bias"].shape == (64,)
+  assert diff <= TOL
+  assert hf.model_config(str(tmp_path)) == model.cfg
+
+
+def _stdlib_gpt_smoke() -> ModelConfig:
+  """The main job's model (experiments/lm/stdlib_gpt.py) at its smoke size."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "lm", "stdlib_gpt.py")
+  spec = importlib.util.spec_from_file_location("stdlib_gpt", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return ModelConfig(**module.get_config("smoke").model.to_dict())
+
+
+def _biased_llmjax_model(kind: str) -> Transformer:
+  if kind == "stdlib_gpt_smoke":
+    return Transformer(_stdlib_gpt_smoke())
+  base = dict(vocab_size=H.VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=H.MAX_LEN,
+              use_bias=True)
+  extra = dict(n_kv_heads=2) if kind == "gqa_untied" else dict(tie_embeddings=True)
+  return Transformer(ModelConfig(**{**presets.get("llama"), **base, **extra}))
+
+
+@pytest.mark.parametrize("kind", ["mha_tied", "gqa_untied", "stdlib_gpt_smoke"])
+def test_llmjax_llama_with_biases_exports_with_parity(kind, tmp_path):
+  model = _biased_llmjax_model(kind)
+  assert model.cfg.use_bias and model.cfg.mlp == "swiglu" and model.cfg.pos_emb == "rope"
+  rng = np.random.default_rng(0)  # biases random too, so each one's mapping is exercised
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.2, size=a.shape), a.dtype),
+                        nn.unbox(hf.abstract_params(model)))
+  hf.save(model, params, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    written = json.load(f)
+  assert written["attention_bias"] is True and written["mlp_bias"] is True
+  ref_model, info = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path),
+                                                                  output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  tokens, mask = H.padded_batch(seed=4)  # ids < H.VOCAB, within every model's vocabulary
+  positions = H.hf_positions(mask)
+  ref = H.torch_out(ref_model.eval(), tokens, mask, position_ids=positions).logits.numpy()
+  ours = model.apply({"params": params}, jnp.asarray(tokens), segment_ids_BL=jnp.asarray(mask),
+                     positions_BL=jnp.asarray(positions))
+  assert np.abs(ref).max() > 0.5
+  assert _max_diff_on_real(ours, ref, mask) <= TOL
+  again_model, again = hf.load(str(tmp_path))
+  assert again_model.cfg == model.cfg
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("attention_bias,mlp_bias", [(True, False), (False, True)])
+def test_llama_with_only_one_kind_of_bias_is_refused(saved, tmp_path, attention_bias, mlp_bias):
+  bad = _copy(saved["llama_mha_tied"][0], tmp_path,
+              config={"attention_bias": attention_bias, "mlp_bias": mlp_bias})
+  with pytest.raises(hf.UnsupportedModelError,
+                     match=f"attention_bias={attention_bias} and mlp_bias={mlp_bias}.*supported: "
+                     "both true or both false"):
+    hf.load(bad)
+  with pytest.raises(hf.UnsupportedModelError, match="attention_bias"):
+    hf.model_config(bad)

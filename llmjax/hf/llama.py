@@ -1,4 +1,5 @@
-"""Llama (`LlamaForCausalLM`): grouped-query attention, RoPE, RMSNorm, SwiGLU, tied or untied."""
+"""Llama (`LlamaForCausalLM`): grouped-query attention, RoPE, RMSNorm, SwiGLU, tied or untied,
+with or without projection biases (attention_bias and mlp_bias together: one use_bias here)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ def _rope_theta(c) -> float:
   return float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
 
 
+def _use_bias(c) -> bool:
+  # llmjax has one use_bias for every projection, so HF's two flags must agree.
+  attention, mlp = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
+  require(attention == mlp, f"llama with attention_bias={attention} and mlp_bias={mlp} is not "
+          "supported; supported: both true or both false")
+  return attention
+
+
 def from_hf(c) -> dict:
   require(c.hidden_act == "silu", f"llama hidden_act {c.hidden_act!r} is not supported; "
           "supported: silu")
-  require(not c.attention_bias and not getattr(c, "mlp_bias", False),
-          "llama with attention_bias or mlp_bias is not supported")
   heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
   return dict(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
@@ -26,7 +33,7 @@ def from_hf(c) -> dict:
               head_dim=0 if head_dim * heads == c.hidden_size else head_dim,
               d_ff=c.intermediate_size, max_len=c.max_position_embeddings,
               rope_theta=_rope_theta(c), norm_eps=c.rms_norm_eps, dropout=c.attention_dropout,
-              tie_embeddings=c.tie_word_embeddings)
+              use_bias=_use_bias(c), tie_embeddings=c.tie_word_embeddings)
 
 
 def to_hf(cfg) -> dict:
@@ -39,6 +46,17 @@ def to_hf(cfg) -> dict:
               hidden_act="silu" if cfg.mlp == "swiglu" else cfg.mlp,
               attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias,
               tie_word_embeddings=cfg.tie_embeddings)
+
+
+def _biases(hf: str, jx: str, d: int, n: int, k: int, h: int, f: int) -> list[m.Tensor]:
+  """q/k/v biases [heads*h] <-> [heads, h]; o and MLP biases are stored as they are."""
+  return [m.reshaped(f"{hf}.self_attn.q_proj.bias", f"{jx}/attn/q/bias", (n * h,), (n, h)),
+          m.reshaped(f"{hf}.self_attn.k_proj.bias", f"{jx}/attn/k/bias", (k * h,), (k, h)),
+          m.reshaped(f"{hf}.self_attn.v_proj.bias", f"{jx}/attn/v/bias", (k * h,), (k, h)),
+          m.same(f"{hf}.self_attn.o_proj.bias", f"{jx}/attn/o/bias", (d,)),
+          m.same(f"{hf}.mlp.gate_proj.bias", f"{jx}/mlp/wg/bias", (f,)),
+          m.same(f"{hf}.mlp.up_proj.bias", f"{jx}/mlp/wi/bias", (f,)),
+          m.same(f"{hf}.mlp.down_proj.bias", f"{jx}/mlp/wo/bias", (d,))]
 
 
 def tensors(model) -> list[m.Tensor]:
@@ -58,6 +76,8 @@ def tensors(model) -> list[m.Tensor]:
             m.linear(f"{hf}.mlp.down_proj.weight", f"{jx}/mlp/wo/kernel", d, f),
             *m.layernorm(f"{hf}.input_layernorm", f"{jx}/norm1", d, bias=False),
             *m.layernorm(f"{hf}.post_attention_layernorm", f"{jx}/norm2", d, bias=False)]
+    if cfg.use_bias:
+      out += _biases(hf, jx, d, n, k, h, f)
   if not cfg.tie_embeddings:
     out.append(m.linear("lm_head.weight", "lm_head/kernel", v, d))
   return out
