@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from llmjax.config import ModelConfig
 from llmjax.models import layers
+from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
 _KV_CACHE = (axes.BATCH, None, axes.ACT_KV_HEADS, None)
@@ -105,15 +106,21 @@ class Attention(nn.Module):
   """Self-attention; K key/value heads shared by groups of N / K query heads."""
   cfg: ModelConfig
   decode: bool = False
+  peft: peftlib.Peft = peftlib.NONE
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array | None, positions_BL: jax.Array,
                cache_index: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    q_BLNH = layers.dense(cfg, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), "q")(x_BLD)
-    k_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "k")(x_BLD)
-    v_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "v")(x_BLD)
+    hooks = dict(peft=self.peft, deterministic=self.deterministic)
+    q_BLNH = layers.dense(cfg, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), "q",
+                          **hooks)(x_BLD)
+    k_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "k",
+                          **hooks)(x_BLD)
+    v_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "v",
+                          **hooks)(x_BLD)
     if cfg.pos_emb == "rope":
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
@@ -123,6 +130,13 @@ class Attention(nn.Module):
     if self.decode:
       # The decode mask already holds causality and padding; cuDNN's fused path takes neither.
       k_BSKH, v_BSKH = self._cached(k_BLKH, v_BLKH, cache_index)
+      if self.peft.prefix_length:
+        k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BSKH, v_BSKH, mask_B1LS, False,
+                                                       x_BLD.shape[1])
+      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS)
+    elif self.peft.prefix_length:  # keys no longer line up with queries: an explicit mask
+      k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BLKH, v_BLKH, mask_B1LS, cfg.causal,
+                                                     x_BLD.shape[1])
       out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS)
     elif (impl := implementation(cfg, x_BLD.shape[1])) == "blocked":
       out_BLNH = blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block)
@@ -132,7 +146,17 @@ class Attention(nn.Module):
     out_BLNH = nn.with_logical_constraint(out_BLNH,
                                           (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     return layers.dense(cfg, cfg.d_model, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), "o",
-                        axis=(-2, -1), std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)(out_BLNH)
+                        axis=(-2, -1), std=cfg.init_std / (2 * cfg.n_layers) ** 0.5,
+                        **hooks)(out_BLNH)
+
+  def _prefixed(self, k_BSKH, v_BSKH, mask_B1LS, causal: bool, length: int):
+    """Prefix tuning: this layer's trained keys/values in front (after RoPE: never rotated)."""
+    cfg = self.cfg
+    prefix_k_PKH, prefix_v_PKH = peftlib.Prefix(self.peft.prefix_length, cfg.kv_heads,
+                                                cfg.dim_per_head, cfg.param_dtype,
+                                                name="prefix")()
+    return peftlib.with_prefix(prefix_k_PKH, prefix_v_PKH, k_BSKH, v_BSKH, mask_B1LS, causal,
+                               length)
 
   def _cached(self, k_BLKH, v_BLKH, index):
     """Write this call's keys/values at `index`; the cache is sized by the input seen at init."""

@@ -14,13 +14,14 @@ from flax import linen as nn
 
 from llmjax.config import ModelConfig
 from llmjax.models import layers
+from llmjax.models import peft as peftlib
 from llmjax.models.transformer import Transformer
 from llmjax.parallel import axes
 
 
-def _encode(cfg: ModelConfig, tokens_BL, attention_mask_BL, token_types_BL, deterministic):
+def _encode(cfg: ModelConfig, peft, tokens_BL, attention_mask_BL, token_types_BL, deterministic):
   """(encoder module, hidden states [B, L, D]) with Hugging Face's padding semantics."""
-  encoder = Transformer(cfg, name="encoder")
+  encoder = Transformer(cfg, peft, name="encoder")
   positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
   # Segment ids equal to the mask put real queries on exactly the real keys, as HF's key mask
   # does; padding queries see only padding (HF lets them see real keys), outputs nobody reads.
@@ -44,11 +45,13 @@ class Encoder(nn.Module):
   """Hugging Face `BertModel`: tokens -> (hidden states [B, L, D], pooled [B, D] or None)."""
   cfg: ModelConfig
   pooler: bool = True
+  peft: peftlib.Peft = peftlib.NONE
 
   @nn.compact
   def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
                deterministic: bool = True):
-    _, hidden_BLD = _encode(self.cfg, tokens_BL, attention_mask_BL, token_types_BL, deterministic)
+    _, hidden_BLD = _encode(self.cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
+                            deterministic)
     pooled_BD = Pooler(self.cfg, name="pooler")(hidden_BLD) if self.pooler else None
     return hidden_BLD, pooled_BD
 
@@ -56,12 +59,13 @@ class Encoder(nn.Module):
 class MaskedLM(nn.Module):
   """Hugging Face `BertForMaskedLM`: dense + act + LayerNorm, then the (tied) decoder + bias."""
   cfg: ModelConfig
+  peft: peftlib.Peft = peftlib.NONE
 
   @nn.compact
   def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
                deterministic: bool = True):
     cfg = self.cfg
-    encoder, hidden_BLD = _encode(cfg, tokens_BL, attention_mask_BL, token_types_BL,
+    encoder, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                                   deterministic)
     h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
     h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
@@ -85,12 +89,14 @@ class SequenceClassifier(nn.Module):
   """Hugging Face `BertForSequenceClassification`: pooled vector -> dropout -> logits [B, C]."""
   cfg: ModelConfig
   num_labels: int = 2
+  peft: peftlib.Peft = peftlib.NONE
 
   @nn.compact
   def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
                deterministic: bool = True):
     cfg = self.cfg
-    _, hidden_BLD = _encode(cfg, tokens_BL, attention_mask_BL, token_types_BL, deterministic)
+    _, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
+                            deterministic)
     pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
     pooled_BD = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled_BD)
     return layers.dense(cfg, self.num_labels, (axes.EMBED, None), "classifier")(pooled_BD)
@@ -104,9 +110,10 @@ class DecoderClassifier(nn.Module):
   """
   cfg: ModelConfig
   num_labels: int = 2
+  peft: peftlib.Peft = peftlib.NONE
 
   def setup(self):
-    self.decoder = Transformer(self.cfg)
+    self.decoder = Transformer(self.cfg, self.peft)
     nn.share_scope(self, self.decoder)
     self.classifier = layers.dense(self.cfg, self.num_labels, (axes.EMBED, None), "classifier")
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from llmjax.config import ModelConfig
+from llmjax.errors import ConfigError
+from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
 
@@ -36,6 +39,8 @@ class DenseGeneral(nn.Module):
   std: float = 0.02
   dtype: str = "float32"
   param_dtype: str = "float32"
+  peft: peftlib.Peft = peftlib.NONE  # LoRA here when `peft.lora_targets` matches this path
+  deterministic: bool = True  # LoRA dropout off
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,17 +56,31 @@ class DenseGeneral(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
                         self.features, dtype_of(self.param_dtype))
       y = y + bias.astype(compute).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    if self.peft.lora_on(self.path):
+      in_axes, out_axes = self.logical_axes[:len(in_dims)], self.logical_axes[len(in_dims):]
+      _check_rank(self.peft.lora_rank, in_dims, self.features, self.path)
+      y = y + peftlib.LoraUpdate(self.peft, in_axes, out_axes, self.features,
+                                 self.deterministic, self.dtype, self.param_dtype,
+                                 name="lora")(x, contract)
     return y
 
 
+def _check_rank(rank: int, in_dims, out_dims, path) -> None:
+  smaller = min(int(np.prod(in_dims)), int(np.prod(out_dims)))
+  if not 0 < rank <= smaller:
+    raise ConfigError(f"config.finetune.lora_rank={rank} must be in [1, {smaller}] for "
+                      f"{'/'.join(path)} (kernel {list(in_dims) + list(out_dims)})")
+
+
 def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, *,
-          axis=-1, std: float | None = None) -> DenseGeneral:
+          axis=-1, std: float | None = None, peft: peftlib.Peft = peftlib.NONE,
+          deterministic: bool = True) -> DenseGeneral:
   """A DenseGeneral configured from the model's dtypes, bias choice and init scale."""
   return DenseGeneral(
       features=(features,) if isinstance(features, int) else tuple(features),
       logical_axes=logical_axes, axis=(axis,) if isinstance(axis, int) else tuple(axis),
       use_bias=cfg.use_bias, std=cfg.init_std if std is None else std, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, name=name)
+      param_dtype=cfg.param_dtype, name=name, peft=peft, deterministic=deterministic)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -86,19 +105,22 @@ ACTIVATIONS = {
 class Mlp(nn.Module):
   """Position-wise MLP: act(x Wi) Wo, or SwiGLU silu(x Wg) * (x Wi) Wo."""
   cfg: ModelConfig
+  peft: peftlib.Peft = peftlib.NONE
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.cfg
     act = ACTIVATIONS[cfg.mlp]
-    h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi")(x_BLD)
+    hooks = dict(peft=self.peft, deterministic=self.deterministic)
+    h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi", **hooks)(x_BLD)
     if cfg.mlp == "swiglu":
-      h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg")(x_BLD)) * h_BLF
+      h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg", **hooks)(x_BLD)) * h_BLF
     else:
       h_BLF = act(h_BLF)
     h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return dense(cfg, cfg.d_model, (axes.MLP, axes.EMBED), "wo",
-                 std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)(h_BLF)
+                 std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **hooks)(h_BLF)
 
 
 def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:

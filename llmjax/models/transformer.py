@@ -18,6 +18,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.models import layers
 from llmjax.models import attention
+from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
 REMAT_POLICIES = {
@@ -34,20 +35,27 @@ class Block(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
   decode: bool = False
+  peft: peftlib.Peft = peftlib.NONE
+  index: int | None = None  # the block's place in an unrolled stack (None when scanned)
 
   @nn.compact
   def __call__(self, x_BLD, mask_B1LS, positions_BL, cache_index):
-    cfg = self.cfg
+    cfg, peft = self.cfg, self.peft
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    attn = attention.Attention(cfg, self.decode, name="attn")
-    mlp = layers.Mlp(cfg, name="mlp")
+    attn = attention.Attention(cfg, self.decode, peft, self.deterministic, name="attn")
+    mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
     norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
+    # Bottleneck adapters sit on each sublayer's output, before its residual add.
+    adapt = {s: (peftlib.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
+                 if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
     if cfg.norm_position == "pre":
-      x_BLD = x_BLD + drop(attn(norm1(x_BLD), mask_B1LS, positions_BL, cache_index))
-      x_BLD = x_BLD + drop(mlp(norm2(x_BLD)))
+      x_BLD = x_BLD + drop(adapt["attn"](attn(norm1(x_BLD), mask_B1LS, positions_BL,
+                                              cache_index)))
+      x_BLD = x_BLD + drop(adapt["mlp"](mlp(norm2(x_BLD))))
     else:
-      x_BLD = norm1(x_BLD + drop(attn(x_BLD, mask_B1LS, positions_BL, cache_index)))
-      x_BLD = norm2(x_BLD + drop(mlp(x_BLD)))
+      x_BLD = norm1(x_BLD + drop(adapt["attn"](attn(x_BLD, mask_B1LS, positions_BL,
+                                                    cache_index))))
+      x_BLD = norm2(x_BLD + drop(adapt["mlp"](mlp(x_BLD))))
     return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
 
 
@@ -68,8 +76,8 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
   return index_BL - start_index_BL
 
 
-def _stack(cfg: ModelConfig, deterministic: bool, decode: bool, x_BLD, mask_B1LS, positions_BL,
-           cache_index):
+def _stack(cfg: ModelConfig, peft: peftlib.Peft, deterministic: bool, decode: bool, x_BLD,
+           mask_B1LS, positions_BL, cache_index):
   """All blocks, scanned (one compiled body, params with a leading layers axis) or unrolled."""
   block = _block_class(cfg, decode)
   args = (mask_B1LS, positions_BL, cache_index)
@@ -78,10 +86,10 @@ def _stack(cfg: ModelConfig, deterministic: bool, decode: bool, x_BLD, mask_B1LS
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,) * len(args), length=cfg.n_layers,
                     metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-    x_BLD, _ = stack(cfg, deterministic, decode, name="layers")(x_BLD, *args)
+    x_BLD, _ = stack(cfg, deterministic, decode, peft, name="layers")(x_BLD, *args)
     return x_BLD
   for i in range(cfg.n_layers):
-    x_BLD, _ = block(cfg, deterministic, decode, name=f"layer_{i}")(x_BLD, *args)
+    x_BLD, _ = block(cfg, deterministic, decode, peft, i, name=f"layer_{i}")(x_BLD, *args)
   return x_BLD
 
 
@@ -95,8 +103,7 @@ class _Mask(nn.Module):
     batch, length = tokens_BL.shape
     if not self.decode:
       if positions_BL is None:
-        positions_BL = (positions_from_segments(segment_ids_BL) if segment_ids_BL is not None
-                        else jnp.broadcast_to(jnp.arange(length), tokens_BL.shape))
+        positions_BL = default_positions(segment_ids_BL, tokens_BL.shape)
       return attention.segment_mask(segment_ids_BL), positions_BL, None
     # Sized at init by the input length: init_cache passes the whole prompt + generation budget.
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -112,30 +119,91 @@ class _Mask(nn.Module):
     return attention.decode_mask(cached.value, segment_ids_BL, start), positions_BL, start
 
 
+def default_positions(segment_ids_BL, shape) -> jax.Array:
+  if segment_ids_BL is not None:
+    return positions_from_segments(segment_ids_BL)
+  return jnp.broadcast_to(jnp.arange(shape[1]), shape)
+
+
+def _prompted(prompt_length: int, tokens_BL, segment_ids_BL, positions_BL, decode: bool,
+              prefill: bool):
+  """Prompt tuning's view of the input: (token slots [B, P + L], segment ids, positions).
+
+  The P prompt vectors take positions 0..P-1 and the tokens move up by P (as PEFT's virtual
+  tokens do). Without a cache the prompt joins every segment (its mask is built in
+  `prompt_mask`); with one, it is written once, by the prefill call, as segment 1, so every
+  real token (segment 1 in generation) sees it and left padding (segment 0) does not.
+  """
+  batch, length = tokens_BL.shape
+  prompt_BP = jnp.broadcast_to(jnp.arange(prompt_length), (batch, prompt_length))
+  if positions_BL is None and not decode:
+    positions_BL = default_positions(segment_ids_BL, tokens_BL.shape)
+  if positions_BL is not None:
+    positions_BL = positions_BL + prompt_length
+  if decode and not prefill:
+    return tokens_BL, segment_ids_BL, positions_BL
+  if positions_BL is not None:
+    positions_BL = jnp.concatenate([prompt_BP, positions_BL], axis=1)
+  slots_BL = jnp.zeros((batch, prompt_length + length), tokens_BL.dtype)
+  if decode:
+    segments_BL = jnp.ones_like(tokens_BL) if segment_ids_BL is None else segment_ids_BL
+    segment_ids_BL = jnp.concatenate([jnp.ones_like(prompt_BP), segments_BL], axis=1)
+  return slots_BL, segment_ids_BL, positions_BL
+
+
+def prompt_mask(mask_B1LL: jax.Array | None, prompt_length: int) -> jax.Array | None:
+  """[B, 1, P + L, P + L]: everything sees the prompt; the tokens see each other as before."""
+  if mask_B1LL is None:
+    return None
+  batch, _, length, _ = mask_B1LL.shape
+  ones, zeros = (lambda *s: jnp.ones(s, bool)), (lambda *s: jnp.zeros(s, bool))
+  top = jnp.concatenate([ones(batch, 1, prompt_length, prompt_length),
+                         zeros(batch, 1, prompt_length, length)], axis=-1)
+  bottom = jnp.concatenate([ones(batch, 1, length, prompt_length), mask_B1LL], axis=-1)
+  return jnp.concatenate([top, bottom], axis=2)
+
+
 class Transformer(nn.Module):
   """tokens [B, L] -> logits [B, L, V] (or final hidden states [B, L, D] with return_hidden)."""
   cfg: ModelConfig
+  peft: peftlib.Peft = peftlib.NONE
 
   @nn.compact
   def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None, token_types_BL=None,
                deterministic: bool = True, return_hidden: bool = False, decode: bool = False,
-               last_only: bool = False):
+               last_only: bool = False, prefill: bool = False):
     """`decode`: use and update the "cache" collection; `last_only`: logits [B, 1, V] of the
-    last position (what generation needs from a prompt)."""
-    cfg = self.cfg
+    last position (what generation needs from a prompt); `prefill`: this decode call is the
+    first of a generation (prompt tuning writes its vectors into the cache then)."""
+    cfg, prompt_length = self.cfg, self.peft.prompt_length
     param_dtype, dtype = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.dtype)
     embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=dtype, param_dtype=param_dtype)
+    prompted = prompt_length and (prefill or not decode)
+    slots_BL, segments_BL, positions_BL = (
+        _prompted(prompt_length, tokens_BL, segment_ids_BL, positions_BL, decode, prefill)
+        if prompt_length else (tokens_BL, segment_ids_BL, positions_BL))
     mask_B1LS, positions_BL, cache_index = _Mask(decode, name="mask")(
-        tokens_BL, segment_ids_BL, positions_BL)
+        slots_BL, segments_BL, positions_BL)
+    if prompted and not decode:
+      mask_B1LS = prompt_mask(mask_B1LS, prompt_length)
 
     token_embed = embed(cfg.vocab_size, name="embed", embedding_init=layers.init_normal(
         cfg.init_std, (axes.VOCAB, axes.EMBED)))
     x_BLD = token_embed(tokens_BL)
+    if prompted:
+      prompt_PD = self.param("prompt", layers.init_normal(cfg.init_std, (None, axes.EMBED)),
+                             (prompt_length, cfg.d_model), param_dtype)
+      prompt_BPD = jnp.broadcast_to(prompt_PD.astype(x_BLD.dtype)[None],
+                                    (x_BLD.shape[0],) + prompt_PD.shape)
+      x_BLD = jnp.concatenate([prompt_BPD, x_BLD], axis=1)
+      if token_types_BL is not None:
+        token_types_BL = jnp.pad(token_types_BL, ((0, 0), (prompt_length, 0)))
     if cfg.pos_emb == "learned":
       x_BLD += embed(cfg.max_len, name="pos_embed", embedding_init=layers.init_normal(
           cfg.init_std, (axes.POSITIONS, axes.EMBED)))(positions_BL)
     if cfg.type_vocab_size:
-      types_BL = jnp.zeros_like(tokens_BL) if token_types_BL is None else token_types_BL
+      types_BL = jnp.zeros(x_BLD.shape[:2], jnp.int32) if token_types_BL is None else \
+          token_types_BL
       x_BLD += embed(cfg.type_vocab_size, name="type_embed", embedding_init=layers.init_normal(
           cfg.init_std, (axes.TYPES, axes.EMBED)))(types_BL)
     if cfg.embed_norm:
@@ -143,7 +211,10 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, _ACT_BLD)
 
-    x_BLD = _stack(cfg, deterministic, decode, x_BLD, mask_B1LS, positions_BL, cache_index)
+    x_BLD = _stack(cfg, self.peft, deterministic, decode, x_BLD, mask_B1LS, positions_BL,
+                   cache_index)
+    if prompted:  # the prompt's outputs are nobody's: callers see one output per token
+      x_BLD = x_BLD[:, prompt_length:]
     if last_only:
       x_BLD = x_BLD[:, -1:]
     if cfg.final_norm:
@@ -160,7 +231,9 @@ class Transformer(nn.Module):
 
 
 def init_cache(model: nn.Module, batch: int, length: int) -> dict:
-  """An empty decode cache (zeros, next slot 0) for `batch` rows of up to `length` tokens."""
+  """An empty decode cache (zeros, next slot 0) for `batch` rows of up to `length` tokens (plus
+  a tuned prompt's slots)."""
   tokens_BL = jnp.zeros((batch, length), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BL, decode=True))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BL, decode=True,
+                                             prefill=True))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
