@@ -144,6 +144,34 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """What trains and what stays frozen (llmjax/finetune; docs/finetune.md)."""
+  method: str = "full"  # full | freeze | bitfit | lora | adalora | adapter | prompt | prefix
+  trainable: str = ""  # regex (full match on a/b/c paths) trained besides the method's own
+  frozen: str = ""  # regex kept frozen whatever else matches (checked first)
+  presets: str = ""  # comma-separated trained groups: head, ffn, attention, norms, embeddings,
+  #                    bitfit (every bias), top_k_layers=K
+  lora_rank: int = 8  # adalora: the initial rank of every module
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = "qv"  # qv | attention | mlp | all_linear, or a regex over module paths
+  rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+  adalora_target_rank: int = 4  # average rank per module once the budget has shrunk
+  adalora_warmup: int = 0  # steps at the initial budget (0: a tenth of the run)
+  adalora_final: int = 0  # last steps at the final budget (0: a fifth of the run)
+  adalora_interval: int = 10  # steps between re-allocations of the budget
+  adalora_beta1: float = 0.85  # EMA of the sensitivity |p * g|
+  adalora_beta2: float = 0.85  # EMA of its uncertainty
+  adalora_orth_reg: float = 0.5  # weight of ||A A^T - I||^2 + ||B^T B - I||^2
+  adapter_dim: int = 16
+  adapter_placement: str = "both"  # attn | mlp | both
+  adapter_layers: str = ""  # comma-separated block indices ("" every block)
+  prompt_length: int = 16
+  prompt_init: str = "vocab"  # random | vocab (embeddings of random tokens) | labels
+  prefix_length: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   name: str
   model: ModelConfig
@@ -152,13 +180,14 @@ class Experiment:
   data: DataConfig
   train: TrainConfig
   task: TaskConfig = TaskConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-             "train": TrainConfig, "task": TaskConfig}
+             "train": TrainConfig, "task": TaskConfig, "finetune": FinetuneConfig}
 _CHOICES = {
     "model.pos_emb": ("learned", "rope", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -172,6 +201,10 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "data.source": ("stdlib", "files", "tfds"),
     "task.pooling": ("auto", "cls", "last"),
+    "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
+                        "prefix"),
+    "finetune.adapter_placement": ("attn", "mlp", "both"),
+    "finetune.prompt_init": ("random", "vocab", "labels"),
 }
 
 
@@ -331,11 +364,36 @@ def validate(exp: Experiment) -> None:
   _require(t.init_from == "" or t.init_from.split(":", 1)[0] in ("hf", "workdir", "export"),
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
            "'export:PATH'")
+  validate_finetune(exp)
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
   _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor].count(-1) <= 1,
            "at most one of config.mesh.data/fsdp/tensor may be -1")
+
+
+def validate_finetune(exp: Experiment) -> None:
+  """The numbers of config.finetune; which parameters they name is checked on the model."""
+  f = exp.finetune
+  for key in ("lora_rank", "adalora_target_rank", "adalora_interval", "adapter_dim",
+              "prompt_length", "prefix_length"):
+    _require(getattr(f, key) > 0, f"config.finetune.{key} must be positive, got "
+             f"{getattr(f, key)}")
+  _require(f.lora_alpha > 0, f"config.finetune.lora_alpha must be positive, got {f.lora_alpha}")
+  _require(0.0 <= f.lora_dropout < 1.0,
+           f"config.finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}")
+  _require(f.method != "adalora" or f.adalora_target_rank <= f.lora_rank,
+           f"config.finetune.adalora_target_rank={f.adalora_target_rank} must be at most "
+           f"config.finetune.lora_rank={f.lora_rank} (the initial rank)")
+  for key in ("adalora_beta1", "adalora_beta2"):
+    _require(0.0 <= getattr(f, key) < 1.0,
+             f"config.finetune.{key} must be in [0, 1), got {getattr(f, key)}")
+  _require(f.adalora_warmup >= 0 and f.adalora_final >= 0 and f.adalora_orth_reg >= 0,
+           "config.finetune.adalora_warmup, adalora_final and adalora_orth_reg must be >= 0")
+  layers = [s.strip() for s in f.adapter_layers.split(",") if s.strip()]
+  _require(all(s.isdigit() for s in layers),
+           f"config.finetune.adapter_layers={f.adapter_layers!r} must be comma-separated block "
+           "indices, or empty for every block")
 
 
 def as_dict(exp: Experiment) -> dict:

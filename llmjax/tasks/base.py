@@ -71,7 +71,13 @@ class Task:
     raise NotImplementedError
 
   def model(self) -> nn.Module:
+    """The task's model, built with `self.peft()`'s extra parameters."""
     raise NotImplementedError
+
+  def peft(self):
+    """What config.finetune adds to the model (LoRA, adapters, prompt, prefix; or nothing)."""
+    from llmjax import finetune
+    return finetune.peft_for(self.exp)
 
   def example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one batch: for abstract init, jit and benchmarks."""

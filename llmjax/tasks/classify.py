@@ -84,7 +84,7 @@ class Classify(Task):
     cls = heads.DecoderClassifier if self.pooling() == "last" else heads.SequenceClassifier
     if self.num_classes() < 2:
       raise ConfigError("config.task.num_classes is unknown before the data is read")
-    return cls(self.exp.model, num_labels=self.num_classes())
+    return cls(self.exp.model, num_labels=self.num_classes(), peft=self.peft())
 
   def example_batch(self, batch_size):
     return {**token_batch(batch_size, self.exp.data.seq_len),

@@ -27,7 +27,7 @@ class LM(Task):
 
   def model(self):
     from llmjax.models.transformer import Transformer
-    return Transformer(self.exp.model)
+    return Transformer(self.exp.model, self.peft())
 
   def example_batch(self, batch_size):
     return token_batch(batch_size, self.exp.data.seq_len)

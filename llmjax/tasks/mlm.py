@@ -43,7 +43,7 @@ class MaskedLM(Task):
 
   def model(self):
     from llmjax.models.heads import MaskedLM as MaskedLMHead
-    return MaskedLMHead(self.exp.model)
+    return MaskedLMHead(self.exp.model, peft=self.peft())
 
   def example_batch(self, batch_size):
     return token_batch(batch_size, self.exp.data.seq_len)

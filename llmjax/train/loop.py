@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from llmjax import checkpoint, flops, tasks
+from llmjax import checkpoint, finetune, flops, tasks
 from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import ConfigError, TrainingError
@@ -41,6 +41,7 @@ class Setup:
   init_variables: object  # rngs -> variables (the task's init on a zero example batch)
   abstract_state: object
   state_shardings: object
+  trainable: frozenset | None  # parameter paths that train (None: all of them)
 
 
 def check_batch(exp: Experiment, mesh) -> None:
@@ -73,12 +74,16 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
-  abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules)
+  trainable = finetune.plan(exp, init.param_shapes(init_variables))
+  tx = finetune.optimizer(exp, tx, trainable)
+  abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules,
+                                                         trainable)
   resuming = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
   if exp.train.init_from and not resuming:
-    pretrained.check(exp.train.init_from, exp.train.init_new, abstract_state.params)
+    full = finetune.merge(abstract_state.params, abstract_state.frozen)
+    pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
   return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
-               abstract_state, state_shardings)
+               abstract_state, state_shardings, trainable)
 
 
 def compile_steps(s: Setup):
@@ -153,19 +158,37 @@ class _Throughput:
     return rate
 
 
+def fresh_state(s: Setup):
+  """The seed's init, overlaid with init_from's weights, split into trainable and frozen."""
+  state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
+                                 s.state_shardings, s.trainable)
+  return finetune.initialise_added(s.exp, state, s.data)
+
+
 def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
-  """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights)."""
-  found = ckpt.restore_latest_good(s.abstract_state, s.state_shardings)
-  if found is not None:
-    _, (state, data_state, _) = found
-    return state, data_state
-  t = s.exp.train
-  state = init.init_state(t.seed, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
-  if t.init_from:
-    params = pretrained.load_params(t.init_from, t.init_new, state.params,
-                                    s.state_shardings.params)
-    state = state.replace(params=params, opt_state=s.tx.init(params))
-  return state, None
+  """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights).
+
+  Checkpoints hold no frozen parameters: a resumed fine-tuning run rebuilds its base the way it
+  first did and must find the same one (checksums in the checkpoint's data item).
+  """
+  found = ckpt.restore_latest_good(s.abstract_state.replace(frozen={}),
+                                   s.state_shardings.replace(frozen={}))
+  if found is None:
+    return fresh_state(s), None
+  _, (state, data_state, _) = found
+  if s.trainable is not None:
+    base = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
+                                  s.state_shardings, s.trainable).frozen
+    _check_base(data_state.get("base"), pretrained.base_identity(s.exp, base))
+    state = state.replace(frozen=base)
+  return state, data_state
+
+
+def _check_base(saved: dict | None, found: dict) -> None:
+  if saved is not None and saved != found:
+    raise TrainingError(f"the frozen base weights differ from the ones the checkpoint was "
+                        f"trained on (checkpoint: {saved}, now: {found}); resume needs the same "
+                        "config.train.init_from")
 
 
 def run(exp: Experiment, workdir: str) -> dict:
@@ -187,10 +210,14 @@ def run(exp: Experiment, workdir: str) -> dict:
                                  keep_best=t.keep_best, async_save=t.async_checkpoint)
   state, data_state = initial_state(s, ckpt)
   start = int(jax.device_get(state.step))
+  base = pretrained.base_identity(exp, state.frozen) if s.trainable is not None else None
+  if is_main:
+    _write_atomic(os.path.join(workdir, finetune.PARAMS_FILE),
+                  json.dumps(finetune.params_report(exp, state, base), indent=2))
   writer = reporting.MetricWriter(workdir, is_main=is_main)
   if is_main:
     reporting.truncate_after(writer.path, start)
-  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state))
+  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base)
   try:
     with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
           preemption.Listener() as signals):
@@ -209,7 +236,8 @@ def run(exp: Experiment, workdir: str) -> dict:
     reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
     s.task.write_report(workdir, final, sums, f"step_{end}")
     # Outputs run on one device: a few KB to a few MB of params.
-    s.task.finish(tasks.Outputs(workdir, s.model, jax.device_get(state.params), s.data, final))
+    params = jax.device_get(finetune.merge(state.params, state.frozen))
+    s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
   return {"step": end, "headline": s.task.headline(final), **final}
 
 
@@ -222,8 +250,9 @@ def _write_atomic(path: str, text_: str) -> None:
 class _Loop:
   """The step loop and its periodic work; step n-1's metrics are read after step n is dispatched."""
 
-  def __init__(self, s: Setup, ckpt, writer, iterator):
+  def __init__(self, s: Setup, ckpt, writer, iterator, base: dict | None):
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
+    self.base = base  # the frozen parameters' identity, saved with every step
     self.train_fn, self.eval_fn = compile_steps(s)
     self.val_batches = _process_slices(text.eval_batches(s.data.val, s.exp.train.batch_size,
                                                          s.exp.train.eval_batches))
@@ -241,7 +270,11 @@ class _Loop:
     return self.evaluate_with_sums(state)[0]
 
   def save(self, state, step: int, metric=None) -> None:
-    self.ckpt.save(step, state, _data_state(self.iterator), json.loads(self.s.exp.to_json()),
+    data_state = _data_state(self.iterator)
+    if self.base is not None:
+      data_state["base"] = self.base
+    self.ckpt.save(step, state.replace(frozen={}), data_state,
+                   json.loads(self.s.exp.to_json()),
                    metric=self.last_val_loss if metric is None else metric)
 
   def train(self, state, start: int, signals):

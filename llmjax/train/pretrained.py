@@ -10,6 +10,7 @@ an encoder being fine-tuned as a classifier) are listed and left out.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -184,3 +185,36 @@ def _load_subset(kind, path, abstract, shardings):
   flat, where = flatten(params), flatten(shardings)
   return unflatten({p: jax.device_put(flat[p].astype(a.dtype), where[p])
                     for p, a in flatten(abstract).items()})
+
+
+def new_params(exp: Experiment) -> str:
+  """Regex of the parameters a checkpoint need not have: `train.init_new`'s heads and what the
+  fine-tuning method adds (LoRA factors, adapters, prompt, prefix)."""
+  from llmjax.finetune.spec import METHOD_PARAMS
+  added = METHOD_PARAMS[exp.finetune.method] if exp.finetune.method in (
+      "lora", "adalora", "adapter", "prompt", "prefix") else ""
+  return "|".join(f"(?:{p})" for p in (exp.train.init_new, added) if p)
+
+
+def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, trainable):
+  """A fresh TrainState: the seed's init, overlaid with `init_from`'s weights where asked, then
+  split into trainable and frozen parameters (the optimizer state only for the first)."""
+  from llmjax import finetune
+  from llmjax.train import init
+  t = exp.train
+  state = init.init_state(t.seed, init_variables, tx, mesh, rules, shardings, trainable)
+  if not t.init_from:
+    return state
+  full = finetune.merge(state.params, state.frozen)
+  where = finetune.merge(shardings.params, shardings.frozen)
+  params, frozen = finetune.split(load_params(t.init_from, new_params(exp), full, where),
+                                  trainable)
+  return state.replace(params=params, frozen=frozen, opt_state=tx.init(params))
+
+
+def base_identity(exp: Experiment, frozen) -> dict:
+  """Where the frozen parameters come from and a checksum of them: a resumed run must find the
+  same base it was trained on."""
+  payload = json.dumps(checkpoint.checksums(frozen), sort_keys=True).encode()
+  return {"init_from": exp.train.init_from or f"seed:{exp.train.seed}",
+          "sha256": hashlib.sha256(payload).hexdigest()}

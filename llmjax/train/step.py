@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax import finetune
 from llmjax.parallel import sharding
 from llmjax.parallel.mesh import BATCH_AXES
 from llmjax.train.compile_options import compiler_options
@@ -39,9 +40,14 @@ def bind_loss(task, model):
 
 
 def _grads(state: TrainState, batch: dict, rng, loss, accum_steps: int):
-  """Summed loss, weight (tokens, examples) and summed grads over `accum_steps` microbatches."""
+  """Summed loss, weight (tokens, examples) and summed grads over `accum_steps` microbatches.
+
+  Gradients are taken over `state.params` only: frozen parameters enter as constants, so no
+  gradient of theirs is ever computed.
+  """
   def loss_fn(params, microbatch, key, model_state):
-    terms = loss({"params": params, **model_state}, microbatch, rng=key, train=True)
+    variables = {"params": finetune.merge(params, state.frozen), **model_state}
+    terms = loss(variables, microbatch, rng=key, train=True)
     return terms.loss_sum, (terms.weight, terms.model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -92,8 +98,34 @@ def train_step(state: TrainState, batch: dict, *, loss, tx: optax.GradientTransf
 
 def eval_step(state: TrainState, batch: dict, *, loss):
   """{"loss_sum", "weight", **metric sums} of one batch, deterministic; batches add up."""
-  terms = loss({"params": state.params, **state.model_state}, batch, rng=None, train=False)
+  variables = {"params": finetune.merge(state.params, state.frozen), **state.model_state}
+  terms = loss(variables, batch, rng=None, train=False)
   return {"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums}
+
+
+class DonatingStep:
+  """`train(state, batch)`, jitted with the state donated except its frozen parameters.
+
+  Frozen parameters are a separate, undonated argument: they are read every step and never
+  change, so donating them would only ask XLA to copy them into the output. `lower` works
+  like a jitted function's.
+  """
+
+  def __init__(self, step_fn, state_shardings, batch_sharding, metrics_sharding, options):
+    def step(state, frozen, batch):
+      new_state, metrics = step_fn(state.replace(frozen=frozen), batch)
+      return new_state.replace(frozen={}), metrics
+    rest = state_shardings.replace(frozen={})
+    self.jitted = jax.jit(step, in_shardings=(rest, state_shardings.frozen, batch_sharding),
+                          out_shardings=(rest, metrics_sharding), donate_argnums=0,
+                          compiler_options=options)
+
+  def __call__(self, state, batch):
+    new_state, metrics = self.jitted(state.replace(frozen={}), state.frozen, batch)
+    return new_state.replace(frozen=state.frozen), metrics
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state.replace(frozen={}), state.frozen, batch)
 
 
 def jit_steps(loss, tx: optax.GradientTransformation, schedule, accum_steps: int, mesh,
@@ -101,12 +133,10 @@ def jit_steps(loss, tx: optax.GradientTransformation, schedule, accum_steps: int
   """(train, evaluate): jitted with explicit shardings and the backend's compile options."""
   batch_sharding = sharding.batch_sharding(mesh)
   options = compiler_options(mesh)
-  train = jax.jit(
+  train = DonatingStep(
       functools.partial(train_step, loss=loss, tx=tx, schedule=schedule,
                         accum_steps=accum_steps),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=options)
+      state_shardings, batch_sharding, sharding.replicated(mesh), options)
   evaluate = jax.jit(functools.partial(eval_step, loss=loss),
                      in_shardings=(state_shardings, batch_sharding),
                      out_shardings=sharding.replicated(mesh), compiler_options=options)
