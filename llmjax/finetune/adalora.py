@@ -87,9 +87,10 @@ def with_budget(tx: optax.GradientTransformation, f: FinetuneConfig,
   def init(params):
     names = modules(params)
     flat = dict(partition.items(params))
-    lora = {p: v for p, v in flat.items() if "/lora/" in p}
-    zeros = {p: jnp.zeros(v.shape, jnp.float32) for p, v in lora.items()}
-    keep = {m + "/e": jnp.ones(flat[m + "/e"].shape, bool) for m in names}
+    # tree.map reaches through flax's logical boxes, so the scores shard like their params.
+    like = lambda v, dtype, fill: jax.tree.map(lambda x: jnp.full(x.shape, fill, dtype), v)
+    zeros = {p: like(v, jnp.float32, 0) for p, v in flat.items() if "/lora/" in p}
+    keep = {m + "/e": like(flat[m + "/e"], bool, True) for m in names}
     return BudgetState(tx.init(params), jnp.zeros((), jnp.int32), zeros, dict(zeros), keep)
 
   def update(grads, state, params):
