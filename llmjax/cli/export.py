@@ -41,6 +41,6 @@ def export(workdir: str, out: str, step: int | None) -> int:
   if os.path.isfile(tokenizer):
     with open(tokenizer) as f:
       extra[os.path.join(convert.TOKENIZER_DIR, "tokenizer.json")] = f.read()
-  checkpoint.export_params(jax.device_get(run.state.params), dataclasses.asdict(run.exp.model),
+  checkpoint.export_params(jax.device_get(run.params), dataclasses.asdict(run.exp.model),
                            out, extra)
   return run.step

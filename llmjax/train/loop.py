@@ -179,16 +179,9 @@ def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
   if s.trainable is not None:
     base = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
                                   s.state_shardings, s.trainable).frozen
-    _check_base(data_state.get("base"), pretrained.base_identity(s.exp, base))
+    pretrained.check_base(data_state.get("base"), pretrained.base_identity(s.exp, base))
     state = state.replace(frozen=base)
   return state, data_state
-
-
-def _check_base(saved: dict | None, found: dict) -> None:
-  if saved is not None and saved != found:
-    raise TrainingError(f"the frozen base weights differ from the ones the checkpoint was "
-                        f"trained on (checkpoint: {saved}, now: {found}); resume needs the same "
-                        "config.train.init_from")
 
 
 def run(exp: Experiment, workdir: str) -> dict:

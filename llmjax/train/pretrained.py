@@ -20,6 +20,7 @@ import jax
 
 from llmjax import checkpoint
 from llmjax.config import Experiment, ModelConfig
+from llmjax.checkpoint import CheckpointError
 from llmjax.errors import ConfigError, UserError
 from llmjax.hf.arch import RUNTIME_FIELDS
 from llmjax.hf.mapping import flatten, unflatten
@@ -218,3 +219,11 @@ def base_identity(exp: Experiment, frozen) -> dict:
   payload = json.dumps(checkpoint.checksums(frozen), sort_keys=True).encode()
   return {"init_from": exp.train.init_from or f"seed:{exp.train.seed}",
           "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def check_base(saved: dict | None, found: dict) -> None:
+  """A resumed or reopened fine-tuning run must rebuild the base it was trained on."""
+  if saved is not None and saved != found:
+    raise CheckpointError(f"the frozen base weights differ from the ones the checkpoint was "
+                          f"trained on (checkpoint: {saved}, now: {found}); they come from "
+                          "config.train.init_from, which must be unchanged")

@@ -12,10 +12,10 @@ import os
 
 import jax
 
-from llmjax import checkpoint, config as config_lib, tasks
+from llmjax import checkpoint, config as config_lib, finetune, tasks
 from llmjax.errors import UserError
 from llmjax.parallel import mesh as meshlib, sharding
-from llmjax.train import init, optim
+from llmjax.train import init, optim, pretrained
 
 CONFIG_FILE, TASK_INFO_FILE = "config.json", "task_info.json"
 
@@ -28,6 +28,11 @@ class Restored:
   step: int
   state: object
   mesh: jax.sharding.Mesh
+
+  @property
+  def params(self) -> dict:
+    """Every parameter of the model: the trained ones and the frozen base together."""
+    return finetune.merge(self.state.params, self.state.frozen)
 
 
 def experiment(workdir: str) -> config_lib.Experiment:
@@ -51,10 +56,13 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   """The run's checkpoint `step` (default: newest), verified, on this host's devices (dp)."""
   exp = experiment(workdir)
   run_task = task(workdir, exp)
-  model, tx = run_task.model(), optim.make_optimizer(exp.optim, exp.train.steps)
+  model = run_task.model()
   mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, rules="dp"))
+  rules = sharding.rules_for("dp")
   init_variables = init.variables_init(run_task, model, run_task.example_batch(1))
-  abstract, shardings = init.state_shardings(init_variables, tx, mesh, sharding.rules_for("dp"))
+  trainable = finetune.plan(exp, init.param_shapes(init_variables))
+  tx = finetune.optimizer(exp, optim.make_optimizer(exp.optim, exp.train.steps), trainable)
+  abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules, trainable)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
   try:
     steps = ckpt.all_steps()
@@ -62,7 +70,14 @@ def restore(workdir: str, step: int | None = None) -> Restored:
       raise UserError(f"--step={step}: available checkpoint steps in {workdir}: "
                       f"{steps or 'none'}")
     chosen = steps[-1] if step is None else step
-    state, _, _ = ckpt.restore(chosen, abstract, shardings)
+    state, data_state, _ = ckpt.restore(chosen, abstract.replace(frozen={}),
+                                        shardings.replace(frozen={}))
   finally:
     ckpt.close()
+  if trainable is not None:  # the checkpoint holds only what trained: rebuild the base
+    with jax.set_mesh(mesh):
+      frozen = pretrained.initialised(exp, init_variables, tx, mesh, rules, shardings,
+                                      trainable).frozen
+    pretrained.check_base(data_state.get("base"), pretrained.base_identity(exp, frozen))
+    state = state.replace(frozen=frozen)
   return Restored(exp, run_task, model, chosen, state, mesh)
