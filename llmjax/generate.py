@@ -116,10 +116,11 @@ def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, 
               on_token):
   batch, prompt_len = prompt_BP.shape
 
-  def forward(tokens_BL, positions_BL, segment_ids_BL, cache):
+  def forward(tokens_BL, positions_BL, segment_ids_BL, cache, prefill=False):
     logits_B1V, variables = model.apply(
         {"params": params, "cache": cache}, tokens_BL, positions_BL=positions_BL,
-        segment_ids_BL=segment_ids_BL, decode=True, last_only=True, mutable=["cache"])
+        segment_ids_BL=segment_ids_BL, decode=True, last_only=True, prefill=prefill,
+        mutable=["cache"])
     return logits_B1V[:, -1], variables["cache"]
 
   def choose(step, logits_BV, done_B):
@@ -132,7 +133,7 @@ def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, 
   # Padding keeps position 0 (its own segment, never seen by real tokens).
   positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
-  logits_BV, cache = forward(prompt_BP, positions_BP, mask_BP, cache)
+  logits_BV, cache = forward(prompt_BP, positions_BP, mask_BP, cache, prefill=True)
   token_B, done_B = choose(0, logits_BV, jnp.zeros((batch,), bool))
   out_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
 

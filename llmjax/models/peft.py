@@ -95,7 +95,7 @@ class LoraUpdate(nn.Module):
     if p.adalora:  # zero-initialised singular values: the update starts at exactly zero
       e = self.param("e", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (r,),
                      jnp.dtype(self.param_dtype))
-      h = h * e.astype(compute)
+      h = h * e.astype(compute).reshape((1,) * (h.ndim - 1) + (r,))
     y = jax.lax.dot_general(h, b.astype(compute), (((h.ndim - 1,), (0,)), ((), ())))
     return y * jnp.asarray(p.lora_scale(), compute)
 

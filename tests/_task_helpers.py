@@ -1,0 +1,62 @@
+"""Tiny experiments of every task on files a test writes (shared by the task and fine-tuning
+tests)."""
+
+import csv
+import pathlib
+
+import numpy as np
+
+from llmjax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORDS = {"fruit": "apple pear plum fig lime", "metal": "iron gold zinc lead tin",
+         "bird": "crow wren lark owl kite"}
+
+
+def write_labelled(path: pathlib.Path, n_per_class: int = 6, seed: int = 0) -> pathlib.Path:
+  """A CSV of short texts whose words give their label away: a tiny model can fit it exactly."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["text", "label"])
+    for label, words in WORDS.items():
+      for _ in range(n_per_class):
+        writer.writerow([" ".join(rng.choice(words.split(), 4)), label])
+  return path
+
+
+def write_corpus(root: pathlib.Path, n: int = 8) -> str:
+  root.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(1)
+  for i in range(n):
+    words = rng.choice("the cat sat on a mat and ran to its red hat".split(), 200)
+    (root / f"doc{i}.txt").write_text(" ".join(words))
+  return str(root / "*.txt")
+
+
+def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
+               **sections) -> config_lib.Experiment:
+  """A tiny experiment of `task` on files the test writes (encoders for mlm and classify
+  unless `decoder`)."""
+  c = config_lib.base_config()
+  if task == "lm" or decoder:
+    c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=2,
+                                       n_heads=4, d_ff=64, max_len=32)
+    c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "byte"
+  if task != "lm" and not decoder:
+    c.model = config_lib.model_section("bert", vocab_size=256, d_model=32, n_layers=2,
+                                       n_heads=4, d_ff=64, max_len=32)
+    if task == "mlm":
+      c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "wordpiece:256"
+  if task == "classify":
+    c.data.files = str(write_labelled(tmp / "train.csv"))
+    c.data.val_files = str(write_labelled(tmp / "val.csv", 3, seed=1))
+    c.data.tokenizer = "byte"
+  c.task.name = task
+  c.data.source, c.data.seq_len = "files", 32
+  c.train.update(dict(steps=4, batch_size=8, log_every=2, eval_every=4, eval_batches=2,
+                      checkpoint_every=4, progress=False, sample_prompts=1, sample_tokens=4))
+  c.optim.warmup_steps = 1
+  for section, values in sections.items():
+    c[section].update(values)
+  return config_lib.resolve(c)

@@ -1,0 +1,308 @@
+"""Fine-tuning methods: trainable counts in closed form, frozen parameters bitwise unchanged, zero-
+initialised methods start at the base exactly, LoRA merge / scan / sharding / memory, resume of a
+LoRA run, generation after prompt and prefix tuning."""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import llmjax.train
+from llmjax import checkpoint, finetune
+from llmjax import config as config_lib
+from llmjax.errors import ConfigError
+from llmjax.finetune import lora, partition
+from llmjax.generate import generate
+from llmjax.models.peft import Peft
+from llmjax.models.transformer import Transformer
+from llmjax.parallel import sharding
+from llmjax.train import init, loop, reporting
+
+from _task_helpers import experiment
+
+D, L, N, F = 32, 2, 4, 64  # the tiny llama of _task_helpers.experiment("lm"): H = 8, K = N
+H, K = D // N, N
+
+
+def _setup(tmp_path, method, model=None, mesh=None, devices=None, **ft):
+  sections = dict(model=model or {}, finetune=dict(method=method, **ft))
+  if mesh:
+    sections["mesh"] = mesh
+  return loop.prepare(experiment("lm", tmp_path, **sections), None, devices)
+
+
+def _gpt2(**overrides):
+  fields = dict(config_lib.model_section("gpt2", vocab_size=256, d_model=D, n_layers=L,
+                                         n_heads=N, d_ff=F, max_len=64))
+  return {**fields, **overrides}
+
+
+# --- counts ------------------------------------------------------------------------------------
+
+
+def _lora_all_linear(r):
+  per_layer = (r * (D + N * H) + 2 * r * (D + K * H) + r * (N * H + D)
+               + 2 * r * (D + F) + r * (F + D))
+  return L * per_layer
+
+
+def _bitfit_gpt2():
+  per_layer = N * H + 2 * K * H + D + F + D + 2 * D  # q, k, v, o, wi, wo, two norms
+  return L * per_layer + D  # and the final norm
+
+
+LAYER = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D  # one llama block
+
+COUNTS = {
+    "lora_qv_r4": (dict(method="lora", lora_rank=4, lora_targets="qv"), None,
+                   L * 4 * (2 * D + N * H + K * H)),
+    "lora_all_linear_r2": (dict(method="lora", lora_rank=2, lora_targets="all_linear"), None,
+                           _lora_all_linear(2)),
+    "adapter_8_both": (dict(method="adapter", adapter_dim=8), None, L * 2 * (2 * D * 8)),
+    "adapter_8_mlp_block_1": (dict(method="adapter", adapter_dim=8, adapter_placement="mlp",
+                                   adapter_layers="1"), None, 2 * D * 8),
+    "prompt_5": (dict(method="prompt", prompt_length=5), None, 5 * D),
+    "prefix_3": (dict(method="prefix", prefix_length=3), None, L * 2 * 3 * K * H),
+    "bitfit_gpt2": (dict(method="bitfit"), _gpt2(), _bitfit_gpt2()),
+    "top_1_layer": (dict(method="freeze", presets="top_k_layers=1"), None, LAYER),
+    "ffn": (dict(method="freeze", presets="ffn"), None, L * 3 * D * F),
+}
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_trainable_parameters_and_optimizer_state_match_the_closed_form(name, tmp_path):
+  ft, model, expected = COUNTS[name]
+  s = _setup(tmp_path, ft.pop("method"), model, **ft)
+  report = finetune.params_report(s.exp, s.abstract_state, None)
+  assert report["trainable"] == expected
+  assert report["total"] == report["trainable"] + report["frozen"]
+  everything = partition.count(init.param_shapes(s.init_variables))
+  assert report["total"] == everything
+  # AdamW keeps two fp32 moments per trainable value; the rest are a few scalars.
+  scalars = partition.nbytes(jax.eval_shape(s.tx.init, {}))
+  assert report["optimizer_state_bytes"] == 8 * expected + scalars
+
+
+def test_adalora_state_adds_two_scores_per_value_and_one_mask_entry_per_triplet(tmp_path):
+  s = _setup(tmp_path, "adalora", lora_rank=4, adalora_target_rank=2)
+  trainable = partition.count(s.abstract_state.params)
+  triplets = L * 2 * 4  # q and v of each layer, rank 4
+  assert trainable == L * 4 * (2 * D + N * H + K * H) + triplets
+  report = finetune.params_report(s.exp, s.abstract_state, None)
+  inner = partition.nbytes(s.abstract_state.opt_state.inner)
+  assert inner == 8 * trainable + partition.nbytes(jax.eval_shape(s.tx.init, {}).inner)
+  assert report["optimizer_state_bytes"] == inner + 8 * trainable + triplets + 4
+
+
+# --- what changes and what does not ------------------------------------------------------------
+
+
+def _train(s, steps):
+  state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings,
+                          s.trainable)
+  before = jax.device_get(state)
+  train_fn, _ = loop.compile_steps(s)
+  iterator = loop._data_iterator(s, None)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    for _ in range(steps):
+      state, _ = train_fn(state, sharding.global_batch(next(iterator), s.mesh))
+  return before, jax.device_get(state)
+
+
+ZERO_INIT = ("lora", "adalora", "adapter")
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "adapter", "prompt", "prefix", "bitfit"])
+def test_frozen_parameters_stay_bitwise_and_only_the_method_trains(method, tmp_path):
+  s = _setup(tmp_path, method, _gpt2() if method == "bitfit" else None)
+  before, after = _train(s, 3)
+  assert before.frozen and partition.count(before.frozen) > partition.count(before.params)
+  jax.tree.map(np.testing.assert_array_equal, before.frozen, after.frozen)
+  for path, value in partition.items(before.params):
+    assert not np.array_equal(value, dict(partition.items(after.params))[path]), path
+  if method in ZERO_INIT:  # at step 0 the model computes exactly what its base does
+    tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+    params = finetune.merge(before.params, before.frozen)
+    ours = s.model.apply({"params": params}, tokens_BL)
+    base = Transformer(s.exp.model).apply({"params": before.frozen}, tokens_BL)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
+
+
+# --- LoRA: merge, scan, shardings, memory ------------------------------------------------------
+
+
+def _random_lora(tmp_path, scan=False):
+  exp = experiment("lm", tmp_path, model=dict(scan_layers=scan))
+  peft = Peft(lora_targets=finetune.spec.LORA_TARGETS["all_linear"], lora_rank=4)
+  model = Transformer(exp.model, peft)
+  tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens_BL)["params"])
+  rng = np.random.default_rng(1)  # B starts at zero; make every update count
+  params = partition.nest({p: (rng.normal(0, 0.05, v.shape).astype(np.float32)
+                               if p.endswith("lora/b") else v)
+                           for p, v in partition.items(params)})
+  return exp, peft, model, params, tokens_BL
+
+
+def _stacked(params):
+  """An unrolled tree in the scanned layout: layer_i/x -> layers/x with the layer axis first."""
+  flat, out = dict(partition.items(params)), {}
+  for path, value in flat.items():
+    if path.startswith("layer_0/"):
+      rest = path[len("layer_0/"):]
+      out["layers/" + rest] = np.stack([flat[f"layer_{i}/{rest}"] for i in range(L)])
+    elif not path.startswith("layer_"):
+      out[path] = value
+  return partition.nest(out)
+
+
+def test_merged_lora_equals_unmerged_and_scanned_equals_unrolled(tmp_path):
+  exp, peft, model, params, tokens_BL = _random_lora(tmp_path)
+  unmerged = model.apply({"params": params}, tokens_BL)
+  base = Transformer(exp.model).apply({"params": params}, tokens_BL)
+  assert float(jnp.abs(unmerged - base).max()) > 1e-3  # the updates matter
+  merged = lora.merged(params, peft)
+  assert not any("/lora/" in p for p, _ in partition.items(merged))
+  np.testing.assert_allclose(Transformer(exp.model).apply({"params": merged}, tokens_BL),
+                             unmerged, atol=1e-5)
+  scanned_cfg = dataclasses.replace(exp.model, scan_layers=True)
+  scanned = Transformer(scanned_cfg, peft).apply({"params": _stacked(params)}, tokens_BL)
+  np.testing.assert_allclose(scanned, unmerged, atol=1e-5)
+  # Merging a scanned stack is merging each layer.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               lora.merged(_stacked(params), peft), _stacked(merged))
+
+
+def _padded(spec, ndim):
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_factors_shard_like_the_projection_they_wrap(scan, tmp_path):
+  s = _setup(tmp_path, "lora", dict(scan_layers=scan), lora_targets="attention",
+             mesh=dict(data=1, fsdp=2, tensor=4, rules="fsdp_tp"))
+  trained = dict(partition.items(s.state_shardings.params))
+  frozen = dict(partition.items(s.state_shardings.frozen))
+  shapes = init.param_shapes(s.init_variables)
+  modules = lora.modules(s.abstract_state.params)
+  assert len(modules) == (1 if scan else L) * 4
+  lead = 1 if scan else 0
+  for module in modules:
+    kernel_shape = shapes[module + "/kernel"].shape
+    kernel = _padded(frozen[module + "/kernel"].spec, len(kernel_shape))
+    assert any(axis is not None for axis in kernel[lead:]), (module, kernel)
+    n_in = len(shapes[module + "/lora/a"].shape) - 1 - lead
+    a = _padded(trained[module + "/lora/a"].spec, lead + n_in + 1)
+    b = _padded(trained[module + "/lora/b"].spec, len(kernel_shape) - n_in + 1)
+    assert a == kernel[:lead + n_in] + (None,), (module, a, kernel)
+    assert b == kernel[:lead] + (None,) + kernel[lead + n_in:], (module, b, kernel)
+  # The base keeps its layout: the same paths and shapes as a model without LoRA.
+  base = loop.prepare(dataclasses.replace(s.exp, finetune=config_lib.FinetuneConfig()))
+  assert {p: v.shape for p, v in partition.items(base.abstract_state.params)} == {
+      p: v.shape for p, v in shapes.items() if "/lora/" not in p}
+
+
+def _compiled_bytes(s):
+  train_fn, _ = loop.compile_steps(s)
+  batch = sharding.global_batch(next(loop._data_iterator(s, None)), s.mesh)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    memory = train_fn.lower(s.abstract_state, batch).compile().memory_analysis()
+  return memory.argument_size_in_bytes + memory.temp_size_in_bytes
+
+
+def test_a_lora_step_needs_less_memory_than_full_fine_tuning_by_the_base_optimizer_state(
+    tmp_path):
+  model = dict(d_model=64, d_ff=256, n_layers=2)
+  one = jax.devices()[:1]
+  full = _setup(tmp_path, "full", model, mesh=dict(data=1), devices=one)
+  low_rank = _setup(tmp_path, "lora", model, mesh=dict(data=1), devices=one)
+  base_values = partition.count(full.abstract_state.params)
+  saved = _compiled_bytes(full) - _compiled_bytes(low_rank)
+  assert saved >= 8 * base_values, (saved, 8 * base_values)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def test_lora_resume_reproduces_the_uninterrupted_losses_and_saves_no_base(tmp_path):
+  exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
+                   train=dict(steps=8, log_every=1, eval_every=4, checkpoint_every=4,
+                              keep_checkpoints=3, async_checkpoint=False))
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  llmjax.train.run(exp, straight)
+  llmjax.train.run(exp, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))  # as if stopped after step 4
+  llmjax.train.run(exp, resumed)
+  losses = lambda d: [(r["step"], r["loss"]) for r in reporting.read_metrics(
+      os.path.join(d, "metrics.jsonl")) if r["split"] == "train"]
+  assert losses(resumed) == losses(straight) and len(losses(straight)) == 8
+  saved = checkpoint.saved_param_shapes(os.path.join(resumed, "checkpoints"))
+  assert saved and all("/lora/" in p for p in saved), sorted(saved)
+
+
+def test_resume_refuses_a_base_that_changed(tmp_path):
+  exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
+                   train=dict(steps=4, async_checkpoint=False))
+  workdir = str(tmp_path / "run")
+  llmjax.train.run(exp, workdir)
+  other_seed = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=1, steps=8))
+  with pytest.raises(checkpoint.CheckpointError, match="frozen base"):
+    llmjax.train.run(other_seed, workdir)
+
+
+# --- prompt and prefix tuning ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", [Peft(prefix_length=3), Peft(prompt_length=3)],
+                         ids=["prefix", "prompt"])
+def test_generation_after_prompt_or_prefix_tuning_equals_full_recomputation(peft, tmp_path):
+  exp = experiment("lm", tmp_path)
+  model = Transformer(exp.model, peft)
+  prompt_BP = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)))
+  params = nn.unbox(model.init(jax.random.PRNGKey(3), prompt_BP)["params"])
+  new_BN = generate(model, params, prompt_BP, max_new_tokens=6)
+  tokens_BL = prompt_BP
+  for _ in range(6):
+    logits_BLV = model.apply({"params": params}, tokens_BL)
+    tokens_BL = jnp.concatenate([tokens_BL, jnp.argmax(logits_BLV[:, -1], -1)[:, None]], 1)
+  np.testing.assert_array_equal(np.asarray(new_BN), np.asarray(tokens_BL[:, 5:]))
+
+
+def test_prefix_and_prompt_change_the_output_and_prompt_keeps_one_output_per_token(tmp_path):
+  exp = experiment("lm", tmp_path)
+  tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 7)))
+  base = Transformer(exp.model)
+  params = nn.unbox(base.init(jax.random.PRNGKey(0), tokens_BL)["params"])
+  reference = base.apply({"params": params}, tokens_BL)
+  for peft in (Peft(prefix_length=2), Peft(prompt_length=2)):
+    model = Transformer(exp.model, peft)
+    extra = nn.unbox(model.init(jax.random.PRNGKey(1), tokens_BL)["params"])
+    added = {p: v for p, v in partition.items(extra) if p not in dict(partition.items(params))}
+    out = model.apply({"params": partition.merge(partition.nest(added), params)}, tokens_BL)
+    assert out.shape == reference.shape
+    assert float(jnp.abs(out - reference).max()) > 1e-4
+
+
+# --- bad input (the CLI's side is in test_config.BAD_INPUTS) ------------------------------------
+
+
+BAD = {
+    "frozen_matches_nothing": (dict(method="full", frozen="nothing/.*"),
+                               "config.finetune.frozen"),
+    "unknown_preset": (dict(method="freeze", presets="heads"), "unknown preset 'heads'"),
+    "top_k_too_many": (dict(method="freeze", presets="top_k_layers=9"), "top_k_layers=9"),
+    "adapter_block_missing": (dict(method="adapter", adapter_layers="5"), "block 5"),
+    "bad_regex": (dict(method="freeze", trainable="(("), "not a regex"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_finetune_settings_are_named(name, tmp_path):
+  ft, needle = BAD[name]
+  with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    _setup(tmp_path, ft.pop("method"), **ft)
