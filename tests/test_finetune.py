@@ -30,7 +30,8 @@ H, K = D // N, N
 
 
 def _setup(tmp_path, method, model=None, mesh=None, devices=None, **ft):
-  sections = dict(model=model or {}, finetune=dict(method=method, **ft))
+  # Room for a prompt or prefix of up to 16 beyond the 32-token rows.
+  sections = dict(model={"max_len": 48, **(model or {})}, finetune=dict(method=method, **ft))
   if mesh:
     sections["mesh"] = mesh
   return loop.prepare(experiment("lm", tmp_path, **sections), None, devices)

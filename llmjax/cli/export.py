@@ -1,46 +1,168 @@
-"""llmjax export --workdir=DIR [--step=N] --out=DIR: parameters only, for eval/generate/fine-tune."""
+"""llmjax export --workdir=DIR [--step=N] --out=DIR | --out=hf:PATH [--merge]
+
+--out=DIR: an llmjax export (parameters only; LoRA merged into its kernels) for eval, generate,
+convert and fine-tuning. --out=hf:PATH: Hugging Face files. A LoRA or AdaLoRA run becomes a PEFT
+LoRA adapter (adapter_config.json + adapter_model.safetensors; with --merge, the merged full
+model instead), a prompt-tuning run PEFT prompt embeddings, a full, freeze or bitfit run the full
+model. An adapter whose run started from no Hugging Face model gets its frozen base in base/.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
+import shutil
 import sys
 
 from absl import flags
 
 from llmjax.cli import common
+from llmjax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).")
-_OUT = flags.DEFINE_string("out", None, "New directory to write the export to.")
+_OUT = flags.DEFINE_string("out", None, "New directory to write the export to: DIR (llmjax) or "
+                           "hf:PATH (Hugging Face / PEFT).")
+_MERGE = flags.DEFINE_boolean("merge", False, "With --out=hf:PATH, write a LoRA run as the "
+                              "full model with its updates merged, not as a PEFT adapter.")
+
+_FULL, _LORA = ("full", "freeze", "bitfit"), ("lora", "adalora")
+_HF_FORMS = ("lora, adalora (a PEFT adapter, or the merged model with --merge), prompt (PEFT "
+             "prompt embeddings), full, freeze, bitfit (the full model)")
 
 
 def main(argv: list[str] | None = None) -> None:
   common.parse_flags(sys.argv if argv is None else argv)
   if not _WORKDIR.value or not _OUT.value:
-    common.fail("--workdir=DIR and --out=DIR are required")
+    common.fail("--workdir=DIR and --out=DIR (or --out=hf:PATH) are required")
   with common.user_errors():
-    step = export(_WORKDIR.value, _OUT.value, _STEP.value)
-  print(f"exported params of step {step} to {os.path.abspath(_OUT.value)}")
+    step = export(_WORKDIR.value, _OUT.value, _STEP.value, merge=_MERGE.value)
+  where = _OUT.value[3:] if _OUT.value.startswith("hf:") else _OUT.value
+  print(f"exported params of step {step} to {os.path.abspath(where)}")
 
 
-def export(workdir: str, out: str, step: int | None) -> int:
-  """Restore a verified checkpoint of `workdir` on this host's devices and write its params."""
+def check(method: str, out: str, merge: bool) -> None:
+  """What a run of `method` can be exported as; UserError otherwise, before anything is read."""
+  if out.startswith("hf:"):
+    if method not in _FULL + _LORA + ("prompt",):
+      raise UserError(f"config.finetune.method={method!r} has no Hugging Face form; --out=hf: "
+                      f"exports {_HF_FORMS}")
+  elif method in ("adapter", "prompt", "prefix"):
+    raise UserError(f"config.finetune.method={method!r}: an llmjax export (--out=DIR) has no "
+                    "place for the method's parameters yet; allowed: " + ", ".join(_FULL + _LORA)
+                    + (" (or --out=hf:PATH for a PEFT prompt)" if method == "prompt" else ""))
+  if merge and (method not in _LORA or not out.startswith("hf:")):
+    raise UserError(f"--merge applies to --out=hf:PATH of a lora or adalora run (this run: "
+                    f"method={method!r}, --out={out})")
+
+
+def export(workdir: str, out: str, step: int | None = None, *, merge: bool = False) -> int:
+  """Restore a verified checkpoint of `workdir` on this host's devices and write it to `out`
+  (written aside and renamed when complete)."""
+  from llmjax.train import rundir
+  check(rundir.experiment(workdir).finetune.method, out, merge)
+  dest = os.path.abspath(out[3:] if out.startswith("hf:") else out)
+  if os.path.exists(dest):
+    raise UserError(f"--out={out} already exists; choose a new directory")
+  run = rundir.restore(workdir, step)
+  if not out.startswith("hf:"):
+    _to_llmjax(run, workdir, dest)
+    return run.step
+  tmp = dest + ".tmp-export"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    _to_hf(run, workdir, tmp, dest, merge)
+    os.rename(tmp, dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return run.step
+
+
+def _merged(run):
+  """(model, params) of a plain model: LoRA updates folded into the kernels, factors gone."""
+  from llmjax.finetune import lora
+  from llmjax.models.peft import Peft
+  if run.exp.finetune.method not in _LORA:
+    return run.model, run.params
+  return run.model.clone(peft=Peft()), lora.merged(run.params, run.model.peft)
+
+
+def _to_llmjax(run, workdir: str, dest: str) -> None:
   import jax
 
   from llmjax import checkpoint
   from llmjax.hf import convert
-  from llmjax.train import rundir
-
-  run = rundir.restore(workdir, step)
+  model, params = _merged(run)
   # Which module wraps the config (a BERT head, its label count) and the run's vocabulary, so
   # `llmjax convert --to=hf:` and `generate` need nothing else.
-  extra = {convert.MODEL_FILE: json.dumps(convert.describe(run.model), indent=2)}
+  extra = {convert.MODEL_FILE: json.dumps(convert.describe(model), indent=2)}
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):
     with open(tokenizer) as f:
       extra[os.path.join(convert.TOKENIZER_DIR, "tokenizer.json")] = f.read()
-  checkpoint.export_params(jax.device_get(run.params), dataclasses.asdict(run.exp.model),
-                           out, extra)
-  return run.step
+  checkpoint.export_params(jax.device_get(params), dataclasses.asdict(run.exp.model), dest,
+                           extra)
+
+
+def _save_full(model, params, workdir: str, path: str, info: dict) -> None:
+  """A full HF model directory, with the run's label names and vocabulary when it has them."""
+  from llmjax import hf
+  names = info.get("label_names")
+  overrides = ({"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+               if names and len(names) == getattr(model, "num_labels", None) else None)
+  hf.save(model, params, path, config_overrides=overrides)
+  tokenizer = os.path.join(workdir, "tokenizer.json")
+  if os.path.isfile(tokenizer):
+    shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
+
+
+def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
+  import jax
+
+  from llmjax.finetune import partition
+  from llmjax.hf import peft as hfpeft
+  info = _task_info(workdir)
+  method = run.exp.finetune.method
+  if method in _FULL or merge:
+    _save_full(*_merged(run), workdir, tmp, info)
+    return
+  params = jax.device_get(run.params)
+  base = _hf_base(run.exp.train.init_from)
+  if base is None:  # the frozen base exists nowhere in HF form: write it next to the adapter
+    base_params = partition.nest({p: x for p, x in partition.items(params)
+                                  if "/lora/" not in p and p.split("/")[-1] != "prompt"})
+    _save_full(run.model.clone(peft=hfpeft.Peft()), base_params, workdir,
+               os.path.join(tmp, "base"), info)
+    base = os.path.join(dest, "base")
+  if method == "prompt":
+    hfpeft.save_prompt(run.model, params, tmp, base_model_path=base)
+    return
+  # Saved whole: what trained besides LoRA (heads), and fresh heads an HF base does not have.
+  saved = [p for p, _ in partition.items(run.state.params) if "/lora/" not in p]
+  if run.exp.train.init_new and _hf_base(run.exp.train.init_from):
+    fresh = re.compile(run.exp.train.init_new)
+    saved += [p for p, _ in partition.items(params) if fresh.fullmatch(p) and "/lora/" not in p]
+  hfpeft.save_adapter(run.model, params, run.model.peft, tmp, base_model_path=base,
+                      modules_to_save=saved)
+
+
+def _hf_base(init_from: str) -> str | None:
+  """The absolute HF directory a run's base came from (hf:PATH, or a PEFT adapter's base)."""
+  kind, _, path = init_from.partition(":")
+  if kind == "hf":
+    return os.path.abspath(path)
+  if kind == "peft":
+    from llmjax.hf import peft as hfpeft
+    return os.path.abspath(hfpeft.base_path(path))
+  return None
+
+
+def _task_info(workdir: str) -> dict:
+  from llmjax.train import rundir
+  path = os.path.join(workdir, rundir.TASK_INFO_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)

@@ -65,15 +65,16 @@ def peft_for(exp: Experiment) -> Peft:
     _check_adapter_layers(layers, exp.model)
     return Peft(adapter_dim=f.adapter_dim, adapter_placement=f.adapter_placement,
                 adapter_layers=layers)
-  if f.method == "prompt":
+  if f.method in ("prompt", "prefix"):
+    # The prompt takes positions; a prefix takes none, but both lengthen every attention row
+    # beyond the context the model was built for.
+    length = f.prompt_length if f.method == "prompt" else f.prefix_length
     left = exp.model.max_len - exp.data.seq_len
-    if exp.model.pos_emb == "learned" and f.prompt_length > left:
-      raise ConfigError(f"config.finetune.prompt_length={f.prompt_length} is longer than the "
+    if length > left:
+      raise ConfigError(f"config.finetune.{f.method}_length={length} is longer than the "
                         f"positions left: config.model.max_len={exp.model.max_len} - "
                         f"config.data.seq_len={exp.data.seq_len} = {left}")
-    return Peft(prompt_length=f.prompt_length)
-  if f.method == "prefix":
-    return Peft(prefix_length=f.prefix_length)
+    return Peft(**{f"{f.method}_length": length})
   return Peft()
 
 

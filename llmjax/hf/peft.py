@@ -235,6 +235,11 @@ def save_adapter(model: nn.Module, params, peft: Peft, out_dir: str, *,
                        "(fan_in_fan_out is global)")
   saved = _saved_modules(model, tensors, _scanned_names(modules_to_save, scanned,
                                                         model.cfg.n_layers))
+  tied = {t.hf_key.rsplit(".", 1)[0] for t in tensors if t.paths[0].endswith("embed/embedding")
+          and model.cfg.tie_embeddings and not isinstance(model, heads.SequenceClassifier)}
+  if saved & tied:
+    raise AdapterError(f"{sorted(saved & tied)[0]} trained with tied embeddings: PEFT's "
+                       "modules_to_save copy would untie it from the output layer")
   clash = sorted(saved & {s.module for s in sites})
   if clash:
     raise AdapterError(f"{clash[0]} carries LoRA and is also trained whole; PEFT cannot save a "
@@ -407,27 +412,24 @@ def _import_site(site: _Site, A, B, ratio: float, rank: int, where: str):
   return out
 
 
-def load_adapter(adapter_dir: str, model: nn.Module, base_params) -> dict:
-  """`base_params` with the adapter's LoRA factors (and saved modules) in place: the full params
-  of `model` (built with the Peft its LoRA needs). Exact; AdaLoRA models get e = 1 on the
-  triplets used. Raises AdapterError naming any key that does not fit."""
-  config, where = read_config(adapter_dir), os.path.join(adapter_dir, WEIGHTS)
-  settings = lora_settings(config, os.path.join(adapter_dir, CONFIG))
+def adapter_leaves(adapter_dir: str, model: nn.Module, base_flat: dict | None = None) -> dict:
+  """{parameter path: numpy array} of what a PEFT LoRA adapter sets in `model` (built with the
+  Peft its LoRA needs): every LoRA leaf, and the modules it saved whole (a scanned stack takes
+  its other layers from `base_flat`). Raises AdapterError naming any key that does not fit."""
+  where = os.path.join(adapter_dir, WEIGHTS)
+  settings = lora_settings(read_config(adapter_dir), os.path.join(adapter_dir, CONFIG))
   weights = _read_weights(adapter_dir)
   _, _, tensors = _arch_tables(model)
   scanned, peft = model.cfg.scan_layers, model.peft
   abstract = api._abstract_flat(model)
-  flat = {p: a for p, a in mapping.flatten(nn.unbox(base_params)).items()
-          if "/lora/" not in p}
-  sites = _sites(tensors, abstract, scanned)
-  used = set()
-  factors: dict[str, tuple] = {}
-  for site in sites:
+  used, factors = set(), {}
+  for site in _sites(tensors, abstract, scanned):
     keys = [f"{PREFIX}{site.module}.lora_{x}.weight" for x in "AB"]
     missing = [k for k in keys if k not in weights]
     if missing:
-      raise AdapterError(f"{where}: no {missing[0]}; the model's lora_targets cover "
-                         f"{site.module} ({', '.join(p for p, on in zip(site.parts, site.lora) if on)})")
+      covered = ", ".join(p for p, on in zip(site.parts, site.lora) if on)
+      raise AdapterError(f"{where}: no {missing[0]}; the model has LoRA on {covered} "
+                         "(config.finetune.lora_targets), the adapter does not")
     A, B = (weights[k].astype(np.float32) for k in keys)
     n_in, n_out = site.layout.in_index.size, site.layout.out_index.size
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
@@ -436,27 +438,38 @@ def load_adapter(adapter_dir: str, model: nn.Module, base_params) -> dict:
     used.update(keys)
     ratio = _peft_scale(settings, site.module) / peft.lora_scale()
     factors.update(_import_site(site, A, B, ratio, peft.lora_rank, where))
-  _overlay_saved(weights, used, tensors, flat, scanned, where)
-  flat.update(_stack(factors, abstract, scanned, peft.adalora))
-  problems = mapping.tree_problems(_shapes(abstract), _shapes(flat), "the parameters")
+  leaves = _stack(factors, abstract, scanned, peft.adalora)
+  leaves.update(_saved(weights, used, tensors, abstract, base_flat, scanned, where))
+  return {p: x.astype(abstract[p].dtype) for p, x in leaves.items()}
+
+
+def load_adapter(adapter_dir: str, model: nn.Module, base_params) -> dict:
+  """`base_params` (the base's parameters; any LoRA leaves in it are replaced) with a PEFT LoRA
+  adapter in place: the full params of `model`. Exact; an AdaLoRA model gets e = 1 on the
+  triplets used."""
+  flat = {p: x for p, x in mapping.flatten(nn.unbox(base_params)).items() if "/lora/" not in p}
+  flat.update(adapter_leaves(adapter_dir, model, flat))
+  problems = mapping.tree_problems(_shapes(api._abstract_flat(model)), _shapes(flat),
+                                   "the parameters")
   if problems:
-    raise AdapterError(f"{where}: the parameters do not fit the model: " + "; ".join(problems))
-  return mapping.unflatten({p: np.asarray(x).astype(abstract[p].dtype) for p, x in flat.items()})
+    raise AdapterError(f"{adapter_dir}: the base parameters do not fit the model: "
+                       + "; ".join(problems))
+  return mapping.unflatten(flat)
 
 
 def _shapes(flat):
   return {p: tuple(x.shape) for p, x in flat.items()}
 
 
-def _overlay_saved(weights, used, tensors, flat, scanned, where) -> None:
-  """modules_to_save tensors (`base_model.model.<HF key>`) into `flat`; anything else is named."""
-  by_key = {t.hf_key: t for t in tensors}
+def _saved(weights, used, tensors, abstract, base_flat, scanned, where) -> dict:
+  """modules_to_save tensors (`base_model.model.<HF key>`) as parameters; others are named."""
+  by_key, out = {t.hf_key: t for t in tensors}, {}
   for key in sorted(set(weights) - used):
-    hf_key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    t = by_key.get(hf_key)
+    t = by_key.get(key[len(PREFIX):] if key.startswith(PREFIX) else key)
     if t is None:
-      kind = "LoRA for a module the model's lora_targets do not cover" if ".lora_" in key else \
-          "a tensor the model has no place for"
+      kind = ("LoRA on a module the model has none on: config.finetune.lora_targets does not "
+              "cover it, or llmjax has no LoRA there" if ".lora_" in key else
+              "a tensor the model has no place for")
       raise AdapterError(f"{where}: unexpected {key} ({kind})")
     if tuple(weights[key].shape) != t.hf_shape:
       raise AdapterError(f"{where}: {key} has shape {list(weights[key].shape)}, expected "
@@ -464,11 +477,13 @@ def _overlay_saved(weights, used, tensors, flat, scanned, where) -> None:
     for path, value in zip(t.paths, t.to_jax(weights[key])):
       dest, layer = mapping.target(path, scanned)
       if layer is None:
-        flat[dest] = value
-      else:
-        stacked = np.array(flat[dest])
-        stacked[layer] = value
-        flat[dest] = stacked
+        out[dest] = value
+        continue
+      if dest not in out:
+        out[dest] = (np.array(base_flat[dest]) if base_flat and dest in base_flat
+                     else np.zeros(abstract[dest].shape, abstract[dest].dtype))
+      out[dest][layer] = value
+  return out
 
 
 def _stack(factors: dict, abstract: dict, scanned: bool, adalora: bool) -> dict:
@@ -522,3 +537,25 @@ def load(adapter_dir: str, *, base: str | None = None, dtype: str = "float32"):
   peft = peft_for_adapter(adapter_dir, model)
   model = model.clone(peft=peft)
   return model, load_adapter(adapter_dir, model, params)
+
+
+def model_like(cfg, shapes: dict[str, tuple]) -> nn.Module | None:
+  """The Hugging Face-expressible llmjax module, with the LoRA its parameters hold, whose
+  parameter tree is `shapes` ({path: shape}), or None. (LoRA scale: alpha = rank.)"""
+  lora = sorted(p[:-len("/lora/a")] for p in shapes if p.endswith("/lora/a"))
+  rank = shapes[lora[0] + "/lora/a"][-1] if lora else 0
+  peft = Peft(lora_targets="|".join(re.escape(m) for m in lora), lora_rank=rank,
+              lora_alpha=float(rank or 16), adalora=any(p.endswith("/lora/e") for p in shapes))
+  if "classifier/kernel" in shapes:
+    candidates = [heads.SequenceClassifier(cfg, shapes["classifier/kernel"][-1], peft)]
+  elif any(p.startswith("encoder/") for p in shapes):
+    candidates = [heads.MaskedLM(cfg, peft), heads.Encoder(cfg, True, peft),
+                  heads.Encoder(cfg, False, peft)]
+  else:
+    from llmjax.models.transformer import Transformer
+    candidates = [Transformer(cfg, peft)]
+  want = {p: tuple(s) for p, s in shapes.items()}
+  for model in candidates:
+    if _shapes(api._abstract_flat(model)) == want:
+      return model
+  return None

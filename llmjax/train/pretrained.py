@@ -1,5 +1,8 @@
 """`config.train.init_from`: start training from existing weights, with new heads where asked.
 
+`peft:ADAPTER_DIR` (a Hugging Face PEFT LoRA adapter) loads the adapter's base
+(`base_model_name_or_path`) as `hf:` does, then its LoRA factors into the run's LoRA parameters.
+
 Every parameter the model and the checkpoint share is loaded; parameters matching
 `config.train.init_new` (a regex, full match on `a/b/c` paths) keep their fresh initialisation and
 are listed; any other parameter the checkpoint lacks, or has in another shape, is an error naming
@@ -33,15 +36,27 @@ def _split(spec: str) -> tuple[str, str]:
   kind, _, path = spec.partition(":")
   if not path:
     raise UserError(f"config.train.init_from={spec!r} has no path after '{kind}:'")
-  if kind not in ("hf", "export", "workdir"):
+  if kind not in ("hf", "export", "workdir", "peft"):
     raise UserError(f"config.train.init_from={spec!r}: allowed hf:PATH, export:PATH, "
-                    "workdir:PATH")
+                    "workdir:PATH, peft:ADAPTER_DIR")
+  return kind, path
+
+
+def _source(spec: str) -> tuple[str, str]:
+  """(kind, path) of the weights to read: a PEFT adapter's base is read as hf:."""
+  kind, path = _split(spec)
+  if kind == "peft":
+    from llmjax.hf import peft as hfpeft
+    try:
+      return "hf", hfpeft.base_path(path)
+    except UserError as e:
+      raise UserError(f"config.train.init_from={spec!r}: {e}") from e
   return kind, path
 
 
 def source_model_config(spec: str) -> dict:
   """The ModelConfig fields of the checkpoint `spec` names."""
-  kind, path = _split(spec)
+  kind, path = _source(spec)
   if kind == "hf":
     from llmjax import hf
     return dataclasses.asdict(hf.model_config(path))
@@ -55,6 +70,24 @@ def source_model_config(spec: str) -> dict:
   return fields if kind == "export" else fields["model"]
 
 
+def _check_adapter_settings(exp: Experiment) -> None:
+  """A peft: adapter's method, r, alpha and rslora must be the run's config.finetune's."""
+  from llmjax.hf import peft as hfpeft
+  spec, f = exp.train.init_from, exp.finetune
+  where = f"config.train.init_from={spec!r}"
+  if f.method != "lora":
+    raise ConfigError(f"{where} loads LoRA factors: it needs config.finetune.method='lora', "
+                      f"not {f.method!r}")
+  path = _split(spec)[1]
+  settings = hfpeft.lora_settings(hfpeft.read_config(path),
+                                  os.path.join(path, hfpeft.CONFIG))
+  for theirs, ours in (("r", "lora_rank"), ("lora_alpha", "lora_alpha"),
+                       ("use_rslora", "rslora")):
+    if settings[theirs] != getattr(f, ours):
+      raise ConfigError(f"{where}: the adapter has {theirs}={settings[theirs]!r} but "
+                        f"config.finetune.{ours}={getattr(f, ours)!r}; they must be equal")
+
+
 def resolve_model(exp: Experiment) -> Experiment:
   """`exp` with the model shape of its init_from checkpoint, where the experiment left defaults.
 
@@ -64,6 +97,8 @@ def resolve_model(exp: Experiment) -> Experiment:
   spec = exp.train.init_from
   if not spec:
     return exp
+  if spec.startswith("peft:"):
+    _check_adapter_settings(exp)
   source, default = source_model_config(spec), ModelConfig()
   taken, conflicts = {}, []
   for field in dataclasses.fields(ModelConfig):
@@ -88,32 +123,43 @@ def resolve_model(exp: Experiment) -> Experiment:
 
 def check(spec: str, init_new: str, abstract_params) -> None:
   """Before anything is written: init_new matches, and the checkpoint has every other parameter
-  in its shape (UserError naming them otherwise)."""
+  in its shape (UserError naming them otherwise); a peft: adapter fits the model's LoRA."""
   flat = flatten(abstract_params)
   new = _matching(init_new, flat)
   if new:
-    kind, path = _split(spec)
+    kind, path = _source(spec)
     wanted = {p: a for p, a in flat.items() if p not in new}
     _check(spec, wanted, _saved_shapes(kind, path, spec), init_new)
+  if spec.startswith("peft:"):
+    from llmjax import hf
+    scanned = any("layers" in p.split("/") for p in flat)
+    _adapter_model(spec, hf.model_config(_source(spec)[1], scan_layers=scanned), flat)
 
 
-def load_params(spec: str, init_new: str, fresh_params, shardings):
-  """`fresh_params` with every parameter not matching `init_new` replaced by the checkpoint's."""
-  kind, path = _split(spec)
-  fresh = flatten(fresh_params)
-  new = _matching(init_new, fresh)
-  wanted = {p: a for p, a in fresh.items() if p not in new}
-  saved_shapes = _saved_shapes(kind, path, spec) if new else None
-  if not new:  # the whole tree comes from the checkpoint, placed straight into its shards
-    return _load_all(kind, path, fresh_params, shardings)
-  _check(spec, wanted, saved_shapes, init_new)
-  loaded = _load_subset(kind, path, unflatten(wanted), _subset(shardings, wanted))
-  ignored = sorted(set(saved_shapes) - set(fresh))
-  print(f"init_from {spec}: loaded {len(wanted)} parameters; fresh (train.init_new="
-        f"{init_new!r}): {', '.join(sorted(new))}"
-        + (f"; not used from the checkpoint: {', '.join(ignored)}" if ignored else ""),
-        file=sys.stderr)
-  return unflatten({**fresh, **flatten(loaded)})
+def _adapter_model(spec: str, cfg: ModelConfig, flat: dict, peft=None):
+  """The HF-expressible module whose parameters are `flat`, checked against the adapter."""
+  from llmjax.hf import peft as hfpeft
+  model = hfpeft.model_like(cfg, {p: tuple(a.shape) for p, a in flat.items()})
+  if model is None:
+    raise UserError(f"config.train.init_from={spec!r}: the run's model has no Hugging Face "
+                    "form (a PEFT adapter needs one: GPT-2, Llama, BERT heads)")
+  model = model if peft is None else model.clone(peft=peft)
+  try:
+    return model, hfpeft.adapter_leaves(_split(spec)[1], model)
+  except UserError as e:
+    raise UserError(f"config.train.init_from={spec!r}: {e}") from e
+
+
+def _with_adapter(exp: Experiment, params, shardings):
+  """`params` with the peft: adapter's LoRA factors (and saved heads) in place, each put where
+  its parameter lives."""
+  from llmjax import finetune
+  spec = exp.train.init_from
+  flat, where = flatten(params), flatten(shardings)
+  _, leaves = _adapter_model(spec, exp.model, flat, finetune.peft_for(exp))
+  print(f"init_from {spec}: from the adapter: {len(leaves)} parameters "
+        f"({sum('/lora/' in p for p in leaves)} LoRA factors)", file=sys.stderr)
+  return unflatten({**flat, **{p: jax.device_put(x, where[p]) for p, x in leaves.items()}})
 
 
 def _matching(init_new: str, flat: dict) -> set[str]:
@@ -208,8 +254,10 @@ def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, tra
     return state
   full = finetune.merge(state.params, state.frozen)
   where = finetune.merge(shardings.params, shardings.frozen)
-  params, frozen = finetune.split(load_params(t.init_from, new_params(exp), full, where),
-                                  trainable)
+  loaded = load_params(t.init_from, new_params(exp), full, where)
+  if t.init_from.startswith("peft:"):
+    loaded = _with_adapter(exp, loaded, where)
+  params, frozen = finetune.split(loaded, trainable)
   return state.replace(params=params, frozen=frozen, opt_state=tx.init(params))
 
 
