@@ -100,6 +100,21 @@ def test_adalora_state_adds_two_scores_per_value_and_one_mask_entry_per_triplet(
   assert report["optimizer_state_bytes"] == inner + 8 * trainable + triplets + 4
 
 
+def test_adalora_keeps_the_target_budget_of_triplets_once_the_schedule_ends(tmp_path):
+  exp = experiment("lm", tmp_path, train=dict(steps=6), finetune=dict(
+      method="adalora", lora_rank=4, adalora_target_rank=2, adalora_warmup=1,
+      adalora_final=2, adalora_interval=1))
+  s = loop.prepare(exp)
+  _, after = _train(s, 6)
+  e = [v for p, v in partition.items(after.params) if p.endswith("/lora/e")]
+  assert len(e) == L * 2
+  kept = sum(int(np.count_nonzero(v)) for v in e)
+  assert kept == 2 * len(e)  # the target rank on average, chosen across modules
+  from llmjax.finetune import adalora
+  assert sum(sum(r) for r in adalora.kept_ranks(after.params).values()) == kept
+  assert int(after.opt_state.step) == 6
+
+
 # --- what changes and what does not ------------------------------------------------------------
 
 
@@ -179,6 +194,10 @@ def test_merged_lora_equals_unmerged_and_scanned_equals_unrolled(tmp_path):
                lora.merged(_stacked(params), peft), _stacked(merged))
 
 
+def merged_kernel_sharding(params, module):
+  return dict(partition.items(params))[module + "/kernel"].sharding
+
+
 def _padded(spec, ndim):
   return tuple(spec) + (None,) * (ndim - len(spec))
 
@@ -202,6 +221,15 @@ def test_lora_factors_shard_like_the_projection_they_wrap(scan, tmp_path):
     b = _padded(trained[module + "/lora/b"].spec, len(kernel_shape) - n_in + 1)
     assert a == kernel[:lead + n_in] + (None,), (module, a, kernel)
     assert b == kernel[:lead] + (None,) + kernel[lead + n_in:], (module, b, kernel)
+  # Merging under jit puts every merged kernel in its base kernel's sharding.
+  state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings,
+                          s.trainable)
+  with jax.set_mesh(s.mesh):
+    merged = lora.merge_jitted(finetune.merge(state.params, state.frozen),
+                               finetune.peft_for(s.exp),
+                               finetune.merge(s.state_shardings.params, s.state_shardings.frozen))
+  for module in modules:
+    assert merged_kernel_sharding(merged, module) == frozen[module + "/kernel"]
   # The base keeps its layout: the same paths and shapes as a model without LoRA.
   base = loop.prepare(dataclasses.replace(s.exp, finetune=config_lib.FinetuneConfig()))
   assert {p: v.shape for p, v in partition.items(base.abstract_state.params)} == {
