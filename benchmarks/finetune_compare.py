@@ -16,7 +16,6 @@ reads real data, so it runs where the runs ran, not on the GPU box.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -35,10 +34,7 @@ EXPERIMENTS = {"lm": "experiments/finetune/stdlib_tests_lm.py",
 
 def _experiment(task: str, method: str):
   from llmjax import config as config_lib
-  path = ROOT / EXPERIMENTS[task]
-  spec = importlib.util.spec_from_file_location("experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.experiment_module(EXPERIMENTS[task], str(ROOT / "pyproject.toml"))
   return module, config_lib.resolve(module.get_config(method))
 
 
@@ -83,6 +79,11 @@ def _base_loss(task: str, method: str) -> dict | None:
   return {"val_loss": report["loss"], "val_bits_per_byte": report.get("bits_per_byte")}
 
 
+def config_lib_methods(module) -> tuple[str, ...]:
+  from llmjax import config as config_lib
+  return config_lib.experiment_module("methods.py", module.__file__).METHODS
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--task", choices=sorted(EXPERIMENTS), required=True)
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   from llmjax.finetune import params_report
   module, _ = _experiment(args.task, "full")
-  methods = module._methods().METHODS
+  methods = config_lib_methods(module)
   rows, runners = {}, {}
   for method in methods:
     _, exp = _experiment(args.task, method)

@@ -256,6 +256,18 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def experiment_module(name: str, relative_to: str):
+  """Another experiment file as a module: `name` resolved against `relative_to`'s directory
+  (experiments are files, not a package; a variant derives from its base this way)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(relative_to).resolve().parent / name
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Apply the `FILE:ARG` argument every experiment understands (`smoke`) and lock the keys."""
   if arg == "smoke":

@@ -335,3 +335,21 @@ def test_bad_finetune_settings_are_named(name, tmp_path):
   ft, needle = BAD[name]
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
     _setup(tmp_path, ft.pop("method"), **ft)
+
+
+# --- the comparison's experiments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["stdlib_tests_lm.py", "stdlib_classify.py"])
+def test_every_method_of_the_comparison_experiments_resolves(name):
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune", name)
+  module = config_lib.experiment_module(name, path)
+  methods = config_lib.experiment_module("methods.py", path).METHODS
+  for method in methods:
+    exp = config_lib.resolve(module.get_config(method))
+    assert exp.finetune.method == method and exp.train.init_from.startswith("workdir:runs/")
+    smoke = config_lib.resolve(module.get_config(f"{method},smoke"))
+    assert smoke.train.init_from == "" and smoke.train.steps == 20
+    finetune.peft_for(exp)  # the prompt or prefix fits the positions left
+  with pytest.raises(ConfigError, match="name one method"):
+    module.get_config("smoke")

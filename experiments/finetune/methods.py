@@ -54,15 +54,3 @@ def finalize(c, rest):
     c.data.seq_len = c.model.max_len - 16
     rest = None
   return config_lib.finalize(c, rest)
-
-
-def load(name: str):
-  """Another experiment file of this repository as a module (experiments are files, not a
-  package)."""
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / name
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module

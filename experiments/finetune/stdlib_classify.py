@@ -12,23 +12,16 @@ method's settings: experiments/finetune/methods.py; full fine-tuning keeps that 
 learning rate of 1e-4.
 """
 
-import pathlib
+from llmjax import config as config_lib
 
+from llmjax import config as config_lib
 
-
-def _methods():
-  import importlib.util
-  path = pathlib.Path(__file__).with_name("methods.py")
-  spec = importlib.util.spec_from_file_location("finetune_methods", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
-  m = _methods()
+  m = config_lib.experiment_module("methods.py", __file__)
   method, rest = m.split_arg(arg)
-  c = m.load("text/stdlib_classify.py").get_config(None)
+  c = config_lib.experiment_module("../text/stdlib_classify.py", __file__).get_config(None)
   c.unlock()
   c.name = f"stdlib_classify_{method}"
   c.data.seq_len = 112

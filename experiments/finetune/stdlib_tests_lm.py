@@ -15,20 +15,13 @@ The method's settings and learning rate: experiments/finetune/methods.py.
 import pathlib
 import sysconfig
 
-
-def _methods():
-  import importlib.util
-  path = pathlib.Path(__file__).with_name("methods.py")
-  spec = importlib.util.spec_from_file_location("finetune_methods", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from llmjax import config as config_lib
 
 
 def get_config(arg=None):
-  m = _methods()
+  m = config_lib.experiment_module("methods.py", __file__)
   method, rest = m.split_arg(arg)
-  c = m.load("lm/stdlib_gpt.py").get_config(None)
+  c = config_lib.experiment_module("../lm/stdlib_gpt.py", __file__).get_config(None)
   c.unlock()
   c.name = f"stdlib_tests_lm_{method}"
   c.data.source = "files"

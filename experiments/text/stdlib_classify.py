@@ -13,23 +13,12 @@ is experiments/text/stdlib_bert_mlm.py's; `pooler/` and `classifier/` start fres
 random init (give it the MLM run's vocabulary so the two differ only in their start).
 """
 
-import importlib.util
-import pathlib
-
 from llmjax import config as config_lib
-
-
-def _mlm_experiment():
-  path = pathlib.Path(__file__).with_name("stdlib_bert_mlm.py")
-  spec = importlib.util.spec_from_file_location("stdlib_bert_mlm", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
   args = set((arg or "").split(",")) - {""}
-  c = _mlm_experiment().base()
+  c = config_lib.experiment_module("stdlib_bert_mlm.py", __file__).base()
   c.name = "stdlib_classify"
   c.task.name = "classify"
   c.data.stdlib_classes = 8
