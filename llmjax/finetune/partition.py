@@ -6,31 +6,10 @@ Paths are `a/b/c`; leaves are whatever the tree holds (arrays, ShapeDtypeStructs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import numpy as np
 
-
-def items(tree, prefix: str = ""):
-  """(path, leaf) pairs of a nested mapping, depth first."""
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      yield from items(value, path + "/")
-    else:
-      yield path, value
-
-
-def nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split("/")
-    node = out
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = leaf
-  return out
+from llmjax.treepaths import items, nest
 
 
 def split(params, trainable: frozenset[str]) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from llmjax.hf.errors import WeightsMismatchError
+from llmjax.treepaths import nest as unflatten  # noqa: F401 (part of this module's API)
 
 _LAYER = re.compile(r"(^|/)layer_(\d+)/")
 
@@ -80,17 +81,6 @@ def flatten(tree) -> dict[str, object]:
   """{'a/b/c': leaf} for a nested dict of arrays or ShapeDtypeStructs."""
   return {"/".join(str(k.key) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
 
 
 def tree_problems(want: dict[str, tuple], have: dict[str, tuple], have_name: str) -> list[str]:

@@ -1,0 +1,30 @@
+"""Nested parameter dicts as flat `a/b/c` paths and back.
+
+`items` walks mappings only, so any leaf passes through whole: arrays, ShapeDtypeStructs, flax's
+boxed `Partitioned` values, shardings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def items(tree, prefix: str = ""):
+  """(path, leaf) pairs of a nested mapping, depth first."""
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      yield from items(value, path + "/")
+    else:
+      yield path, value
+
+
+def nest(flat: dict) -> dict:
+  out: dict = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split("/")
+    node = out
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = leaf
+  return out
