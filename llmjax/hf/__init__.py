@@ -1,4 +1,5 @@
-"""Hugging Face interop: `model, params = load(path)`, `save(model, params, path)`, tokenizers.
+"""Hugging Face interop: `model, params = load(path)`, `save(model, params, path)`, tokenizers,
+and PEFT adapters (`save_adapter`, `load_adapter`, `load_peft`, `save_prompt`).
 
 Reads local directories only (config.json + safetensors; never pickles, never remote code).
 Supported: GPT-2, Llama, BERT (base, masked-LM, sequence classification).
@@ -8,8 +9,11 @@ from llmjax.hf.api import (ARCHITECTURES, abstract_params, build, load, load_par
                            model_config, save)
 from llmjax.hf.errors import (HFError, PickleWeightsError, UnsupportedModelError,
                               WeightsMismatchError)
+from llmjax.hf.peft import AdapterError, load_adapter, save_adapter, save_prompt
+from llmjax.hf.peft import load as load_peft
 from llmjax.hf.tokens import TextTokenizer, generation_defaults, load_tokenizer
 
-__all__ = ["ARCHITECTURES", "HFError", "PickleWeightsError", "TextTokenizer",
+__all__ = ["ARCHITECTURES", "AdapterError", "HFError", "PickleWeightsError", "TextTokenizer",
            "UnsupportedModelError", "WeightsMismatchError", "abstract_params", "build",
-           "generation_defaults", "load", "load_params", "load_tokenizer", "model_config", "save"]
+           "generation_defaults", "load", "load_adapter", "load_params", "load_peft",
+           "load_tokenizer", "model_config", "save", "save_adapter", "save_prompt"]

@@ -36,6 +36,7 @@ from llmjax.hf import api, mapping
 from llmjax.hf.mapping import Tensor
 from llmjax.models import heads
 from llmjax.models.peft import Peft
+from llmjax.models.transformer import Transformer
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "LlamaForCausalLM": "CAUSAL_LM",
@@ -552,7 +553,6 @@ def model_like(cfg, shapes: dict[str, tuple]) -> nn.Module | None:
     candidates = [heads.MaskedLM(cfg, peft), heads.Encoder(cfg, True, peft),
                   heads.Encoder(cfg, False, peft)]
   else:
-    from llmjax.models.transformer import Transformer
     candidates = [Transformer(cfg, peft)]
   want = {p: tuple(s) for p, s in shapes.items()}
   for model in candidates:

@@ -162,6 +162,26 @@ def _with_adapter(exp: Experiment, params, shardings):
   return unflatten({**flat, **{p: jax.device_put(x, where[p]) for p, x in leaves.items()}})
 
 
+def load_params(spec: str, init_new: str, fresh_params, shardings):
+  """`fresh_params` with every parameter not matching `init_new` replaced by the checkpoint's
+  (for peft:, its base's; the adapter comes on top in `initialised`)."""
+  kind, path = _source(spec)
+  fresh = flatten(fresh_params)
+  new = _matching(init_new, fresh)
+  wanted = {p: a for p, a in fresh.items() if p not in new}
+  saved_shapes = _saved_shapes(kind, path, spec) if new else None
+  if not new:  # the whole tree comes from the checkpoint, placed straight into its shards
+    return _load_all(kind, path, fresh_params, shardings)
+  _check(spec, wanted, saved_shapes, init_new)
+  loaded = _load_subset(kind, path, unflatten(wanted), _subset(shardings, wanted))
+  ignored = sorted(set(saved_shapes) - set(fresh))
+  print(f"init_from {spec}: loaded {len(wanted)} parameters; fresh (train.init_new="
+        f"{init_new!r}): {', '.join(sorted(new))}"
+        + (f"; not used from the checkpoint: {', '.join(ignored)}" if ignored else ""),
+        file=sys.stderr)
+  return unflatten({**fresh, **flatten(loaded)})
+
+
 def _matching(init_new: str, flat: dict) -> set[str]:
   if not init_new:
     return set()
