@@ -3,6 +3,7 @@ initialised methods start at the base exactly, LoRA merge / scan / sharding / me
 LoRA run, generation after prompt and prefix tuning."""
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -13,6 +14,7 @@ import pytest
 from flax import linen as nn
 
 import llmjax.train
+import llmjax.train.rundir
 from llmjax import checkpoint, finetune
 from llmjax import config as config_lib
 from llmjax.errors import ConfigError
@@ -272,6 +274,29 @@ def test_lora_resume_reproduces_the_uninterrupted_losses_and_saves_no_base(tmp_p
   assert losses(resumed) == losses(straight) and len(losses(straight)) == 8
   saved = checkpoint.saved_param_shapes(os.path.join(resumed, "checkpoints"))
   assert saved and all("/lora/" in p for p in saved), sorted(saved)
+
+
+def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_the_head(
+    tmp_path):
+  llmjax.train.run(experiment("lm", tmp_path), str(tmp_path / "lm"))
+  exp = experiment("classify", tmp_path, decoder=True, finetune=dict(method="lora"),
+                   train=dict(init_from=f"workdir:{tmp_path / 'lm'}", init_new="classifier/.*"))
+  workdir = str(tmp_path / "cls")
+  llmjax.train.run(exp, workdir)
+  s = loop.prepare(exp)
+  assert {p.split("/")[-2] if "/lora/" in p else p for p in s.trainable} == {
+      "lora", "classifier/kernel"}  # (the tiny llama has no biases)
+  run = llmjax.train.rundir.restore(workdir)
+  lm = llmjax.train.rundir.restore(str(tmp_path / "lm"))
+  frozen = jax.device_get(run.state.frozen)
+  assert set(frozen) == set(lm.params) - {"lm_head"}  # a classifier reads no LM head
+  jax.tree.map(np.testing.assert_array_equal, frozen,
+               {k: jax.device_get(v) for k, v in lm.params.items() if k in frozen})
+  assert set(run.params) == set(frozen) | {"classifier"}
+  with open(os.path.join(workdir, finetune.PARAMS_FILE)) as f:
+    report = json.load(f)
+  assert report["base"]["init_from"] == exp.train.init_from
+  assert report["trainable"] == partition.count(run.state.params)
 
 
 def test_resume_refuses_a_base_that_changed(tmp_path):
