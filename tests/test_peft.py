@@ -251,17 +251,25 @@ def lora_run(tmp_path_factory):
   return tmp / "run"
 
 
+@pytest.fixture(scope="module")
+def lora_adapter(lora_run, tmp_path_factory):
+  """The LoRA run exported with `llmjax export --out=hf:DIR`."""
+  adapter = tmp_path_factory.mktemp("exported") / "adapter"
+  assert export.export(str(lora_run), f"hf:{adapter}") == 2
+  return adapter
+
+
 def _restored(workdir):
   from llmjax.train import rundir
   run = rundir.restore(str(workdir))
   return run.model, jax.device_get(run.params)
 
 
-def test_a_lora_run_exports_to_peft_merged_and_llmjax_with_equal_logits(lora_run, tmp_path):
+def test_a_lora_run_exports_to_peft_merged_and_llmjax_with_equal_logits(lora_run, lora_adapter,
+                                                                       tmp_path):
   model, params = _restored(lora_run)
   assert np.abs(params["layer_0"]["attn"]["q"]["lora"]["b"]).max() > 0  # it trained
-  adapter = tmp_path / "adapter"
-  assert export.export(str(lora_run), f"hf:{adapter}") == 2
+  adapter = lora_adapter
   with open(adapter / "adapter_config.json") as f:  # no HF base: the frozen one comes along
     assert json.load(f)["base_model_name_or_path"] == str(adapter / "base")
   tokens, mask = _batch()
@@ -279,22 +287,28 @@ def test_a_lora_run_exports_to_peft_merged_and_llmjax_with_equal_logits(lora_run
   assert _diff(_ours(loaded.model, loaded.params, tokens, mask), ours, mask) <= 1e-5
 
 
-def test_init_from_peft_starts_from_the_adapter(lora_run, tmp_path):
+def test_init_from_peft_starts_from_the_adapter(lora_run, lora_adapter, tmp_path):
+  """Into a scanned model: the adapter's per-layer factors stack on the layer axis."""
   from llmjax.train import loop
-  adapter = tmp_path / "adapter"
-  export.export(str(lora_run), f"hf:{adapter}")
-  exp = _experiment(tmp_path, train=dict(init_from=f"peft:{adapter}", seed=7))
+  exp = _experiment(tmp_path, train=dict(init_from=f"peft:{lora_adapter}", seed=7),
+                    model=dict(scan_layers=True))
   s = loop.prepare(exp, str(tmp_path / "run"))
   with jax.set_mesh(s.mesh):
     state = loop.fresh_state(s)
   _, trained = _restored(lora_run)
-  want, got = dict(partition.items(trained)), dict(partition.items(state.params))
-  assert set(got) == {p for p in want if "/lora/" in p}
+  want = dict(partition.items(trained))
+  def unscanned(path, value):
+    return {path.replace("layers/", f"layer_{i}/", 1): value[i] for i in range(2)}
+  got, base = {}, {}
+  for tree, out in ((state.params, got), (state.frozen, base)):
+    for path, value in partition.items(tree):
+      out.update(unscanned(path, np.asarray(value)) if path.startswith("layers/") else
+                 {path: np.asarray(value)})
+  assert set(got) == {p for p in want if "/lora/" in p} and set(got) | set(base) == set(want)
   for path, value in got.items():
-    np.testing.assert_allclose(np.asarray(value), want[path], atol=1e-6, err_msg=path)
-  base = dict(partition.items(state.frozen))
+    np.testing.assert_allclose(value, want[path], atol=1e-6, err_msg=path)
   for path, value in base.items():
-    np.testing.assert_array_equal(np.asarray(value), want[path], err_msg=path)
+    np.testing.assert_array_equal(value, want[path], err_msg=path)
 
 
 # --- bad input --------------------------------------------------------------------------------

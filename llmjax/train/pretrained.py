@@ -129,11 +129,10 @@ def check(spec: str, init_new: str, abstract_params) -> None:
   if new:
     kind, path = _source(spec)
     wanted = {p: a for p, a in flat.items() if p not in new}
-    _check(spec, wanted, _saved_shapes(kind, path, spec), init_new)
+    _check(spec, wanted, _saved_shapes(kind, path, spec, _scanned(flat)), init_new)
   if spec.startswith("peft:"):
     from llmjax import hf
-    scanned = any("layers" in p.split("/") for p in flat)
-    _adapter_model(spec, hf.model_config(_source(spec)[1], scan_layers=scanned), flat)
+    _adapter_model(spec, hf.model_config(_source(spec)[1], scan_layers=_scanned(flat)), flat)
 
 
 def _adapter_model(spec: str, cfg: ModelConfig, flat: dict, peft=None):
@@ -169,7 +168,7 @@ def load_params(spec: str, init_new: str, fresh_params, shardings):
   fresh = flatten(fresh_params)
   new = _matching(init_new, fresh)
   wanted = {p: a for p, a in fresh.items() if p not in new}
-  saved_shapes = _saved_shapes(kind, path, spec) if new else None
+  saved_shapes = _saved_shapes(kind, path, spec, _scanned(fresh)) if new else None
   if not new:  # the whole tree comes from the checkpoint, placed straight into its shards
     return _load_all(kind, path, fresh_params, shardings)
   _check(spec, wanted, saved_shapes, init_new)
@@ -220,13 +219,17 @@ def _workdir_checkpoints(path: str, spec: str) -> str:
   return directory
 
 
-def _saved_shapes(kind, path, spec) -> dict[str, tuple]:
+def _scanned(flat: dict) -> bool:
+  return any("layers" in p.split("/") for p in flat)
+
+
+def _saved_shapes(kind, path, spec, scanned: bool) -> dict[str, tuple]:
   if kind == "workdir":
     return checkpoint.saved_param_shapes(_workdir_checkpoints(path, spec))
   if kind == "export":
     return checkpoint.exported_shapes(path)
   from llmjax import hf
-  _, params = hf.load(path)
+  _, params = hf.load(path, scan_layers=scanned)  # in the model's layout
   return {p: tuple(a.shape) for p, a in flatten(params).items()}
 
 
@@ -248,7 +251,7 @@ def _load_subset(kind, path, abstract, shardings):
   if kind == "export":
     return checkpoint.load_exported(path, abstract, shardings, partial=True)[1]
   from llmjax import hf
-  _, params = hf.load(path)
+  _, params = hf.load(path, scan_layers=_scanned(flatten(abstract)))
   flat, where = flatten(params), flatten(shardings)
   return unflatten({p: jax.device_put(flat[p].astype(a.dtype), where[p])
                     for p, a in flatten(abstract).items()})
