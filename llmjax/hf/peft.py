@@ -1,5 +1,10 @@
 """Hugging Face PEFT adapters <-> llmjax: LoRA / AdaLoRA factors, and tuned prompts.
 
+  save_adapter(model, params, peft, dir)   LoRA / AdaLoRA -> adapter_config.json + safetensors
+  save_prompt(model, params, dir)          a decoder's tuned prompt -> PROMPT_TUNING
+  load_adapter(dir, model, base_params)    a PEFT LoRA adapter -> the model's full params
+  load(dir) -> (model, params)             the adapter over its base_model_name_or_path
+
 A LoRA pair factorises its projection's kernel, so its PEFT names and orientation come from the
 architecture's own tensor table (llmjax/hf/<arch>.py), never from a second map: the table's
 `to_hf`, run on an array of kernel indices, shows which HF weight axis is the input, where each
@@ -11,7 +16,8 @@ delta = scale * B A (transposed into a Conv1D's [in, out] by PEFT itself: fan_in
   structured (zero rows for untargeted parts); read back, a rank-r c_attn LoRA becomes q, k, v
   LoRAs sharing A. Exact both ways.
 - A module whose rank differs from config r (fused, AdaLoRA) gets rank_pattern / alpha_pattern
-  entries chosen so that PEFT's alpha/r (or alpha/sqrt(r)) equals llmjax's scale.
+  entries chosen so that PEFT's alpha/r (or alpha/sqrt(r)) equals llmjax's scale; on import,
+  PEFT's per-module scale over llmjax's is folded into b.
 - AdaLoRA exports as plain LoRA: e folded into A, only the nonzero-e triplets kept; a module with
   none left keeps rank 1 with zero factors (so target_modules stays the run's).
 - modules_to_save (trained heads: BERT's classifier, a fresh pooler) are saved whole, under PEFT's
@@ -74,30 +80,27 @@ def _trace(t: Tensor, shapes) -> _Layout:
   if len(t.hf_shape) != 2 or len(set(shapes)) != 1:
     raise AssertionError(f"{t.hf_key}: LoRA needs a 2-d HF weight over equal parts")
   shape, size = shapes[0], math.prod(shapes[0])
-  traced = np.asarray(t.to_hf(*[np.arange(k * size, (k + 1) * size).reshape(shape)
+  dtype = np.int32 if len(shapes) * size < 2 ** 31 else np.int64
+  traced = np.asarray(t.to_hf(*[np.arange(k * size, (k + 1) * size, dtype=dtype).reshape(shape)
                                 for k in range(len(shapes))]))
-  part, local = np.divmod(traced, size)
-  index = np.unravel_index(local, shape)
-  # A kernel dim belongs to the HF axis it varies along; the input dims are the kernel's leading
-  # ones, so the axis of dim 0's group is the input axis.
-  along = [None if shape[j] == 1 else (0 if (index[j] == index[j][:, :1]).all() else 1)
+  # Each kernel dim varies along one HF axis (read off the first row and column, verified for
+  # every entry below); the input dims lead the kernel, so dim 0's axis is the input axis.
+  first = {axis: np.unravel_index(line % size, shape)
+           for axis, line in ((1, traced[0]), (0, traced[:, 0]))}
+  along = [1 if np.ptp(first[1][j]) else 0 if np.ptp(first[0][j]) else None
            for j in range(len(shape))]
   in_axis = next(a for a in along if a is not None)
   split = next((j for j, a in enumerate(along) if a == 1 - in_axis), len(shape))
   if any(a == in_axis for a in along[split:]):
     raise AssertionError(f"{t.hf_key}: kernel dims {shape} are not [*in, *out] in the HF weight")
-  in_size = math.prod(shape[:split])
-  out_size = size // in_size
-  flat_in, flat_out = np.divmod(local, out_size)
-  row = (slice(None), 0) if in_axis == 0 else (0, slice(None))
-  col = (0, slice(None)) if in_axis == 0 else (slice(None), 0)
-  layout = _Layout(conv1d=in_axis == 0, in_index=flat_in[row], out_part=part[col],
-                   out_index=flat_out[col])
-  hf_in = layout.in_index[:, None] if in_axis == 0 else layout.in_index[None, :]
-  hf_out = (layout.out_part, layout.out_index)
-  hf_out = tuple(x[None, :] if in_axis == 0 else x[:, None] for x in hf_out)
-  if not ((flat_in == hf_in).all() and (part == hf_out[0]).all() and
-          (flat_out == hf_out[1]).all()):
+  out_size = math.prod(shape[split:])
+  ins, outs = (traced[:, 0], traced[0]) if in_axis == 0 else (traced[0], traced[:, 0])
+  layout = _Layout(conv1d=in_axis == 0, in_index=(ins % size) // out_size,
+                   out_part=outs // size, out_index=outs % size % out_size)
+  hf_in = layout.in_index * out_size
+  hf_out = layout.out_part * size + layout.out_index
+  expected = hf_in[:, None] + hf_out[None] if in_axis == 0 else hf_out[:, None] + hf_in[None]
+  if not (expected == traced).all():
     raise AssertionError(f"{t.hf_key}: its transform mixes input and output axes")
   return layout
 
@@ -228,23 +231,9 @@ def save_adapter(model: nn.Module, params, peft: Peft, out_dir: str, *,
   arch, base, tensors = _arch_tables(model)
   flat, scanned = mapping.flatten(nn.unbox(params)), model.cfg.scan_layers
   sites = _sites(tensors, flat, scanned)
-  if not sites:
-    raise AdapterError("the parameters hold no LoRA factors (no .../lora/a): nothing to export "
-                       "as a PEFT LoRA adapter")
-  if len({s.layout.conv1d for s in sites}) > 1:
-    raise AdapterError("LoRA on both Conv1D and Linear modules cannot be one PEFT config "
-                       "(fan_in_fan_out is global)")
   saved = _saved_modules(model, tensors, _scanned_names(modules_to_save, scanned,
                                                         model.cfg.n_layers))
-  tied = {t.hf_key.rsplit(".", 1)[0] for t in tensors if t.paths[0].endswith("embed/embedding")
-          and model.cfg.tie_embeddings and not isinstance(model, heads.SequenceClassifier)}
-  if saved & tied:
-    raise AdapterError(f"{sorted(saved & tied)[0]} trained with tied embeddings: PEFT's "
-                       "modules_to_save copy would untie it from the output layer")
-  clash = sorted(saved & {s.module for s in sites})
-  if clash:
-    raise AdapterError(f"{clash[0]} carries LoRA and is also trained whole; PEFT cannot save a "
-                       "LoRA target in modules_to_save")
+  _check_expressible(model, tensors, sites, saved)
   weights, ranks = {}, {}
   for site in sites:
     A, B = _export_site(site, flat, scanned)
@@ -254,23 +243,45 @@ def save_adapter(model: nn.Module, params, peft: Peft, out_dir: str, *,
   for t in tensors:
     if t.hf_key.rsplit(".", 1)[0] in saved:
       weights[PREFIX + t.hf_key] = mapping.collect([t], flat, scanned)[t.hf_key]
-  scale, r = peft.lora_scale(), peft.lora_rank
+  all_modules = _modules(tensors)
+  config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(arch.class_of(base)),
+            "base_model_name_or_path": base_model_path or None, **_ranks(peft, ranks),
+            "target_modules": _short_names(set(ranks), all_modules),
+            "fan_in_fan_out": sites[0].layout.conv1d, "bias": "none",
+            "lora_dropout": peft.lora_dropout, "init_lora_weights": True, "use_dora": False,
+            "modules_to_save": _short_names(saved, all_modules) or None, "inference_mode": True}
+  _write(out_dir, weights, config)
+
+
+def _check_expressible(model, tensors, sites, saved) -> None:
+  if not sites:
+    raise AdapterError("the parameters hold no LoRA factors (no .../lora/a): nothing to export "
+                       "as a PEFT LoRA adapter")
+  if len({s.layout.conv1d for s in sites}) > 1:
+    raise AdapterError("LoRA on both Conv1D and Linear modules cannot be one PEFT config "
+                       "(fan_in_fan_out is global)")
+  tied = {t.hf_key.rsplit(".", 1)[0] for t in tensors if t.paths[0].endswith("embed/embedding")
+          and model.cfg.tie_embeddings and not isinstance(model, heads.SequenceClassifier)}
+  if saved & tied:
+    raise AdapterError(f"{sorted(saved & tied)[0]} trained with tied embeddings: PEFT's "
+                       "modules_to_save copy would untie it from the output layer")
+  clash = sorted(saved & {s.module for s in sites})
+  if clash:
+    raise AdapterError(f"{clash[0]} carries LoRA and is also trained whole; PEFT cannot save a "
+                       "LoRA target in modules_to_save")
+
+
+def _ranks(peft: Peft, ranks: dict[str, int]) -> dict:
+  """r, lora_alpha, use_rslora, and patterns for modules of another rank whose alpha keeps
+  PEFT's alpha/r (alpha/sqrt(r)) equal to llmjax's one scale."""
+  scale, rslora = peft.lora_scale(), peft.rslora and not peft.adalora
   rank_pattern, alpha_pattern = {}, {}
-  for rank in sorted(set(ranks.values()) - {r}):
+  for rank in sorted(set(ranks.values()) - {peft.lora_rank}):
     for key in _short_names({m for m, x in ranks.items() if x == rank}, set(ranks)):
       rank_pattern[key] = rank
-      alpha_pattern[key] = scale * (math.sqrt(rank) if peft.rslora else rank)
-  all_modules = _modules(tensors)
-  config = {
-      "peft_type": "LORA", "task_type": TASK_TYPES.get(arch.class_of(base)),
-      "base_model_name_or_path": base_model_path or None, "r": r,
-      "lora_alpha": peft.lora_alpha, "use_rslora": peft.rslora and not peft.adalora,
-      "target_modules": _short_names(set(ranks), all_modules),
-      "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-      "fan_in_fan_out": sites[0].layout.conv1d, "bias": "none", "lora_dropout": peft.lora_dropout,
-      "modules_to_save": _short_names(saved, all_modules) or None, "inference_mode": True,
-      "init_lora_weights": True, "use_dora": False}
-  _write(out_dir, weights, config)
+      alpha_pattern[key] = scale * (math.sqrt(rank) if rslora else rank)
+  return {"r": peft.lora_rank, "lora_alpha": peft.lora_alpha, "use_rslora": rslora,
+          "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
 def save_prompt(model: nn.Module, params, out_dir: str, *, base_model_path: str = "") -> None:
