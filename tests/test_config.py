@@ -46,21 +46,9 @@ BAD_INPUTS = {
     "trainable_regex_matches_nothing": ([SMOKE, "--config.finetune.method=freeze",
                                          "--config.finetune.trainable=nothing/.*"], 1,
                                         ["config.finetune.trainable", "matches no parameter"]),
-    "lora_targets_match_nothing": ([SMOKE, "--config.finetune.method=lora",
-                                    "--config.finetune.lora_targets=attn/nope"], 1,
-                                   ["config.finetune.lora_targets='attn/nope'"]),
-    "lora_rank_zero": ([SMOKE, "--config.finetune.lora_rank=0"], 1,
-                       ["config.finetune.lora_rank", "positive"]),
     "lora_rank_above_the_projection": ([SMOKE, "--config.finetune.method=lora",
                                         "--config.finetune.lora_rank=100"], 1,
                                        ["config.finetune.lora_rank=100", "[1, 64]"]),
-    "prompt_longer_than_positions_left": ([SMOKE, "--config.finetune.method=prompt",
-                                           "--config.data.seq_len=60",
-                                           "--config.finetune.prompt_length=8"], 1,
-                                          ["config.finetune.prompt_length=8", "= 4"]),
-    "bitfit_without_biases": ([SMOKE, "--config.finetune.method=bitfit",
-                               "--config.model.use_bias=False"], 1,
-                              ["bitfit", "config.model.use_bias=False"]),
 }
 
 

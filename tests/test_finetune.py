@@ -352,14 +352,28 @@ BAD = {
     "top_k_too_many": (dict(method="freeze", presets="top_k_layers=9"), "top_k_layers=9"),
     "adapter_block_missing": (dict(method="adapter", adapter_layers="5"), "block 5"),
     "bad_regex": (dict(method="freeze", trainable="(("), "not a regex"),
+    "lora_targets_match_nothing": (dict(method="lora", lora_targets="attn/nope"),
+                                   "config.finetune.lora_targets='attn/nope' matches no"),
+    "lora_rank_zero": (dict(method="lora", lora_rank=0), "config.finetune.lora_rank must be"),
+    "prompt_longer_than_positions_left": (dict(method="prompt", prompt_length=17),
+                                          "config.finetune.prompt_length=17 .* = 16"),
+    "prefix_longer_than_positions_left": (dict(method="prefix", prefix_length=20),
+                                          "config.finetune.prefix_length=20"),
+    "adalora_target_above_initial": (dict(method="adalora", lora_rank=4,
+                                          adalora_target_rank=6), "adalora_target_rank=6"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_finetune_settings_are_named(name, tmp_path):
-  ft, needle = BAD[name]
-  with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+  ft, pattern = BAD[name]
+  with pytest.raises(ConfigError, match=pattern.replace("((", r"\(\(")):
     _setup(tmp_path, ft.pop("method"), **ft)
+
+
+def test_bitfit_on_a_model_without_biases_is_named(tmp_path):
+  with pytest.raises(ConfigError, match="bitfit.*needs bias parameters.*use_bias=False"):
+    _setup(tmp_path, "bitfit", dict(use_bias=False))
 
 
 # --- the comparison's experiments --------------------------------------------------------------
