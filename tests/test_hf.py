@@ -19,6 +19,7 @@ import _hf_helpers as H  # noqa: E402
 from llmjax import hf  # noqa: E402
 from llmjax.config import MeshConfig, ModelConfig  # noqa: E402
 from llmjax.models import heads, presets  # noqa: E402
+from llmjax.models.peft import Peft  # noqa: E402
 from llmjax.models.transformer import Transformer  # noqa: E402
 from llmjax.parallel import mesh as meshlib  # noqa: E402
 
@@ -207,6 +208,22 @@ def test_unsupported_settings_and_inexpressible_exports(saved, tmp_path):
   with pytest.raises(hf.UnsupportedModelError, match="pos_emb='learned', model has 'rope'"):
     hf.save(rope_gpt, {}, str(tmp_path / "b"))  # refused before any parameter is read
   assert not os.path.exists(tmp_path / "b")
+
+
+@pytest.mark.parametrize("peft, named", [
+    (Peft(lora_targets=".*attn/q", lora_rank=4), r"LoRA factors \(lora_rank=4"),
+    (Peft(lora_targets=".*attn/q", lora_rank=4, adalora=True), "AdaLoRA factors"),
+    (Peft(prompt_length=3), r"prompt tuning \(prompt_length=3\)"),
+    (Peft(prefix_length=2), r"prefix tuning \(prefix_length=2\)"),
+    (Peft(adapter_dim=8), r"bottleneck adapters \(adapter_dim=8\)"),
+])
+def test_save_refuses_fine_tuning_parameters_hf_would_drop(peft, named, tmp_path):
+  cfg = ModelConfig(**presets.get("gpt2"))
+  for model in (Transformer(cfg, peft), heads.SequenceClassifier(cfg, 2, peft)):
+    with pytest.raises(hf.UnsupportedModelError, match=named + ".*`llmjax export --out=hf:") as e:
+      hf.save(model, {}, str(tmp_path / "out"))  # refused before any parameter is read
+    assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "out")
 
 
 # --- Llama with projection biases (attention_bias = mlp_bias <-> use_bias) ---------------------

@@ -182,6 +182,12 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   `config_overrides` adds HF config fields llmjax does not track (bos/eos/pad token ids, labels).
   """
   import transformers
+  added = _peft_parameters(getattr(model, "peft", None))
+  if added:
+    raise UnsupportedModelError(
+        f"the model has {'; '.join(added)}: a Hugging Face model directory has no place for them "
+        "and would drop them; use `llmjax export --out=hf:PATH` (LoRA: a PEFT adapter, or the "
+        "merged model with --merge; prompt tuning: PEFT prompt embeddings)")
   arch = _arch_of(model)
   flat = mapping.flatten(nn.unbox(params))
   problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
@@ -197,3 +203,18 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
     files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers), config)
   except OSError as e:
     raise HFError(f"cannot write {path}: {e}") from e
+
+
+def _peft_parameters(peft) -> list[str]:
+  """The fine-tuning parameters `peft` (a models.peft.Peft, or None) adds, by method."""
+  if peft is None:
+    return []
+  added = [f"{name} ({field}={getattr(peft, field)})"
+           for name, field in (("prompt tuning", "prompt_length"),
+                               ("prefix tuning", "prefix_length"),
+                               ("bottleneck adapters", "adapter_dim"))
+           if getattr(peft, field) > 0]
+  if peft.lora_rank > 0 and peft.lora_targets:
+    added.append(f"{'AdaLoRA' if peft.adalora else 'LoRA'} factors (lora_rank={peft.lora_rank}, "
+                 f"lora_targets={peft.lora_targets!r})")
+  return added
