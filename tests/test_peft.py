@@ -311,6 +311,25 @@ def test_init_from_peft_starts_from_the_adapter(lora_run, lora_adapter, tmp_path
     np.testing.assert_array_equal(value, want[path], err_msg=path)
 
 
+def test_a_trained_vocabulary_from_an_adapter_gives_way_to_its_bases_tokenizer(tmp_path):
+  """wordpiece:N with init_from=peft: reads the base's tokenizer.json (base_model_name_or_path
+  relative to the adapter), as with hf:; the run's texts are never tokenized into a new vocab."""
+  from llmjax.tasks import encoding
+  base, adapter = tmp_path / "base", tmp_path / "adapter"
+  base.mkdir()
+  adapter.mkdir()
+  (base / "config.json").write_text("{}")
+  H.save_char_tokenizer(base)
+  (adapter / hfpeft.CONFIG).write_text(json.dumps({"base_model_name_or_path": "../base"}))
+  exp = _experiment(tmp_path, data=dict(tokenizer="wordpiece:64"),
+                    train=dict(init_from=f"peft:{adapter}"))
+  tokenizer, artifacts = encoding.run_tokenizer(exp, None, lambda: pytest.fail("trained a vocab"))
+  assert tokenizer.vocab_size == H.CHAR_VOCAB and set(artifacts) == {"tokenizer.json"}
+  (adapter / hfpeft.CONFIG).write_text(json.dumps({"base_model_name_or_path": "../nowhere"}))
+  with pytest.raises(UserError, match=r"init_from='peft:.*base_model_name_or_path='\.\./nowhere'"):
+    encoding.run_tokenizer(exp, None, lambda: pytest.fail("trained a vocab"))
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
