@@ -127,7 +127,7 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_temperature: float = 0.8
   progress: bool = True
-  init_from: str = ""  # "" (random init) | "hf:PATH" | "workdir:PATH" | "export:PATH"
+  init_from: str = ""  # "" (random init) | hf:PATH | workdir:PATH | export:PATH | peft:PATH
   init_new: str = ""  # regex of parameter paths initialised fresh despite init_from (new heads)
 
 

@@ -112,6 +112,8 @@ def test_verb_help_shows_usage_and_every_flag(verb):
     assert " ".join(text.split()) in blocks[name], (name, blocks[name])
     if default is not None:
       assert f"(default: {_shown(default)})" in blocks[name], (name, blocks[name])
+  if verb == "export":  # the Hugging Face form shows in `llmjax --help` too
+    assert "--out=hf:PATH [--merge]" in usage and "--out=hf:PATH [--merge]" in VERBS[verb]
   if verb == "train":
     assert "--config=FILE[:ARG]" in long.stdout
     assert "config.SECTION.KEY" in blocks and "--config.train.steps=100" in blocks[

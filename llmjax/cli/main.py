@@ -15,7 +15,8 @@ from llmjax.cli import common
 VERBS = {
     "train": "train a model from an experiment file; rerunning with the same --workdir resumes",
     "eval": "evaluate a run's checkpoint on a split, or classify by LM scoring (zero-/few-shot)",
-    "export": "write a run's checkpoint parameters alone, for eval, generate or fine-tuning",
+    "export": "write a run's parameters for llmjax, or --out=hf:PATH [--merge] for Hugging "
+              "Face / PEFT",
     "convert": "convert an llmjax export to or from a Hugging Face model directory",
     "generate": "continue a prompt with an llmjax export or a Hugging Face model",
 }
