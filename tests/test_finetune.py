@@ -117,6 +117,22 @@ def test_adalora_keeps_the_target_budget_of_triplets_once_the_schedule_ends(tmp_
   assert int(after.opt_state.step) == 6
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "adalora"])
+def test_an_optimizer_state_made_outside_jit_shares_no_buffer_between_leaves(method, tmp_path):
+  """A run from other weights makes its optimizer state eagerly; a leaf appearing twice would be
+  donated twice by the first step (AdaLoRA's two score trees once were one)."""
+  s = _setup(tmp_path, method, lora_rank=4, adalora_target_rank=2)
+  state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings,
+                          s.trainable)
+  opt_state = s.tx.init(state.params)
+  leaves = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0)]
+  assert len({id(x) for x in leaves}) == len(leaves)
+  train_fn, _ = loop.compile_steps(s)
+  batch = sharding.global_batch(next(loop._data_iterator(s, None)), s.mesh)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    train_fn(state.replace(opt_state=opt_state), batch)
+
+
 # --- what changes and what does not ------------------------------------------------------------
 
 

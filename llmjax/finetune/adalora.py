@@ -89,9 +89,10 @@ def with_budget(tx: optax.GradientTransformation, f: FinetuneConfig,
     flat = dict(partition.items(params))
     # tree.map reaches through flax's logical boxes, so the scores shard like their params.
     like = lambda v, dtype, fill: jax.tree.map(lambda x: jnp.full(x.shape, fill, dtype), v)
-    zeros = {p: like(v, jnp.float32, 0) for p, v in flat.items() if "/lora/" in p}
+    # Two separate trees of zeros: one array in two leaves would be donated twice.
+    scores = lambda: {p: like(v, jnp.float32, 0) for p, v in flat.items() if "/lora/" in p}
     keep = {m + "/e": like(flat[m + "/e"], bool, True) for m in names}
-    return BudgetState(tx.init(params), jnp.zeros((), jnp.int32), zeros, dict(zeros), keep)
+    return BudgetState(tx.init(params), jnp.zeros((), jnp.int32), scores(), scores(), keep)
 
   def update(grads, state, params):
     names = modules(params)
