@@ -23,16 +23,22 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 def read_config(directory: str) -> dict:
   """config.json as a dict; HFError if the directory or file is missing or not JSON."""
-  path = os.path.join(directory, "config.json")
   if not os.path.isdir(directory):
     raise HFError(f"{directory} is not a directory (expected a Hugging Face model directory)")
+  return read_json(os.path.join(directory, "config.json"), HFError,
+                   f"{directory} has no config.json: not a Hugging Face model directory")
+
+
+def read_json(path: str, error: type[Exception], missing: str) -> dict:
+  """A JSON file as a dict: `error(missing)` when there is none, `error` naming it when it is
+  not readable JSON."""
   if not os.path.isfile(path):
-    raise HFError(f"{directory} has no config.json: not a Hugging Face model directory")
+    raise error(missing)
   try:
     with open(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise HFError(f"{path} is not readable JSON: {e}") from e
+    raise error(f"{path} is not readable JSON: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,22 +10,17 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
-from llmjax.hf import api, mapping
+from llmjax.hf import api, files, mapping
 from llmjax.hf.peft_layout import (CONFIG, PREFIX, WEIGHTS, AdapterError, Site, arch_tables,
                                    lora_sites)
 from llmjax.models import heads
 from llmjax.models.peft import Peft
 from llmjax.models.transformer import Transformer
 
+
 def read_config(adapter_dir: str) -> dict:
-  path = os.path.join(adapter_dir, CONFIG)
-  if not os.path.isfile(path):
-    raise AdapterError(f"{adapter_dir} has no {CONFIG}: not a PEFT adapter directory")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise AdapterError(f"{path} is not readable JSON: {e}") from e
+  return files.read_json(os.path.join(adapter_dir, CONFIG), AdapterError,
+                         f"{adapter_dir} has no {CONFIG}: not a PEFT adapter directory")
 
 
 def base_path(adapter_dir: str, config: dict | None = None) -> str:
