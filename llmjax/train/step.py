@@ -121,11 +121,40 @@ class DonatingStep:
                           compiler_options=options)
 
   def __call__(self, state, batch):
-    new_state, metrics = self.jitted(state.replace(frozen={}), state.frozen, batch)
-    return new_state.replace(frozen=state.frozen), metrics
+    return _call_apart(self.jitted, state, batch)
 
   def lower(self, state, batch):
-    return self.jitted.lower(state.replace(frozen={}), state.frozen, batch)
+    return _Lowered(self.jitted.lower(state.replace(frozen={}), state.frozen, batch))
+
+
+def _call_apart(fn, state, batch):
+  new_state, metrics = fn(state.replace(frozen={}), state.frozen, batch)
+  return new_state.replace(frozen=state.frozen), metrics
+
+
+class _Lowered:
+  """A lowered `DonatingStep`: `compile()` gives a step called as `(state, batch)` again; the
+  rest (as_text, cost_analysis, ...) is jax's."""
+
+  def __init__(self, lowered):
+    self._lowered = lowered
+
+  def compile(self):
+    return _Compiled(self._lowered.compile())
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+class _Compiled:
+  def __init__(self, compiled):
+    self._compiled = compiled
+
+  def __call__(self, state, batch):
+    return _call_apart(self._compiled, state, batch)
+
+  def __getattr__(self, name):  # memory_analysis, as_text, ...
+    return getattr(self._compiled, name)
 
 
 def jit_steps(loss, tx: optax.GradientTransformation, schedule, accum_steps: int, mesh,
