@@ -41,7 +41,7 @@ class Setup:
   init_variables: object  # rngs -> variables (the task's init on a zero example batch)
   abstract_state: object
   state_shardings: object
-  trainable: frozenset | None  # parameter paths that train (None: all of them)
+  trainable: frozenset | None = None  # parameter paths that train (None: all of them)
 
 
 def check_batch(exp: Experiment, mesh) -> None:
