@@ -56,7 +56,7 @@ def _final_metric(task: str, workdir: str) -> dict:
   if task == "classify":
     from llmjax.eval.evaluate import evaluate_run
     report = evaluate_run(workdir, split="test")
-    return {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
+    return {"test_accuracy": report["accuracy"], "test_f1_macro": report["f1_macro"]}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   val = [r for r in records if r["split"] == "val"][-1]

@@ -276,7 +276,7 @@ def test_a_lora_step_needs_less_memory_than_full_fine_tuning_by_the_base_optimiz
 # --- resume ------------------------------------------------------------------------------------
 
 
-def test_lora_resume_reproduces_the_uninterrupted_losses_and_saves_no_base(tmp_path):
+def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_checks_it(tmp_path):
   exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
                    train=dict(steps=8, log_every=1, eval_every=4, checkpoint_every=4,
                               keep_checkpoints=3, async_checkpoint=False))
@@ -290,6 +290,14 @@ def test_lora_resume_reproduces_the_uninterrupted_losses_and_saves_no_base(tmp_p
   assert losses(resumed) == losses(straight) and len(losses(straight)) == 8
   saved = checkpoint.saved_param_shapes(os.path.join(resumed, "checkpoints"))
   assert saved and all("/lora/" in p for p in saved), sorted(saved)
+  # The base is rebuilt on resume and must be the one the checkpoints were trained on.
+  other_base = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=1, steps=12))
+  config = (tmp_path / "resumed" / "config.json").read_text()
+  with pytest.raises(checkpoint.CheckpointError, match="frozen base"):
+    llmjax.train.run(other_base, resumed)
+  assert (tmp_path / "resumed" / "config.json").read_text() == config  # nothing rewritten
+
+
 
 
 def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_the_head(
@@ -313,16 +321,6 @@ def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_
     report = json.load(f)
   assert report["base"]["init_from"] == exp.train.init_from
   assert report["trainable"] == partition.count(run.state.params)
-
-
-def test_resume_refuses_a_base_that_changed(tmp_path):
-  exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
-                   train=dict(steps=4, async_checkpoint=False))
-  workdir = str(tmp_path / "run")
-  llmjax.train.run(exp, workdir)
-  other_seed = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=1, steps=8))
-  with pytest.raises(checkpoint.CheckpointError, match="frozen base"):
-    llmjax.train.run(other_seed, workdir)
 
 
 # --- prompt and prefix tuning ------------------------------------------------------------------

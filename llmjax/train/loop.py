@@ -193,15 +193,16 @@ def run(exp: Experiment, workdir: str) -> dict:
   exp = s.exp
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  t = exp.train
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                 keep_best=t.keep_best, async_save=t.async_checkpoint)
+  # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
+  state, data_state = initial_state(s, ckpt)
   if is_main:
     files = {rundir.CONFIG_FILE: exp.to_json(),
              rundir.TASK_INFO_FILE: json.dumps(s.data.info, indent=2), **s.data.artifacts}
     for name, text_ in files.items():
       _write_atomic(os.path.join(workdir, name), text_)
-  t = exp.train
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
-                                 keep_best=t.keep_best, async_save=t.async_checkpoint)
-  state, data_state = initial_state(s, ckpt)
   start = int(jax.device_get(state.step))
   base = pretrained.base_identity(exp, state.frozen) if s.trainable is not None else None
   if is_main:
