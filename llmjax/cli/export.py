@@ -123,13 +123,13 @@ def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
 
   from llmjax.finetune import partition
   from llmjax.hf import peft as hfpeft
-  info = _task_info(workdir)
+  info = run.task.info  # what the run's data revealed: label names, special ids
   method = run.exp.finetune.method
   if method in _FULL or merge:
     _save_full(*_merged(run), workdir, tmp, info)
     return
   params = jax.device_get(run.params)
-  base = _hf_base(run.exp.train.init_from)
+  hf_base = base = _hf_base(run.exp.train.init_from)
   if base is None:  # the frozen base exists nowhere in HF form: write it next to the adapter
     base_params = partition.nest({p: x for p, x in partition.items(params)
                                   if "/lora/" not in p and p.split("/")[-1] != "prompt"})
@@ -141,7 +141,7 @@ def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
     return
   # Saved whole: what trained besides LoRA (heads), and fresh heads an HF base does not have.
   saved = [p for p, _ in partition.items(run.state.params) if "/lora/" not in p]
-  if run.exp.train.init_new and _hf_base(run.exp.train.init_from):
+  if run.exp.train.init_new and hf_base:
     fresh = re.compile(run.exp.train.init_new)
     saved += [p for p, _ in partition.items(params) if fresh.fullmatch(p) and "/lora/" not in p]
   hfpeft.save_adapter(run.model, params, run.model.peft, tmp, base_model_path=base,
@@ -150,19 +150,8 @@ def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
 
 def _hf_base(init_from: str) -> str | None:
   """The absolute HF directory a run's base came from (hf:PATH, or a PEFT adapter's base)."""
-  kind, _, path = init_from.partition(":")
-  if kind == "hf":
-    return os.path.abspath(path)
-  if kind == "peft":
-    from llmjax.hf import peft as hfpeft
-    return os.path.abspath(hfpeft.base_path(path))
-  return None
-
-
-def _task_info(workdir: str) -> dict:
-  from llmjax.train import rundir
-  path = os.path.join(workdir, rundir.TASK_INFO_FILE)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  from llmjax.train import pretrained
+  if not init_from:
+    return None
+  kind, path = pretrained.weights_source(init_from)
+  return os.path.abspath(path) if kind == "hf" else None

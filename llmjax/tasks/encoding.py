@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from llmjax.config import Experiment
-from llmjax.errors import ConfigError, UserError
+from llmjax.errors import ConfigError
 
 _TRAINED = ("wordpiece:", "bpe:")
 
@@ -16,13 +16,8 @@ _TRAINED = ("wordpiece:", "bpe:")
 def _init_from_tokenizer_dir(spec: str) -> str | None:
   """The directory holding the tokenizer.json of an init_from checkpoint, if it has one (a PEFT
   adapter's: its base model's)."""
-  kind, _, path = spec.partition(":")
-  if kind == "peft":
-    from llmjax.hf import peft as hfpeft
-    try:
-      kind, path = "hf", hfpeft.base_path(path)
-    except UserError as e:
-      raise UserError(f"config.train.init_from={spec!r}: {e}") from e
+  from llmjax.train import pretrained
+  kind, path = pretrained.weights_source(spec)
   candidates = {"workdir": [path], "export": [os.path.join(path, "tokenizer"), path],
                 "hf": [path]}.get(kind, [])
   return next((d for d in candidates if os.path.isfile(os.path.join(d, "tokenizer.json"))), None)

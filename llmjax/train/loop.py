@@ -177,10 +177,8 @@ def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
     return fresh_state(s), None
   _, (state, data_state, _) = found
   if s.trainable is not None:
-    base = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
-                                  s.state_shardings, s.trainable).frozen
-    pretrained.check_base(data_state.get("base"), pretrained.base_identity(s.exp, base))
-    state = state.replace(frozen=base)
+    state = pretrained.with_base(s.exp, state, data_state, s.init_variables, s.tx, s.mesh,
+                                 s.rules, s.state_shardings, s.trainable)
   return state, data_state
 
 

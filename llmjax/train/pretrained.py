@@ -42,8 +42,8 @@ def _split(spec: str) -> tuple[str, str]:
   return kind, path
 
 
-def _source(spec: str) -> tuple[str, str]:
-  """(kind, path) of the weights to read: a PEFT adapter's base is read as hf:."""
+def weights_source(spec: str) -> tuple[str, str]:
+  """(kind, path) of the weights `spec` names: a PEFT adapter's base is read as hf:."""
   kind, path = _split(spec)
   if kind == "peft":
     from llmjax.hf import peft as hfpeft
@@ -56,7 +56,7 @@ def _source(spec: str) -> tuple[str, str]:
 
 def source_model_config(spec: str) -> dict:
   """The ModelConfig fields of the checkpoint `spec` names."""
-  kind, path = _source(spec)
+  kind, path = weights_source(spec)
   if kind == "hf":
     from llmjax import hf
     return dataclasses.asdict(hf.model_config(path))
@@ -127,12 +127,12 @@ def check(spec: str, init_new: str, abstract_params) -> None:
   flat = flatten(abstract_params)
   new = _matching(init_new, flat)
   if new:
-    kind, path = _source(spec)
+    kind, path = weights_source(spec)
     wanted = {p: a for p, a in flat.items() if p not in new}
     _check(spec, wanted, _saved_shapes(kind, path, spec, _scanned(flat)), init_new)
   if spec.startswith("peft:"):
     from llmjax import hf
-    _adapter_model(spec, hf.model_config(_source(spec)[1], scan_layers=_scanned(flat)), flat)
+    _adapter_model(spec, hf.model_config(weights_source(spec)[1], scan_layers=_scanned(flat)), flat)
 
 
 def _adapter_model(spec: str, cfg: ModelConfig, flat: dict, peft=None):
@@ -164,7 +164,7 @@ def _with_adapter(exp: Experiment, params, shardings):
 def load_params(spec: str, init_new: str, fresh_params, shardings):
   """`fresh_params` with every parameter not matching `init_new` replaced by the checkpoint's
   (for peft:, its base's; the adapter comes on top in `initialised`)."""
-  kind, path = _source(spec)
+  kind, path = weights_source(spec)
   fresh = flatten(fresh_params)
   new = _matching(init_new, fresh)
   wanted = {p: a for p, a in fresh.items() if p not in new}
@@ -290,6 +290,15 @@ def base_identity(exp: Experiment, frozen) -> dict:
   payload = json.dumps(checkpoint.checksums(frozen), sort_keys=True).encode()
   return {"init_from": exp.train.init_from or f"seed:{exp.train.seed}",
           "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def with_base(exp: Experiment, state, data_state: dict, init_variables, tx, mesh, rules,
+              shardings, trainable):
+  """A restored state (trained parameters only) with its frozen base rebuilt the way the run
+  first built it, refused when it is not the base the checkpoint was trained on."""
+  frozen = initialised(exp, init_variables, tx, mesh, rules, shardings, trainable).frozen
+  check_base(data_state.get("base"), base_identity(exp, frozen))
+  return state.replace(frozen=frozen)
 
 
 def check_base(saved: dict | None, found: dict) -> None:

@@ -76,8 +76,6 @@ def restore(workdir: str, step: int | None = None) -> Restored:
     ckpt.close()
   if trainable is not None:  # the checkpoint holds only what trained: rebuild the base
     with jax.set_mesh(mesh):
-      frozen = pretrained.initialised(exp, init_variables, tx, mesh, rules, shardings,
-                                      trainable).frozen
-    pretrained.check_base(data_state.get("base"), pretrained.base_identity(exp, frozen))
-    state = state.replace(frozen=frozen)
+      state = pretrained.with_base(exp, state, data_state, init_variables, tx, mesh, rules,
+                                   shardings, trainable)
   return Restored(exp, run_task, model, chosen, state, mesh)
