@@ -200,10 +200,9 @@ def restore(checkpoint_dir: str, step: int, setup):
     ckpt.close()
 
 
-def rows_consumed(data_state: dict) -> int:
-  """How many training rows the saved grain iterator has handed out (one process)."""
-  grain_state = json.loads(data_state["grain"])
-  return int(grain_state["last_seen_indices"]["0"]) + 1
+def batches_consumed(data_state: dict) -> int:
+  """How many global batches the saved grain iterator has handed out (the same on every process)."""
+  return int(json.loads(data_state["grain"])["next_index"])
 
 
 def wait_for_file_records(workdir: str, n: int, proc, after_step: int, old_inode,

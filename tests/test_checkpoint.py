@@ -183,7 +183,7 @@ def test_bit_flip_in_the_saved_data_iterator_state_is_not_restored_silently(
   path = os.path.join(directory, str(newest), "data", "metadata")
   with open(path, "rb") as f:
     raw = f.read()
-  position = str(h.rows_consumed(pristine[newest][1]) - 1).encode()  # "last_seen_indices"
+  position = str(h.batches_consumed(pristine[newest][1])).encode()  # "next_index"
   offset = raw.index(b": " + position) + 2 + len(position) - 1  # its last digit
   _flip(path, offset, 0)  # e.g. '3' <-> '2': still valid JSON, another position
   found = Checkpointer(directory, keep=100).restore_latest_good(*setup)

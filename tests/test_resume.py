@@ -129,7 +129,7 @@ def test_sigkill_at_random_moments_resumes_exactly(chains):
     assert steps, f"kill {n}: nothing committed after 3+ logged steps"
     state, data_state, _ = h.restore(kill.checkpoints, steps[-1], setup)
     assert int(state.step) == steps[-1]
-    assert h.rows_consumed(data_state) == steps[-1] * h.BATCH
+    assert h.batches_consumed(data_state) == steps[-1]
     # Every loss logged before the kill equals the uninterrupted run's, and none is ahead of
     # or missing from one history.
     logged = h.train_records(kill.records)
@@ -174,7 +174,7 @@ def test_preemption_signal_saves_the_step_and_resumes_after_it(chains, sig):
   assert stop.leftovers == []  # the save finished before the exit
   state, data_state, _ = h.restore(stop.checkpoints, step, h.model_setup(reference))
   assert int(state.step) == step
-  assert h.rows_consumed(data_state) == step * h.BATCH
+  assert h.batches_consumed(data_state) == step
   before = h.train_records(stop.records)
   assert max(before) == step  # it finished the step it was in, and no more
 

@@ -231,7 +231,7 @@ def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   host_state = jax.device_get(state)
   batch = next(loop._data_iterator(one, None))
   val = loop._process_slices(
-      text.eval_batches(one.data.val, exp.train.batch_size, 1))
+      one.mesh, text.eval_batches(one.data.val, exp.train.batch_size, 1))
   results = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():

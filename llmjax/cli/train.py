@@ -15,20 +15,19 @@ from llmjax.errors import TrainingError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running with it resumes.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0. With --num_processes and --process_id it overrides the cluster "
+    "otherwise found in JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID or detected "
+    "(SLURM, Open MPI, Cloud TPU, GKE).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run; 1 alone: one process, no detection.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-
-
-def _initialize_distributed() -> None:
-  """Join a multi-process run when asked (on TPU pods and SLURM jax can also infer it)."""
-  if _COORDINATOR.value is None:
-    return
-  import jax
-  # Only the CPU backend reads this; asking for the backend here would initialise it too early.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
+                                     "Seconds to wait for every process to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as dead "
+    "and the others stop.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     common.fail("--workdir=DIR is required")
   with common.user_errors():
     exp = config_lib.resolve(_CONFIG.value)
-    _initialize_distributed()
+    from llmjax import distributed
+    cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  init_timeout=_INIT_TIMEOUT.value)
+    distributed.join(cluster, initialization_timeout=_INIT_TIMEOUT.value,
+                     heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     from llmjax import train  # heavy imports only after the flags are known to be good
     try:
       result = train.run(exp, _WORKDIR.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import Any
 
 import grain
@@ -116,29 +117,63 @@ class _Rows:
     return f"_Rows({shapes})"
 
 
+class _ProcessBatches:
+  """Random access to this process's rows of each global batch: the grain source of training.
+
+  Global batch i holds the records at positions [i*B, (i+1)*B) of grain's seeded epoch order,
+  so what a step sees depends on neither the process count nor which process reads which rows:
+  runs on 1 and on N processes take the same steps, and a run resumes on another process count.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], order, global_batch: int, rows: slice,
+               num_batches: int):
+    self._arrays, self._order, self._global_batch = arrays, order, global_batch
+    self._rows, self._num_batches = rows, num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    start = index * self._global_batch
+    keys = [self._order[start + r].record_key for r in range(self._rows.start, self._rows.stop)]
+    return {k: v[keys] for k, v in self._arrays.items()}
+
+  def __repr__(self) -> str:  # no memory addresses: states compare equal across runs
+    return f"_ProcessBatches(batch={self._global_batch}, rows={self._rows})"
+
+
 def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int, shuffle: bool,
-                   num_epochs: int | None, process_index: int = 0,
-                   process_count: int = 1) -> grain.DataLoaderIterator:
-  """A checkpointable grain iterator of per-process batches ([batch_size, L] int32 each)."""
+                   num_epochs: int | None, rows: slice | None = None) -> grain.DatasetIterator:
+  """A checkpointable grain iterator of `rows` (default: all) of each global batch.
+
+  `batch_size` is the global batch; `rows` this process's part of it (`sharding.process_rows`).
+  The state ({"next_index": global batches consumed}) is the same on every process.
+  """
   n = len(next(iter(arrays.values())))
-  if batch_size <= 0 or not 0 <= process_index < process_count:
-    raise ValueError(f"need batch_size > 0 and 0 <= process_index < process_count, got "
-                     f"{batch_size}, {process_index}, {process_count}")
-  per_process = n // process_count
-  if per_process == 0 or (num_epochs is not None and per_process * num_epochs < batch_size):
-    raise DataError(f"{n} packed rows cannot fill a batch of {batch_size} on each of "
-                    f"{process_count} process(es) over {num_epochs} epoch(s)")
-  sampler = grain.samplers.IndexSampler(
-      num_records=n,
-      shard_options=grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True),
+  rows = slice(0, batch_size) if rows is None else rows
+  if batch_size <= 0 or not 0 <= rows.start < rows.stop <= batch_size:
+    raise ValueError(f"need batch_size > 0 and rows within it, got {batch_size}, {rows}")
+  if n == 0 or (num_epochs is not None and n * num_epochs < batch_size):
+    raise DataError(f"{n} packed rows cannot fill a batch of {batch_size} over {num_epochs} "
+                    "epoch(s)")
+  order = grain.samplers.IndexSampler(
+      num_records=n, shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True),
       shuffle=shuffle, num_epochs=num_epochs,
       seed=seed % 2**32)  # grain takes a 32-bit seed
-  loader = grain.DataLoader(
-      data_source=_Rows(arrays), sampler=sampler,
-      operations=[grain.transforms.Batch(batch_size, drop_remainder=True)],
-      worker_count=0,
-      read_options=grain.ReadOptions(num_threads=0))  # in memory: threads only contend for the GIL
-  return iter(loader)
+  num_batches = 2**62 if num_epochs is None else n * num_epochs // batch_size
+  source = _ProcessBatches(arrays, order, batch_size, rows, num_batches)
+  # In memory: reading threads would only contend for the GIL.
+  dataset = grain.MapDataset.source(source).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  return iter(dataset)
+
+
+def iterator_state(saved: str, batch_size: int) -> dict:
+  """A saved iterator state as `set_state` takes it; older runs saved grain DataLoader states."""
+  state = json.loads(saved)
+  if "last_seen_indices" in state:  # DataLoader, one process: rows handed out so far
+    return {"next_index": (int(state["last_seen_indices"]["0"]) + 1) // batch_size}
+  return state
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int,

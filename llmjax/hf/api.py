@@ -180,8 +180,12 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   """Write `path`/config.json + model.safetensors that transformers' from_pretrained loads.
 
   `config_overrides` adds HF config fields llmjax does not track (bos/eos/pad token ids, labels).
+  In a multi-process run every process calls it (the parameters are gathered) and process 0
+  writes.
   """
   import transformers
+
+  from llmjax import distributed
   added = _peft_parameters(getattr(model, "peft", None))
   if added:
     raise UnsupportedModelError(
@@ -189,7 +193,7 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
         "and would drop them; use `llmjax export --out=hf:PATH` (LoRA: a PEFT adapter, or the "
         "merged model with --merge; prompt tuning: PEFT prompt embeddings)")
   arch = _arch_of(model)
-  flat = mapping.flatten(nn.unbox(params))
+  flat = mapping.flatten(distributed.to_host(nn.unbox(params)))
   problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
   if problems:
     raise WeightsMismatchError("params do not match the model: " + "; ".join(problems))
@@ -199,6 +203,8 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
     fields["num_labels"] = model.num_labels
   fields.update(config_overrides or {})
   config = getattr(transformers, arch.config_class)(**fields).to_dict()
+  if jax.process_index() != 0:
+    return
   try:
     files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers), config)
   except OSError as e:

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.parallel import axes
-from llmjax.parallel.mesh import BATCH_AXES
+from llmjax.parallel.mesh import BATCH_AXES, batch_parallelism
 
 # Activations: the batch is always split over data and fsdp; tensor parallelism adds heads/MLP.
 _ACTIVATIONS = ((axes.BATCH, BATCH_AXES), (axes.LENGTH, None), (axes.ACT_EMBED, None))
@@ -58,10 +58,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch this process's devices hold (all of them on one process).
+
+  With the batch split over (data, fsdp) they are a contiguous block; a mesh axis that replicates
+  the batch across processes (tensor parallelism over hosts) makes the block larger, never split.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  starts = [index[0].start or 0 for index in indices.values()]
+  stops = [batch_size if index[0].stop is None else index[0].stop for index in indices.values()]
+  rows = slice(min(starts), max(stops))
+  covered = sum(stop - start for start, stop in {(a, b) for a, b in zip(starts, stops)})
+  if covered != rows.stop - rows.start:
+    raise ConfigError(f"this process's devices hold rows {sorted(set(zip(starts, stops)))} of "
+                      "the batch, not one block; order the mesh so each process's devices are "
+                      "adjacent along (data, fsdp)")
+  return rows
+
+
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:
-  """Assemble per-process host arrays into global jax.Arrays sharded over the batch axes."""
+  """Assemble this process's rows (`process_rows`) into global jax.Arrays split over the batch."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(host_batch, sharding)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
+  shards = batch_parallelism(mesh)
+  held = process_rows(mesh, shards)  # this process's share of the batch, in shards
+  def assemble(x):
+    global_shape = (x.shape[0] * shards // (held.stop - held.start),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return jax.tree.map(assemble, host_batch)

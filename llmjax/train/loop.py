@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from llmjax import checkpoint, finetune, flops, tasks
+from llmjax import checkpoint, distributed, finetune, flops, tasks
 from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import ConfigError, TrainingError
@@ -93,22 +93,23 @@ def compile_steps(s: Setup):
 
 
 def _data_iterator(s: Setup, data_state: dict | None):
-  iterator = text.batch_iterator(
-      s.data.train, s.exp.train.batch_size // jax.process_count(), seed=s.exp.data.seed,
-      shuffle=True, num_epochs=None, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  """This process's rows of each global training batch, from where `data_state` left off."""
+  batch_size = s.exp.train.batch_size
+  iterator = text.batch_iterator(s.data.train, batch_size, seed=s.exp.data.seed, shuffle=True,
+                                 num_epochs=None,
+                                 rows=sharding.process_rows(s.mesh, batch_size))
   if data_state:
-    iterator.set_state(data_state["grain"].encode())
+    iterator.set_state(text.iterator_state(data_state["grain"], batch_size))
   return iterator
 
 
-def _process_slices(global_batches: list[dict]) -> list[dict]:
+def _process_slices(mesh, global_batches: list[dict]) -> list[dict]:
   """This process's rows of each global batch (every process holds the same global list)."""
-  count, index = jax.process_count(), jax.process_index()
-  def rows(x):
-    per_process = x.shape[0] // count
-    return x[index * per_process:(index + 1) * per_process]
-  return [jax.tree.map(rows, batch) for batch in global_batches]
+  if not global_batches:
+    return []
+  size = len(next(iter(global_batches[0].values())))
+  rows = sharding.process_rows(mesh, size)
+  return [jax.tree.map(lambda x: x[rows], batch) for batch in global_batches]
 
 
 def _data_state(iterator) -> dict:
@@ -190,6 +191,7 @@ def run(exp: Experiment, workdir: str) -> dict:
   s = prepare(exp, workdir)
   exp = s.exp
   is_main = jax.process_index() == 0
+  distributed.check_shared_directory(workdir)  # before a checkpoint is split across hosts
   os.makedirs(workdir, exist_ok=True)
   t = exp.train
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
@@ -224,11 +226,12 @@ def run(exp: Experiment, workdir: str) -> dict:
   finally:  # pending async saves complete (or report their failure) on every exit path
     writer.close()
     ckpt.close()
+  # Outputs run on one device of process 0 (a few KB to a few MB of params); every process
+  # takes part in gathering them.
+  params = distributed.to_host(finetune.merge(state.params, state.frozen))
   if is_main:
     reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
     s.task.write_report(workdir, final, sums, f"step_{end}")
-    # Outputs run on one device: a few KB to a few MB of params.
-    params = jax.device_get(finetune.merge(state.params, state.frozen))
     s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
   return {"step": end, "headline": s.task.headline(final), **final}
 
@@ -246,8 +249,8 @@ class _Loop:
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
     self.base = base  # the frozen parameters' identity, saved with every step
     self.train_fn, self.eval_fn = compile_steps(s)
-    self.val_batches = _process_slices(text.eval_batches(s.data.val, s.exp.train.batch_size,
-                                                         s.exp.train.eval_batches))
+    self.val_batches = _process_slices(s.mesh, text.eval_batches(
+        s.data.val, s.exp.train.batch_size, s.exp.train.eval_batches))
     self.throughput = _Throughput(s)
     self.last_val_loss = None
     self.consecutive_nonfinite = 0
