@@ -1,3 +1,4 @@
+# shellcheck shell=bash # (sourced, not executed: no shebang)
 # XLA and runtime settings for training on NVIDIA GPUs. Source it before starting llmjax:
 #   source launch/gpu_env.sh && .venv/bin/llmjax train --config=... --workdir=...
 # It appends to XLA_FLAGS (flags already set there come first) and keeps a preset
