@@ -65,7 +65,10 @@ def _int(value: str, name: str) -> int:
     raise ClusterError(f"{name}={value!r} is not an integer") from None
 
 
-def _checked(cluster: Cluster, names: tuple[str, str]) -> Cluster:
+def _checked(cluster: Cluster, names: tuple[str, str, str]) -> Cluster:
+  if cluster.coordinator_address is not None and not re.fullmatch(
+      r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):\d{1,5}", cluster.coordinator_address):
+    raise ClusterError(f"{names[2]}={cluster.coordinator_address!r} is not HOST:PORT")
   if cluster.num_processes < 1 or not 0 <= cluster.process_id < cluster.num_processes:
     raise ClusterError(f"{names[1]}={cluster.process_id} must be in [0, {names[0]}="
                        f"{cluster.num_processes})")
@@ -85,7 +88,7 @@ def _from_flags(coordinator_address, num_processes, process_id) -> Cluster | Non
                        "and --process_id go together (or give none and let the cluster be "
                        "detected; --num_processes=1 alone runs one process)")
   return _checked(Cluster("flags", num_processes, process_id, coordinator_address),
-                  ("--num_processes", "--process_id"))
+                  ("--num_processes", "--process_id", "--coordinator_address"))
 
 
 def _from_variables(env: Mapping[str, str]) -> Cluster | None:
@@ -98,7 +101,7 @@ def _from_variables(env: Mapping[str, str]) -> Cluster | None:
                        "(or none, to let the cluster be detected)")
   cluster = Cluster("environment", _int(env["JAX_NUM_PROCESSES"], "JAX_NUM_PROCESSES"),
                     _int(env["JAX_PROCESS_ID"], "JAX_PROCESS_ID"), env["JAX_COORDINATOR_ADDRESS"])
-  return _checked(cluster, ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+  return _checked(cluster, ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"))
 
 
 def check_scheduler_variables(env: Mapping[str, str]) -> None:
@@ -165,7 +168,8 @@ def _detected(init_timeout: int, env: Mapping[str, str]) -> Cluster | None:
     local = local_device_ids(found.get_local_process_id(), _tasks_on_this_node(found.name, env),
                              env)
   return _checked(Cluster(found.name, found.get_process_count(), found.get_process_id(), address,
-                          local), (f"{found.name} process count", f"{found.name} process id"))
+                          local), (f"{found.name} process count", f"{found.name} process id",
+                                   f"{found.name} coordinator address"))
 
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -254,12 +258,22 @@ def check_shared_directory(path: str) -> None:
   created = main and not os.path.exists(path)
   token = all_processes(secrets.token_hex(8) if main else "")[0]
   probe = os.path.join(path, f".llmjax-shared-{token}")
+  written = ""
   if main:
-    os.makedirs(path, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write(token)
-  all_processes("written")
-  seen = os.path.isfile(probe) and open(probe).read() == token
+    try:
+      os.makedirs(path, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write(token)
+    except OSError as e:  # told to every process, so none waits for a probe that never comes
+      written = str(e.strerror or e)
+  problem = all_processes(written)[0]
+  if problem:
+    raise ClusterError(f"--workdir={path}: process 0 cannot write there: {problem}")
+  try:
+    with open(probe) as f:
+      seen = f.read() == token
+  except OSError:
+    seen = False
   found = all_processes("1" if seen else "0")
   if main:
     os.remove(probe)

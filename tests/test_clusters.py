@@ -6,8 +6,8 @@ runs and no coordinator flag is given. Each process simulates 4 CPU devices; tog
 one 8-device mesh, compared with one process of 8 devices run here in the test process.
 """
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +201,8 @@ def test_single_process_when_nothing_describes_a_cluster(clean_env):
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, {},
      "JAX_NUM_PROCESSES='two' is not an integer"),
     ({}, {"coordinator_address": "h:1", "num_processes": 2}, "--process_id missing"),
+    ({"JAX_COORDINATOR_ADDRESS": "pod-0.svc", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     {}, "JAX_COORDINATOR_ADDRESS='pod-0.svc' is not HOST:PORT"),
     ({}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
      r"--process_id=2 must be in \[0, --num_processes=2\)"),
 ])
@@ -305,3 +307,33 @@ def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout(tmp_path)
   assert survivor and "Killed" not in survivor[0], err[-3000:]
   print(f"\nprocess 0 ended {waited:.1f} s after process 1 was killed (heartbeat timeout "
         f"{heartbeat} s)")
+
+
+SIGINT_PROBE = """
+import os, signal, sys
+from llmjax import distributed
+distributed.join(distributed.resolve())
+import jax
+from jax.experimental import multihost_utils
+from llmjax.train import preemption
+
+class Checkpointer:  # what the loop asks of orbax's manager here
+  reached_preemption = staticmethod(multihost_utils.reached_preemption_sync_point)
+
+with preemption.Listener() as listener:
+  for step in range(1, 2000):
+    multihost_utils.sync_global_devices(str(step))  # steps in lockstep, as training's are
+    if listener.should_stop(Checkpointer, step):
+      print(f"process {jax.process_index()} stops at step {step}", flush=True)
+      break
+    if step == 5 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in one process's terminal
+"""
+
+
+def test_sigint_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """jax watches SIGTERM only; the loop's listener turns SIGINT into it."""
+  rc, out, err = _finished(_srun(str(tmp_path), [sys.executable, "-c", SIGINT_PROBE], "sigint"))
+  assert rc == 0, err[-3000:]
+  stops = dict(re.findall(r"process (\d) stops at step (\d+)", out))  # lines may interleave
+  assert set(stops) == {"0", "1"} and stops["0"] == stops["1"], out

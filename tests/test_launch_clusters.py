@@ -309,8 +309,9 @@ def test_tpu_train_clears_stale_tpu_users_then_runs_llmjax_train(fake_gcloud, tm
   repo = tmp_path / "repo"  # what `sync` leaves on a worker, with an llmjax that only reports
   (repo / ".venv" / "bin").mkdir(parents=True)
   llmjax = repo / ".venv" / "bin" / "llmjax"
-  llmjax.write_text(f'#!{sys.executable}\nimport json, os, sys\nprint(json.dumps('
-                    '[os.environ["JAX_PROCESS_ID"], os.getcwd(), sys.argv[1:]]))\n')
+  # One write of one line: the two workers share a pipe, and a pipe write this small is atomic.
+  llmjax.write_text(f'#!{sys.executable}\nimport json, os, sys\nos.write(1, (json.dumps('
+                    '[os.environ["JAX_PROCESS_ID"], os.getcwd(), sys.argv[1:]]) + "\\n").encode())\n')
   llmjax.chmod(0o755)
   args = ["--config=experiments/lm/stdlib_gpt.py", "--workdir=/shared/runs/a b",
           "--config.train.name=$HOME's"]
