@@ -337,3 +337,35 @@ def test_sigint_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   assert rc == 0, err[-3000:]
   stops = dict(re.findall(r"process (\d) stops at step (\d+)", out))  # lines may interleave
   assert set(stops) == {"0", "1"} and stops["0"] == stops["1"], out
+
+
+HF_SAVE_PROBE = """
+import sys
+from llmjax import distributed
+distributed.join(distributed.resolve())
+import jax
+from llmjax import hf
+from llmjax.config import MeshConfig
+from llmjax.parallel import mesh as meshlib
+mesh = meshlib.make_mesh(MeshConfig(data=1, fsdp=8))
+model, params = hf.load(sys.argv[1], mesh=mesh, rules="fsdp")
+split = [x for x in jax.tree.leaves(params) if not x.is_fully_addressable]
+print(f"process {jax.process_index()}: {len(split)} arrays split across processes", flush=True)
+hf.save(model, params, sys.argv[2])
+"""
+
+
+def test_hf_save_from_a_multi_process_run_writes_the_whole_model_once(tmp_path):
+  import _hf_helpers
+  from safetensors.numpy import load_file
+  source, saved = tmp_path / "llama", tmp_path / "saved"
+  _hf_helpers.make("llama_gqa_untied", source)
+  rc, out, err = _finished(_srun(str(tmp_path), [sys.executable, "-c", HF_SAVE_PROBE,
+                                                 str(source), str(saved)], "hf-save"))
+  assert rc == 0, err[-3000:]
+  split = re.findall(r"process \d: (\d+) arrays split across processes", out)
+  assert len(split) == 2 and int(split[0]) > 0, out  # FSDP over both processes' devices
+  want, got = load_file(source / "model.safetensors"), load_file(saved / "model.safetensors")
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
