@@ -206,8 +206,15 @@ def join(cluster: Cluster, *, initialization_timeout: int = 300,
                          f"--initialization_timeout={initialization_timeout}s: "
                          f"{_first_line(e)}") from e
   _check_device_counts()
-  print(f"{cluster.describe()}; {jax.local_device_count()} local / {jax.device_count()} global "
-        f"{jax.devices()[0].platform} devices", file=sys.stderr, flush=True)
+  if cluster.source != "single process":  # a plain local run stays quiet (errors: one line)
+    print(summary(cluster), file=sys.stderr, flush=True)
+
+
+def summary(cluster: Cluster) -> str:
+  """The cluster and the devices it gave this process (after `join`)."""
+  import jax
+  return (f"{cluster.describe()}; {jax.local_device_count()} local / {jax.device_count()} "
+          f"global {jax.devices()[0].platform} devices")
 
 
 def _first_line(error: Exception) -> str:
@@ -307,7 +314,10 @@ def to_host(tree):
 def main() -> None:
   """Join the cluster the environment describes, print this process's line, leave."""
   try:
-    join(resolve())
+    cluster = resolve()
+    join(cluster)
+    if cluster.source == "single process":
+      print(summary(cluster), file=sys.stderr, flush=True)
   except ClusterError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
