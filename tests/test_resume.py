@@ -271,10 +271,16 @@ def _rows(n_rows: int, seq_len: int = 4) -> dict:
 def test_data_iterator_restored_at_recorded_states_continues_identically(tmp_path):
   from llmjax.train import loop
 
+  import jax
+
+  from llmjax.config import MeshConfig
+  from llmjax.parallel import mesh as meshlib
+
   data = types.SimpleNamespace(train=_rows(23))
   setup = types.SimpleNamespace(
-      data=data, exp=types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4),
-                                               data=types.SimpleNamespace(seed=7)))
+      data=data, mesh=meshlib.make_mesh(MeshConfig(data=1), jax.devices()[:1]),
+      exp=types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4),
+                                data=types.SimpleNamespace(seed=7)))
   iterator = loop._data_iterator(setup, None)
   states, batches = [], []
   for _ in range(40):  # 5 batches per epoch: several epoch boundaries
@@ -311,6 +317,6 @@ def test_data_iterator_state_round_trips_through_a_checkpoint(tmp_path):
   ckpt.close()
   assert config == {"name": "t"}
   resumed = text.batch_iterator(_rows(23), 4, seed=3, shuffle=True, num_epochs=None)
-  resumed.set_state(data_state["grain"].encode())
+  resumed.set_state(text.iterator_state(data_state["grain"], 4))
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["tokens"], want)
