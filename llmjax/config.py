@@ -49,6 +49,18 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch
   attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see models/attention.py)
   attention_block: int = 64  # query block of attention_impl="blocked"
+  # Image models (presets resnet18 ... resnet152 and cnn; llmjax/models/resnet.py, cnn.py).
+  arch: str = "transformer"  # transformer | resnet | cnn
+  resnet_block: str = "bottleneck"  # basic | bottleneck
+  resnet_depths: str = "3,4,6,3"  # blocks per stage
+  resnet_widths: str = "256,512,1024,2048"  # output channels per stage (HF hidden_sizes)
+  stem: str = "imagenet"  # imagenet (7x7/2 conv, 3x3/2 max-pool) | small (3x3/1 conv, no pool)
+  stem_width: int = 64  # channels out of the stem (HF embedding_size)
+  zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
+  bn_momentum: float = 0.9  # running statistics: new = momentum * old + (1 - momentum) * batch
+  bn_eps: float = 1e-5
+  cnn_widths: str = "32,64"  # the small CNN: channels of its 3x3 conv layers (each 2x2-pooled)
+  cnn_hidden: int = 128  # the small CNN: width of its hidden dense layer
 
   @property
   def kv_heads(self) -> int:
@@ -81,6 +93,11 @@ class OptimConfig:
   weight_decay: float = 0.1
   grad_clip: float = 1.0  # 0 disables clipping
   accum_steps: int = 1
+  name: str = "adamw"  # adamw | sgd
+  momentum: float = 0.9  # sgd
+  nesterov: bool = False  # sgd
+  step_boundaries: str = "0.5,0.75"  # schedule=step: fractions of the run where lr drops
+  step_factor: float = 0.1  # schedule=step: what each boundary multiplies lr by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +124,18 @@ class DataConfig:
   val_fraction: float = 0.05
   max_bytes: int = 0  # 0: whole corpus; >0: read at most this many bytes (smoke runs)
   seed: int = 0
+  # Images (task image_classify; llmjax/data/vision.py).
+  image_folder: str = ""  # source=image_folder: ROOT/<class>/*.png|jpg; a sibling val/ if any
+  idx_dir: str = ""  # source=idx: the MNIST-format files ("" the Debian Fashion-MNIST package)
+  tfds_image_key: str = "image"
+  image_size: int = 0  # square side images are resized to (0: as stored)
+  crop_padding: int = 0  # train: random crop of the image zero-padded by this much (0: off)
+  random_resized_crop: bool = False  # train: random area/aspect crop resized to image_size
+  crop_scale_min: float = 0.08  # ... smallest fraction of the area
+  crop_ratio_min: float = 0.75  # ... aspect range [min, 1/min]
+  hflip: bool = False  # train: mirror half of the images
+  rotate_degrees: float = 0.0  # train: rotate by a uniform angle in [-d, d]
+  normalize: bool = True  # subtract the training set's per-channel mean, divide by its std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +163,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """Which objective (llmjax/tasks/) and its own settings."""
-  name: str = "lm"  # lm | mlm | classify
+  name: str = "lm"  # lm | mlm | classify | image_classify
   mask_prob: float = 0.15  # mlm: fraction of real tokens chosen for prediction
   mask_token_ratio: float = 0.8  # mlm: of the chosen, replaced by [MASK]
   random_token_ratio: float = 0.1  # mlm: of the chosen, replaced by a random token (rest kept)
@@ -198,8 +227,12 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
-    "optim.schedule": ("cosine", "constant"),
-    "data.source": ("stdlib", "files", "tfds"),
+    "optim.schedule": ("cosine", "constant", "step"),
+    "optim.name": ("adamw", "sgd"),
+    "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits"),
+    "model.arch": ("transformer", "resnet", "cnn"),
+    "model.resnet_block": ("basic", "bottleneck"),
+    "model.stem": ("imagenet", "small"),
     "task.pooling": ("auto", "cls", "last"),
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
                         "prefix"),

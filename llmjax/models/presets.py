@@ -16,6 +16,19 @@ PRESETS: dict[str, dict] = {
     "bert": dict(pos_emb="learned", norm="layernorm", norm_eps=1e-12, norm_position="post",
                  mlp="gelu", use_bias=True, tie_embeddings=True, causal=False,
                  final_norm=False, embed_norm=True, type_vocab_size=2),
+    # ResNet v1.5 (torchvision, timm, HF microsoft/resnet-*): depths and widths per stage.
+    "resnet18": dict(arch="resnet", resnet_block="basic", resnet_depths="2,2,2,2",
+                     resnet_widths="64,128,256,512", stem="imagenet", stem_width=64),
+    "resnet34": dict(arch="resnet", resnet_block="basic", resnet_depths="3,4,6,3",
+                     resnet_widths="64,128,256,512", stem="imagenet", stem_width=64),
+    "resnet50": dict(arch="resnet", resnet_block="bottleneck", resnet_depths="3,4,6,3",
+                     resnet_widths="256,512,1024,2048", stem="imagenet", stem_width=64),
+    "resnet101": dict(arch="resnet", resnet_block="bottleneck", resnet_depths="3,4,23,3",
+                      resnet_widths="256,512,1024,2048", stem="imagenet", stem_width=64),
+    "resnet152": dict(arch="resnet", resnet_block="bottleneck", resnet_depths="3,8,36,3",
+                      resnet_widths="256,512,1024,2048", stem="imagenet", stem_width=64),
+    # A LeNet-style CNN for 28-32 px images: 3x3 convs, each followed by a 2x2 max-pool.
+    "cnn": dict(arch="cnn", cnn_widths="32,64", cnn_hidden=128),
 }
 
 
