@@ -283,6 +283,12 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.sample_prompts = 2
   c.train.sample_tokens = 16
   c.optim.warmup_steps = 5
+  # Image models keep their block type, stem and stage count, at a width of a few channels.
+  stages = len(c.model.resnet_depths.split(","))
+  c.model.resnet_depths = ",".join(["1"] * stages)
+  c.model.resnet_widths = ",".join(str(8 * 2**i) for i in range(stages))
+  c.model.stem_width = 8
+  c.model.cnn_widths, c.model.cnn_hidden = "8,16", 32
   kind, _, size = c.data.tokenizer.partition(":")
   if kind in ("wordpiece", "bpe") and int(size) > 512:  # trained in a moment on a small corpus
     c.data.tokenizer, c.model.vocab_size = f"{kind}:512", 512
@@ -411,6 +417,7 @@ def validate(exp: Experiment) -> None:
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
            "'export:PATH', 'peft:ADAPTER_DIR'")
   validate_finetune(exp)
+  validate_images(exp)
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
@@ -440,6 +447,45 @@ def validate_finetune(exp: Experiment) -> None:
   _require(all(s.isdigit() for s in layers),
            f"config.finetune.adapter_layers={f.adapter_layers!r} must be comma-separated block "
            "indices, or empty for every block")
+
+
+def _int_list(key: str, text: str) -> list[int]:
+  items = [t.strip() for t in text.split(",")]
+  _require(all(t.isdigit() and int(t) > 0 for t in items),
+           f"config.{key}={text!r} must be comma-separated positive integers")
+  return [int(t) for t in items]
+
+
+def validate_images(exp: Experiment) -> None:
+  """Image models, image data and the step schedule."""
+  m, data, o = exp.model, exp.data, exp.optim
+  depths = _int_list("model.resnet_depths", m.resnet_depths)
+  widths = _int_list("model.resnet_widths", m.resnet_widths)
+  _require(len(depths) == len(widths),
+           f"config.model.resnet_depths has {len(depths)} stages but resnet_widths has "
+           f"{len(widths)}")
+  _int_list("model.cnn_widths", m.cnn_widths)
+  for key, value in (("model.stem_width", m.stem_width), ("model.cnn_hidden", m.cnn_hidden),
+                     ("model.bn_eps", m.bn_eps)):
+    _require(value > 0, f"config.{key} must be positive, got {value}")
+  _require(0.0 <= m.bn_momentum < 1.0,
+           f"config.model.bn_momentum must be in [0, 1), got {m.bn_momentum}")
+  for key, value in (("data.image_size", data.image_size),
+                     ("data.crop_padding", data.crop_padding),
+                     ("data.rotate_degrees", data.rotate_degrees)):
+    _require(value >= 0, f"config.{key} must be >= 0, got {value}")
+  _require(0.0 < data.crop_scale_min <= 1.0 and 0.0 < data.crop_ratio_min <= 1.0,
+           "config.data.crop_scale_min and crop_ratio_min must be in (0, 1]")
+  _require(data.source != "image_folder" or bool(data.image_folder),
+           "config.data.image_folder must be a directory when config.data.source='image_folder'")
+  fractions = [f.strip() for f in o.step_boundaries.split(",") if f.strip()]
+  try:
+    ok = all(0.0 < float(f) < 1.0 for f in fractions)
+  except ValueError:
+    ok = False
+  _require(ok, f"config.optim.step_boundaries={o.step_boundaries!r} must be comma-separated "
+           "fractions of the run in (0, 1)")
+  _require(o.momentum >= 0.0, f"config.optim.momentum must be >= 0, got {o.momentum}")
 
 
 def as_dict(exp: Experiment) -> dict:

@@ -126,28 +126,43 @@ class _ProcessBatches:
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], order, global_batch: int, rows: slice,
-               num_batches: int):
+               num_batches: int, transform=None, seed: int = 0):
     self._arrays, self._order, self._global_batch = arrays, order, global_batch
     self._rows, self._num_batches = rows, num_batches
+    self._transform, self._seed = transform, seed
 
   def __len__(self) -> int:
     return self._num_batches
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     start = index * self._global_batch
-    keys = [self._order[start + r].record_key for r in range(self._rows.start, self._rows.stop)]
-    return {k: v[keys] for k, v in self._arrays.items()}
+    positions = range(start + self._rows.start, start + self._rows.stop)
+    keys = [self._order[p].record_key for p in positions]
+    batch = {k: v[keys] for k, v in self._arrays.items()}
+    if self._transform is None:
+      return batch
+    # An example's randomness depends on the run's seed and its place in the global order only:
+    # the same on any process count, different every epoch, nothing to checkpoint.
+    seeds = np.asarray([_example_seed(self._seed, p) for p in positions], np.uint64)
+    return self._transform(batch, seeds)
 
   def __repr__(self) -> str:  # no memory addresses: states compare equal across runs
     return f"_ProcessBatches(batch={self._global_batch}, rows={self._rows})"
 
 
+def _example_seed(seed: int, position: int) -> int:
+  digest = hashlib.sha256(f"{seed}\0{position}".encode()).digest()
+  return int.from_bytes(digest[:8], "big")
+
+
 def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int, shuffle: bool,
-                   num_epochs: int | None, rows: slice | None = None) -> grain.DatasetIterator:
+                   num_epochs: int | None, rows: slice | None = None,
+                   transform=None) -> grain.DatasetIterator:
   """A checkpointable grain iterator of `rows` (default: all) of each global batch.
 
   `batch_size` is the global batch; `rows` this process's part of it (`sharding.process_rows`).
   The state ({"next_index": global batches consumed}) is the same on every process.
+  `transform(batch, seeds_B)` (e.g. augmentation) gets one seed per example.
   """
   n = len(next(iter(arrays.values())))
   rows = slice(0, batch_size) if rows is None else rows
@@ -161,7 +176,7 @@ def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int,
       shuffle=shuffle, num_epochs=num_epochs,
       seed=seed % 2**32)  # grain takes a 32-bit seed
   num_batches = 2**62 if num_epochs is None else n * num_epochs // batch_size
-  source = _ProcessBatches(arrays, order, batch_size, rows, num_batches)
+  source = _ProcessBatches(arrays, order, batch_size, rows, num_batches, transform, seed)
   # In memory: reading threads would only contend for the GIL.
   dataset = grain.MapDataset.source(source).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))

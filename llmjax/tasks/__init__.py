@@ -6,10 +6,12 @@ from llmjax.config import Experiment
 from llmjax.errors import ConfigError
 from llmjax.tasks.base import Data, LossTerms, Outputs, Task
 from llmjax.tasks.classify import Classify
+from llmjax.tasks.image_classify import ImageClassify
 from llmjax.tasks.lm import LM
 from llmjax.tasks.mlm import MaskedLM
 
-TASKS: dict[str, type[Task]] = {"lm": LM, "mlm": MaskedLM, "classify": Classify}
+TASKS: dict[str, type[Task]] = {"lm": LM, "mlm": MaskedLM, "classify": Classify,
+                                "image_classify": ImageClassify}
 
 
 def build(exp: Experiment, info: dict | None = None) -> Task:

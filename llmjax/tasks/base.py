@@ -43,6 +43,9 @@ class Data:
   tokenizer: Any
   info: dict  # what the task's model and loss need to know about the data (label names, ids)
   artifacts: dict[str, str]  # files the run keeps in its workdir: name -> text (tokenizer.json)
+  # (batch, seeds_B) -> batch, applied to each training batch on the host (image augmentation);
+  # seeds_B are fixed by the run's seed and each example's position in the global order.
+  augment: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,11 @@ class Task:
 
   def tokens_per_example(self) -> int:
     return self.exp.data.seq_len
+
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs of one example's forward and backward pass (llmjax.flops), for MFU."""
+    from llmjax import flops
+    return flops.train_flops_per_step(self.exp.model, 1, self.exp.data.seq_len)
 
 
 def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -30,7 +30,50 @@ def _recorded_labels(exp, workdir) -> tuple[str, ...] | None:
   return tuple(names) or None
 
 
-class Classify(Task):
+class LabelTask(Task):
+  """What every classifier shares: labels, the loss and its exact metric sums, the report."""
+
+  def num_classes(self) -> int:
+    return self.info.get("num_classes") or self.exp.task.num_classes
+
+  def labelled_terms(self, logits_BC, batch, model_state) -> LossTerms:
+    """Cross-entropy (label-smoothed) summed over real rows (`mask`), confusion and top-5."""
+    logits_BC = logits_BC.astype(jnp.float32)
+    labels_B, mask_B = batch["labels"], batch["mask"]
+    num_classes = logits_BC.shape[-1]
+    targets_BC = optax.smooth_labels(jax.nn.one_hot(labels_B, num_classes),
+                                     self.exp.task.label_smoothing)
+    losses_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
+    sums = {"confusion": metrics.confusion_matrix(jnp.argmax(logits_BC, -1), labels_B,
+                                                  num_classes, mask_B),
+            "top5_correct": metrics.topk_correct(logits_BC, labels_B, min(5, num_classes),
+                                                 mask_B)}
+    return LossTerms(jnp.sum(losses_B * mask_B), jnp.sum(mask_B), sums, model_state)
+
+  def report(self, sums):
+    examples = float(sums["weight"])
+    full = metrics.classification_report(np.asarray(sums["confusion"]),
+                                         self.info.get("label_names"))
+    out = {"loss": float(sums["loss_sum"]) / max(examples, 1.0), "examples": examples,
+           "top5_accuracy": float(sums["top5_correct"]) / max(examples, 1.0)}
+    out.update({k: v for k, v in full.items() if isinstance(v, (int, float))})
+    out["per_class"] = full["per_class"]
+    out["confusion"] = np.asarray(sums["confusion"]).astype(int).tolist()
+    return out
+
+  def headline(self, report):
+    return (f"final validation accuracy {report['accuracy']:.2%}, macro-F1 "
+            f"{report['f1_macro']:.4f}, loss {report['loss']:.4f}")
+
+  def write_report(self, workdir, report, sums, tag):
+    from llmjax.eval import plots
+    path = os.path.join(workdir, "plots", "confusion.png")
+    plots.confusion(np.asarray(report["confusion"]), self.info.get("label_names"), path,
+                    f"{self.exp.name} {tag}: accuracy {report['accuracy']:.2%}")
+    return [path]
+
+
+class Classify(LabelTask):
   """Text -> one of C labels; reports accuracy, top-5 accuracy, macro/micro/weighted P, R, F1."""
   name = "classify"
 
@@ -76,9 +119,6 @@ class Classify(Task):
     return Data(train=rows(splits.train, shuffle=False), val=rows(splits.val), test=rows(splits.test),
                 tokenizer=tokenizer, info=info, artifacts=artifacts)
 
-  def num_classes(self) -> int:
-    return self.info.get("num_classes") or self.exp.task.num_classes
-
   def model(self):
     from llmjax.models import heads
     cls = heads.DecoderClassifier if self.pooling() == "last" else heads.SequenceClassifier
@@ -106,36 +146,4 @@ class Classify(Task):
 
   def loss(self, model, variables, batch, *, rng, train):
     logits_BC, model_state = self._logits(model, variables, batch, rng=rng, train=train)
-    logits_BC = logits_BC.astype(jnp.float32)
-    labels_B, mask_B = batch["labels"], batch["mask"]
-    num_classes = logits_BC.shape[-1]
-    targets_BC = optax.smooth_labels(jax.nn.one_hot(labels_B, num_classes),
-                                     self.exp.task.label_smoothing)
-    losses_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
-    sums = {"confusion": metrics.confusion_matrix(jnp.argmax(logits_BC, -1), labels_B,
-                                                  num_classes, mask_B),
-            "top5_correct": metrics.topk_correct(logits_BC, labels_B, min(5, num_classes),
-                                                 mask_B)}
-    return LossTerms(jnp.sum(losses_B * mask_B), jnp.sum(mask_B), sums, model_state)
-
-  def report(self, sums):
-    examples = float(sums["weight"])
-    full = metrics.classification_report(np.asarray(sums["confusion"]),
-                                         self.info.get("label_names"))
-    out = {"loss": float(sums["loss_sum"]) / max(examples, 1.0), "examples": examples,
-           "top5_accuracy": float(sums["top5_correct"]) / max(examples, 1.0)}
-    out.update({k: v for k, v in full.items() if isinstance(v, (int, float))})
-    out["per_class"] = full["per_class"]
-    out["confusion"] = np.asarray(sums["confusion"]).astype(int).tolist()
-    return out
-
-  def headline(self, report):
-    return (f"final validation accuracy {report['accuracy']:.2%}, macro-F1 "
-            f"{report['f1_macro']:.4f}, loss {report['loss']:.4f}")
-
-  def write_report(self, workdir, report, sums, tag):
-    from llmjax.eval import plots
-    path = os.path.join(workdir, "plots", "confusion.png")
-    plots.confusion(np.asarray(report["confusion"]), self.info.get("label_names"), path,
-                    f"{self.exp.name} {tag}: accuracy {report['accuracy']:.2%}")
-    return [path]
+    return self.labelled_terms(logits_BC, batch, model_state)

@@ -53,7 +53,7 @@ def check_batch(exp: Experiment, mesh) -> None:
 
 
 def check_vocab(exp: Experiment, tokenizer) -> None:
-  if tokenizer.vocab_size > exp.model.vocab_size:
+  if tokenizer is not None and tokenizer.vocab_size > exp.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={exp.model.vocab_size} is smaller than the "
                       f"tokenizer's vocabulary ({tokenizer.vocab_size}; config.data.tokenizer="
                       f"{exp.data.tokenizer!r})")
@@ -97,7 +97,8 @@ def _data_iterator(s: Setup, data_state: dict | None):
   batch_size = s.exp.train.batch_size
   iterator = text.batch_iterator(s.data.train, batch_size, seed=s.exp.data.seed, shuffle=True,
                                  num_epochs=None,
-                                 rows=sharding.process_rows(s.mesh, batch_size))
+                                 rows=sharding.process_rows(s.mesh, batch_size),
+                                 transform=s.data.augment)
   if data_state:
     iterator.set_state(text.iterator_state(data_state["grain"], batch_size))
   return iterator
@@ -139,8 +140,7 @@ class _Throughput:
   def __init__(self, s: Setup):
     exp = s.exp
     self.tokens_per_step = exp.train.batch_size * s.task.tokens_per_example()
-    self.flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size,
-                                                     exp.data.seq_len)
+    self.flops_per_step = exp.train.batch_size * s.task.train_flops_per_example()
     device = jax.devices()[0]
     self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
     if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now

@@ -1,4 +1,6 @@
-"""Optimiser from OptimConfig: AdamW, warmup + cosine, clipping, decay mask, non-finite guard."""
+"""Optimiser from OptimConfig: AdamW or SGD (momentum, Nesterov), warmup then cosine / constant /
+step decay, clipping, a weight-decay mask (no decay for norms, biases, embeddings), and a
+non-finite guard."""
 
 from __future__ import annotations
 
@@ -32,22 +34,37 @@ def regex_mask(params, patterns, *, match_means: bool = True):
       lambda path, _: any(c.search(path_str(path)) for c in compiled) == match_means, params)
 
 
+def step_boundaries(cfg: OptimConfig, total_steps: int) -> list[int]:
+  """schedule=step: the steps where lr is multiplied by step_factor (fractions of the run)."""
+  return [int(float(f) * total_steps) for f in cfg.step_boundaries.split(",") if f.strip()]
+
+
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine decay to min_lr_ratio, constant, or steps (x step_factor)."""
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+  warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
   if cfg.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
-        [cfg.warmup_steps])
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    after = optax.constant_schedule(cfg.lr)
+  else:  # boundaries count from the start of the run, warmup included
+    after = optax.piecewise_constant_schedule(
+        cfg.lr, {max(b - cfg.warmup_steps, 0): cfg.step_factor
+                 for b in step_boundaries(cfg, total_steps)})
+  return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW; decay masked off norms/biases/embeddings; updates skipped when grads are non-finite."""
+  """AdamW or SGD; decay masked off norms/biases/embeddings; non-finite updates skipped."""
   schedule = learning_rate_schedule(cfg, total_steps)
   decay_mask = lambda params: regex_mask(params, NO_DECAY, match_means=False)
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.name == "sgd":  # decay added to the gradient before momentum, as torch's SGD does
+    chain += [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+              optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)]
+  else:
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
   # A non-finite step leaves params and moments untouched; the loop decides when to give up.
   return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
