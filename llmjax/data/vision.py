@@ -100,7 +100,8 @@ def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> 
   digest = hashlib.sha256()
   for s in _SPLITS:
     if out[s] is not None:
-      digest.update(s.encode() + out[s]["images"].tobytes() + out[s]["labels"].tobytes())
+      for part in (s.encode(), out[s]["images"], out[s]["labels"]):
+        digest.update(np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part)
   description.update(
       label_names=list(names), labels_from=names_from, image_shape=list(out["train"]["images"]
                                                                         .shape[1:]),
@@ -118,6 +119,8 @@ def _names(cfg, given, dataset, train: Split) -> tuple[tuple[str, ...], str]:
     return labelled._resolve_names(cfg, given, [], None)  # its checks of both, and their order
   if dataset:
     return tuple(dataset[0]), dataset[1]
+  if train.labels.dtype.kind not in "iu":  # names, e.g. a tfds string label
+    return tuple(sorted(set(train.labels.tolist()))), "training split"
   top = int(train.labels.max()) if len(train.labels) else -1
   return tuple(str(i) for i in range(top + 1)), "training split's label ids"
 
