@@ -44,7 +44,8 @@ class ImageClassify(LabelTask):
                                          indent=2)}
     return Data(train=_rows(splits.train), val=_rows(splits.val, exp.data.seed),
                 test=_rows(splits.test, exp.data.seed), tokenizer=None, info=info,
-                artifacts=artifacts, augment=vision.augmenter(exp.data))
+                artifacts=artifacts,
+                augment=vision.augmenter(exp.data, image_shape=images.shape[1:]))
 
   def model(self):
     from llmjax.models import vision as vision_models
