@@ -51,7 +51,9 @@ class ImageClassify(LabelTask):
     from llmjax.models import vision as vision_models
     if self.num_classes() < 2:
       raise ConfigError("config.task.num_classes is unknown before the data is read")
-    return vision_models.image_model(self.exp.model, self.num_classes())
+    height, _, channels = self.image_shape()
+    return vision_models.image_model(self.exp.model, self.num_classes(), in_channels=channels,
+                                     image_size=height)
 
   def image_shape(self) -> tuple[int, int, int]:
     if "image_shape" not in self.info:
