@@ -1,4 +1,4 @@
-"""FLOP counts for Transformer training, and device peaks for MFU.
+"""FLOP counts for Transformer and image-model training, and device peaks for MFU.
 
 Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   2 * L * (matmul parameters in the blocks)               projections and MLP
@@ -6,6 +6,13 @@ Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   + 2 * L * D * V                                         logits (tied or untied head)
 Training = 3 x forward (backward costs two forwards). Embedding lookups, norms, softmax and
 elementwise work are not counted, as is conventional for MFU.
+
+Image models (models/resnet.py, models/cnn.py), forward FLOPs per image of side S:
+  sum over convolutions of 2 * H_out * W_out * k * k * C_in * C_out   (H_out = (H + 2*(k//2) - k)
+                                                                       // stride + 1)
+  + sum over dense layers of 2 * in * out
+BatchNorm, ReLU, pooling, the residual adds and biases are not counted (ResNet-50 at 224 px:
+4.1 G multiply-adds, the figure papers quote, so 8.2 GFLOPs). Training = 3 x forward x batch.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.models import resnet
 
 # Dense datasheet peaks in FLOP/s by dtype, keyed by a substring of jax's device_kind; the
 # first matching key wins, so more specific names come first.
@@ -52,6 +60,47 @@ def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
   return 3.0 * batch_size * forward_flops_per_sequence(cfg, seq_len)
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+  return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def _resnet_macs(cfg: ModelConfig, size: int, channels: int, num_classes: int) -> int:
+  kernel, stride, pool = resnet.STEMS[cfg.stem]
+  size = _conv_out(size, kernel, stride)
+  macs, c = size * size * kernel * kernel * channels * cfg.stem_width, cfg.stem_width
+  size = _conv_out(size, 3, 2) if pool else size
+  for _, _, convs, stride in resnet.block_plan(cfg):
+    c_in, size_in = c, size
+    for kernel, conv_stride, c_out in convs:
+      size = _conv_out(size, kernel, conv_stride)
+      macs, c = macs + size * size * kernel * kernel * c * c_out, c_out
+    if c_in != c or stride != 1:  # the 1x1 projection shortcut
+      macs += _conv_out(size_in, 1, stride) ** 2 * c_in * c
+  return macs + c * num_classes
+
+
+def _cnn_macs(cfg: ModelConfig, size: int, channels: int, num_classes: int) -> int:
+  macs, c = 0, channels
+  for width in resnet.ints(cfg.cnn_widths, "cnn_widths"):
+    macs, c = macs + size * size * 9 * c * width, width  # 3x3, stride 1, padded
+    size //= 2  # 2x2 max-pool
+  return macs + size * size * c * cfg.cnn_hidden + cfg.cnn_hidden * num_classes
+
+
+_IMAGE_MACS = {"resnet": _resnet_macs, "cnn": _cnn_macs}
+
+
+def image_forward_flops(cfg: ModelConfig, image_size: int, channels: int,
+                        num_classes: int) -> int:
+  """Forward FLOPs of one square image through `cfg`'s image model (num_classes=0: no head)."""
+  return 2 * _IMAGE_MACS[cfg.arch](cfg, image_size, channels, num_classes)
+
+
+def image_train_flops_per_step(cfg: ModelConfig, batch_size: int, image_size: int, channels: int,
+                               num_classes: int) -> int:
+  return 3 * batch_size * image_forward_flops(cfg, image_size, channels, num_classes)
 
 
 def device_peak(device_kind: str, dtype: str) -> float | None:

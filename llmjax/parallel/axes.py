@@ -20,3 +20,12 @@ ACT_MLP = "act_mlp"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_VOCAB = "act_vocab"
+
+# Image models (models/resnet.py, models/cnn.py). Conv kernels are [H, W, in, out] (HWIO).
+CONV_H = "conv_height"
+CONV_W = "conv_width"
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+FEATURES = "features"  # the input of a dense layer over image features (pooled or flattened)
+HIDDEN = "hidden"  # the small CNN's hidden dense layer
+CLASSES = "classes"

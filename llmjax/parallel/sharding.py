@@ -17,12 +17,18 @@ _TENSOR = ((axes.VOCAB, "tensor"), (axes.MLP, "tensor"), (axes.HEADS, "tensor"),
            (axes.KV_HEADS, "tensor"), (axes.ACT_MLP, "tensor"), (axes.ACT_HEADS, "tensor"),
            (axes.ACT_KV_HEADS, "tensor"), (axes.ACT_VOCAB, "tensor"))
 _FSDP = ((axes.EMBED, "fsdp"),)
+# Image-model parameters stay replicated under every preset. jit rejects a dimension that does
+# not divide its mesh axis, and static rules cannot shard only the kernels whose channels divide
+# the fsdp size; a ResNet-152 (60M parameters) fits every device anyway. Under fsdp the batch
+# still splits over data x fsdp, so fsdp acts as data parallelism for these models.
+_IMAGE = tuple((name, None) for name in (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT,
+                                         axes.FEATURES, axes.HIDDEN, axes.CLASSES))
 
 RULES = {
-    "dp": _ACTIVATIONS,
-    "fsdp": _ACTIVATIONS + _FSDP,
-    "tp": _ACTIVATIONS + _TENSOR,
-    "fsdp_tp": _ACTIVATIONS + _FSDP + _TENSOR,
+    "dp": _ACTIVATIONS + _IMAGE,
+    "fsdp": _ACTIVATIONS + _FSDP + _IMAGE,
+    "tp": _ACTIVATIONS + _TENSOR + _IMAGE,
+    "fsdp_tp": _ACTIVATIONS + _FSDP + _TENSOR + _IMAGE,
 }
 
 

@@ -1,0 +1,225 @@
+"""ResNet v1.5 (torchvision, timm, Hugging Face `microsoft/resnet-*`): NHWC, BatchNorm, basic or
+bottleneck blocks, the stride on the 3x3 conv.
+
+Tensor-name letters: B batch, H height, W width, C channels (of a feature map, or the classes of
+logits). Convolutions pad k//2 on every side as torch does: 'SAME' pads asymmetrically at
+stride 2 and would shift every feature map by a pixel against a torch checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax.config import ModelConfig
+from llmjax.errors import ConfigError
+from llmjax.parallel import axes
+
+# Kaiming-normal over fan-out, as torchvision and HF initialise ResNet convolutions.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch's Linear default (uniform, bound 1/sqrt(fan_in)), as HF's ResNet classifier starts.
+_DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def ints(text: str, key: str) -> tuple[int, ...]:
+  """'3,4,6,3' -> (3, 4, 6, 3); ConfigError naming `key` unless every entry is positive."""
+  try:
+    values = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    values = ()
+  if not values or min(values) <= 0:
+    raise ConfigError(f"config.model.{key}={text!r} must be comma-separated positive integers")
+  return values
+
+
+def stages(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+  """((depth, output width), ...) per stage."""
+  depths = ints(cfg.resnet_depths, "resnet_depths")
+  widths = ints(cfg.resnet_widths, "resnet_widths")
+  if len(depths) != len(widths):
+    raise ConfigError(f"config.model.resnet_depths={cfg.resnet_depths!r} and "
+                      f"config.model.resnet_widths={cfg.resnet_widths!r} must have one entry per "
+                      "stage each")
+  if cfg.resnet_block == "bottleneck" and min(widths) < 4:
+    raise ConfigError(f"config.model.resnet_widths={cfg.resnet_widths!r}: a bottleneck block "
+                      "works at a quarter of its width, so every width must be at least 4")
+  return tuple(zip(depths, widths))
+
+
+# A block's convolutions as (kernel, stride, output channels); the last one is followed by the
+# residual add instead of a ReLU. Bottlenecks work at a quarter width (HF's `reduction`).
+BLOCKS = {
+    "basic": lambda width, stride: ((3, stride, width), (3, 1, width)),
+    "bottleneck": lambda width, stride: ((1, 1, width // 4), (3, stride, width // 4),
+                                         (1, 1, width)),
+}
+# Stems as (kernel, stride, 3x3/2 max-pool after it).
+STEMS = {"imagenet": (7, 2, True), "small": (3, 1, False)}
+
+
+def block_plan(cfg: ModelConfig) -> list[tuple[int, int, tuple, int]]:
+  """Every block as (stage, index in the stage, convs, stride), in order: the one description the
+  model, the FLOP count and the Hugging Face key map read. The first block of every stage but the
+  first halves the resolution (HF: downsample_in_first_stage=False)."""
+  plan = []
+  for s, (depth, width) in enumerate(stages(cfg)):
+    for b in range(depth):
+      stride = 2 if s > 0 and b == 0 else 1
+      plan.append((s, b, BLOCKS[cfg.resnet_block](width, stride), stride))
+  return plan
+
+
+def block_name(stage: int, index: int) -> str:
+  return f"stage{stage}_block{index}"
+
+
+def conv(cfg: ModelConfig, features: int, kernel: int, stride: int, name: str, *,
+         use_bias: bool = False) -> nn.Conv:
+  """A square convolution with torch's symmetric padding (k//2), kernel [H, W, in, out]."""
+  pad = kernel // 2
+  extra = {}
+  if use_bias:
+    extra["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros, (axes.CONV_OUT,))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                 dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                 kernel_init=nn.with_logical_partitioning(
+                     _CONV_INIT, (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT)),
+                 name=name, **extra)
+
+
+def dense(cfg: ModelConfig, features: int, logical_axes: tuple[str, str], name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  kernel_init=nn.with_logical_partitioning(_DENSE_INIT, logical_axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                         logical_axes[1:]), name=name)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over every axis but the last, with torch's running statistics.
+
+  Variables as flax's nn.BatchNorm names them (params scale/bias, batch_stats mean/var), and
+  new = momentum * old + (1 - momentum) * batch as flax counts momentum. Unlike flax, the running
+  variance takes the unbiased batch variance (n / (n - 1)), as torch's BatchNorm2d does, so a
+  model trained here keeps the statistics torch would have; the batch itself is normalised by
+  the biased variance in both. Statistics are float32 whatever the compute dtype. There is no
+  axis_name: under jit with the batch sharded over the mesh, the means below are already over
+  the global batch.
+  """
+  momentum: float
+  epsilon: float
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  zero_scale: bool = False  # zero_init_residual: the block starts as its shortcut
+
+  @nn.compact
+  def __call__(self, x_BHWC: jax.Array, *, deterministic: bool) -> jax.Array:
+    c = x_BHWC.shape[-1]
+    def vector(init):
+      return nn.with_logical_partitioning(init, (axes.NORM,))
+    scale = self.param("scale", vector(nn.initializers.zeros if self.zero_scale
+                                       else nn.initializers.ones), (c,),
+                       jnp.dtype(self.param_dtype))
+    bias = self.param("bias", vector(nn.initializers.zeros), (c,), jnp.dtype(self.param_dtype))
+    ra_mean = self.variable("batch_stats", "mean", vector(nn.initializers.zeros),
+                            None, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", vector(nn.initializers.ones),
+                           None, (c,), jnp.float32)
+    x = x_BHWC.astype(jnp.float32)
+    reduce = tuple(range(x.ndim - 1))
+    if deterministic:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = jnp.mean(x, reduce)
+      var = jnp.mean(jnp.square(x - mean.reshape((1,) * len(reduce) + (c,))), reduce)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+    bshape = (1,) * len(reduce) + (c,)
+    inv = (jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)).reshape(bshape)
+    y = (x - mean.reshape(bshape)) * inv + bias.astype(jnp.float32).reshape(bshape)
+    return y.astype(jnp.dtype(self.dtype))
+
+
+def batch_norm(cfg: ModelConfig, name: str, zero_scale: bool = False) -> BatchNorm:
+  return BatchNorm(cfg.bn_momentum, cfg.bn_eps, cfg.dtype, cfg.param_dtype, zero_scale,
+                   name=name)
+
+
+class Block(nn.Module):
+  """relu(convs(x) + shortcut(x)); the shortcut is a 1x1 conv + BN where the shape changes."""
+  cfg: ModelConfig
+  convs: tuple[tuple[int, int, int], ...]  # (kernel, stride, output channels)
+
+  @nn.compact
+  def __call__(self, x_BHWC: jax.Array, *, deterministic: bool) -> jax.Array:
+    cfg, last = self.cfg, len(self.convs)
+    width, stride = self.convs[-1][2], max(s for _, s, _ in self.convs)
+    y_BHWC = x_BHWC
+    for i, (kernel, s, features) in enumerate(self.convs, start=1):
+      y_BHWC = conv(cfg, features, kernel, s, f"conv{i}")(y_BHWC)
+      y_BHWC = batch_norm(cfg, f"bn{i}", cfg.zero_init_residual and i == last)(
+          y_BHWC, deterministic=deterministic)
+      if i < last:
+        y_BHWC = nn.relu(y_BHWC)
+    shortcut_BHWC = x_BHWC
+    if x_BHWC.shape[-1] != width or stride != 1:
+      shortcut_BHWC = conv(cfg, width, 1, stride, "proj_conv")(x_BHWC)
+      shortcut_BHWC = batch_norm(cfg, "proj_bn")(shortcut_BHWC, deterministic=deterministic)
+    return nn.relu(y_BHWC + shortcut_BHWC.astype(y_BHWC.dtype))
+
+
+class Stem(nn.Module):
+  """conv + BN + relu (+ 3x3/2 max-pool for the imagenet stem)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, images_BHWC: jax.Array, *, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    kernel, stride, pool = STEMS[cfg.stem]
+    x_BHWC = conv(cfg, cfg.stem_width, kernel, stride, "conv")(images_BHWC)
+    x_BHWC = nn.relu(batch_norm(cfg, "bn")(x_BHWC, deterministic=deterministic))
+    if pool:  # max_pool pads with -inf, as torch's MaxPool2d does
+      x_BHWC = nn.max_pool(x_BHWC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x_BHWC
+
+
+def check_images(images_BHWC: jax.Array, in_channels: int, model: str, size: int = 0) -> None:
+  """NHWC with the model's channels (and, where `size`, its side); ConfigError otherwise."""
+  side = "height, width" if not size else f"{size}, {size}"
+  if (images_BHWC.ndim != 4 or images_BHWC.shape[-1] != in_channels
+      or (size and images_BHWC.shape[1:3] != (size, size))):
+    raise ConfigError(f"{model} takes images [batch, {side}, {in_channels}] (NHWC), got shape "
+                      f"{list(images_BHWC.shape)}")
+
+
+class ResNet(nn.Module):
+  """Images [B, H, W, in_channels] -> logits [B, num_classes] (float32); num_classes=0: the
+  pooled features [B, C_last] (HF ResNetModel's pooler_output). Variables: params, batch_stats."""
+  cfg: ModelConfig
+  num_classes: int
+  in_channels: int = 3
+  image_size: int = 32  # only what abstract init traces: any size runs, parameters do not change
+
+  def example_input(self) -> jax.Array:
+    """One image for abstract init."""
+    return jnp.zeros((1, self.image_size, self.image_size, self.in_channels), jnp.float32)
+
+  @nn.compact
+  def __call__(self, images_BHWC: jax.Array, *, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    check_images(images_BHWC, self.in_channels, "ResNet")
+    x_BHWC = Stem(cfg, name="stem")(images_BHWC, deterministic=deterministic)
+    for stage, index, convs, _ in block_plan(cfg):
+      x_BHWC = Block(cfg, convs, name=block_name(stage, index))(x_BHWC,
+                                                                 deterministic=deterministic)
+      x_BHWC = nn.with_logical_constraint(x_BHWC, (axes.BATCH, None, None, None))
+    features_BC = jnp.mean(x_BHWC.astype(jnp.float32), axis=(1, 2))
+    if not self.num_classes:
+      return features_BC
+    logits_BC = dense(cfg, self.num_classes, (axes.FEATURES, axes.CLASSES), "classifier")(
+        features_BC)
+    return logits_BC.astype(jnp.float32)  # the loss is taken in float32 whatever the compute
