@@ -1,4 +1,10 @@
-"""load / save / load_params: Hugging Face directories <-> (llmjax model, params)."""
+"""load / save / load_params: Hugging Face directories <-> (llmjax model, params).
+
+Models with state besides their parameters (a ResNet's BatchNorm statistics, "batch_stats") load
+with `with_model_state=True` as (model, params, model_state) and save with `model_state=`;
+`model.apply({"params": params, **model_state}, ...)` runs them. Loading one without asking for
+its state is an error rather than a model whose statistics are silently fresh.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,14 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax.config import ModelConfig
-from llmjax.hf import bert, files, gpt2, llama, mapping
-from llmjax.hf.arch import RUNTIME_FIELDS, Architecture
+from llmjax.hf import bert, files, gpt2, llama, mapping, resnet
+from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
 from llmjax.parallel import sharding
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
-                                                                     bert.ARCH)}
+                                                                     bert.ARCH, resnet.ARCH)}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -38,7 +44,11 @@ def _hf_config(path: str, architecture: str | None):
   if name not in arch.classes:
     raise UnsupportedModelError(f"{path}: architecture {name!r} is not supported; supported for "
                                 f"{model_type}: {', '.join(arch.classes)}")
-  return arch, name, getattr(transformers, arch.config_class).from_dict(raw)
+  from huggingface_hub.errors import StrictDataclassError  # what strict HF configs raise
+  try:
+    return arch, name, getattr(transformers, arch.config_class).from_dict(raw)
+  except (TypeError, ValueError, StrictDataclassError) as e:  # HF validates some fields itself
+    raise UnsupportedModelError(f"{path}/config.json: {' '.join(str(e).split())[:300]}") from e
 
 
 def model_config(path: str, *, dtype: str = "float32", scan_layers: bool = False,
@@ -67,26 +77,48 @@ def _build(path, dtype, scan_layers, architecture) -> tuple[Architecture, nn.Mod
   return arch, arch.classes[name](_config(arch, hf, dtype, scan_layers), hf)
 
 
+def abstract_variables(model: nn.Module) -> dict:
+  """Every collection's shapes ("params", and "batch_stats" for a ResNet) with their
+  logical-axis boxes, allocating nothing. Image models trace their own example input."""
+  example = getattr(model, "example_input", None)
+  inputs = example() if example else jnp.zeros((1, min(8, model.cfg.max_len)), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), inputs, deterministic=True))
+
+
 def abstract_params(model: nn.Module):
   """Parameter shapes with their logical-axis boxes, allocating nothing."""
-  tokens_BL = jnp.zeros((1, min(8, model.cfg.max_len)), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BL))["params"]
+  return abstract_variables(model)["params"]
+
+
+def _state_names(abstract: dict) -> list[str]:
+  return sorted(set(abstract) - {"params"})
 
 
 def load(path: str, dtype: str = "float32", *, architecture: str | None = None,
-         scan_layers: bool = False, mesh: Mesh | None = None, rules="dp"):
+         scan_layers: bool = False, mesh: Mesh | None = None, rules="dp",
+         with_model_state: bool = False):
   """(model, params) from a HF directory; with `mesh`, each parameter goes straight to its shards.
 
   `rules` is a preset name of llmjax.parallel.sharding.RULES or a logical->mesh rules tuple.
+  `with_model_state`: (model, params, model_state), model_state the collections besides params
+  ({"batch_stats": ...} for a ResNet, {} for the others; float32 whatever `dtype`). A model that
+  has such state must be loaded with it: HFError otherwise.
   """
   arch, model = _build(path, dtype, scan_layers, architecture)
-  boxed = abstract_params(model)
+  boxed = abstract_variables(model)
+  state = _state_names(boxed)
+  if state and not with_model_state:
+    raise HFError(f"{path}: this {type(model).__name__} keeps {', '.join(state)} (BatchNorm "
+                  "statistics) besides its parameters; load it with hf.load(path, "
+                  "with_model_state=True) -> (model, params, model_state)")
   shardings = None
   if mesh is not None:
     rules = sharding.rules_for(rules) if isinstance(rules, str) else rules
     with nn.logical_axis_rules(rules):
       shardings = sharding.logical_shardings(boxed, mesh, rules)
-  return model, _read_params(path, arch, model, nn.unbox(boxed), shardings)
+  variables = _read(path, arch, model, nn.unbox(boxed), shardings)
+  params = variables.pop("params")
+  return (model, params, variables) if with_model_state else (model, params)
 
 
 def load_params(path: str, abstract, shardings=None, *, architecture: str | None = None):
@@ -102,7 +134,26 @@ def load_params(path: str, abstract, shardings=None, *, architecture: str | None
   if problems:
     raise WeightsMismatchError(f"hf:{path} does not match the model's parameters: "
                                + "; ".join(problems))
-  return _read_params(path, arch, model, abstract, shardings)
+  return _read(path, arch, model, {"params": abstract},
+               None if shardings is None else {"params": shardings})["params"]
+
+
+def load_model_state(path: str, abstract_state: dict, shardings: dict | None = None, *,
+                     architecture: str | None = None) -> dict:
+  """HF tensors that are not parameters (a ResNet's BatchNorm statistics) placed into a given
+  abstract {collection: tree} (e.g. a training state's model_state), as load_params does."""
+  arch, model = _build(path, "float32", False, architecture)
+  want = {c: _shapes(mapping.flatten(t)) for c, t in nn.unbox(abstract_variables(model)).items()
+          if c != "params"}
+  have = {c: _shapes(mapping.flatten(t)) for c, t in abstract_state.items()}
+  problems = [f"collection {c} is not in the checkpoint" for c in sorted(set(have) - set(want))]
+  problems += [f"collection {c} is missing" for c in sorted(set(want) - set(have))]
+  for c in sorted(set(want) & set(have)):
+    problems += mapping.tree_problems(have[c], want[c], "the checkpoint")
+  if problems:
+    raise WeightsMismatchError(f"hf:{path} does not match the model's state: "
+                               + "; ".join(problems))
+  return _read(path, arch, model, abstract_state, shardings)
 
 
 def _shapes(flat: dict) -> dict[str, tuple]:
@@ -111,6 +162,11 @@ def _shapes(flat: dict) -> dict[str, tuple]:
 
 def _abstract_flat(model: nn.Module) -> dict:
   return mapping.flatten(nn.unbox(abstract_params(model)))
+
+
+def _abstract_state_flat(model: nn.Module) -> dict[str, dict]:
+  return {c: mapping.flatten(t) for c, t in nn.unbox(abstract_variables(model)).items()
+          if c != "params"}
 
 
 def _aliases(arch: Architecture):
@@ -123,16 +179,21 @@ def _aliases(arch: Architecture):
   return aliases
 
 
-def _read_params(path: str, arch: Architecture, model: nn.Module, abstract, shardings):
+def _read(path: str, arch: Architecture, model: nn.Module, abstract: dict, shardings):
+  """{collection: tree} for the collections of `abstract` ({collection: abstract tree});
+  every tensor of the file is checked, whichever collections are read."""
   index = files.WeightIndex(path)
-  tensors, flat = arch.tensors(model), mapping.flatten(abstract)
-  scanned = model.cfg.scan_layers
-  mapping.check_model_paths(tensors, flat, scanned)
+  tensors, scanned = arch.tensors(model), model.cfg.scan_layers
   available = {k: e.shape for k, e in index.entries.items()}
   found = mapping.resolve_keys(tensors, available, _aliases(arch), arch.ignored(model), path)
-  placement = mapping.flatten(shardings) if shardings is not None else {}
-  return mapping.place(tensors, lambda key: index.read(found[key]), flat, scanned,
-                       lambda dest, x: _put(x, placement.get(dest)))
+  out = {}
+  for collection, tree in abstract.items():
+    mine, flat = mapping.of_collection(tensors, collection), mapping.flatten(tree)
+    mapping.check_model_paths(mine, flat, scanned)
+    placement = mapping.flatten(shardings[collection]) if shardings is not None else {}
+    out[collection] = mapping.place(mine, lambda key: index.read(found[key]), flat, scanned,
+                                    lambda dest, x, where=placement: _put(x, where.get(dest)))
+  return out
 
 
 def _put(x, where):
@@ -171,15 +232,19 @@ def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
     return dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
                                rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0)
   a, b = norm(cfg), norm(back)
-  diff = [f.name for f in dataclasses.fields(ModelConfig)
-          if f.name not in RUNTIME_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+  fields = arch.config_fields or [f.name for f in dataclasses.fields(ModelConfig)
+                                  if f.name not in RUNTIME_FIELDS + IMAGE_FIELDS]
+  diff = [name for name in fields if getattr(a, name) != getattr(b, name)]
   return ", ".join(f"needs {k}={getattr(b, k)!r}, model has {getattr(a, k)!r}" for k in diff)
 
 
-def save(model: nn.Module, params, path: str, *, config_overrides: dict | None = None) -> None:
+def save(model: nn.Module, params, path: str, *, config_overrides: dict | None = None,
+         model_state: dict | None = None) -> None:
   """Write `path`/config.json + model.safetensors that transformers' from_pretrained loads.
 
   `config_overrides` adds HF config fields llmjax does not track (bos/eos/pad token ids, labels).
+  `model_state`: the collections besides params (a ResNet's {"batch_stats": ...}), required
+  exactly when the model has them; torch's num_batches_tracked is written as 0.
   In a multi-process run every process calls it (the parameters are gathered) and process 0
   writes.
   """
@@ -197,18 +262,37 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
   if problems:
     raise WeightsMismatchError("params do not match the model: " + "; ".join(problems))
+  state_flat = _state_to_host(model, model_state)
   fields = dict(arch.to_hf(model.cfg), architectures=[arch.class_of(model)],
                 dtype=model.cfg.param_dtype, **_NO_SPECIAL_TOKENS)
-  if hasattr(model, "num_labels"):
-    fields["num_labels"] = model.num_labels
+  fields.update(arch.module_fields(model))
   fields.update(config_overrides or {})
   config = getattr(transformers, arch.config_class)(**fields).to_dict()
   if jax.process_index() != 0:
     return
   try:
-    files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers), config)
+    files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers,
+                                      state_flat), config)
   except OSError as e:
     raise HFError(f"cannot write {path}: {e}") from e
+
+
+def _state_to_host(model: nn.Module, model_state: dict | None) -> dict[str, dict]:
+  """{collection: flat host arrays} of `model_state`, checked against the model's own state."""
+  from llmjax import distributed
+  want = {c: _shapes(flat) for c, flat in _abstract_state_flat(model).items()}
+  given = dict(model_state or {})
+  if set(given) != set(want):
+    raise HFError(f"this {type(model).__name__} has model state {sorted(want) or 'none'} but "
+                  f"model_state= has {sorted(given) or 'none'}"
+                  + ("; pass the model_state hf.load(..., with_model_state=True) or training "
+                     "returned" if want else ""))
+  out = {c: mapping.flatten(distributed.to_host(nn.unbox(t))) for c, t in given.items()}
+  problems = [p for c in sorted(want) for p in mapping.tree_problems(
+      want[c], _shapes(out[c]), f"model_state[{c!r}]")]
+  if problems:
+    raise WeightsMismatchError("model_state does not match the model: " + "; ".join(problems))
+  return out
 
 
 def _peft_parameters(peft) -> list[str]:

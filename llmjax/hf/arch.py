@@ -19,6 +19,9 @@ HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 # Fields HF configs do not carry: how llmjax runs a model, not what the model computes.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl",
                   "attention_block", "init_std")
+# Fields only image models read: a Transformer's HF config decides none of them.
+IMAGE_FIELDS = ("resnet_block", "resnet_depths", "resnet_widths", "stem", "stem_width",
+                "zero_init_residual", "bn_momentum", "bn_eps", "cnn_widths", "cnn_hidden")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,12 @@ class Architecture:
   class_of: Callable[[nn.Module], str | None]  # the HF class a model exports as, or None
   tensors: Callable[[nn.Module], list[Tensor]]
   ignored: Callable[[nn.Module], tuple[str, ...]]  # regexes of HF keys known to be unused
+  # HF config fields the module decides besides its ModelConfig (label count, input channels).
+  module_fields: Callable[[nn.Module], dict] = lambda model: (
+      {"num_labels": model.num_labels} if hasattr(model, "num_labels") else {})
+  # The ModelConfig fields an HF config decides, compared when saving; () all but RUNTIME_FIELDS
+  # and IMAGE_FIELDS (the Transformer architectures).
+  config_fields: tuple[str, ...] = ()
 
 
 def require(ok: bool, message: str) -> None:

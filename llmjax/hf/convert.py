@@ -3,6 +3,8 @@
 An export written here is the same directory `llmjax export` writes (llmjax.checkpoint), plus
 `model.json` (which module wraps the config: a BERT head, its label count; the special token ids)
 and `tokenizer/` (the HF tokenizer files), so `generate --checkpoint=DIR` needs nothing else.
+A model with state besides its parameters (a ResNet's BatchNorm statistics) has it in
+`model_state/`, an export of its own (orbax + checksums) beside `params/`.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from llmjax.config import ModelConfig
 from llmjax.errors import UserError
 from llmjax.hf import api, tokens
 from llmjax.models import heads
+from llmjax.models.cnn import CNN
+from llmjax.models.resnet import ResNet
 from llmjax.models.transformer import Transformer
 
-MODEL_FILE, TOKENIZER_DIR = "model.json", "tokenizer"
+MODEL_FILE, TOKENIZER_DIR, MODEL_STATE_DIR = "model.json", "tokenizer", "model_state"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                     "tokenizer.model", "spiece.model", "chat_template.jinja")
 _MODULES = {"Transformer": Transformer, "Encoder": heads.Encoder, "MaskedLM": heads.MaskedLM,
             "SequenceClassifier": heads.SequenceClassifier,
-            "DecoderClassifier": heads.DecoderClassifier}
+            "DecoderClassifier": heads.DecoderClassifier, "ResNet": ResNet, "CNN": CNN}
+# Module fields besides cfg that an export records (and `rebuild` passes back).
+_MODULE_FIELDS = ("num_labels", "pooler", "num_classes", "in_channels", "image_size")
 
 
 @dataclasses.dataclass
@@ -39,6 +45,7 @@ class Loaded:
   tokenizer_dir: str | None
   eos_token_ids: list[int]
   pad_token_id: int | None
+  model_state: dict = dataclasses.field(default_factory=dict)  # {"batch_stats": ...} or {}
 
 
 def describe(model: nn.Module) -> dict:
@@ -46,7 +53,7 @@ def describe(model: nn.Module) -> dict:
   name = type(model).__name__
   if name not in _MODULES:
     raise UserError(f"cannot describe a {name}; known: {', '.join(_MODULES)}")
-  extra = {f: getattr(model, f) for f in ("num_labels", "pooler") if hasattr(model, f)}
+  extra = {f: getattr(model, f) for f in _MODULE_FIELDS if hasattr(model, f)}
   return {"class": name, **extra}
 
 
@@ -64,12 +71,13 @@ def hf_to_export(hf_path: str, out_dir: str, *, dtype: str = "float32") -> nn.Mo
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir):
     raise UserError(f"--to={out_dir} already exists; choose a new directory")
-  model, params = api.load(hf_path, dtype)
+  model, params, model_state = api.load(hf_path, dtype, with_model_state=True)
   special = tokens.generation_defaults(hf_path)
   tmp = out_dir + ".tmp-convert"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     checkpoint.export_params(params, dataclasses.asdict(model.cfg), tmp)
+    write_model_state(model_state, tmp)
     with open(os.path.join(tmp, MODEL_FILE), "w") as f:
       json.dump({**describe(model), **special}, f, indent=2)
     _copy_tokenizer(hf_path, os.path.join(tmp, TOKENIZER_DIR))
@@ -85,7 +93,8 @@ def export_to_hf(export_dir: str, hf_path: str) -> nn.Module:
   overrides = {"eos_token_id": (loaded.eos_token_ids[0] if len(loaded.eos_token_ids) == 1
                                 else loaded.eos_token_ids or None),
                "pad_token_id": loaded.pad_token_id, "bos_token_id": None}
-  api.save(loaded.model, loaded.params, hf_path, config_overrides=overrides)
+  api.save(loaded.model, loaded.params, hf_path, config_overrides=overrides,
+           model_state=loaded.model_state)
   if loaded.tokenizer_dir:
     _copy_tokenizer(loaded.tokenizer_dir, hf_path)
   return loaded.model
@@ -106,20 +115,41 @@ def load_export(export_dir: str) -> Loaded:
     with open(os.path.join(export_dir, MODEL_FILE)) as f:
       description = json.load(f)
   model = rebuild(ModelConfig(**fields), description)
-  abstract = nn.unbox(api.abstract_params(model))
-  _, params = checkpoint.load_exported(export_dir, abstract)
+  abstract = nn.unbox(api.abstract_variables(model))
+  _, params = checkpoint.load_exported(export_dir, abstract.pop("params"))
   tokenizer_dir = os.path.join(export_dir, TOKENIZER_DIR)
   return Loaded(model, params, tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
-                list(description.get("eos_token_ids", [])), description.get("pad_token_id"))
+                list(description.get("eos_token_ids", [])), description.get("pad_token_id"),
+                read_model_state(export_dir, abstract))
+
+
+def write_model_state(model_state: dict, export_dir: str) -> None:
+  """`model_state` (if any) into export_dir/model_state/, written and verified as params are."""
+  if model_state:
+    checkpoint.export_params(model_state, {}, os.path.join(export_dir, MODEL_STATE_DIR))
+
+
+def read_model_state(export_dir: str, abstract_state: dict) -> dict:
+  """The model state `write_model_state` wrote, checked against `abstract_state` (the model's
+  collections besides params); UserError if the model has state and the export does not."""
+  if not abstract_state:
+    return {}
+  where = os.path.join(export_dir, MODEL_STATE_DIR)
+  if not os.path.isdir(where):
+    raise UserError(f"{export_dir} has no {MODEL_STATE_DIR}/: the model keeps "
+                    f"{', '.join(sorted(abstract_state))} (BatchNorm statistics) besides its "
+                    "parameters, and this export holds parameters only")
+  return checkpoint.load_exported(where, abstract_state)[1]
 
 
 def load_any(spec: str, *, dtype: str = "float32") -> Loaded:
   """`hf:PATH` (a HF directory) or `DIR` (an llmjax export) -> Loaded."""
   if spec.startswith("hf:"):
     path = spec[3:]
-    model, params = api.load(path, dtype)
+    model, params, model_state = api.load(path, dtype, with_model_state=True)
     special = tokens.generation_defaults(path)
-    return Loaded(model, params, path, special["eos_token_ids"], special["pad_token_id"])
+    return Loaded(model, params, path, special["eos_token_ids"], special["pad_token_id"],
+                  model_state)
   loaded = load_export(spec)
   if dtype != loaded.model.cfg.param_dtype:
     cfg = dataclasses.replace(loaded.model.cfg, dtype=dtype, param_dtype=dtype)

@@ -96,7 +96,9 @@ def write(directory: str, tensors: dict[str, np.ndarray], config: dict) -> None:
   """model.safetensors + config.json, each written to a temporary name and renamed into place."""
   os.makedirs(directory, exist_ok=True)
   weights, config_path = os.path.join(directory, SINGLE), os.path.join(directory, "config.json")
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, weights + ".tmp",
+  # reshape: ascontiguousarray makes a 0-d array (num_batches_tracked) 1-d
+  save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
+            weights + ".tmp",
             metadata={"format": "pt"})  # transformers expects the format tag torch writes
   with open(config_path + ".tmp", "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

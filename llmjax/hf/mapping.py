@@ -2,8 +2,10 @@
 
 An architecture lists `Tensor`s: one HF key, the llmjax parameter path(s) it becomes (in the
 unscanned layout, `layer_{i}/...`), the HF shape, and the two transforms. GPT-2's fused c_attn is
-the one HF tensor that becomes three parameters. Scanned models (`layers/...` with a leading layer
-axis) are handled here, by stacking, so the tables never mention scan.
+the one HF tensor that becomes three parameters. A tensor may belong to another collection than
+"params" (BatchNorm running statistics: "batch_stats"), or be written only (torch's
+`num_batches_tracked`, which nothing in llmjax reads). Scanned models (`layers/...` with a leading
+layer axis) are handled here, by stacking, so the tables never mention scan.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ _LAYER = re.compile(r"(^|/)layer_(\d+)/")
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-  """One HF tensor of `hf_shape` <-> llmjax params at `paths`."""
+  """One HF tensor of `hf_shape` <-> llmjax variables of `collection` at `paths` (none: a tensor
+  HF files carry that llmjax derives on save and never reads)."""
   hf_key: str
   paths: tuple[str, ...]
   hf_shape: tuple[int, ...]
   to_jax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
   to_hf: Callable[..., np.ndarray]
+  collection: str = "params"
 
 
 def same(key: str, path: str, shape) -> Tensor:
@@ -69,6 +73,26 @@ def fused(key: str, paths: tuple[str, ...], hf_shape, part_shape) -> Tensor:
   return Tensor(key, tuple(paths), tuple(hf_shape), to_jax, to_hf)
 
 
+def conv2d(key: str, path: str, out: int, inp: int, kh: int, kw: int) -> Tensor:
+  """torch Conv2d weight [out, in, kh, kw] (OIHW) <-> flax kernel [kh, kw, in, out] (HWIO)."""
+  return Tensor(key, (path,), (out, inp, kh, kw), lambda w: (w.transpose(2, 3, 1, 0),),
+                lambda k: k.transpose(3, 2, 0, 1))
+
+
+def batchnorm(prefix: str, path: str, c: int) -> list[Tensor]:
+  """torch BatchNorm2d <-> params scale/bias and batch_stats mean/var. num_batches_tracked is
+  written as 0: torch reads it only when momentum=None (a cumulative average), and llmjax does
+  not count batches."""
+  def stat(name: str, ours: str) -> Tensor:
+    return dataclasses.replace(same(f"{prefix}.{name}", f"{path}/{ours}", (c,)),
+                               collection="batch_stats")
+  return [same(f"{prefix}.weight", f"{path}/scale", (c,)),
+          same(f"{prefix}.bias", f"{path}/bias", (c,)), stat("running_mean", "mean"),
+          stat("running_var", "var"),
+          Tensor(f"{prefix}.num_batches_tracked", (), (), lambda x: (),
+                 lambda: np.zeros((), np.int64))]
+
+
 def layernorm(prefix: str, path: str, d: int, bias: bool = True) -> list[Tensor]:
   out = [same(f"{prefix}.weight", f"{path}/scale", (d,))]
   return out + [same(f"{prefix}.bias", f"{path}/bias", (d,))] if bias else out
@@ -99,8 +123,14 @@ def target(path: str, scanned: bool) -> tuple[str, int | None]:
   return path[:match.start()] + match.group(1) + "layers/" + path[match.end():], int(match[2])
 
 
+def of_collection(tensors: list[Tensor], collection: str) -> list[Tensor]:
+  """The tensors that become variables of `collection` (write-only ones become none)."""
+  return [t for t in tensors if t.collection == collection and t.paths]
+
+
 def check_model_paths(tensors: list[Tensor], abstract_flat: dict, scanned: bool) -> None:
-  """The table and the model must name the same parameters (a bug here is llmjax's, not yours)."""
+  """The table and the model must name the same variables (a bug here is llmjax's, not yours);
+  `tensors` and `abstract_flat` of one collection."""
   produced = {target(p, scanned)[0] for t in tensors for p in t.paths}
   if produced != set(abstract_flat):
     only_map, only_model = produced - set(abstract_flat), set(abstract_flat) - produced
@@ -114,6 +144,9 @@ def resolve_keys(tensors: list[Tensor], available: dict[str, tuple], aliases: Ca
   found, used, problems = {}, set(), []
   for t in tensors:
     key = next((k for k in aliases(t.hf_key) if k in available), None)
+    if not t.paths:  # written, never read: old files may lack it
+      used.update([key] if key else [])
+      continue
     if key is None:
       problems.append(f"missing {t.hf_key} (expected shape {list(t.hf_shape)})")
       continue
@@ -160,14 +193,19 @@ def place(tensors: list[Tensor], read: Callable[[str], np.ndarray], abstract_fla
   return unflatten(out)
 
 
-def collect(tensors: list[Tensor], params_flat: dict, scanned: bool) -> dict[str, np.ndarray]:
-  """{HF key: numpy array} from llmjax params (fetched from devices one parameter at a time)."""
+def collect(tensors: list[Tensor], params_flat: dict, scanned: bool,
+            state_flat: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+  """{HF key: numpy array} from llmjax params and, for tensors of other collections,
+  `state_flat` ({collection: flat}); fetched from devices one variable at a time."""
+  flats = {**(state_flat or {}), "params": params_flat}
   out = {}
   for t in tensors:
     parts = []
     for path in t.paths:
       dest, layer = target(path, scanned)
-      leaf = params_flat[dest] if layer is None else params_flat[dest][layer]
+      flat = flats[t.collection]
+      leaf = flat[dest] if layer is None else flat[dest][layer]
       parts.append(np.asarray(jax.device_get(leaf)))
-    out[t.hf_key] = np.ascontiguousarray(t.to_hf(*parts))
+    value = t.to_hf(*parts)
+    out[t.hf_key] = np.ascontiguousarray(value).reshape(np.shape(value))  # keeps 0-d as 0-d
   return out
