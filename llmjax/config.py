@@ -283,12 +283,12 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.sample_prompts = 2
   c.train.sample_tokens = 16
   c.optim.warmup_steps = 5
-  # Image models keep their block type, stem and stage count, at a width of a few channels.
-  stages = len(c.model.resnet_depths.split(","))
-  c.model.resnet_depths = ",".join(["1"] * stages)
-  c.model.resnet_widths = ",".join(str(8 * 2**i) for i in range(stages))
-  c.model.stem_width = 8
-  c.model.cnn_widths, c.model.cnn_hidden = "8,16", 32
+  if c.model.arch != "transformer":  # block type, stem and stage count kept, a few channels
+    stages = len(c.model.resnet_depths.split(","))
+    c.model.resnet_depths = ",".join(["1"] * stages)
+    c.model.resnet_widths = ",".join(str(8 * 2**i) for i in range(stages))
+    c.model.stem_width = 8
+    c.model.cnn_widths, c.model.cnn_hidden = "8,16", 32
   kind, _, size = c.data.tokenizer.partition(":")
   if kind in ("wordpiece", "bpe") and int(size) > 512:  # trained in a moment on a small corpus
     c.data.tokenizer, c.model.vocab_size = f"{kind}:512", 512

@@ -66,9 +66,9 @@ class ImageClassify(LabelTask):
             "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
   def _normalised(self, images_BHWC):
-    mean_C = jnp.asarray(self.info["mean"], jnp.float32)
-    std_C = jnp.asarray(self.info["std"], jnp.float32)
-    return (images_BHWC.astype(jnp.float32) / 255.0 - mean_C) / std_C
+    mean_111C = jnp.asarray(self.info["mean"], jnp.float32).reshape(1, 1, 1, -1)
+    std_111C = jnp.asarray(self.info["std"], jnp.float32).reshape(1, 1, 1, -1)
+    return (images_BHWC.astype(jnp.float32) / 255.0 - mean_111C) / std_111C
 
   def init(self, model, rngs, batch):
     return model.init(rngs, self._normalised(batch["images"]), deterministic=True)
