@@ -111,10 +111,17 @@ def _final_state(workdir):
   return jax.device_get((run.params, run.state.model_state))
 
 
-def test_resume_is_exact_with_batch_statistics(folder, tmp_path):
+@pytest.fixture(scope="module")
+def straight(folder, tmp_path_factory):
+  """A 6-step ResNet run on the folder (workdir)."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  llmjax.train.run(experiment(folder), workdir)
+  return workdir
+
+
+def test_resume_is_exact_with_batch_statistics(folder, straight, tmp_path):
   exp = experiment(folder, arch="resnet18")
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  llmjax.train.run(exp, straight)
+  resumed = str(tmp_path / "resumed")
   llmjax.train.run(dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=3)),
                    resumed)
   llmjax.train.run(exp, resumed)  # picks up at step 3 with the saved batch_stats
@@ -122,9 +129,8 @@ def test_resume_is_exact_with_batch_statistics(folder, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _final_state(resumed), _final_state(straight))
 
 
-def test_replaced_head_keeps_the_backbone_of_its_checkpoint(folder, tmp_path):
-  source = str(tmp_path / "source")
-  llmjax.train.run(experiment(folder, steps=3), source)
+def test_replaced_head_keeps_the_backbone_of_its_checkpoint(straight, tmp_path):
+  source = straight
   other = write_folder(tmp_path / "other", per_class=8, seed=1)
   os.rename(os.path.join(other, "square"), os.path.join(other, "triangle"))  # new label set
   for name in ("a", "b"):
@@ -143,9 +149,8 @@ def test_replaced_head_keeps_the_backbone_of_its_checkpoint(folder, tmp_path):
       {p for p in saved if p.startswith("classifier/")}
 
 
-def test_a_checkpoint_head_of_another_label_count_is_refused_naming_it(folder, tmp_path):
-  source = str(tmp_path / "source")
-  llmjax.train.run(experiment(folder, steps=3), source)
+def test_a_checkpoint_head_of_another_label_count_is_refused_naming_it(straight, tmp_path):
+  source = straight
   two = write_folder(tmp_path / "two", per_class=8)
   import shutil
   shutil.rmtree(os.path.join(two, "square"))
@@ -174,3 +179,32 @@ def test_cifar10_resnet50_smoke_runs_on_mock_tfds_data(tmp_path, monkeypatch):
     result = llmjax.train.run(exp, str(tmp_path / "run"))
   assert result["step"] == 2 and np.isfinite(result["loss"])
   assert result["examples"] > 0
+
+
+def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_path):
+  """llmjax export writes model_state/ beside params/; --out=hf: gives a ResNet transformers
+  runs with llmjax's eval logits (ImageNet stem: HF has no small-image stem)."""
+  import torch
+  import transformers
+
+  from llmjax.cli import export
+  from llmjax.hf import convert
+  from llmjax.train import rundir
+  exp = experiment(folder, steps=2)
+  exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, stem="imagenet"))
+  workdir = str(tmp_path / "run")
+  llmjax.train.run(exp, workdir)
+  run = rundir.restore(workdir)
+  export.export(workdir, str(tmp_path / "plain"))
+  loaded = convert.load_export(str(tmp_path / "plain"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.model_state),
+               jax.device_get(run.state.model_state))
+  export.export(workdir, f"hf:{tmp_path / 'hf'}")
+  images = np.random.default_rng(0).integers(0, 255, (4, 12, 12, 3), np.uint8)
+  x_BHWC = run.task._normalised(jnp.asarray(images))
+  ours = run.model.apply({"params": run.params, **run.state.model_state}, x_BHWC,
+                         deterministic=True)
+  hf_model = transformers.ResNetForImageClassification.from_pretrained(str(tmp_path / "hf"))
+  with torch.no_grad():
+    theirs = hf_model.eval()(torch.from_numpy(np.asarray(x_BHWC).transpose(0, 3, 1, 2))).logits
+  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)

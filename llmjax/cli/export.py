@@ -102,17 +102,25 @@ def _to_llmjax(run, workdir: str, dest: str) -> None:
   if os.path.isfile(tokenizer):
     with open(tokenizer) as f:
       extra[os.path.join(convert.TOKENIZER_DIR, "tokenizer.json")] = f.read()
-  checkpoint.export_params(jax.device_get(params), dataclasses.asdict(run.exp.model), dest,
-                           extra)
+  # BatchNorm statistics (if any) go beside params/ before the export takes its name.
+  staged = dest + ".tmp-staged"
+  shutil.rmtree(staged, ignore_errors=True)
+  try:
+    checkpoint.export_params(jax.device_get(params), dataclasses.asdict(run.exp.model), staged,
+                             extra)
+    convert.write_model_state(jax.device_get(run.state.model_state), staged)
+    os.rename(staged, dest)
+  finally:
+    shutil.rmtree(staged, ignore_errors=True)
 
 
-def _save_full(model, params, workdir: str, path: str, info: dict) -> None:
+def _save_full(model, params, workdir: str, path: str, info: dict, model_state=None) -> None:
   """A full HF model directory, with the run's label names and vocabulary when it has them."""
   from llmjax import hf
   names = info.get("label_names")
   overrides = ({"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
                if names and len(names) == getattr(model, "num_labels", None) else None)
-  hf.save(model, params, path, config_overrides=overrides)
+  hf.save(model, params, path, config_overrides=overrides, model_state=model_state or None)
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):
     shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
@@ -126,7 +134,7 @@ def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
   info = run.task.info  # what the run's data revealed: label names, special ids
   method = run.exp.finetune.method
   if method in _FULL or merge:
-    _save_full(*_merged(run), workdir, tmp, info)
+    _save_full(*_merged(run), workdir, tmp, info, run.state.model_state)
     return
   params = jax.device_get(run.params)
   hf_base = base = _hf_base(run.exp.train.init_from)
