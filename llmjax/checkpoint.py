@@ -244,8 +244,9 @@ def _step_meta(manager: "Checkpointer", step: int) -> dict:
   return manager._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def _param_checksums(meta: dict) -> dict:
-  return {p[len("params/"):]: v for p, v in meta["checksums"].items() if p.startswith("params/")}
+def _param_checksums(meta: dict, field: str = "params") -> dict:
+  return {p[len(field) + 1:]: v for p, v in meta["checksums"].items()
+          if p.startswith(field + "/")}
 
 
 def saved_param_shapes(directory: str) -> dict[str, tuple]:
@@ -263,22 +264,24 @@ def _only(want: dict, abstract) -> dict:
   return {p: v for p, v in want.items() if p in paths}
 
 
-def restore_params(directory: str, abstract_params, shardings, *, partial: bool = False):
+def restore_params(directory: str, abstract_params, shardings, *, partial: bool = False,
+                   field: str = "params"):
   """Only the params of the newest verified step under `directory` (e.g. to initialise from).
 
   `partial`: `abstract_params` may be a subtree of the saved params; only it is read.
+  `field`: another part of the saved train state instead (model_state: BatchNorm statistics).
   """
   manager = Checkpointer(directory, keep=1_000_000)
   for step in reversed(manager.all_steps()):
-    want = _param_checksums(_step_meta(manager, step))
+    want = _param_checksums(_step_meta(manager, step), field)
     if partial:
       want = _only(want, abstract_params)
     check_structure(want, abstract_params, f"checkpoint step {step} in {directory}")
-    item = {"params": _target(abstract_params, shardings)}
+    item = {field: _target(abstract_params, shardings)}
     restored = manager._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
-    params = restored.state["params"]
+    params = restored.state[field]
     got = checksums(params)
     if all(got.get(p, [None])[:2] == v[:2] for p, v in want.items()):
       return params

@@ -147,6 +147,30 @@ def test_replaced_head_keeps_the_backbone_of_its_checkpoint(straight, tmp_path):
   assert backbone and all(np.array_equal(loaded[p], saved[p]) for p in backbone)
   assert {p for p in loaded if p.startswith("classifier/")} == \
       {p for p in saved if p.startswith("classifier/")}
+  # The running statistics belong to the backbone: they come with it.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state),
+               _final_state(source)[1])
+
+
+def test_init_from_an_hf_resnet_takes_its_shape_backbone_and_statistics(folder, tmp_path):
+  import test_hf_resnet
+  from llmjax import hf
+  test_hf_resnet.make("basic", tmp_path / "hf")  # depths [1, 2], widths [8, 16], 3 labels
+  exp = experiment(folder, init_from=f"hf:{tmp_path / 'hf'}", init_new="classifier/.*")
+  # The experiment leaves the model section at its defaults: the checkpoint decides the shape.
+  exp = dataclasses.replace(exp, model=config_lib.ModelConfig())
+  s = loop.prepare(exp, None)
+  assert (s.exp.model.arch, s.exp.model.resnet_depths, s.exp.model.resnet_widths) == \
+      ("resnet", "1,2", "8,16")
+  state = loop.fresh_state(s)
+  _, params, model_state = hf.load(str(tmp_path / "hf"), with_model_state=True)
+  ours = {path_str(p): x for p, x in
+          jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+  for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    if not path_str(path).startswith("classifier/"):
+      np.testing.assert_array_equal(ours[path_str(path)], x, err_msg=path_str(path))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state),
+               jax.device_get(model_state))
 
 
 def test_a_checkpoint_head_of_another_label_count_is_refused_naming_it(straight, tmp_path):

@@ -7,8 +7,9 @@ classification; BatchNorm statistics through `load(..., with_model_state=True)` 
 `save(..., model_state=...)`).
 """
 
-from llmjax.hf.api import (ARCHITECTURES, abstract_params, abstract_variables, build, load,
-                           load_model_state, load_params, model_config, save)
+from llmjax.hf.api import (ARCHITECTURES, abstract_params, abstract_variables, build,
+                           decided_model_fields, load, load_model_state, load_params,
+                           model_config, save)
 from llmjax.hf.errors import (HFError, PickleWeightsError, UnsupportedModelError,
                               WeightsMismatchError)
 from llmjax.hf.peft import AdapterError, load_adapter, save_adapter, save_prompt
@@ -17,6 +18,6 @@ from llmjax.hf.tokens import TextTokenizer, generation_defaults, load_tokenizer
 
 __all__ = ["ARCHITECTURES", "AdapterError", "HFError", "PickleWeightsError", "TextTokenizer",
            "UnsupportedModelError", "WeightsMismatchError", "abstract_params", "abstract_variables",
-           "build", "generation_defaults", "load", "load_adapter", "load_model_state",
+           "build", "decided_model_fields", "generation_defaults", "load", "load_adapter", "load_model_state",
            "load_params", "load_peft",
            "load_tokenizer", "model_config", "save", "save_adapter", "save_prompt"]

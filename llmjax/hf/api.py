@@ -58,6 +58,16 @@ def model_config(path: str, *, dtype: str = "float32", scan_layers: bool = False
   return _config(arch, hf, dtype, scan_layers)
 
 
+def decided_model_fields(path: str) -> dict:
+  """The ModelConfig fields a HF directory's config decides, with their values (a ResNet's
+  says nothing of d_model; a Transformer's nothing of image fields)."""
+  arch, _, hf = _hf_config(path, None)
+  cfg = dataclasses.asdict(_config(arch, hf, "float32", False))
+  fields = arch.config_fields or [f.name for f in dataclasses.fields(ModelConfig)
+                                  if f.name not in RUNTIME_FIELDS + IMAGE_FIELDS]
+  return {name: cfg[name] for name in fields}
+
+
 def _config(arch: Architecture, hf, dtype: str, scan_layers: bool) -> ModelConfig:
   if dtype not in ("float32", "bfloat16", "float16"):
     raise HFError(f"dtype={dtype!r}: allowed float32, bfloat16, float16")

@@ -55,11 +55,12 @@ def weights_source(spec: str) -> tuple[str, str]:
 
 
 def source_model_config(spec: str) -> dict:
-  """The ModelConfig fields of the checkpoint `spec` names."""
+  """The ModelConfig fields of the checkpoint `spec` names (for a HF directory, those its
+  architecture decides: a ResNet's config says nothing of d_model)."""
   kind, path = weights_source(spec)
   if kind == "hf":
     from llmjax import hf
-    return dataclasses.asdict(hf.model_config(path))
+    return hf.decided_model_fields(path)
   file = os.path.join(path, "model_config.json" if kind == "export" else "config.json")
   if not os.path.isfile(file):
     what = "an llmjax export (no model_config.json)" if kind == "export" else \
@@ -229,7 +230,7 @@ def _saved_shapes(kind, path, spec, scanned: bool) -> dict[str, tuple]:
   if kind == "export":
     return checkpoint.exported_shapes(path)
   from llmjax import hf
-  _, params = hf.load(path, scan_layers=scanned)  # in the model's layout
+  _, params, _ = hf.load(path, scan_layers=scanned, with_model_state=True)  # model's layout
   return {p: tuple(a.shape) for p, a in flatten(params).items()}
 
 
@@ -251,7 +252,7 @@ def _load_subset(kind, path, abstract, shardings):
   if kind == "export":
     return checkpoint.load_exported(path, abstract, shardings, partial=True)[1]
   from llmjax import hf
-  _, params = hf.load(path, scan_layers=_scanned(flatten(abstract)))
+  _, params, _ = hf.load(path, scan_layers=_scanned(flatten(abstract)), with_model_state=True)
   flat, where = flatten(params), flatten(shardings)
   return unflatten({p: jax.device_put(flat[p].astype(a.dtype), where[p])
                     for p, a in flatten(abstract).items()})
@@ -281,7 +282,29 @@ def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, tra
   if t.init_from.startswith("peft:"):
     loaded = _with_adapter(exp, loaded, where)
   params, frozen = finetune.split(loaded, trainable)
-  return state.replace(params=params, frozen=frozen, opt_state=tx.init(params))
+  model_state = state.model_state
+  if model_state:  # running statistics belong to the backbone: they come with it
+    model_state = load_model_state(t.init_from, model_state, shardings.model_state)
+  return state.replace(params=params, frozen=frozen, opt_state=tx.init(params),
+                       model_state=model_state)
+
+
+def load_model_state(spec: str, abstract, shardings):
+  """The checkpoint's non-parameter collections (BatchNorm statistics), in the run's layout."""
+  kind, path = weights_source(spec)
+  try:
+    if kind == "workdir":
+      return checkpoint.restore_params(_workdir_checkpoints(path, spec), abstract, shardings,
+                                       field="model_state")
+    if kind == "export":
+      from llmjax.hf import convert
+      state = convert.read_model_state(path, abstract)
+      return jax.tree.map(jax.device_put, state, shardings)
+    from llmjax import hf
+    return hf.load_model_state(path, abstract, shardings)
+  except UserError as e:
+    raise UserError(f"config.train.init_from={spec!r}: its model state (BatchNorm statistics): "
+                    f"{e}") from e
 
 
 def base_identity(exp: Experiment, frozen) -> dict:
