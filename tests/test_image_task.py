@@ -232,3 +232,28 @@ def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_p
   with torch.no_grad():
     theirs = hf_model.eval()(torch.from_numpy(np.asarray(x_BHWC).transpose(0, 3, 1, 2))).logits
   np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("problem", ["empty_class", "mixed_channels"])
+def test_bad_image_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_path, problem):
+  import shutil
+  import subprocess
+  import sys
+  data = str(tmp_path / "data")
+  shutil.copytree(folder, data)
+  args = []
+  if problem == "empty_class":
+    os.makedirs(os.path.join(data, "empty"))
+  else:  # one grey image among RGB ones
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(os.path.join(data, "cross", "grey.png"))
+  workdir = str(tmp_path / "run")
+  done = subprocess.run(
+      [sys.executable, "-m", "llmjax.cli.main", "train",
+       f"--config={ROOT}/experiments/vision/mnist_cnn.py:smoke", f"--workdir={workdir}",
+       "--config.data.source=image_folder", f"--config.data.image_folder={data}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+  assert ("empty" in lines[0]) if problem == "empty_class" else ("grey.png" in lines[0]), lines
+  assert not os.path.exists(workdir)
