@@ -3,7 +3,8 @@
   # A folder of "your own" images (here: Fashion-MNIST classes 5-9 as PNGs, 100 per class; the
   # layout is DATA/train/<class>/*.png and DATA/val/<class>/*.png), and pretraining data that
   # never shows those classes (classes 0-4):
-  python -m llmjax.data.image_folder_export --classes=5,6,7,8,9 --per_class=100 --out=data/fm59
+  python -m llmjax.data.image_folder_export --classes=5,6,7,8,9 --per_class=100 \
+      --val_per_class=200 --out=data/fm59
   python -m llmjax.data.image_folder_export --classes=0,1,2,3,4 --out=data/fm04
   llmjax train --config=experiments/vision/imagefolder_finetune.py:pretrain --workdir=runs/fm04 \
       --config.data.image_folder=data/fm04/train
