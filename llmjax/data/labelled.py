@@ -31,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 
 from llmjax.config import DataConfig
-from llmjax.data.sources import (_read_files, _take_bytes, _tfds_source, glob_files, stdlib_files,
-                                 stdlib_root)
+from llmjax.data.sources import (_read_files, _take_bytes, glob_files, stdlib_files, stdlib_root,
+                                 tfds_labelled_sources)
 from llmjax.data.text import _unit_hash, split_documents
 from llmjax.errors import ConfigError, DataError
 
@@ -258,21 +258,12 @@ def _label_of(where: str, record: dict, key: str) -> int | str:
 
 
 def _tfds_rows(cfg: DataConfig):
-  import tensorflow_datasets as tfds  # Heavy import, only for source=tfds.
   what = f"tfds dataset {cfg.tfds_name!r}"
-  train = _tfds_source(cfg)  # first: its errors say what is missing and how to prepare it
-  features = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None).info.features
-  label_feature = features[cfg.label_key] if cfg.label_key in features else None
-  names = (tuple(label_feature.names)
-           if isinstance(label_feature, tfds.features.ClassLabel) else None)
-  wanted = {"train": ("tfds_split", cfg.tfds_split), "val": ("tfds_val_split", cfg.tfds_val_split),
-            "test": ("tfds_test_split", cfg.tfds_test_split)}
+  names, sources = tfds_labelled_sources(cfg)
   splits = {s: [] for s in _SPLITS}
-  for s, (key, split) in wanted.items():
-    if split:
-      source = train if s == "train" else _tfds_source(dataclasses.replace(cfg, tfds_split=split))
-      splits[s] = _read_tfds_split(cfg, source, key, split, names)
-  read = {s: split or None for s, (_, split) in wanted.items()}
+  for s, (key, split, source) in sources.items():
+    splits[s] = _read_tfds_split(cfg, source, key, split, names)
+  read = {s: sources[s][1] if s in sources else None for s in _SPLITS}
   if not cfg.tfds_val_split:
     splits["train"], splits["val"] = _split_off_val(cfg, splits["train"], what)
     read["val"] = (f"split off {cfg.tfds_split} (val_fraction={cfg.val_fraction}, "

@@ -70,6 +70,25 @@ def _tfds_source(cfg: DataConfig):
                     f"{str(e).splitlines()[0]}") from e
 
 
+def tfds_labelled_sources(cfg: DataConfig) -> tuple[tuple[str, ...] | None, dict]:
+  """Labelled tfds data: (the label feature's ClassLabel names or None, {"train" | "val" |
+  "test": (config key, tfds split, random-access source)} for each split the config names).
+  The train split is opened first: its errors say what is missing and how to prepare it."""
+  import dataclasses
+
+  import tensorflow_datasets as tfds  # Heavy import, only for source=tfds.
+  train = _tfds_source(cfg)
+  features = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None).info.features
+  label_feature = features[cfg.label_key] if cfg.label_key in features else None
+  names = (tuple(label_feature.names)
+           if isinstance(label_feature, tfds.features.ClassLabel) else None)
+  wanted = {"train": ("tfds_split", cfg.tfds_split), "val": ("tfds_val_split", cfg.tfds_val_split),
+            "test": ("tfds_test_split", cfg.tfds_test_split)}
+  return names, {s: (key, split, train if s == "train" else
+                     _tfds_source(dataclasses.replace(cfg, tfds_split=split)))
+                 for s, (key, split) in wanted.items() if split}
+
+
 def _read_tfds(cfg: DataConfig) -> Iterator[tuple[str, str]]:
   source = _tfds_source(cfg)
   for i in range(len(source)):

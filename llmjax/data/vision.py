@@ -301,22 +301,13 @@ def _split_class_files(cfg, files, root):
 
 
 def _tfds_splits(cfg: DataConfig):
-  import tensorflow_datasets as tfds  # Heavy import, only for source=tfds.
-  from llmjax.data.sources import _tfds_source
+  from llmjax.data.sources import tfds_labelled_sources
   what = f"tfds dataset {cfg.tfds_name!r}"
-  train = _tfds_source(cfg)  # first: its errors say what is missing and how to prepare it
-  features = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None).info.features
-  label_feature = features[cfg.label_key] if cfg.label_key in features else None
-  names = (tuple(label_feature.names)
-           if isinstance(label_feature, tfds.features.ClassLabel) else None)
-  wanted = {"train": ("tfds_split", cfg.tfds_split), "val": ("tfds_val_split", cfg.tfds_val_split),
-            "test": ("tfds_test_split", cfg.tfds_test_split)}
+  names, sources = tfds_labelled_sources(cfg)
   splits, reference = {s: None for s in _SPLITS}, None
-  for s, (key, split) in wanted.items():
-    if split:
-      source = train if s == "train" else _tfds_source(dataclasses.replace(cfg, tfds_split=split))
-      splits[s], reference = _read_tfds_split(cfg, source, key, split, names, reference)
-  read = {s: split or None for s, (_, split) in wanted.items()}
+  for s, (key, split, source) in sources.items():
+    splits[s], reference = _read_tfds_split(cfg, source, key, split, names, reference)
+  read = {s: sources[s][1] if s in sources else None for s in _SPLITS}
   if not cfg.tfds_val_split:
     parts = split_off(cfg, splits["train"], what)
     splits["train"], splits["val"] = parts["train"], parts["val"]
