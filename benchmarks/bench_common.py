@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from importlib import metadata
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from llmjax import config as configlib
-from llmjax.models.transformer import Transformer
+from llmjax.tasks.base import Task
 from llmjax.tasks.lm import LM
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
@@ -40,8 +41,9 @@ def add_model_flags(parser, **defaults) -> None:
   """--preset, shapes, dtype, remat, scan, attention_impl, --tiny; defaults: the reference."""
   d = {**REFERENCE, **defaults}
   parser.add_argument("--preset", default=d["preset"], choices=("gpt2", "llama"))
-  for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch", "vocab"):
+  for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab"):
     parser.add_argument(f"--{name}", type=int, default=d[name])
+  parser.add_argument("--batch", "--batch_size", dest="batch", type=int, default=d["batch"])
   parser.add_argument("--n_kv_heads", type=int, default=0, help="0: same as n_heads")
   parser.add_argument("--dtype", default=d["dtype"], choices=("float32", "bfloat16"),
                       help="compute dtype; parameters stay float32")
@@ -58,6 +60,23 @@ def apply_tiny(args, tiny: dict = TINY) -> None:
   if args.tiny:
     for key, value in tiny.items():
       setattr(args, key, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a model family changes in a throughput benchmark; the timing, the turn-taking, the
+  ceilings and the JSON are shared. Every callable takes the parsed flags `args`."""
+  unit: str  # what a step processes, counted in rates: "tokens" or "images"
+  tiny: dict  # flag values of a seconds-long run (--tiny)
+  experiment: Callable  # args -> a validated Experiment
+  task: Callable  # (exp, args) -> the Task whose loss the step trains
+  units_per_step: Callable  # (exp, args) -> int
+  flops_per_step: Callable  # (exp, args) -> counted training FLOPs of one step
+  flop_formula: str
+  describe: Callable  # (exp, args) -> one line naming the model and shapes
+  config: Callable  # (exp, args) -> the family's part of the JSON "config"
+  torch_runner: Callable  # (exp, task, args) -> (run one step, info): the hf-torch counterpart
+  compare_error: Callable  # args -> why --compare=hf-torch cannot run ("" when it can)
 
 
 def experiment(args, *, n_layers=None, scan=None, remat=None, mesh="data=1", rules="dp"):
@@ -89,11 +108,12 @@ def parse_mesh(text: str) -> dict:
 
 @dataclasses.dataclass
 class Built:
-  """A model, optimiser, mesh and the train step jitted the way the loop jits it."""
+  """A task, model, optimiser, mesh and the train step jitted the way the loop jits it."""
   exp: configlib.Experiment
   mesh: jax.sharding.Mesh
   rules: tuple
-  model: Transformer
+  task: Task
+  model: nn.Module
   tx: object
   abstract_state: object
   state_shardings: object
@@ -102,13 +122,17 @@ class Built:
   init_variables: object  # rngs -> variables, as the loop initialises
 
 
-def build(exp: configlib.Experiment, devices=None) -> Built:
-  """Mesh over `devices` (all by default), abstract state, and the jitted, donating train step."""
+def build(exp: configlib.Experiment, devices=None, task: Task | None = None) -> Built:
+  """Mesh over `devices` (all by default), abstract state, and the jitted, donating train step.
+
+  `task` defaults to the main job's objective, LM (what `llmjax train` runs); an image
+  benchmark passes an ImageClassify built with synthetic info instead of reading data.
+  """
   devices = jax.devices() if devices is None else devices
   mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
-  task = LM(exp)  # the main job's objective: what `llmjax train` runs
+  task = LM(exp) if task is None else task
   model = task.model()
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
@@ -117,28 +141,41 @@ def build(exp: configlib.Experiment, devices=None) -> Built:
   batch_sharding = sharding.batch_sharding(mesh)
   train, _ = step.jit_steps(step.bind_loss(task, model), tx, schedule, exp.optim.accum_steps,
                             mesh, shardings)
-  return Built(exp, mesh, rules, model, tx, abstract, shardings, batch_sharding, train,
+  return Built(exp, mesh, rules, task, model, tx, abstract, shardings, batch_sharding, train,
                init_variables)
 
 
-def abstract_batch(exp: configlib.Experiment) -> dict:
-  shape = (exp.train.batch_size, exp.data.seq_len)
-  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-          "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+def abstract_batch(b: Built) -> dict:
+  return b.task.example_batch(b.exp.train.batch_size)
+
+
+# How a random batch fills each field a task's example batch names (rng, shape, dtype, task).
+_FILLS = {
+    "tokens": lambda rng, s, t: rng.integers(0, t.exp.model.vocab_size, s.shape, s.dtype),
+    "segment_ids": lambda rng, s, t: np.ones(s.shape, s.dtype),  # one segment per row
+    "images": lambda rng, s, t: rng.integers(0, 256, s.shape, s.dtype),
+    "labels": lambda rng, s, t: rng.integers(0, t.num_classes(), s.shape, s.dtype),
+    "mask": lambda rng, s, t: np.ones(s.shape, s.dtype),
+}
+
+
+def host_batch(task: Task, batch_size: int, seed: int = 0) -> dict:
+  """A uniform random batch on the host, field by field in the task's order (seeded): text gets
+  random tokens in one segment per row, images random pixels and labels, every row real."""
+  rng = np.random.default_rng(seed)
+  return {key: _FILLS[key](rng, spec, task)
+          for key, spec in task.example_batch(batch_size).items()}
 
 
 def random_batch(b: Built, seed: int = 0) -> dict:
-  """Uniform random tokens, one segment per row (every position but the last has a target)."""
-  shape = (b.exp.train.batch_size, b.exp.data.seq_len)
-  tokens = np.random.default_rng(seed).integers(0, b.exp.model.vocab_size, shape, np.int32)
-  host = {"tokens": tokens, "segment_ids": np.ones(shape, np.int32)}
-  return jax.device_put(host, b.batch_sharding)
+  """host_batch on the devices, sharded as the train step takes it."""
+  return jax.device_put(host_batch(b.task, b.exp.train.batch_size, seed), b.batch_sharding)
 
 
 def lower(b: Built):
   """Lower the train step on abstract inputs (nothing allocated), under the mesh and rules."""
   with jax.set_mesh(b.mesh), nn.logical_axis_rules(b.rules):
-    return b.train.lower(b.abstract_state, abstract_batch(b.exp))
+    return b.train.lower(b.abstract_state, abstract_batch(b))
 
 
 def init_state(b: Built, seed: int = 0):

@@ -1,15 +1,23 @@
-"""Train-step throughput: tokens/s, achieved FLOP/s and MFU against two ceilings.
+"""Train-step throughput: tokens/s or images/s, achieved FLOP/s and MFU against two ceilings.
 
   python benchmarks/train_throughput.py --compare=hf-torch --json=/tmp/throughput.json
+  python benchmarks/train_throughput.py --model=resnet50 --image_size=128 --batch_size=8 \
+      --compare=hf-torch
+
+The model family is data (`FAMILIES`, by the preset's arch): text models (--model gpt2 or
+llama, the default --preset) count tokens, image models (any resnet* preset, cnn;
+benchmarks/image_bench.py) count images; both share the timing, the turns, the ceilings and
+the JSON below.
 
 Defaults are the issue's reference config (GPT-2 shape, 6 layers, d_model 512, 8 heads, seq 256,
 batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the loop jits it
 (explicit shardings, donated state) on a 1-device mesh, or on all devices with --mesh data=-1.
 Compilation and --warmup steps are excluded; the figure is the median of --steps timed steps,
-each ended by block_until_ready. `--compare=hf-torch` times transformers' GPT2LMHeadModel with
-torch.optim.AdamW (same shapes, hyper-parameters, schedule, clipping and decay mask) in the same
-process; the systems take turns in blocks of --block timed steps, each block after one untimed
-settling step, so that shared load hits both alike without charging either for the switch.
+each ended by block_until_ready. For text, `--compare=hf-torch` times transformers'
+GPT2LMHeadModel with torch.optim.AdamW (same shapes, hyper-parameters, schedule, clipping and
+decay mask) in the same process (image models: see image_bench.py); the systems take turns in
+blocks of --block timed steps, each block after one untimed settling step, so that shared load
+hits both alike without charging either for the switch.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_common as common  # noqa: E402
+import image_bench  # noqa: E402
 from llmjax import flops  # noqa: E402
+from llmjax.models import presets  # noqa: E402
+from llmjax.tasks.lm import LM  # noqa: E402
 from llmjax.train import optim  # noqa: E402
 
 FLOP_FORMULA = (
@@ -41,6 +52,10 @@ FLOP_FORMULA = (
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_model_flags(p)
+  p.add_argument("--model", default="", choices=("",) + TEXT_MODELS + image_bench.MODELS,
+                 help="a preset: gpt2 or llama (text; the same as --preset) or an image preset "
+                      "(resnet18 ... resnet152, cnn); empty: --preset")
+  image_bench.add_flags(p)
   p.add_argument("--steps", type=int, default=9, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--block", type=int, default=3,
@@ -58,14 +73,18 @@ def parse_args(argv=None):
                  help="pin the process to this many cores, torch threads to match (0: all cores); "
                       "1 gives a like-for-like figure when other processes share the cores")
   args = p.parse_args(argv)
-  common.apply_tiny(args)
+  if args.model in TEXT_MODELS:
+    args.preset = args.model
+  args.model = args.model or args.preset
+  family = family_of(args)
+  common.apply_tiny(args, family.tiny)
   if args.tiny:
     args.matmul_n = min(args.matmul_n, 256)
     args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
   if args.steps < 1 or args.warmup < 0 or args.block < 1:
     p.error("--steps and --block must be >= 1 and --warmup >= 0")
-  if args.compare == "hf-torch" and args.preset != "gpt2":
-    p.error("--compare=hf-torch runs transformers' GPT2LMHeadModel: use --preset gpt2")
+  if args.compare == "hf-torch" and family.compare_error(args):
+    p.error(family.compare_error(args))
   return args
 
 
@@ -147,37 +166,66 @@ def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   return once, info
 
 
-def rates(timing: dict, tokens_per_step: int, flops_per_step: float, ceiling: float,
+def _text_config(exp, args) -> dict:
+  return {"model": dataclasses.asdict(exp.model), "optim": dataclasses.asdict(exp.optim),
+          "batch": exp.train.batch_size, "seq_len": exp.data.seq_len}
+
+
+def _text_describe(exp, args) -> str:
+  m = exp.model
+  return (f"model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff}, "
+          f"vocab {m.vocab_size}, seq {exp.data.seq_len}, batch {exp.train.batch_size}, "
+          f"{m.dtype}, remat {m.remat}, scan {m.scan_layers}")
+
+
+TEXT_MODELS = ("gpt2", "llama")
+TEXT = common.Family(
+    unit="tokens", tiny=common.TINY,
+    experiment=lambda args: common.experiment(args, mesh=args.mesh, rules=args.rules),
+    task=lambda exp, args: LM(exp),  # the main job's objective: what `llmjax train` runs
+    units_per_step=lambda exp, args: exp.train.batch_size * exp.data.seq_len,
+    flops_per_step=lambda exp, args: flops.train_flops_per_step(
+        exp.model, exp.train.batch_size, exp.data.seq_len),
+    flop_formula=FLOP_FORMULA, describe=_text_describe, config=_text_config,
+    torch_runner=lambda exp, task, args: hf_torch_runner(exp, threads=args.threads),
+    compare_error=lambda args: "" if args.preset == "gpt2" else
+    "--compare=hf-torch runs transformers' GPT2LMHeadModel: use --preset gpt2")
+# A preset's arch picks its family.
+FAMILIES = {"transformer": TEXT, "resnet": image_bench.FAMILY, "cnn": image_bench.FAMILY}
+
+
+def family_of(args) -> common.Family:
+  return FAMILIES[presets.get(args.model).get("arch", "transformer")]
+
+
+def rates(timing: dict, unit: str, units_per_step: int, flops_per_step: float, ceiling: float,
           datasheet: float | None, cpu_ceiling: float) -> dict:
   """Rates from the median step; *_best from the fastest step (least disturbed by load);
-  *_per_cpu_s from process CPU seconds, against the matmul's FLOPs per CPU second."""
+  *_per_cpu_s from process CPU seconds, against the matmul's FLOPs per CPU second. `unit`
+  names the counts: tokens_per_s, images_per_s, ..."""
   seconds, best = timing["median_step_s"], min(timing["step_times_s"])
   achieved = flops_per_step / seconds
   per_cpu_s = flops_per_step / timing["median_step_cpu_s"]
-  return {"tokens_per_s": tokens_per_step / seconds, "achieved_flops_per_s": achieved,
+  return {f"{unit}_per_s": units_per_step / seconds, "achieved_flops_per_s": achieved,
           "tflops_per_s": achieved / 1e12, "fraction_of_measured_matmul": achieved / ceiling,
           "mfu_datasheet": achieved / datasheet if datasheet else None,
-          "best_step_s": best, "tokens_per_s_best": tokens_per_step / best,
+          "best_step_s": best, f"{unit}_per_s_best": units_per_step / best,
           "fraction_of_measured_matmul_best": flops_per_step / best / ceiling,
-          "tokens_per_cpu_s": tokens_per_step / timing["median_step_cpu_s"],
+          f"{unit}_per_cpu_s": units_per_step / timing["median_step_cpu_s"],
           "flops_per_cpu_s": per_cpu_s, "fraction_of_matmul_per_cpu_s": per_cpu_s / cpu_ceiling}
 
 
-def run(args) -> dict:
-  exp = common.experiment(args, mesh=args.mesh, rules=args.rules)
-  devices = jax.devices()[:1] if args.mesh in ("", "data=1") else jax.devices()
-  b = common.build(exp, devices)
-  n_dev = b.mesh.size
+def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
+  """(timings per system, ceilings): matmul shots, the systems' turns, matmul shots again."""
   on_cpu = jax.default_backend() == "cpu"
   # Simulated CPU devices share the same cores: the ceiling is one device's, not n times it.
-  scale = 1 if on_cpu else n_dev
+  scale = 1 if on_cpu else b.mesh.size
   per_device_peak = flops.device_peak(jax.devices()[0].device_kind, args.dtype)
-  datasheet = per_device_peak * scale if per_device_peak else None
   shots_before = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   runners, infos = {}, {}
   runners["jax"], infos["jax"] = jax_runner(b)
   if args.compare == "hf-torch":
-    runners["hf_torch"], infos["hf_torch"] = hf_torch_runner(exp, threads=args.threads)
+    runners["hf_torch"], infos["hf_torch"] = family.torch_runner(b.exp, b.task, args)
   # Systems take turns in blocks: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
   for name, info in infos.items():
@@ -186,78 +234,85 @@ def run(args) -> dict:
   shots_after = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   matmul_before = [shot["flops_per_s"] for shot in shots_before]
   matmul_after = [shot["flops_per_s"] for shot in shots_after]
-  # The best single shot before or after: a ceiling, so load during a shot cannot flatter MFU.
-  ceiling = max(matmul_before + matmul_after) * scale
-  cpu_ceiling = max(shot["flops_per_cpu_s"] for shot in shots_before + shots_after)
-  tokens_per_step = exp.train.batch_size * exp.data.seq_len
-  flops_per_step = flops.train_flops_per_step(exp.model, exp.train.batch_size, exp.data.seq_len)
+  ceilings = {
+      "datasheet_flops_per_s": per_device_peak * scale if per_device_peak else None,
+      # The best single shot before or after: a ceiling, so load during a shot cannot flatter MFU.
+      "measured_matmul_flops_per_s": max(matmul_before + matmul_after) * scale,
+      "measured_matmul_shots_before": matmul_before,
+      "measured_matmul_shots_after": matmul_after,
+      "matmul_n": args.matmul_n, "matmul_dtype": args.dtype,
+      "measured_matmul_flops_per_cpu_s": max(shot["flops_per_cpu_s"]
+                                             for shot in shots_before + shots_after),
+      "note": "measured: best single shot of a jitted [n,n]@[n,n] on one device, before and "
+              "after the steps; datasheet: llmjax.flops.PEAKS (None on CPUs)"}
+  return timings, ceilings
+
+
+def run(args) -> dict:
+  family = family_of(args)
+  exp = family.experiment(args)
+  devices = jax.devices()[:1] if args.mesh in ("", "data=1") else jax.devices()
+  b = common.build(exp, devices, family.task(exp, args))
+  timings, c = measure(args, family, b)
+  unit = family.unit
+  units_per_step = family.units_per_step(exp, args)
+  flops_per_step = family.flops_per_step(exp, args)
+  ceiling, cpu_ceiling = c["measured_matmul_flops_per_s"], c["measured_matmul_flops_per_cpu_s"]
   result = {
       "benchmark": "train_throughput",
       "environment": common.environment(),
-      "rates_note": "tokens/s, TFLOP/s, fractions: median step; *_best: fastest step; "
+      "unit": unit,
+      "description": family.describe(exp, args),
+      "rates_note": f"{unit}/s, TFLOP/s, fractions: median step; *_best: fastest step; "
                     "*_per_cpu_s: median process CPU seconds (user+system, all threads) per "
-                    "step, against the matmul's FLOPs per CPU second",
-      "config": {"model": dataclasses.asdict(exp.model),
-                 "optim": dataclasses.asdict(exp.optim), "batch": exp.train.batch_size,
-                 "seq_len": exp.data.seq_len, "mesh": dict(b.mesh.shape), "rules": args.rules,
+                    "step, against the matmul's FLOPs per CPU second; fraction_of_measured_matmul "
+                    "is the MFU against the same-run matmul ceiling",
+      "config": {**family.config(exp, args), "model_name": args.model,
+                 "mesh": dict(b.mesh.shape), "rules": args.rules,
                  "steps": args.steps, "warmup": args.warmup, "block": args.block,
-                 "tiny": args.tiny,
-                 "threads": args.threads or "default",
+                 "tiny": args.tiny, "threads": args.threads or "default",
                  "cpu_affinity": sorted(os.sched_getaffinity(0))},
-      "flop_formula": FLOP_FORMULA,
+      "flop_formula": family.flop_formula,
       "flops_per_step": flops_per_step,
-      "tokens_per_step": tokens_per_step,
-      "ceilings": {"datasheet_flops_per_s": datasheet,
-                   "measured_matmul_flops_per_s": ceiling,
-                   "measured_matmul_shots_before": matmul_before,
-                   "measured_matmul_shots_after": matmul_after,
-                   "matmul_n": args.matmul_n, "matmul_dtype": args.dtype,
-                   "measured_matmul_flops_per_cpu_s": cpu_ceiling,
-                   "note": "measured: best single shot of a jitted [n,n]@[n,n] on one device, "
-                           "before and after the steps; datasheet: llmjax.flops.PEAKS (None on "
-                           "CPUs)"},
+      f"{unit}_per_step": units_per_step,
+      "ceilings": c,
       "timing": "median of --steps per system after compilation and --warmup steps; with "
                 "--compare the systems take turns, --block timed steps each after one "
                 "untimed settling step",
-      "jax": {**timings["jax"], **rates(timings["jax"], tokens_per_step, flops_per_step,
-                                        ceiling, datasheet, cpu_ceiling)},
+      "jax": {**timings["jax"], **rates(timings["jax"], unit, units_per_step, flops_per_step,
+                                        ceiling, c["datasheet_flops_per_s"], cpu_ceiling)},
   }
   if "hf_torch" in timings:
     torch_mm = torch_matmul_peak(args.matmul_n, args.matmul_repeats) if args.dtype == "float32" \
         else None
     result["hf_torch"] = {**timings["hf_torch"],
-                          **rates(timings["hf_torch"], tokens_per_step, flops_per_step, ceiling,
-                                  None, cpu_ceiling),
+                          **rates(timings["hf_torch"], unit, units_per_step, flops_per_step,
+                                  ceiling, None, cpu_ceiling),
                           "torch_matmul_flops_per_s": torch_mm}
-    result["jax_over_torch_tokens_per_s"] = (result["jax"]["tokens_per_s"] /
-                                             result["hf_torch"]["tokens_per_s"])
-    result["jax_over_torch_tokens_per_s_best"] = (result["jax"]["tokens_per_s_best"] /
-                                                  result["hf_torch"]["tokens_per_s_best"])
-    result["jax_over_torch_tokens_per_cpu_s"] = (result["jax"]["tokens_per_cpu_s"] /
-                                                 result["hf_torch"]["tokens_per_cpu_s"])
+    for suffix in ("per_s", "per_s_best", "per_cpu_s"):
+      result[f"jax_over_torch_{unit}_{suffix}"] = (result["jax"][f"{unit}_{suffix}"] /
+                                                   result["hf_torch"][f"{unit}_{suffix}"])
   return result
 
 
 def report(result: dict) -> str:
-  header = ["system", "tokens/s", "median step s", "best step s", "TFLOP/s", "% matmul ceiling",
+  unit = result["unit"]
+  header = ["system", f"{unit}/s", "median step s", "best step s", "TFLOP/s", "% matmul ceiling",
             "MFU datasheet", "CPU s/step", "% matmul FLOP/CPU-s"]
   rows = []
   for key, label in (("jax", "llmjax (jax)"), ("hf_torch", "transformers (torch)")):
     if key in result:
       r = result[key]
-      rows.append([label, r["tokens_per_s"], r["median_step_s"], r["best_step_s"],
+      rows.append([label, r[f"{unit}_per_s"], r["median_step_s"], r["best_step_s"],
                    r["tflops_per_s"],
                    100 * r["fraction_of_measured_matmul"],
                    None if r["mfu_datasheet"] is None else 100 * r["mfu_datasheet"],
                    r["median_step_cpu_s"], 100 * r["fraction_of_matmul_per_cpu_s"]])
   c, env = result["ceilings"], result["environment"]
-  m = result["config"]["model"]
   lines = [
       f"train_throughput  {env['date']}  {env['backend']} ({env['device_kind']}), "
       f"{env['cpu_count']} CPUs, load {env['load_average_1_5_15']}",
-      f"model: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, d_ff "
-      f"{m['d_ff']}, vocab {m['vocab_size']}, seq {result['config']['seq_len']}, batch "
-      f"{result['config']['batch']}, {m['dtype']}, remat {m['remat']}, scan {m['scan_layers']}",
+      result["description"],
       f"FLOPs/step {result['flops_per_step']:.4g}  ({result['flop_formula']})",
       f"ceilings: measured {c['matmul_dtype']} matmul n={c['matmul_n']}: "
       f"{c['measured_matmul_flops_per_s'] / 1e9:.4g} GFLOP/s (best shot), "
@@ -268,10 +323,11 @@ def report(result: dict) -> str:
       "",
       common.format_table(header, rows),
   ]
-  if "jax_over_torch_tokens_per_s" in result:
-    lines.append(f"\njax/torch tokens/s ratio: {result['jax_over_torch_tokens_per_s']:.3f} "
-                 f"(median steps), {result['jax_over_torch_tokens_per_s_best']:.3f} (best steps), "
-                 f"{result['jax_over_torch_tokens_per_cpu_s']:.3f} (per CPU second)")
+  ratio = f"jax_over_torch_{unit}_per_s"
+  if ratio in result:
+    lines.append(f"\njax/torch {unit}/s ratio: {result[ratio]:.3f} (median steps), "
+                 f"{result[ratio + '_best']:.3f} (best steps), "
+                 f"{result[f'jax_over_torch_{unit}_per_cpu_s']:.3f} (per CPU second)")
   return "\n".join(lines)
 
 
@@ -280,7 +336,7 @@ def main(argv=None) -> dict:
   if args.threads:
     common.limit_threads(args.threads)
   result = run(args)
-  for value in (result["jax"]["tokens_per_s"], result["jax"]["achieved_flops_per_s"]):
+  for value in (result["jax"][f"{result['unit']}_per_s"], result["jax"]["achieved_flops_per_s"]):
     assert math.isfinite(value) and value > 0, value
   print(report(result))
   common.write_json(args.json, result)

@@ -71,6 +71,41 @@ def test_train_throughput_tiny_with_torch(tmp_path, capsys):
   assert _positive(result["jax_over_torch_tokens_per_cpu_s"])
 
 
+def test_train_throughput_resnet_tiny_with_torch(tmp_path, capsys):
+  """The image family: a tiny ResNet-18 and transformers' ResNet of the same shape take turns."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  result, stdout = _run("train_throughput", ["--model=resnet18", "--compare=hf-torch",
+                                             "--steps=2", "--warmup=1"], tmp_path, capsys)
+  assert "images/s" in stdout and "jax/torch images/s ratio" in stdout
+  assert result["unit"] == "images" and result["images_per_step"] == 2
+  assert "tokens_per_step" not in result and "convolutions" in result["flop_formula"]
+  assert result["config"]["model_name"] == "resnet18"
+  assert result["config"]["model"]["arch"] == "resnet"
+  assert result["config"]["optim"]["name"] == "sgd" and result["config"]["optim"]["nesterov"]
+  assert _positive(result["flops_per_step"])
+  assert _positive(result["ceilings"]["measured_matmul_flops_per_s"])
+  for system in ("jax", "hf_torch"):
+    r = result[system]
+    assert len(r["step_times_s"]) == 2
+    for key in ("images_per_s", "images_per_s_best", "images_per_cpu_s", "achieved_flops_per_s",
+                "fraction_of_measured_matmul", "final_loss"):
+      assert _positive(r[key]), (system, key, r[key])
+  # The same architecture on both sides: every parameter counted once in each.
+  assert result["jax"]["n_params"] == result["hf_torch"]["n_params"]
+  for key in ("jax_over_torch_images_per_s", "jax_over_torch_images_per_s_best",
+              "jax_over_torch_images_per_cpu_s"):
+    assert _positive(result[key]), key
+
+
+def test_train_throughput_refuses_a_torch_comparison_without_a_counterpart():
+  module = _script("train_throughput")
+  with pytest.raises(SystemExit):
+    module.parse_args(["--model=cnn", "--compare=hf-torch"])
+  with pytest.raises(SystemExit):
+    module.parse_args(["--preset=llama", "--compare=hf-torch"])
+
+
 def test_compile_time_tiny(tmp_path, capsys):
   # Two compiles only (XLA:CPU compiles a tiny step in seconds); unrolled is the same code path.
   result, stdout = _run("compile_time", ["--layers=1,2", "--modes=scan", "--no_warmup"],
@@ -116,15 +151,19 @@ def test_limit_threads_pins_the_process_before_jax_starts_and_refuses_after():
   assert "--threads must be applied before JAX initialises its backend" in done.stderr
 
 
-def test_train_throughput_runs_without_the_data_stack(tmp_path):
+@pytest.mark.parametrize("model", ["gpt2", "cnn"])
+def test_train_throughput_runs_without_the_data_stack(tmp_path, model):
   """The GPU image has jax, flax and optax but no grain or tensorflow-datasets: the benchmark's
-  import path must not need them (nor orbax, torch or tqdm without --compare)."""
+  import path must not need them (nor llmjax.data, orbax, torch or tqdm without --compare), for
+  text and image models alike."""
   absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
-            "tqdm"]
+            "tqdm", "llmjax.data"]
   out = tmp_path / "t.json"
   done = _python("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
                  "sys.path.insert(0, sys.argv[1]); import train_throughput; "
-                 "train_throughput.main(['--tiny', '--json=' + sys.argv[3]])",
-                 ",".join(absent), str(out))
+                 "train_throughput.main(['--tiny', '--model=' + sys.argv[4], "
+                 "'--json=' + sys.argv[3]])",
+                 ",".join(absent), str(out), model)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert json.loads(out.read_text())["jax"]["tokens_per_s"] > 0
+  result = json.loads(out.read_text())
+  assert result["jax"][f"{result['unit']}_per_s"] > 0
