@@ -24,12 +24,12 @@ def base():
   c.data.val_fraction = 0.1
   c.data.crop_padding = 2
   c.data.hflip = True
-  c.train.steps = 700
+  c.train.steps = 300
   c.train.batch_size = 128
   c.train.log_every = 25
-  c.train.eval_every = 350
+  c.train.eval_every = 150
   c.train.eval_batches = 12
-  c.train.checkpoint_every = 350
+  c.train.checkpoint_every = 150
   c.optim.name = "sgd"
   c.optim.nesterov = True
   c.optim.momentum = 0.9
