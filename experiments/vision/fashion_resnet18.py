@@ -8,7 +8,9 @@
 test split (config.data.idx_dir points elsewhere for MNIST itself or a copy). The small-image stem
 (3x3 stride-1 conv, no max-pool) keeps the 28 px images at full resolution in the first stage,
 as CIFAR-style ResNets do. SGD with Nesterov momentum and cosine decay, weight decay off for
-BatchNorm and biases, random 2-pixel shifts and horizontal flips. About 15 minutes on 2 CPU cores.
+BatchNorm and biases, random 2-pixel shifts and horizontal flips. 300 steps of 128 (two thirds of
+an epoch): measured 2026-12-05 on a shared 2-core host, 54 minutes wall for 27.5 CPU-minutes,
+83.9% validation and 82.5% test accuracy (docs/vision.md).
 """
 
 from llmjax import config as config_lib
