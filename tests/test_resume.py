@@ -276,7 +276,7 @@ def test_data_iterator_restored_at_recorded_states_continues_identically(tmp_pat
   from llmjax.config import MeshConfig
   from llmjax.parallel import mesh as meshlib
 
-  data = types.SimpleNamespace(train=_rows(23))
+  data = types.SimpleNamespace(train=_rows(23), augment=None)
   setup = types.SimpleNamespace(
       data=data, mesh=meshlib.make_mesh(MeshConfig(data=1), jax.devices()[:1]),
       exp=types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4),
