@@ -60,3 +60,27 @@ def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
   for section, values in sections.items():
     c[section].update(values)
   return config_lib.resolve(c)
+
+
+def lora_experiment(tmp: pathlib.Path, **sections) -> config_lib.Experiment:
+  """A tiny Llama-shaped LoRA LM run (biases, GQA, untied head; LoRA on every linear) of 8
+  steps with checkpoints at 4 and 8, on a corpus it writes: the one run the fine-tuning and PEFT
+  tests share (conftest's `lora_lm_run`), and the base of the PEFT tests' variants."""
+  corpus = tmp / "corpus"
+  corpus.mkdir(exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name in "abcd":
+    (corpus / f"{name}.txt").write_text(" ".join(rng.choice("the cat sat on a mat".split(), 200)))
+  c = config_lib.base_config()
+  c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=2, n_heads=4,
+                                     n_kv_heads=2, d_ff=64, max_len=32, use_bias=True,
+                                     tie_embeddings=False)
+  c.data.update(dict(source="files", files=str(corpus / "*.txt"), tokenizer="byte", seq_len=32))
+  c.train.update(dict(steps=8, batch_size=8, log_every=1, eval_every=4, eval_batches=1,
+                      checkpoint_every=4, keep_checkpoints=3, async_checkpoint=False,
+                      progress=False, sample_prompts=1, sample_tokens=4))
+  c.optim.update(dict(lr=0.05, warmup_steps=1))
+  c.finetune.update(dict(method="lora", lora_rank=4, lora_alpha=8.0, lora_targets="all_linear"))
+  for section, values in sections.items():
+    c[section].update(values)
+  return config_lib.resolve(c)

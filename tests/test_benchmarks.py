@@ -106,7 +106,20 @@ def test_train_throughput_refuses_a_torch_comparison_without_a_counterpart():
     module.parse_args(["--preset=llama", "--compare=hf-torch"])
 
 
-def test_compile_time_tiny(tmp_path, capsys):
+@pytest.fixture
+def no_compilation_cache():
+  """Off for this test, as compile_time.py asks, and back on after (conftest's session cache).
+  jax decides once per process whether the cache is used, so the flag alone changes nothing
+  once something has compiled: reset_cache() makes it look again."""
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
+
+
+def test_compile_time_tiny(tmp_path, capsys, no_compilation_cache):
   # Two compiles only (XLA:CPU compiles a tiny step in seconds); unrolled is the same code path.
   result, stdout = _run("compile_time", ["--layers=1,2", "--modes=scan", "--no_warmup"],
                         tmp_path, capsys)

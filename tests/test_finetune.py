@@ -121,7 +121,7 @@ def test_adalora_keeps_the_target_budget_of_triplets_once_the_schedule_ends(tmp_
 def test_an_optimizer_state_made_outside_jit_shares_no_buffer_between_leaves(method, tmp_path):
   """A run from other weights makes its optimizer state eagerly; a leaf appearing twice would be
   donated twice by the first step (AdaLoRA's two score trees once were one)."""
-  s = _setup(tmp_path, method, lora_rank=4, adalora_target_rank=2)
+  s = _setup(tmp_path, method)  # as the test below sets up: its init is compiled once
   state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings,
                           s.trainable)
   opt_state = s.tx.init(state.params)
@@ -276,12 +276,10 @@ def test_a_lora_step_needs_less_memory_than_full_fine_tuning_by_the_base_optimiz
 # --- resume ------------------------------------------------------------------------------------
 
 
-def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_checks_it(tmp_path):
-  exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
-                   train=dict(steps=8, log_every=1, eval_every=4, checkpoint_every=4,
-                              keep_checkpoints=3, async_checkpoint=False))
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  llmjax.train.run(exp, straight)
+def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_checks_it(
+    lora_lm_run, tmp_path):
+  exp, straight = lora_lm_run  # 8 steps, checkpoints at 4 and 8 (shared with test_peft)
+  resumed = str(tmp_path / "resumed")
   llmjax.train.run(exp, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))  # as if stopped after step 4
   llmjax.train.run(exp, resumed)

@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 from peft.utils.other import get_pattern_key  # noqa: E402
 
 import _hf_helpers as H  # noqa: E402
-from llmjax import config as config_lib  # noqa: E402
+from _task_helpers import lora_experiment  # noqa: E402
 from llmjax import hf  # noqa: E402
 from llmjax.cli import export  # noqa: E402
 from llmjax.config import ModelConfig  # noqa: E402
@@ -223,39 +223,22 @@ def test_prompt_tuning_exports_as_peft_prompt_embeddings_with_equal_logits(kind,
 
 
 def _experiment(tmp, **sections):
-  """A tiny Llama-shaped LoRA LM run (biases, GQA) on a corpus the test writes."""
-  corpus = tmp / "corpus"
-  corpus.mkdir(exist_ok=True)
-  rng = np.random.default_rng(0)
-  for name in "abcd":
-    (corpus / f"{name}.txt").write_text(" ".join(rng.choice("the cat sat on a mat".split(), 200)))
-  c = config_lib.base_config()
-  c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=2, n_heads=4,
-                                     n_kv_heads=2, d_ff=64, max_len=32, use_bias=True,
-                                     tie_embeddings=False)
-  c.data.update(dict(source="files", files=str(corpus / "*.txt"), tokenizer="byte", seq_len=32))
-  c.train.update(dict(steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1,
-                      checkpoint_every=2, progress=False, sample_prompts=0))
-  c.optim.update(dict(lr=0.05, warmup_steps=1))
-  c.finetune.update(dict(method="lora", lora_rank=4, lora_alpha=8.0, lora_targets="all_linear"))
-  for section, values in sections.items():
-    c[section].update(values)
-  return config_lib.resolve(c)
+  """The shared tiny Llama-shaped LoRA LM run's experiment (biases, GQA), edited by `sections`."""
+  return lora_experiment(tmp, **sections)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-  import llmjax.train
-  tmp = tmp_path_factory.mktemp("lora_run")
-  llmjax.train.run(_experiment(tmp), str(tmp / "run"))
-  return tmp / "run"
+def lora_run(lora_lm_run):
+  """_experiment(tmp) trained for 8 steps: conftest's, shared with test_finetune."""
+  return lora_lm_run[1]
 
 
 @pytest.fixture(scope="module")
-def lora_adapter(lora_run, tmp_path_factory):
-  """The LoRA run exported with `llmjax export --out=hf:DIR`."""
+def lora_adapter(lora_lm_run, tmp_path_factory):
+  """The LoRA run exported with `llmjax export --out=hf:DIR` (its last step)."""
+  exp, run = lora_lm_run
   adapter = tmp_path_factory.mktemp("exported") / "adapter"
-  assert export.export(str(lora_run), f"hf:{adapter}") == 2
+  assert export.export(str(run), f"hf:{adapter}") == exp.train.steps == 8
   return adapter
 
 
