@@ -30,14 +30,14 @@ class ModelConfig:
   d_ff: int = 1024
   max_len: int = 256
   causal: bool = True  # False: bidirectional encoder.
-  pos_emb: str = "learned"  # learned | rope | none
+  pos_emb: str = "learned"  # learned | rope | sinusoidal (Marian's: sin half, cos half) | none
   rope_theta: float = 10000.0
   norm: str = "layernorm"  # layernorm | rmsnorm
   norm_eps: float = 1e-5
   norm_position: str = "pre"  # pre (GPT/Llama) | post (BERT)
   embed_norm: bool = False  # normalise the summed embeddings (BERT)
   final_norm: bool = True  # a norm after the last block (pre-norm models)
-  mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | swiglu
+  mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | silu | swiglu
   use_bias: bool = True
   tie_embeddings: bool = True
   type_vocab_size: int = 0  # >0: token-type embeddings (BERT segment A/B)
@@ -49,8 +49,14 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch
   attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see models/attention.py)
   attention_block: int = 64  # query block of attention_impl="blocked"
+  # Encoder-decoders (arch="encoder_decoder", llmjax/models/encoder_decoder.py): n_layers encoder
+  # blocks, n_decoder_layers decoder blocks; embeddings shared by both stacks and, when
+  # tie_embeddings, by the output projection.
+  n_decoder_layers: int = 0  # 0: n_layers
+  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Marian, the original paper)
+  final_logits_bias: bool = False  # a bias over the vocabulary on the logits (Marian, BART)
   # Image models (presets resnet18 ... resnet152 and cnn; llmjax/models/resnet.py, cnn.py).
-  arch: str = "transformer"  # transformer | resnet | cnn
+  arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn
   resnet_block: str = "bottleneck"  # basic | bottleneck
   resnet_depths: str = "3,4,6,3"  # blocks per stage
   resnet_widths: str = "256,512,1024,2048"  # output channels per stage (HF hidden_sizes)
@@ -136,6 +142,17 @@ class DataConfig:
   hflip: bool = False  # train: mirror half of the images
   rotate_degrees: float = 0.0  # train: rotate by a uniform angle in [-d, d]
   normalize: bool = True  # subtract the training set's per-channel mean, divide by its std
+  # Parallel text (task seq2seq; llmjax/data/parallel_text.py). source=files: TSV (source<TAB>
+  # target) or JSONL ({source_key, target_key}) files; source=tfds: a translation dataset whose
+  # features are the language codes; source=gettext: the machine's gettext catalogs (English
+  # msgid -> translated msgstr) under locale_dir.
+  source_key: str = "source"
+  target_key: str = "target"
+  source_lang: str = "en"
+  target_lang: str = "de"
+  locale_dir: str = "/usr/share/locale"
+  test_fraction: float = 0.0  # parallel text: held out as the test split when no test files
+  pack: bool = True  # seq2seq: several short pairs share a row (segment ids keep them apart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +180,19 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """Which objective (llmjax/tasks/) and its own settings."""
-  name: str = "lm"  # lm | mlm | classify | image_classify
+  name: str = "lm"  # lm | mlm | classify | image_classify | seq2seq
   mask_prob: float = 0.15  # mlm: fraction of real tokens chosen for prediction
   mask_token_ratio: float = 0.8  # mlm: of the chosen, replaced by [MASK]
   random_token_ratio: float = 0.1  # mlm: of the chosen, replaced by a random token (rest kept)
   num_classes: int = 0  # classify: 0 takes the number of labels in the data
   pooling: str = "auto"  # classify: auto (cls for encoders, last for decoders) | cls | last
   label_smoothing: float = 0.0
+  # seq2seq decoding (evaluation, translations.txt, `llmjax translate` defaults).
+  num_beams: int = 4  # 1: greedy
+  length_penalty: float = 1.0  # beam scores are sum log p / length ** length_penalty
+  early_stopping: bool = False  # stop a row once num_beams hypotheses have finished
+  max_new_tokens: int = 0  # 0: data.seq_len
+  bleu_examples: int = 256  # validation pairs translated at each evaluation (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,10 +241,10 @@ class Experiment:
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
              "train": TrainConfig, "task": TaskConfig, "finetune": FinetuneConfig}
 _CHOICES = {
-    "model.pos_emb": ("learned", "rope", "none"),
+    "model.pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "model.mlp": ("gelu_tanh", "gelu", "relu", "swiglu"),
+    "model.mlp": ("gelu_tanh", "gelu", "relu", "silu", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
@@ -229,8 +252,8 @@ _CHOICES = {
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
     "optim.schedule": ("cosine", "constant", "step"),
     "optim.name": ("adamw", "sgd"),
-    "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits"),
-    "model.arch": ("transformer", "resnet", "cnn"),
+    "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits", "gettext"),
+    "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn"),
     "model.resnet_block": ("basic", "bottleneck"),
     "model.stem": ("imagenet", "small"),
     "task.pooling": ("auto", "cls", "last"),
@@ -381,6 +404,10 @@ def validate(exp: Experiment) -> None:
            f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
   _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
            f"rotary embeddings need an even head dim, got {m.dim_per_head}")
+  _require(m.pos_emb != "sinusoidal" or m.d_model % 2 == 0,
+           f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
+  _require(m.n_decoder_layers >= 0,
+           f"config.model.n_decoder_layers must be >= 0 (0: n_layers), got {m.n_decoder_layers}")
   _require(data.seq_len <= m.max_len,
            f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
   _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")

@@ -17,14 +17,15 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax.config import ModelConfig
-from llmjax.hf import bert, files, gpt2, llama, mapping, resnet
+from llmjax.hf import bert, files, gpt2, llama, mapping, marian, resnet
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
 from llmjax.parallel import sharding
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
-                                                                     bert.ARCH, resnet.ARCH)}
+                                                                     bert.ARCH, marian.ARCH,
+                                                                     resnet.ARCH)}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -92,7 +93,8 @@ def abstract_variables(model: nn.Module) -> dict:
   logical-axis boxes, allocating nothing. Image models trace their own example input."""
   example = getattr(model, "example_input", None)
   inputs = example() if example else jnp.zeros((1, min(8, model.cfg.max_len)), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), inputs, deterministic=True))
+  args = inputs if isinstance(inputs, tuple) else (inputs,)  # an encoder-decoder takes two
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, deterministic=True))
 
 
 def abstract_params(model: nn.Module):
@@ -240,7 +242,8 @@ def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
     return " ".join(str(e).split())[:200]
   def norm(c):
     return dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-                               rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0)
+                               rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0,
+                               n_decoder_layers=c.n_decoder_layers or c.n_layers)
   a, b = norm(cfg), norm(back)
   fields = arch.config_fields or [f.name for f in dataclasses.fields(ModelConfig)
                                   if f.name not in RUNTIME_FIELDS + IMAGE_FIELDS]

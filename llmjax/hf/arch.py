@@ -13,8 +13,8 @@ from llmjax.hf.mapping import Tensor
 
 # HF activation names <-> ModelConfig.mlp (Llama's "silu" gate is our "swiglu").
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu"}
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+               "relu": "relu", "swish": "silu", "silu": "silu"}
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "swish"}
 
 # Fields HF configs do not carry: how llmjax runs a model, not what the model computes.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl",

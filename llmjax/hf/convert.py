@@ -23,6 +23,7 @@ from llmjax.errors import UserError
 from llmjax.hf import api, tokens
 from llmjax.models import heads
 from llmjax.models.cnn import CNN
+from llmjax.models.encoder_decoder import EncoderDecoder
 from llmjax.models.resnet import ResNet
 from llmjax.models.transformer import Transformer
 
@@ -32,7 +33,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "spiece.model", "chat_template.jinja")
 _MODULES = {"Transformer": Transformer, "Encoder": heads.Encoder, "MaskedLM": heads.MaskedLM,
             "SequenceClassifier": heads.SequenceClassifier,
-            "DecoderClassifier": heads.DecoderClassifier, "ResNet": ResNet, "CNN": CNN}
+            "DecoderClassifier": heads.DecoderClassifier, "ResNet": ResNet, "CNN": CNN,
+            "EncoderDecoder": EncoderDecoder}
 # Module fields besides cfg that an export records (and `rebuild` passes back).
 _MODULE_FIELDS = ("num_labels", "pooler", "num_classes", "in_channels", "image_size")
 

@@ -1,4 +1,4 @@
-"""Multi-head / grouped-query self-attention.
+"""Multi-head / grouped-query self-attention, and cross-attention for encoder-decoders.
 
 `attention_impl` picks how the attention core runs; all compute the same function:
 - "xla": `jax.nn.dot_product_attention`'s XLA path: full L x L scores, the causal half masked.
@@ -168,3 +168,53 @@ class Attention(nn.Module):
       cached.value = nn.with_logical_constraint(updated_BSKH, _KV_CACHE)
       out.append(cached.value)
     return out
+
+
+class CrossAttention(nn.Module):
+  """A decoder's attention over the encoder's output (memory [B, S, D]).
+
+  With `decode`, the memory's keys and values are computed once, by the call that is given the
+  memory (the prefill), and read from the "cache" collection by every later step (memory None).
+  """
+  cfg: ModelConfig
+  decode: bool = False
+  peft: peftlib.Peft = peftlib.NONE
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, memory_BSD: jax.Array | None,
+               mask_B1TS: jax.Array | None) -> jax.Array:
+    cfg = self.cfg
+    n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    hooks = dict(peft=self.peft, deterministic=self.deterministic)
+    q_BTNH = layers.dense(cfg, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), "q",
+                          **hooks)(x_BTD)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    if memory_BSD is not None:
+      kv = [nn.with_logical_constraint(
+          layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), name,
+                       **hooks)(memory_BSD), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+            for name in ("k", "v")]
+      if self.decode:
+        for name, value_BSKH in zip(("cross_k", "cross_v"), kv):
+          cached = self.variable("cache", name, jnp.zeros, value_BSKH.shape, value_BSKH.dtype)
+          cached.value = nn.with_logical_constraint(value_BSKH, _KV_CACHE)
+    else:
+      if not self.decode:
+        raise ValueError("cross-attention needs the encoder's output unless decoding from a cache")
+      kv = [self.get_variable("cache", name) for name in ("cross_k", "cross_v")]
+    k_BSKH, v_BSKH = kv
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
+                                            v_BSKH.astype(q_BTNH.dtype), mask=mask_B1TS)
+    out_BTNH = nn.with_logical_constraint(out_BTNH,
+                                          (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    return layers.dense(cfg, cfg.d_model, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), "o",
+                        axis=(-2, -1), std=cfg.init_std / (2 * cfg.n_layers) ** 0.5,
+                        **hooks)(out_BTNH)
+
+
+def cross_mask(target_segment_ids_BT: jax.Array, source_segment_ids_BS: jax.Array) -> jax.Array:
+  """[B, 1, T, S]: a target token sees the source tokens of its own pair (segment), never
+  padding (segment 0)."""
+  same_BTS = target_segment_ids_BT[:, :, None] == source_segment_ids_BS[:, None, :]
+  return (same_BTS & (source_segment_ids_BS != 0)[:, None, :])[:, None]

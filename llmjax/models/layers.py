@@ -2,7 +2,7 @@
 
 Tensor-name letters: B batch, L length, S key length (or cache slots), D model width, F MLP width,
 N query heads, K key/value heads, H head dim, V vocabulary, C classes, P prompt length,
-T prompt + generated length.
+T prompt + generated length (in encoder-decoders: the target length; S the source length).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
+    "silu": nn.silu,  # Marian's "swish"
     "swiglu": nn.silu,  # gate activation; the gate itself is the `wg` projection
 }
 
@@ -133,3 +134,13 @@ def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
   rotated = jnp.concatenate([x1 * cos_BL1H - x2 * sin_BL1H, x2 * cos_BL1H + x1 * sin_BL1H], -1)
   return rotated.astype(x_BLNH.dtype)
+
+
+def sinusoid_table(length: int, d: int) -> np.ndarray:
+  """[length, d] fixed position embeddings, sines in the first half and cosines in the second
+  (Marian's layout; the original Transformer interleaves them). Computed in float64 on the host,
+  as Hugging Face does, so long positions keep their precision."""
+  position_L1 = np.arange(length, dtype=np.float64)[:, None]
+  inv_freq_H = 1.0 / 10000.0 ** (2.0 * np.arange(d // 2, dtype=np.float64) / d)
+  angle_LH = position_L1 * inv_freq_H[None]
+  return np.concatenate([np.sin(angle_LH), np.cos(angle_LH)], axis=1).astype(np.float32)

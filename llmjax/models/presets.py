@@ -16,6 +16,18 @@ PRESETS: dict[str, dict] = {
     "bert": dict(pos_emb="learned", norm="layernorm", norm_eps=1e-12, norm_position="post",
                  mlp="gelu", use_bias=True, tie_embeddings=True, causal=False,
                  final_norm=False, embed_norm=True, type_vocab_size=2),
+    # Marian (Hugging Face MarianMTModel, opus-mt): an encoder-decoder with fixed sinusoidal
+    # positions, post-LayerNorm, SiLU MLPs, embeddings scaled by sqrt(d), a logits bias.
+    "marian": dict(arch="encoder_decoder", pos_emb="sinusoidal", norm="layernorm", norm_eps=1e-5,
+                   norm_position="post", mlp="silu", use_bias=True, tie_embeddings=True,
+                   final_norm=False, embed_norm=False, type_vocab_size=0, embed_scale=True,
+                   final_logits_bias=True),
+    # flax's examples/wmt layout: a pre-LayerNorm encoder-decoder (final norms on both stacks),
+    # sinusoidal positions, scaled embeddings, ReLU MLPs.
+    "wmt": dict(arch="encoder_decoder", pos_emb="sinusoidal", norm="layernorm", norm_eps=1e-6,
+                norm_position="pre", mlp="relu", use_bias=True, tie_embeddings=True,
+                final_norm=True, embed_norm=False, type_vocab_size=0, embed_scale=True,
+                final_logits_bias=False),
     # ResNet v1.5 (torchvision, timm, HF microsoft/resnet-*): depths and widths per stage.
     "resnet18": dict(arch="resnet", resnet_block="basic", resnet_depths="2,2,2,2",
                      resnet_widths="64,128,256,512", stem="imagenet", stem_width=64),

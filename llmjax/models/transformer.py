@@ -48,21 +48,24 @@ class Block(nn.Module):
     # Bottleneck adapters sit on each sublayer's output, before its residual add.
     adapt = {s: (peftlib.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
                  if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
-    if cfg.norm_position == "pre":
-      x_BLD = x_BLD + drop(adapt["attn"](attn(norm1(x_BLD), mask_B1LS, positions_BL,
-                                              cache_index)))
-      x_BLD = x_BLD + drop(adapt["mlp"](mlp(norm2(x_BLD))))
-    else:
-      x_BLD = norm1(x_BLD + drop(adapt["attn"](attn(x_BLD, mask_B1LS, positions_BL,
-                                                    cache_index))))
-      x_BLD = norm2(x_BLD + drop(adapt["mlp"](mlp(x_BLD))))
+    x_BLD = residual(cfg, x_BLD, lambda h: adapt["attn"](attn(h, mask_B1LS, positions_BL,
+                                                              cache_index)), norm1, drop)
+    x_BLD = residual(cfg, x_BLD, lambda h: adapt["mlp"](mlp(h)), norm2, drop)
     return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
 
 
-def _block_class(cfg: ModelConfig, decode: bool):
+def residual(cfg: ModelConfig, x_BLD, sublayer, norm, drop):
+  """One residual sublayer: pre-norm x + f(norm(x)) (GPT, Llama) or post-norm norm(x + f(x))
+  (BERT, Marian)."""
+  if cfg.norm_position == "pre":
+    return x_BLD + drop(sublayer(norm(x_BLD)))
+  return norm(x_BLD + drop(sublayer(x_BLD)))
+
+
+def _block_class(block: type[nn.Module], cfg: ModelConfig, decode: bool):
   if cfg.remat == "none" or decode:  # decoding takes no gradients: nothing to rematerialise
-    return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
@@ -76,19 +79,19 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
   return index_BL - start_index_BL
 
 
-def _stack(cfg: ModelConfig, peft: peftlib.Peft, deterministic: bool, decode: bool, x_BLD,
-           mask_B1LS, positions_BL, cache_index):
-  """All blocks, scanned (one compiled body, params with a leading layers axis) or unrolled."""
-  block = _block_class(cfg, decode)
-  args = (mask_B1LS, positions_BL, cache_index)
+def stack(block: type[nn.Module], n_layers: int, cfg: ModelConfig, peft: peftlib.Peft,
+          deterministic: bool, decode: bool, x_BLD, *args):
+  """`n_layers` blocks `block(cfg, deterministic, decode, peft, index)(x, *args) -> (x, None)`,
+  scanned (one compiled body, params with a leading layers axis) or unrolled."""
+  block = _block_class(block, cfg, decode)
   if cfg.scan_layers:
-    stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast,) * len(args), length=cfg.n_layers,
-                    metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-    x_BLD, _ = stack(cfg, deterministic, decode, peft, name="layers")(x_BLD, *args)
+    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(args), length=n_layers,
+                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+    x_BLD, _ = scanned(cfg, deterministic, decode, peft, name="layers")(x_BLD, *args)
     return x_BLD
-  for i in range(cfg.n_layers):
+  for i in range(n_layers):
     x_BLD, _ = block(cfg, deterministic, decode, peft, i, name=f"layer_{i}")(x_BLD, *args)
   return x_BLD
 
@@ -198,9 +201,9 @@ class Transformer(nn.Module):
       x_BLD = jnp.concatenate([prompt_BPD, x_BLD], axis=1)
       if token_types_BL is not None:
         token_types_BL = jnp.pad(token_types_BL, ((0, 0), (prompt_length, 0)))
-    if cfg.pos_emb == "learned":
-      x_BLD += embed(cfg.max_len, name="pos_embed", embedding_init=layers.init_normal(
-          cfg.init_std, (axes.POSITIONS, axes.EMBED)))(positions_BL)
+    if cfg.embed_scale:
+      x_BLD *= cfg.d_model ** 0.5
+    x_BLD += position_embedding(cfg, positions_BL, x_BLD.dtype)
     if cfg.type_vocab_size:
       types_BL = jnp.zeros(x_BLD.shape[:2], jnp.int32) if token_types_BL is None else \
           token_types_BL
@@ -211,8 +214,8 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, _ACT_BLD)
 
-    x_BLD = _stack(cfg, self.peft, deterministic, decode, x_BLD, mask_B1LS, positions_BL,
-                   cache_index)
+    x_BLD = stack(Block, cfg.n_layers, cfg, self.peft, deterministic, decode, x_BLD, mask_B1LS,
+                  positions_BL, cache_index)
     if prompted:  # the prompt's outputs are nobody's: callers see one output per token
       x_BLD = x_BLD[:, prompt_length:]
     if last_only:
@@ -228,6 +231,19 @@ class Transformer(nn.Module):
                             name="lm_head", kernel_init=layers.init_normal(
                                 cfg.init_std, (axes.EMBED, axes.VOCAB)))(x_BLD)
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+
+def position_embedding(cfg: ModelConfig, positions_BL, dtype) -> jax.Array | float:
+  """What the input embeddings add for positions: a learned table ("pos_embed"), a fixed
+  sinusoid, or nothing (RoPE rotates inside attention; "none" has no positions)."""
+  if cfg.pos_emb == "learned":
+    return nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype,
+                    param_dtype=layers.dtype_of(cfg.param_dtype), name="pos_embed",
+                    embedding_init=layers.init_normal(cfg.init_std,
+                                                      (axes.POSITIONS, axes.EMBED)))(positions_BL)
+  if cfg.pos_emb == "sinusoidal":
+    return jnp.asarray(layers.sinusoid_table(cfg.max_len, cfg.d_model), dtype)[positions_BL]
+  return 0.0
 
 
 def init_cache(model: nn.Module, batch: int, length: int) -> dict:
