@@ -39,9 +39,11 @@ def to_hf(cfg) -> dict:
               attention_dropout=cfg.dropout, activation_dropout=cfg.dropout,
               scale_embedding=cfg.embed_scale, tie_word_embeddings=cfg.tie_embeddings,
               share_encoder_decoder_embeddings=True,
-              # MarianConfig defaults to opus-mt's ids (58100, 0); ours come from the tokenizer
-              # (`save(config_overrides=...)`), and no EOS is forced unless asked for.
-              decoder_start_token_id=None, forced_eos_token_id=None)
+              # MarianConfig defaults to opus-mt's ids (58100, 0), outside most vocabularies; an
+              # int is required, so Marian's convention (the last id, its pad) stands until the
+              # tokenizer's own ids are given (`save(config_overrides=...)`, as export does).
+              # No EOS is forced unless asked for.
+              decoder_start_token_id=cfg.vocab_size - 1, forced_eos_token_id=None)
 
 
 def _attention(hf: str, jx: str, d: int, n: int, h: int) -> list[m.Tensor]:
