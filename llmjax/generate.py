@@ -1,4 +1,5 @@
-"""Text generation from a decoder with a KV cache, inside one compiled loop.
+"""Text generation from a decoder with a KV cache, inside one compiled loop; `translate` for
+encoder-decoders (greedy or beam search).
 
 The prompt runs once (prefill) and fills the cache; then a `lax.while_loop` feeds one token per
 step until every row has produced an EOS or the token budget is spent. Greedy, temperature,
@@ -190,3 +191,110 @@ def stream(model, params, tokenizer, prompt: str, rng: jax.Array, *,
   generate(model, params, np.asarray([ids], np.int32), rng, on_token=on_token,
            **kwargs).block_until_ready()
   return tokenizer.decode([t for t in new if t not in eos])
+
+
+def translate(model, params, source_BS, *, source_mask_BS=None, max_new_tokens: int,
+              num_beams: int = 1, length_penalty: float = 1.0,
+              early_stopping: bool | str = False, eos_ids: Sequence[int] = (),
+              decoder_start_id: int, pad_id: int = 0) -> jax.Array:
+  """Source tokens [B, S] (right-padded; `source_mask_BS` 1 real, 0 pad) -> generated target
+  tokens [B, max_new_tokens], `pad_id` after each row's EOS.
+
+  The encoder runs once; its keys and values for every decoder layer are cached by the first
+  decoder step. `num_beams` 1 is greedy; more is beam search with transformers' semantics
+  (`length_penalty`, `early_stopping` True, False or "never"; llmjax.beam_search).
+  """
+  from llmjax.models.encoder_decoder import EncoderDecoder
+  if not isinstance(model, EncoderDecoder):
+    raise UserError(f"translate needs an encoder-decoder, got {type(model).__name__}")
+  cfg = model.cfg
+  source_BS = jnp.asarray(source_BS, jnp.int32)
+  if source_BS.ndim != 2 or source_BS.shape[1] < 1:
+    raise UserError(f"source must be token ids [batch, length >= 1], got shape {source_BS.shape}")
+  if int(num_beams) < 1:
+    raise UserError(f"num_beams must be >= 1 (1 is greedy), got {num_beams}")
+  if int(max_new_tokens) < 1:
+    raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if early_stopping not in (True, False, "never"):
+    raise UserError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+  if cfg.pos_emb in ("learned", "sinusoidal"):
+    for what, length in (("source", source_BS.shape[1]), ("max_new_tokens", max_new_tokens)):
+      if length > cfg.max_len:
+        raise UserError(f"{what} length {length} exceeds the model's {cfg.max_len} positions "
+                        "(config.model.max_len)")
+  for what, token in (("decoder_start_id", decoder_start_id), ("pad_id", pad_id),
+                      *(("eos_ids", e) for e in eos_ids)):
+    if not 0 <= int(token) < cfg.vocab_size:
+      raise UserError(f"{what}={token} is outside the vocabulary [0, {cfg.vocab_size})")
+  mask_BS = (jnp.ones_like(source_BS) if source_mask_BS is None
+             else jnp.asarray(source_mask_BS, jnp.int32))
+  eos_E = jnp.asarray([int(e) for e in eos_ids], jnp.int32).reshape(-1)
+  return _translate(model, params, source_BS, mask_BS, eos_E, max_new_tokens=int(max_new_tokens),
+                    num_beams=int(num_beams), length_penalty=float(length_penalty),
+                    early_stopping=early_stopping, decoder_start_id=int(decoder_start_id),
+                    pad_id=int(pad_id))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams",
+                                             "length_penalty", "early_stopping",
+                                             "decoder_start_id", "pad_id"))
+def _translate(model, params, source_BS, mask_BS, eos_E, *, max_new_tokens, num_beams,
+               length_penalty, early_stopping, decoder_start_id, pad_id):
+  from llmjax import beam_search
+  from llmjax.models.encoder_decoder import init_cache
+  memory_BSD = model.apply({"params": params}, source_BS, source_segment_ids_BS=mask_BS,
+                           method=model.encode)
+  # Each row's beams are rows of their own: R = B * K decoder rows, beam k of row b at b * K + k.
+  memory_RSD, mask_RS = (jnp.repeat(x, num_beams, axis=0) for x in (memory_BSD, mask_BS))
+  rows = memory_RSD.shape[0]
+
+  def step(tokens_R, cache, memory=None):
+    logits_R1V, variables = model.apply(
+        {"params": params, "cache": cache}, tokens_R[:, None], memory, mask_RS, decode=True,
+        method=model.decode, mutable=["cache"])
+    return logits_R1V[:, -1], variables["cache"]
+
+  cache = init_cache(model, rows, source_BS.shape[1], max_new_tokens)
+  start_R = jnp.full((rows,), decoder_start_id, jnp.int32)
+  logits_RV, cache = step(start_R, cache, memory_RSD)
+  if num_beams == 1:
+    return _greedy(logits_RV, cache, step, eos_E, max_new_tokens, pad_id)
+  return beam_search.beam_search(
+      logits_RV, cache, step, functools.partial(_reorder, scanned=model.cfg.scan_layers),
+      num_beams=num_beams, max_new_tokens=max_new_tokens, eos_E=eos_E, pad_id=pad_id,
+      length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+def _greedy(logits_BV, cache, step, eos_E, max_new_tokens: int, pad_id: int) -> jax.Array:
+  """The most likely token each step; `pad_id` once a row has produced an EOS."""
+  batch = logits_BV.shape[0]
+  greedy = Sampling()
+
+  def body(carry):
+    t, logits_BV, cache, done_B, out_BN = carry
+    token_B = jnp.where(done_B, pad_id, next_token(logits_BV, None, greedy))
+    done_B = done_B | jnp.isin(token_B, eos_E)
+    out_BN = out_BN.at[:, t].set(token_B)
+    go = (t + 1 < max_new_tokens) & ~jnp.all(done_B)
+    logits_BV, cache = jax.lax.cond(go, lambda c: step(token_B, c),
+                                    lambda c: (logits_BV, c), cache)
+    return t + 1, logits_BV, cache, done_B, out_BN
+
+  def cond(carry):
+    t, _, _, done_B, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done_B)
+
+  out_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  carry = (jnp.int32(0), logits_BV, cache, jnp.zeros((batch,), bool), out_BN)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def _reorder(cache, rows_R, scanned: bool):
+  """Decoder rows continue rows `rows_R` of the step before: gather the self-attention cache.
+  Cross-attention keys/values are the same for every beam of a row: left alone."""
+  def gather(path, leaf):
+    names = [getattr(k, "key", None) for k in path]
+    if leaf.ndim == 0 or names[-1] in ("cross_k", "cross_v"):
+      return leaf
+    return jnp.take(leaf, rows_R, axis=1 if scanned and "layers" in names else 0)
+  return jax.tree_util.tree_map_with_path(gather, cache)
