@@ -306,7 +306,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.sample_prompts = 2
   c.train.sample_tokens = 16
   c.optim.warmup_steps = 5
-  if c.model.arch != "transformer":  # block type, stem and stage count kept, a few channels
+  if c.model.arch in ("resnet", "cnn"):  # block type, stem and stage count kept, a few channels
     stages = len(c.model.resnet_depths.split(","))
     c.model.resnet_depths = ",".join(["1"] * stages)
     c.model.resnet_widths = ",".join(str(8 * 2**i) for i in range(stages))
@@ -443,6 +443,17 @@ def validate(exp: Experiment) -> None:
                                                                   "peft"),
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
            "'export:PATH', 'peft:ADAPTER_DIR'")
+  _require((task.name == "seq2seq") == (m.arch == "encoder_decoder"),
+           f"config.task.name={task.name!r} with config.model.arch={m.arch!r}: the seq2seq task "
+           "and the encoder_decoder architecture go together (presets marian, wmt)")
+  _require(task.num_beams >= 1, f"config.task.num_beams must be >= 1 (1 is greedy), got "
+           f"{task.num_beams}")
+  _require(task.max_new_tokens >= 0 and task.max_new_tokens <= m.max_len,
+           f"config.task.max_new_tokens must be in [0, config.model.max_len={m.max_len}] (0: "
+           f"data.seq_len), got {task.max_new_tokens}")
+  _require(0.0 <= data.test_fraction < 1.0 and data.val_fraction + data.test_fraction < 1.0,
+           f"config.data.test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
+           f"got {data.test_fraction}")
   validate_finetune(exp)
   validate_images(exp)
   for axis in ("data", "fsdp", "tensor"):

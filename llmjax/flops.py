@@ -4,6 +4,10 @@ Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   2 * L * (matmul parameters in the blocks)               projections and MLP
   + n_layers * 4 * L^2 * N * H * (1/2 if causal)          scores q.k and weighted sum p.v
   + 2 * L * D * V                                         logits (tied or untied head)
+Encoder-decoders, source length S and target length T: the encoder as above (bidirectional)
+over S; each decoder block as above over T (causal), plus cross-attention: q and o projections
+2 * T * 2 * D * N * H, k and v of the memory 2 * S * 2 * D * K * H, scores and sum 4 * T * S * N * H;
+and the logits over T.
 Training = 3 x forward (backward costs two forwards). Embedding lookups, norms, softmax and
 elementwise work are not counted, as is conventional for MFU.
 
@@ -56,6 +60,18 @@ def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:
     attention /= 2
   logits = 2.0 * seq_len * cfg.d_model * cfg.vocab_size
   return matmul + attention + logits
+
+
+def encoder_decoder_forward_flops(cfg: ModelConfig, source_len: int, target_len: int) -> float:
+  """Forward FLOPs of one (source, target) pair through an encoder-decoder (formula above)."""
+  s, t, d, h = source_len, target_len, cfg.d_model, cfg.dim_per_head
+  per_block = block_matmul_params(cfg)
+  encoder = cfg.n_layers * (2.0 * s * per_block + 4.0 * s * s * cfg.n_heads * h)
+  cross = (2.0 * t * 2 * d * cfg.n_heads * h + 2.0 * s * 2 * d * cfg.kv_heads * h
+           + 4.0 * t * s * cfg.n_heads * h)
+  self_attention = 4.0 * t * t * cfg.n_heads * h / 2
+  decoder = (cfg.n_decoder_layers or cfg.n_layers) * (2.0 * t * per_block + self_attention + cross)
+  return encoder + decoder + 2.0 * t * d * cfg.vocab_size
 
 
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:

@@ -9,9 +9,10 @@ from llmjax.tasks.classify import Classify
 from llmjax.tasks.image_classify import ImageClassify
 from llmjax.tasks.lm import LM
 from llmjax.tasks.mlm import MaskedLM
+from llmjax.tasks.seq2seq import Seq2Seq
 
 TASKS: dict[str, type[Task]] = {"lm": LM, "mlm": MaskedLM, "classify": Classify,
-                                "image_classify": ImageClassify}
+                                "image_classify": ImageClassify, "seq2seq": Seq2Seq}
 
 
 def build(exp: Experiment, info: dict | None = None) -> Task:

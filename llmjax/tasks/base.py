@@ -46,6 +46,9 @@ class Data:
   # (batch, seeds_B) -> batch, applied to each training batch on the host (image augmentation);
   # seeds_B are fixed by the run's seed and each example's position in the global order.
   augment: Any = None
+  # Text a task reads besides its arrays, by split (seq2seq: the (source, reference) pairs that
+  # evaluation translates and scores).
+  texts: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,14 @@ class Task:
   def report(self, sums: dict) -> dict:
     """Evaluation sums (loss_sum, weight and the task's own) -> scalar metrics for metrics.jsonl."""
     raise NotImplementedError
+
+  def decoded_report(self, model: nn.Module, get_params, data: Data, split: str,
+                     limit: int | None = None) -> dict:
+    """Metrics of the model's own outputs rather than its loss (BLEU and chrF of translations),
+    merged into each evaluation's report; {} for tasks without any. `get_params()` gathers the
+    parameters to the host (called only if needed, by every process); `limit` caps the examples
+    (None: the task's own setting, -1: the whole split)."""
+    return {}
 
   def headline(self, report: dict) -> str:
     """One line for the end of `llmjax train`."""

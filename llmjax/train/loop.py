@@ -259,6 +259,9 @@ class _Loop:
   def evaluate_with_sums(self, state) -> tuple[dict, dict]:
     metrics, sums = evaluate(self.s, self.eval_fn, state, self.val_batches)
     self.last_val_loss = metrics["loss"]
+    metrics.update(self.s.task.decoded_report(
+        self.s.model, lambda: distributed.to_host(finetune.merge(state.params, state.frozen)),
+        self.s.data, "val"))
     return metrics, sums
 
   def evaluate(self, state) -> dict:
