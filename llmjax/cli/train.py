@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
           "run the same command again to resume")
     return
   print(f"{result['headline']} at step {result['step']}")
-  common = ("metrics.jsonl", "tensorboard", "checkpoints", "plots")
-  own = sorted(set(os.listdir(workdir)) - set(common)
+  standard = ("metrics.jsonl", "tensorboard", "checkpoints", "plots")
+  own = sorted(set(os.listdir(workdir)) - set(standard)
                - {"config.json", "task_info.json", "params.json"})
-  print(f"outputs: {workdir}/ ({', '.join(common)}; the task's own: {', '.join(own) or 'none'})")
+  print(f"outputs: {workdir}/ ({', '.join(standard)}; the task's own: {', '.join(own) or 'none'})")
 
 
 if __name__ == "__main__":
