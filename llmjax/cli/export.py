@@ -97,7 +97,11 @@ def _to_llmjax(run, workdir: str, dest: str) -> None:
   model, params = _merged(run)
   # Which module wraps the config (a BERT head, its label count) and the run's vocabulary, so
   # `llmjax convert --to=hf:` and `generate` need nothing else.
-  extra = {convert.MODEL_FILE: json.dumps(convert.describe(model), indent=2)}
+  special = _special_tokens(run.task.info)
+  described = {**convert.describe(model), **{k: v for k, v in special.items() if k != "eos_token_id"}}
+  if "eos_token_id" in special:
+    described["eos_token_ids"] = [special["eos_token_id"]]
+  extra = {convert.MODEL_FILE: json.dumps(described, indent=2)}
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):
     with open(tokenizer) as f:
@@ -120,10 +124,19 @@ def _save_full(model, params, workdir: str, path: str, info: dict, model_state=N
   names = info.get("label_names")
   overrides = ({"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
                if names and len(names) == getattr(model, "num_labels", None) else None)
+  overrides = {**(overrides or {}), **_special_tokens(info)} or None
   hf.save(model, params, path, config_overrides=overrides, model_state=model_state or None)
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):
     shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
+
+
+def _special_tokens(info: dict) -> dict:
+  """The special token ids a run's data fixed (seq2seq: pad, EOS, the decoder's start), as HF
+  config fields; {} for runs without them."""
+  names = {"pad_id": "pad_token_id", "eos_id": "eos_token_id",
+           "start_id": "decoder_start_token_id"}
+  return {hf_name: int(info[ours]) for ours, hf_name in names.items() if ours in info}
 
 
 def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:

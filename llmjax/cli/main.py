@@ -19,6 +19,8 @@ VERBS = {
               "Face / PEFT",
     "convert": "convert an llmjax export to or from a Hugging Face model directory",
     "generate": "continue a prompt with an llmjax export or a Hugging Face model",
+    "translate": "translate text with a seq2seq run, an llmjax export or a Hugging Face "
+                 "encoder-decoder (greedy or beam search)",
 }
 
 

@@ -48,6 +48,7 @@ class Loaded:
   eos_token_ids: list[int]
   pad_token_id: int | None
   model_state: dict = dataclasses.field(default_factory=dict)  # {"batch_stats": ...} or {}
+  decoder_start_token_id: int | None = None  # encoder-decoders: the decoder's first input
 
 
 def describe(model: nn.Module) -> dict:
@@ -62,7 +63,8 @@ def describe(model: nn.Module) -> dict:
 def rebuild(cfg: ModelConfig, description: dict) -> nn.Module:
   fields = dict(description)
   name = fields.pop("class", "Transformer")
-  fields.pop("eos_token_ids", None), fields.pop("pad_token_id", None)
+  for special in ("eos_token_ids", "pad_token_id", "decoder_start_token_id"):
+    fields.pop(special, None)
   if name not in _MODULES:
     raise UserError(f"{MODEL_FILE}: unknown model class {name!r}; known: {', '.join(_MODULES)}")
   return _MODULES[name](cfg, **fields)
@@ -95,6 +97,8 @@ def export_to_hf(export_dir: str, hf_path: str) -> nn.Module:
   overrides = {"eos_token_id": (loaded.eos_token_ids[0] if len(loaded.eos_token_ids) == 1
                                 else loaded.eos_token_ids or None),
                "pad_token_id": loaded.pad_token_id, "bos_token_id": None}
+  if loaded.decoder_start_token_id is not None:
+    overrides["decoder_start_token_id"] = loaded.decoder_start_token_id
   api.save(loaded.model, loaded.params, hf_path, config_overrides=overrides,
            model_state=loaded.model_state)
   if loaded.tokenizer_dir:
@@ -122,7 +126,8 @@ def load_export(export_dir: str) -> Loaded:
   tokenizer_dir = os.path.join(export_dir, TOKENIZER_DIR)
   return Loaded(model, params, tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
                 list(description.get("eos_token_ids", [])), description.get("pad_token_id"),
-                read_model_state(export_dir, abstract))
+                read_model_state(export_dir, abstract),
+                description.get("decoder_start_token_id"))
 
 
 def write_model_state(model_state: dict, export_dir: str) -> None:
@@ -151,7 +156,7 @@ def load_any(spec: str, *, dtype: str = "float32") -> Loaded:
     model, params, model_state = api.load(path, dtype, with_model_state=True)
     special = tokens.generation_defaults(path)
     return Loaded(model, params, path, special["eos_token_ids"], special["pad_token_id"],
-                  model_state)
+                  model_state, special["decoder_start_token_id"])
   loaded = load_export(spec)
   if dtype != loaded.model.cfg.param_dtype:
     cfg = dataclasses.replace(loaded.model.cfg, dtype=dtype, param_dtype=dtype)

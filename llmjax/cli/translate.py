@@ -1,0 +1,109 @@
+"""llmjax translate --checkpoint=WORKDIR|DIR|hf:PATH (--text="..." | --input=FILE [--output=FILE]).
+
+WORKDIR is a seq2seq run (its newest verified checkpoint, vocabulary and decoding settings),
+DIR an llmjax export, hf:PATH a Hugging Face encoder-decoder (Marian). --input has one source
+per line; translations go to --output (or stdout) one per line, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from llmjax.cli import common
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "A seq2seq run's WORKDIR, an llmjax export DIR or hf:PATH.")
+_TEXT = flags.DEFINE_string("text", None, "One text to translate.")
+_INPUT = flags.DEFINE_string("input", None, "A file of texts to translate, one per line.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where --input's translations go (default stdout).")
+_BEAMS = flags.DEFINE_integer("num_beams", None, "1 is greedy (default: the run's, else 4).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None,
+                                     "Beam scores are sum log p / length**this (default 1).")
+_EARLY = flags.DEFINE_enum("early_stopping", None, ["true", "false", "never"],
+                           "Beam search stopping, as transformers' generate.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
+                                "Token budget per translation (default: the run's, else 128).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "hf:PATH; default: the checkpoint's own tokenizer.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+
+
+def main(argv: list[str] | None = None) -> None:
+  common.parse_flags(sys.argv if argv is None else argv)
+  if not _CHECKPOINT.value or (_TEXT.value is None) == (_INPUT.value is None):
+    common.fail("--checkpoint=WORKDIR|DIR|hf:PATH and exactly one of --text=TEXT or "
+                "--input=FILE are required")
+  if _BEAMS.value is not None and _BEAMS.value < 1:
+    common.fail(f"--num_beams must be >= 1 (1 is greedy), got {_BEAMS.value}")
+  texts = [_TEXT.value] if _TEXT.value is not None else _read_lines(_INPUT.value)
+  with common.user_errors():
+    from llmjax.tasks import seq2seq
+    model, params, tokenizer, special, defaults = _load(_CHECKPOINT.value)
+    settings = {**defaults, **{k: v for k, v in (
+        ("num_beams", _BEAMS.value), ("length_penalty", _LENGTH_PENALTY.value),
+        ("max_new_tokens", _MAX_NEW.value),
+        ("early_stopping", None if _EARLY.value is None else
+         {"true": True, "false": False, "never": "never"}[_EARLY.value])) if v is not None}}
+    out = seq2seq.translate_texts(model, params, tokenizer, texts, width=model.cfg.max_len,
+                                  special=special, **settings)
+  _write_lines(out, _OUTPUT.value)
+
+
+def _load(spec: str):
+  """(model, params, tokenizer, special ids, decoding defaults) of a run, export or HF dir."""
+  from llmjax.data.seq2seq_rows import SpecialIds
+  from llmjax.errors import UserError
+  from llmjax.hf import convert
+  if not spec.startswith("hf:") and os.path.isdir(os.path.join(spec, "checkpoints")):
+    from llmjax.data import tokenizers
+    from llmjax.train import rundir
+    run = rundir.restore(spec)
+    info, t = run.task.info, run.exp.task
+    if "start_id" not in info:
+      raise UserError(f"{spec} is a {run.exp.task.name} run, not a seq2seq one")
+    tokenizer = (convert.tokenizer_for(None, _TOKENIZER.value) if _TOKENIZER.value
+                 else tokenizers.HFTokenizer(spec))
+    defaults = dict(num_beams=t.num_beams, length_penalty=t.length_penalty,
+                    early_stopping=t.early_stopping,
+                    max_new_tokens=t.max_new_tokens or run.exp.data.seq_len)
+    return (run.model, run.params, tokenizer,
+            SpecialIds(info["pad_id"], info["eos_id"], info["start_id"]), defaults)
+  loaded = convert.load_any(spec, dtype=_DTYPE.value)
+  tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
+  eos = loaded.eos_token_ids[0] if loaded.eos_token_ids else tokenizer.special_id("sep")
+  pad = loaded.pad_token_id if loaded.pad_token_id is not None else tokenizer.special_id("pad")
+  start = loaded.decoder_start_token_id if loaded.decoder_start_token_id is not None else pad
+  if None in (eos, pad, start):
+    raise UserError(f"{spec}: no end-of-sequence, pad or decoder start token id in its config "
+                    "or tokenizer")
+  defaults = dict(num_beams=4, length_penalty=1.0, early_stopping=False,
+                  max_new_tokens=min(128, loaded.model.cfg.max_len))
+  return loaded.model, loaded.params, tokenizer, SpecialIds(pad, eos, start), defaults
+
+
+def _read_lines(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [line.rstrip("\n") for line in f]
+  except (OSError, UnicodeDecodeError) as e:
+    common.fail(f"--input={path}: cannot read it as UTF-8 text ({e})")
+  if not lines:
+    common.fail(f"--input={path} has no lines to translate")
+  return lines
+
+
+def _write_lines(lines: list[str], path: str | None) -> None:
+  text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+  if path is None:
+    sys.stdout.write(text)
+    return
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+  main()
