@@ -34,6 +34,20 @@ def write_corpus(root: pathlib.Path, n: int = 8) -> str:
   return str(root / "*.txt")
 
 
+LEXICON = {"the": "der", "cat": "katze", "sat": "sass", "on": "auf", "a": "einer", "mat": "matte",
+           "red": "rote", "hat": "hut", "dog": "hund", "ran": "lief"}
+
+
+def write_parallel(path: pathlib.Path, n: int = 48, seed: int = 0) -> pathlib.Path:
+  """A TSV of short English word strings and their word-by-word 'German': learnable exactly."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      words = rng.choice(sorted(LEXICON), int(rng.integers(2, 6)))
+      f.write(" ".join(words) + "\t" + " ".join(LEXICON[w] for w in words) + "\n")
+  return path
+
+
 def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
                **sections) -> config_lib.Experiment:
   """A tiny experiment of `task` on files the test writes (encoders for mlm and classify
@@ -52,6 +66,13 @@ def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
     c.data.files = str(write_labelled(tmp / "train.csv"))
     c.data.val_files = str(write_labelled(tmp / "val.csv", 3, seed=1))
     c.data.tokenizer = "byte"
+  if task == "seq2seq":
+    c.model = config_lib.model_section("marian", vocab_size=256, d_model=32, n_layers=2,
+                                       n_heads=4, d_ff=64, max_len=32)
+    c.data.files = str(write_parallel(tmp / "train.tsv"))
+    c.data.val_files = str(write_parallel(tmp / "val.tsv", 12, seed=1))
+    c.data.tokenizer = "wordpiece:128"
+    c.task.update(dict(num_beams=2, max_new_tokens=12, bleu_examples=8))
   c.task.name = task
   c.data.source, c.data.seq_len = "files", 32
   c.train.update(dict(steps=4, batch_size=8, log_every=2, eval_every=4, eval_batches=2,

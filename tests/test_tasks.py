@@ -223,7 +223,7 @@ def test_mlm_export_loads_in_transformers_as_bert_for_masked_lm(mlm_run, tmp_pat
 # --- every task on 8 devices ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "classify_decoder"])
+@pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "classify_decoder", "seq2seq"])
 def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   exp = experiment(task_name.split("_")[0], tmp_path, decoder=task_name.endswith("decoder"))
   one = loop.prepare(dataclasses_replace_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])

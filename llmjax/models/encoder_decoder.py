@@ -168,7 +168,7 @@ class EncoderDecoder(nn.Module):
       return y_BTD
     logits_BTV = self.embed.attend(y_BTD) if self.cfg.tie_embeddings else self.lm_head(y_BTD)
     if self.cfg.final_logits_bias:
-      logits_BTV = logits_BTV + self.final_logits_bias.astype(logits_BTV.dtype)
+      logits_BTV = logits_BTV + self.final_logits_bias.astype(logits_BTV.dtype)[None, None]
     return nn.with_logical_constraint(logits_BTV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
   def init_all(self, source_BS, target_BT):
