@@ -13,6 +13,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -26,6 +27,16 @@ from llmjax.parallel import sharding
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
                                                                      bert.ARCH, marian.ARCH,
                                                                      resnet.ARCH)}
+
+
+# model_type -> (copies checked on load, copies written on save): HF keys that hold another key's
+# tensor again, {copy: source}, for a model (marian.copies, marian.written_copies).
+_COPIES = {marian.ARCH.model_type: (marian.copies, marian.written_copies)}
+
+
+def _copies(arch: Architecture, model: nn.Module, writing: bool) -> dict[str, str]:
+  functions = _COPIES.get(arch.model_type)
+  return functions[writing](model) if functions else {}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -198,6 +209,7 @@ def _read(path: str, arch: Architecture, model: nn.Module, abstract: dict, shard
   tensors, scanned = arch.tensors(model), model.cfg.scan_layers
   available = {k: e.shape for k, e in index.entries.items()}
   found = mapping.resolve_keys(tensors, available, _aliases(arch), arch.ignored(model), path)
+  _check_copies(path, arch, model, index, found)
   out = {}
   for collection, tree in abstract.items():
     mine, flat = mapping.of_collection(tensors, collection), mapping.flatten(tree)
@@ -206,6 +218,19 @@ def _read(path: str, arch: Architecture, model: nn.Module, abstract: dict, shard
     out[collection] = mapping.place(mine, lambda key: index.read(found[key]), flat, scanned,
                                     lambda dest, x, where=placement: _put(x, where.get(dest)))
   return out
+
+
+def _check_copies(path: str, arch: Architecture, model: nn.Module, index: files.WeightIndex,
+                  found: dict[str, str]) -> None:
+  """Each copy of a tensor the file holds (ignored when resolving keys) equals the tensor llmjax
+  reads: transformers would use a differing one as a parameter of its own."""
+  aliases = _aliases(arch)
+  for copy, source in _copies(arch, model, writing=False).items():
+    key = next((k for k in aliases(copy) if k in index.entries), None)
+    if key is not None and not np.array_equal(index.read(key), index.read(found[source])):
+      raise UnsupportedModelError(
+          f"{path}: {key} differs from {found[source]}; separate tables are not supported (this "
+          f"{type(model).__name__} has one, transformers would use both)")
 
 
 def _put(x, where):
@@ -284,8 +309,10 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   if jax.process_index() != 0:
     return
   try:
-    files.write(path, mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers,
-                                      state_flat), config)
+    tensors = mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers, state_flat)
+    tensors.update({copy: tensors[source]
+                    for copy, source in _copies(arch, model, writing=True).items()})
+    files.write(path, tensors, config)
   except OSError as e:
     raise HFError(f"cannot write {path}: {e}") from e
 

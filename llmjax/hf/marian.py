@@ -36,7 +36,9 @@ def to_hf(cfg) -> dict:
               encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff,
               max_position_embeddings=cfg.max_len,
               activation_function=HF_ACTIVATION.get(cfg.mlp, cfg.mlp), dropout=cfg.dropout,
-              attention_dropout=cfg.dropout, activation_dropout=cfg.dropout,
+              # llmjax drops out embeddings and sublayer outputs (HF's `dropout`) only, never
+              # attention probabilities or MLP activations (opus-mt's 0.0 for both, too).
+              attention_dropout=0.0, activation_dropout=0.0,
               scale_embedding=cfg.embed_scale, tie_word_embeddings=cfg.tie_embeddings,
               share_encoder_decoder_embeddings=True,
               # MarianConfig defaults to opus-mt's ids (58100, 0), outside most vocabularies; an
@@ -83,9 +85,29 @@ def tensors(model) -> list[m.Tensor]:
 
 
 def ignored(model) -> tuple[str, ...]:
-  """Position tables (computed, not learned) and the tied copies of the shared embedding."""
+  """Position tables (computed, not learned) and the copies of the shared embedding (`copies`
+  checks those)."""
   skip = [r"\.embed_positions\.weight$", r"^model\.(encoder|decoder)\.embed_tokens\.weight$"]
   return tuple(skip + ([r"^lm_head\.weight$"] if model.cfg.tie_embeddings else []))
+
+
+_SHARED = "model.shared.weight"
+_STACK_EMBEDDINGS = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+
+
+def copies(model) -> dict[str, str]:
+  """{HF key: the key it must equal}: the shared embedding's other names. transformers uses a
+  file's copy that differs from model.shared.weight as a table of its own (with
+  tie_word_embeddings=false each stack's embedding is a parameter of its own; with true it ties
+  only equal ones); llmjax has one table, so each copy a file holds must equal it."""
+  tied = ("lm_head.weight",) if model.cfg.tie_embeddings else ()
+  return dict.fromkeys(_STACK_EMBEDDINGS + tied, _SHARED)
+
+
+def written_copies(model) -> dict[str, str]:
+  """The copies `save` writes: with tie_word_embeddings=false transformers reads each stack's
+  embedding from the file (it would start them at random otherwise), as it writes them itself."""
+  return {} if model.cfg.tie_embeddings else dict.fromkeys(_STACK_EMBEDDINGS, _SHARED)
 
 
 ARCH = Architecture(
