@@ -81,3 +81,66 @@ def save_char_tokenizer(directory) -> None:
   tok.decoder = decoders.Fuse()
   T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", pad_token="[PAD]",
                             unk_token="[UNK]").save_pretrained(str(directory))
+
+
+# --- Marian (MarianMTModel): random encoder-decoders and right-padded pairs --------------------
+
+MARIAN_PAD = VOCAB - 1  # Marian's convention: the last id pads and starts the decoder
+
+
+def marian_config(**overrides):
+  """A tiny MarianConfig (4 heads of 8, ids inside VOCAB); `overrides` are MarianConfig fields."""
+  import transformers as T
+  fields = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, max_position_embeddings=MAX_LEN, init_std=0.2,
+                pad_token_id=MARIAN_PAD, decoder_start_token_id=MARIAN_PAD, eos_token_id=0,
+                bos_token_id=None, forced_eos_token_id=None)
+  return T.MarianConfig(**{**fields, **overrides})
+
+
+def make_marian(directory, seed: int, **overrides):
+  """A random MarianMTModel saved to `directory` (or not, if None); -> torch model (eval).
+
+  Every parameter is random, biases, norms and the final_logits_bias buffer too (transformers
+  starts those at 0 or 1, which would hide a mis-mapped one). With tie_word_embeddings=false
+  transformers v5 keeps the encoder's and decoder's embeddings as parameters of their own; they
+  are set equal to the shared table, as in a real Marian checkpoint."""
+  import torch
+  import transformers as T
+  torch.manual_seed(seed)
+  model = T.MarianMTModel(marian_config(**overrides)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "embed_positions" not in name:  # fixed sinusoids, never saved
+        p.normal_(1.0 if name.endswith("layer_norm.weight") else 0.0, 0.2)
+    model.final_logits_bias.normal_(0.0, 0.5)
+    shared = model.model.shared.weight
+    for stack in (model.model.encoder, model.model.decoder):
+      if stack.embed_tokens.weight is not shared:
+        stack.embed_tokens.weight.copy_(shared)
+  if directory is not None:
+    model.save_pretrained(str(directory))
+  return model
+
+
+def seq2seq_batch(seed: int = 0, source_length: int = 10, target_length: int = 8):
+  """(source, source_mask, target, target_mask) [4, *] int64, right-padded differently per row
+  and differently in source and target."""
+  rng = np.random.default_rng(seed)
+  source = rng.integers(0, VOCAB, (4, source_length)).astype(np.int64)
+  target = rng.integers(0, VOCAB, (4, target_length)).astype(np.int64)
+  source_mask = np.ones_like(source)
+  target_mask = np.ones_like(target)
+  for row, (s, t) in enumerate([(0, 2), (3, 0), (source_length // 2, 1), (1, target_length - 2)]):
+    source_mask[row, source_length - s:] = 0
+    target_mask[row, target_length - t:] = 0
+  return source, source_mask, target, target_mask
+
+
+def torch_seq2seq_logits(model, source, source_mask, target, target_mask) -> np.ndarray:
+  import torch
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(source), attention_mask=torch.tensor(source_mask),
+                 decoder_input_ids=torch.tensor(target),
+                 decoder_attention_mask=torch.tensor(target_mask)).logits.numpy()
