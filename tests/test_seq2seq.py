@@ -255,6 +255,10 @@ def test_a_seq2seq_run_reports_bleu_writes_translations_and_translates_from_the_
               f"--output={tmp_path / 'out.txt'}", "--num_beams=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len((tmp_path / "out.txt").read_text().split("\n")) == 3  # two lines and the end
+  proc = _cli("eval", f"--workdir={workdir}")  # the whole validation split is translated
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((workdir / "eval" / "step_4.json").read_text())
+  assert report["translated"] == 12 and 0 <= report["bleu"] <= 100 and "chrf" in report
   proc = _cli("translate", f"--checkpoint={workdir}", "--text=the cat", "--num_beams=0")
   assert proc.returncode == 2 and "num_beams must be >= 1" in proc.stderr
   assert "Traceback" not in proc.stderr
