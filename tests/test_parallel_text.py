@@ -228,8 +228,8 @@ def test_tfds_translation_dataset_by_language_features(tfds_mock):
                                                 tfds_val_split="", test_fraction=0.2))
     assert sorted(back.train + back.val + back.test) == sorted((t, s) for s, t in corpus.train)
     assert back.val and back.test
-    with pytest.raises(DataError, match=r"split 'train' has no feature "
-                                        r"config.data.target_lang='fr'; its features: de, en"):
+    with pytest.raises(DataError, match=r"split 'train' has no field "
+                                        r"config.data.target_lang='fr'; available: de, en"):
       pt.load_parallel(dataclasses.replace(cfg, target_lang="fr"))
   with tfds_mock():  # tfds's own random examples of the Translation feature
     random = pt.load_parallel(dataclasses.replace(cfg, tfds_val_split=""))

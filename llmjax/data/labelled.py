@@ -31,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 
 from llmjax.config import DataConfig
-from llmjax.data.sources import (_read_files, _take_bytes, glob_files, stdlib_files, stdlib_root,
-                                 tfds_labelled_sources)
+from llmjax.data.sources import (_read_files, _take_bytes, glob_files, require_fields,
+                                 stdlib_files, stdlib_root, tfds_labelled_sources)
 from llmjax.data.text import _unit_hash, split_documents
 from llmjax.errors import ConfigError, DataError
 
@@ -276,11 +276,7 @@ def _read_tfds_split(cfg: DataConfig, source, key: str, split: str, names) -> li
   rows, total = [], 0
   for i in range(len(source)):
     record, where = source[i], f"tfds dataset {cfg.tfds_name!r} split {split!r} row {i}"
-    for field, role in ((cfg.text_key, "text_key"), (cfg.label_key, "label_key")):
-      if not isinstance(record, dict) or field not in record:
-        fields = ", ".join(sorted(record)) if isinstance(record, dict) else "none (not a dict)"
-        raise DataError(f"tfds dataset {cfg.tfds_name!r} has no field config.data.{role}="
-                        f"{field!r}; available: {fields}")
+    require_fields(record, cfg, ("text_key", "label_key"))
     text = np.asarray(record[cfg.text_key]).item()
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
     if not isinstance(text, str):

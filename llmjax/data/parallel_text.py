@@ -22,7 +22,7 @@ import numpy as np
 
 from llmjax.config import DataConfig
 from llmjax.data.gettext_pairs import gettext_pairs, pairs_sha256
-from llmjax.data.sources import glob_files, tfds_labelled_sources
+from llmjax.data.sources import glob_files, require_fields, tfds_labelled_sources
 from llmjax.data.text import _unit_hash
 from llmjax.errors import DataError
 
@@ -175,11 +175,7 @@ def _tfds_pairs(cfg: DataConfig, split: str, source) -> Iterator[Pair]:
   """The split's (source, target) texts in order; empty sides are skipped, as they teach nothing."""
   for i in range(len(source)):
     record = source[i]
-    for lang, role in ((cfg.source_lang, "source_lang"), (cfg.target_lang, "target_lang")):
-      if not isinstance(record, dict) or lang not in record:
-        have = ", ".join(sorted(record)) if isinstance(record, dict) else "none (not a dict)"
-        raise DataError(f"tfds dataset {cfg.tfds_name!r} split {split!r} has no feature "
-                        f"config.data.{role}={lang!r}; its features: {have}")
+    require_fields(record, cfg, ("source_lang", "target_lang"), split)
     pair = _text(record[cfg.source_lang]).strip(), _text(record[cfg.target_lang]).strip()
     if pair[0] and pair[1]:
       yield pair

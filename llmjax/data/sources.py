@@ -89,14 +89,23 @@ def tfds_labelled_sources(cfg: DataConfig) -> tuple[tuple[str, ...] | None, dict
                  for s, (key, split) in wanted.items() if split}
 
 
+def require_fields(record, cfg: DataConfig, keys: tuple[str, ...], split: str = "") -> None:
+  """A tfds record must hold the fields the config keys `keys` (e.g. "text_key") name; else
+  one DataError naming the key and listing the fields the dataset has."""
+  for key in keys:
+    field = getattr(cfg, key)
+    if not isinstance(record, dict) or field not in record:
+      have = ", ".join(sorted(record)) if isinstance(record, dict) else "none (not a dict)"
+      where = f" split {split!r}" if split else ""
+      raise DataError(f"tfds dataset {cfg.tfds_name!r}{where} has no field "
+                      f"config.data.{key}={field!r}; available: {have}")
+
+
 def _read_tfds(cfg: DataConfig) -> Iterator[tuple[str, str]]:
   source = _tfds_source(cfg)
   for i in range(len(source)):
     record = source[i]
-    if not isinstance(record, dict) or cfg.tfds_text_key not in record:
-      keys = ", ".join(sorted(record)) if isinstance(record, dict) else "none (not a dict)"
-      raise DataError(f"tfds dataset {cfg.tfds_name!r} has no field "
-                      f"config.data.tfds_text_key={cfg.tfds_text_key!r}; available: {keys}")
+    require_fields(record, cfg, ("tfds_text_key",))
     text = record[cfg.tfds_text_key]
     yield str(i), text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 

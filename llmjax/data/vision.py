@@ -44,6 +44,7 @@ from llmjax.data.augment import (  # noqa: F401
     Normalize, RandomCropWithPadding, RandomHorizontalFlip, RandomResizedCrop, RandomRotation,
     apply_transforms, augment_transforms, augmenter, channel_stats, check_shapes, eval_transforms,
     resize, train_transforms)
+from llmjax.data.sources import require_fields
 from llmjax.data.text import split_documents
 from llmjax.errors import ConfigError, DataError
 
@@ -324,11 +325,7 @@ def _read_tfds_split(cfg, source, key: str, split: str, names, reference):
   def records():
     for i in range(len(source)):
       record = source[i]
-      for field, role in ((cfg.tfds_image_key, "tfds_image_key"), (cfg.label_key, "label_key")):
-        if not isinstance(record, dict) or field not in record:
-          fields = ", ".join(sorted(record)) if isinstance(record, dict) else "none (not a dict)"
-          raise DataError(f"tfds dataset {cfg.tfds_name!r} has no field config.data.{role}="
-                          f"{field!r}; available: {fields}")
+      require_fields(record, cfg, ("tfds_image_key", "label_key"))
       image = np.asarray(record[cfg.tfds_image_key])
       if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise DataError(f"{where(i)}: field {cfg.tfds_image_key!r} is {image.dtype} "

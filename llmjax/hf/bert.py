@@ -42,10 +42,7 @@ def _layer(hf: str, jx: str, d: int, n: int, h: int, f: int) -> list[m.Tensor]:
       m.linear_from_heads(f"{att}.output.dense.weight", f"{jx}/attn/o/kernel", n, h, d),
       m.same(f"{att}.output.dense.bias", f"{jx}/attn/o/bias", (d,)),
       *m.layernorm(f"{att}.output.LayerNorm", f"{jx}/norm1", d),
-      m.linear(f"{hf}.intermediate.dense.weight", f"{jx}/mlp/wi/kernel", f, d),
-      m.same(f"{hf}.intermediate.dense.bias", f"{jx}/mlp/wi/bias", (f,)),
-      m.linear(f"{hf}.output.dense.weight", f"{jx}/mlp/wo/kernel", d, f),
-      m.same(f"{hf}.output.dense.bias", f"{jx}/mlp/wo/bias", (d,)),
+      *m.mlp(f"{hf}.intermediate.dense", f"{hf}.output.dense", f"{jx}/mlp", d, f),
       *m.layernorm(f"{hf}.output.LayerNorm", f"{jx}/norm2", d)]
 
 

@@ -93,6 +93,14 @@ def batchnorm(prefix: str, path: str, c: int) -> list[Tensor]:
                  lambda: np.zeros((), np.int64))]
 
 
+def mlp(wi_key: str, wo_key: str, path: str, d: int, f: int) -> list[Tensor]:
+  """A biased two-layer MLP of torch Linears (wi: d -> f, wo: f -> d) <-> path/wi, path/wo."""
+  return [linear(f"{wi_key}.weight", f"{path}/wi/kernel", f, d),
+          same(f"{wi_key}.bias", f"{path}/wi/bias", (f,)),
+          linear(f"{wo_key}.weight", f"{path}/wo/kernel", d, f),
+          same(f"{wo_key}.bias", f"{path}/wo/bias", (d,))]
+
+
 def layernorm(prefix: str, path: str, d: int, bias: bool = True) -> list[Tensor]:
   out = [same(f"{prefix}.weight", f"{path}/scale", (d,))]
   return out + [same(f"{prefix}.bias", f"{path}/bias", (d,))] if bias else out

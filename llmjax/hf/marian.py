@@ -63,10 +63,7 @@ def _layer(hf: str, jx: str, d: int, n: int, h: int, f: int, cross: bool) -> lis
   if cross:
     out += _attention(f"{hf}.encoder_attn", f"{jx}/cross_attn", d, n, h)
     out += m.layernorm(f"{hf}.encoder_attn_layer_norm", f"{jx}/norm_cross", d)
-  return out + [m.linear(f"{hf}.fc1.weight", f"{jx}/mlp/wi/kernel", f, d),
-                m.same(f"{hf}.fc1.bias", f"{jx}/mlp/wi/bias", (f,)),
-                m.linear(f"{hf}.fc2.weight", f"{jx}/mlp/wo/kernel", d, f),
-                m.same(f"{hf}.fc2.bias", f"{jx}/mlp/wo/bias", (d,)),
+  return out + [*m.mlp(f"{hf}.fc1", f"{hf}.fc2", f"{jx}/mlp", d, f),
                 *m.layernorm(f"{hf}.final_layer_norm", f"{jx}/norm2", d)]
 
 
