@@ -71,3 +71,17 @@ def test_device_peak_lookup(kind, dtype, peak):
                                         ("TPU v5 lite", "float64")])
 def test_device_peak_unknown_is_none(kind, dtype):
   assert flops.device_peak(kind, dtype) is None
+
+
+def test_encoder_decoder_forward_flops_by_hand():
+  # d=4, 2 heads of 2, d_ff=8 (ReLU), V=10, one block each side, source 3 and target 2 tokens.
+  cfg = ModelConfig(arch="encoder_decoder", vocab_size=10, d_model=4, n_layers=1,
+                    n_decoder_layers=1, n_heads=2, d_ff=8, mlp="relu")
+  block = 4 * 2 * 2 * 2 + 4 * 2 * 2 * 2 + 2 * 4 * 8  # q+o, k+v, wi+wo weights: 128
+  encoder = 2 * 3 * block + 4 * 3 * 3 * 2 * 2  # projections/MLP + bidirectional scores/sum
+  decoder = (2 * 2 * block + 4 * 2 * 2 * 2 * 2 / 2  # projections/MLP + causal self-attention
+             + 2 * 2 * (4 * 2 * 2) * 2  # cross q and o over the 2 target tokens
+             + 2 * 3 * (4 * 2 * 2) * 2  # cross k and v over the 3 memory tokens
+             + 4 * 2 * 3 * 2 * 2)  # cross scores and weighted sum
+  logits = 2 * 2 * 4 * 10
+  assert flops.encoder_decoder_forward_flops(cfg, 3, 2) == encoder + decoder + logits == 2032
