@@ -445,7 +445,7 @@ def validate(exp: Experiment) -> None:
            "'export:PATH', 'peft:ADAPTER_DIR'")
   _require((task.name == "seq2seq") == (m.arch == "encoder_decoder"),
            f"config.task.name={task.name!r} with config.model.arch={m.arch!r}: the seq2seq task "
-           "and the encoder_decoder architecture go together (presets marian, wmt)")
+           "and the encoder_decoder architecture go together (presets marian, bart, wmt)")
   _require(task.num_beams >= 1, f"config.task.num_beams must be >= 1 (1 is greedy), got "
            f"{task.num_beams}")
   _require(task.max_new_tokens >= 0 and task.max_new_tokens <= m.max_len,

@@ -144,3 +144,45 @@ def torch_seq2seq_logits(model, source, source_mask, target, target_mask) -> np.
     return model(input_ids=torch.tensor(source), attention_mask=torch.tensor(source_mask),
                  decoder_input_ids=torch.tensor(target),
                  decoder_attention_mask=torch.tensor(target_mask)).logits.numpy()
+
+
+# --- BART (BartForConditionalGeneration) --------------------------------------------------------
+
+BART_PAD, BART_EOS = 1, 2  # BART's ids: <pad>=1, </s>=2 (which also starts the decoder)
+
+
+def bart_config(**overrides):
+  """A tiny BartConfig (4 heads of 8, BART's special ids) that makes transformers' generate
+  apply no logits processor llmjax lacks (no forced BOS/EOS, no n-gram blocking)."""
+  import transformers as T
+  fields = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, max_position_embeddings=MAX_LEN, init_std=0.2,
+                pad_token_id=BART_PAD, eos_token_id=BART_EOS, decoder_start_token_id=BART_EOS,
+                bos_token_id=0, forced_eos_token_id=None, forced_bos_token_id=None,
+                no_repeat_ngram_size=0)
+  return T.BartConfig(**{**fields, **overrides})
+
+
+def make_bart(directory, seed: int, eos_bias: float = 0.0, **overrides):
+  """A random BartForConditionalGeneration saved to `directory` (or not, if None); -> torch
+  model (eval). Every parameter and the final_logits_bias buffer are random, as in make_marian
+  (stack embeddings of an untied model equal to the shared table); `eos_bias` is added to EOS's
+  logits bias so that generated rows end."""
+  import torch
+  import transformers as T
+  torch.manual_seed(seed)
+  model = T.BartForConditionalGeneration(bart_config(**overrides)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      norm_scale = name.endswith(("layer_norm.weight", "layernorm_embedding.weight"))
+      p.normal_(1.0 if norm_scale else 0.0, 0.2)
+    model.final_logits_bias.normal_(0.0, 0.5)
+    model.final_logits_bias[0, BART_EOS] += eos_bias
+    shared = model.model.shared.weight
+    for stack in (model.model.encoder, model.model.decoder):
+      if stack.embed_tokens.weight is not shared:
+        stack.embed_tokens.weight.copy_(shared)
+  if directory is not None:
+    model.save_pretrained(str(directory))
+  return model

@@ -244,10 +244,10 @@ def _copy_with(directory, dest, **config):
   return str(dest)
 
 
-def _bart(dest):
+def _mbart(dest):
   import torch
   torch.manual_seed(0)
-  transformers.BartForConditionalGeneration(transformers.BartConfig(
+  transformers.MBartForConditionalGeneration(transformers.MBartConfig(
       vocab_size=H.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
       decoder_ffn_dim=64, max_position_embeddings=H.MAX_LEN)).save_pretrained(str(dest))
@@ -265,8 +265,8 @@ def _separate_embeddings(saved, dest):
 
 
 BAD = {
-    "bart": (lambda saved, dest: _bart(dest), hf.UnsupportedModelError,
-             r"model_type 'bart' is not supported; supported: .*marian"),
+    "mbart": (lambda saved, dest: _mbart(dest), hf.UnsupportedModelError,
+              r"model_type 'mbart' is not supported; supported: .*marian, bart"),
     "separate_vocabularies": (
         lambda saved, dest: _copy_with(saved["swish_scaled_tied"][0], dest,
                                        share_encoder_decoder_embeddings=False),

@@ -18,20 +18,22 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax.config import ModelConfig
-from llmjax.hf import bert, files, gpt2, llama, mapping, marian, resnet
+from llmjax.hf import bart, bert, files, gpt2, llama, mapping, marian, resnet, seq2seq_layout
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
 from llmjax.parallel import sharding
 
+# Order matters when saving: the first architecture that expresses a model exactly is used.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
                                                                      bert.ARCH, marian.ARCH,
-                                                                     resnet.ARCH)}
+                                                                     bart.ARCH, resnet.ARCH)}
 
 
 # model_type -> (copies checked on load, copies written on save): HF keys that hold another key's
-# tensor again, {copy: source}, for a model (marian.copies, marian.written_copies).
-_COPIES = {marian.ARCH.model_type: (marian.copies, marian.written_copies)}
+# tensor again, {copy: source}, for a model (the BART family's shared embedding).
+_COPIES = {a.model_type: (seq2seq_layout.copies, seq2seq_layout.written_copies)
+           for a in (marian.ARCH, bart.ARCH)}
 
 
 def _copies(arch: Architecture, model: nn.Module, writing: bool) -> dict[str, str]:

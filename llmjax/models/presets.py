@@ -22,6 +22,12 @@ PRESETS: dict[str, dict] = {
                    norm_position="post", mlp="silu", use_bias=True, tie_embeddings=True,
                    final_norm=False, embed_norm=False, type_vocab_size=0, embed_scale=True,
                    final_logits_bias=True),
+    # BART (Hugging Face BartForConditionalGeneration): Marian's layout with learned positions
+    # per stack, a LayerNorm of the summed embeddings, exact GELU, unscaled embeddings.
+    "bart": dict(arch="encoder_decoder", pos_emb="learned", norm="layernorm", norm_eps=1e-5,
+                 norm_position="post", mlp="gelu", use_bias=True, tie_embeddings=True,
+                 final_norm=False, embed_norm=True, type_vocab_size=0, embed_scale=False,
+                 final_logits_bias=True),
     # flax's examples/wmt layout: a pre-LayerNorm encoder-decoder (final norms on both stacks),
     # sinusoidal positions, scaled embeddings, ReLU MLPs.
     "wmt": dict(arch="encoder_decoder", pos_emb="sinusoidal", norm="layernorm", norm_eps=1e-6,
