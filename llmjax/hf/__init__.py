@@ -3,7 +3,7 @@ and PEFT adapters (`save_adapter`, `load_adapter`, `load_peft`, `save_prompt`).
 
 Reads local directories only (config.json + safetensors; never pickles, never remote code).
 Supported: GPT-2, Llama, BERT (base, masked-LM, sequence classification), Marian
-(`MarianMTModel`, an encoder-decoder), ResNet (base and image
+(`MarianMTModel`) and BART (`BartForConditionalGeneration`), encoder-decoders, ResNet (base and image
 classification; BatchNorm statistics through `load(..., with_model_state=True)` and
 `save(..., model_state=...)`).
 """
