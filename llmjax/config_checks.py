@@ -1,0 +1,159 @@
+"""The combinations of an experiment's settings that cannot run, each refused with a ConfigError
+naming the key and what is allowed (device-dependent checks live in parallel.mesh)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmjax.errors import ConfigError
+
+if TYPE_CHECKING:
+  from llmjax.config import Experiment
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(exp: Experiment) -> None:
+  """Combinations that cannot run; device-dependent checks live in parallel.mesh."""
+  m, t, o, data = exp.model, exp.train, exp.optim, exp.data
+  for key, value in (("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                     ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                     ("model.d_ff", m.d_ff), ("model.max_len", m.max_len),
+                     ("model.attention_block", m.attention_block),
+                     ("data.seq_len", data.seq_len), ("train.steps", t.steps),
+                     ("train.batch_size", t.batch_size), ("optim.accum_steps", o.accum_steps),
+                     ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                     ("train.checkpoint_every", t.checkpoint_every),
+                     ("train.keep_checkpoints", t.keep_checkpoints),
+                     ("train.max_nonfinite", t.max_nonfinite)):
+    _require(value > 0, f"config.{key} must be positive, got {value}")
+  _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+           f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
+           "(or set config.model.head_dim)")
+  _require(m.n_heads % m.kv_heads == 0,
+           f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
+  _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
+           f"rotary embeddings need an even head dim, got {m.dim_per_head}")
+  _require(m.pos_emb != "sinusoidal" or m.d_model % 2 == 0,
+           f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
+  _require(m.n_decoder_layers >= 0,
+           f"config.model.n_decoder_layers must be >= 0 (0: n_layers), got {m.n_decoder_layers}")
+  _require(data.seq_len <= m.max_len,
+           f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
+  _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")
+  _require(0.0 < data.val_fraction < 1.0,
+           f"config.data.val_fraction must be in (0, 1), got {data.val_fraction}")
+  _require(t.batch_size % o.accum_steps == 0,
+           f"config.train.batch_size={t.batch_size} must be divisible by "
+           f"config.optim.accum_steps={o.accum_steps}")
+  _require(data.source != "files" or bool(data.files),
+           "config.data.files must be a glob when config.data.source='files'")
+  _require(data.source != "tfds" or bool(data.tfds_name),
+           "config.data.tfds_name must be set when config.data.source='tfds'")
+  kind, _, size = data.tokenizer.partition(":")
+  _require(data.tokenizer == "byte" or (kind == "hf" and bool(size))
+           or (kind in ("wordpiece", "bpe") and size.isdigit() and int(size) > 0),
+           f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte', 'hf:PATH', "
+           "'wordpiece:N' or 'bpe:N' (N a vocabulary size)")
+  task = exp.task
+  _require(0.0 < task.mask_prob < 1.0,
+           f"config.task.mask_prob must be in (0, 1), got {task.mask_prob}")
+  _require(task.mask_token_ratio >= 0 and task.random_token_ratio >= 0
+           and task.mask_token_ratio + task.random_token_ratio <= 1.0,
+           "config.task.mask_token_ratio + config.task.random_token_ratio must be in [0, 1], got "
+           f"{task.mask_token_ratio} + {task.random_token_ratio}")
+  _require(task.num_classes == 0 or task.num_classes >= 2,
+           f"config.task.num_classes must be 0 (from the data) or >= 2, got {task.num_classes}")
+  _require(0.0 <= task.label_smoothing < 1.0,
+           f"config.task.label_smoothing must be in [0, 1), got {task.label_smoothing}")
+  _require(data.stdlib_classes >= 2,
+           f"config.data.stdlib_classes must be >= 2, got {data.stdlib_classes}")
+  _require(t.keep_best >= 0, f"config.train.keep_best must be >= 0, got {t.keep_best}")
+  _require(t.init_from == "" or t.init_from.split(":", 1)[0] in ("hf", "workdir", "export",
+                                                                  "peft"),
+           f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
+           "'export:PATH', 'peft:ADAPTER_DIR'")
+  _require((task.name == "seq2seq") == (m.arch == "encoder_decoder"),
+           f"config.task.name={task.name!r} with config.model.arch={m.arch!r}: the seq2seq task "
+           "and the encoder_decoder architecture go together (presets marian, bart, wmt)")
+  _require(task.num_beams >= 1, f"config.task.num_beams must be >= 1 (1 is greedy), got "
+           f"{task.num_beams}")
+  _require(task.max_new_tokens >= 0 and task.max_new_tokens <= m.max_len,
+           f"config.task.max_new_tokens must be in [0, config.model.max_len={m.max_len}] (0: "
+           f"data.seq_len), got {task.max_new_tokens}")
+  _require(0.0 <= data.test_fraction < 1.0 and data.val_fraction + data.test_fraction < 1.0,
+           f"config.data.test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
+           f"got {data.test_fraction}")
+  validate_finetune(exp)
+  validate_images(exp)
+  for axis in ("data", "fsdp", "tensor"):
+    size = getattr(exp.mesh, axis)
+    _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
+  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor].count(-1) <= 1,
+           "at most one of config.mesh.data/fsdp/tensor may be -1")
+
+
+def validate_finetune(exp: Experiment) -> None:
+  """The numbers of config.finetune; which parameters they name is checked on the model."""
+  f = exp.finetune
+  for key in ("lora_rank", "adalora_target_rank", "adalora_interval", "adapter_dim",
+              "prompt_length", "prefix_length"):
+    _require(getattr(f, key) > 0, f"config.finetune.{key} must be positive, got "
+             f"{getattr(f, key)}")
+  _require(f.lora_alpha > 0, f"config.finetune.lora_alpha must be positive, got {f.lora_alpha}")
+  _require(0.0 <= f.lora_dropout < 1.0,
+           f"config.finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}")
+  _require(f.method != "adalora" or f.adalora_target_rank <= f.lora_rank,
+           f"config.finetune.adalora_target_rank={f.adalora_target_rank} must be at most "
+           f"config.finetune.lora_rank={f.lora_rank} (the initial rank)")
+  for key in ("adalora_beta1", "adalora_beta2"):
+    _require(0.0 <= getattr(f, key) < 1.0,
+             f"config.finetune.{key} must be in [0, 1), got {getattr(f, key)}")
+  _require(f.adalora_warmup >= 0 and f.adalora_final >= 0 and f.adalora_orth_reg >= 0,
+           "config.finetune.adalora_warmup, adalora_final and adalora_orth_reg must be >= 0")
+  layers = [s.strip() for s in f.adapter_layers.split(",") if s.strip()]
+  _require(all(s.isdigit() for s in layers),
+           f"config.finetune.adapter_layers={f.adapter_layers!r} must be comma-separated block "
+           "indices, or empty for every block")
+
+
+def _int_list(key: str, text: str) -> list[int]:
+  items = [t.strip() for t in text.split(",")]
+  _require(all(t.isdigit() and int(t) > 0 for t in items),
+           f"config.{key}={text!r} must be comma-separated positive integers")
+  return [int(t) for t in items]
+
+
+def validate_images(exp: Experiment) -> None:
+  """Image models, image data and the step schedule."""
+  m, data, o = exp.model, exp.data, exp.optim
+  depths = _int_list("model.resnet_depths", m.resnet_depths)
+  widths = _int_list("model.resnet_widths", m.resnet_widths)
+  _require(len(depths) == len(widths),
+           f"config.model.resnet_depths has {len(depths)} stages but resnet_widths has "
+           f"{len(widths)}")
+  _int_list("model.cnn_widths", m.cnn_widths)
+  for key, value in (("model.stem_width", m.stem_width), ("model.cnn_hidden", m.cnn_hidden),
+                     ("model.bn_eps", m.bn_eps)):
+    _require(value > 0, f"config.{key} must be positive, got {value}")
+  _require(0.0 <= m.bn_momentum < 1.0,
+           f"config.model.bn_momentum must be in [0, 1), got {m.bn_momentum}")
+  for key, value in (("data.image_size", data.image_size),
+                     ("data.crop_padding", data.crop_padding),
+                     ("data.rotate_degrees", data.rotate_degrees)):
+    _require(value >= 0, f"config.{key} must be >= 0, got {value}")
+  _require(0.0 < data.crop_scale_min <= 1.0 and 0.0 < data.crop_ratio_min <= 1.0,
+           "config.data.crop_scale_min and crop_ratio_min must be in (0, 1]")
+  _require(data.source != "image_folder" or bool(data.image_folder),
+           "config.data.image_folder must be a directory when config.data.source='image_folder'")
+  fractions = [f.strip() for f in o.step_boundaries.split(",") if f.strip()]
+  try:
+    ok = all(0.0 < float(f) < 1.0 for f in fractions)
+  except ValueError:
+    ok = False
+  _require(ok, f"config.optim.step_boundaries={o.step_boundaries!r} must be comma-separated "
+           "fractions of the run in (0, 1)")
+  _require(o.momentum >= 0.0, f"config.optim.momentum must be >= 0, got {o.momentum}")
