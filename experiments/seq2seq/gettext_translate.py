@@ -12,10 +12,12 @@ accelerators and markup, one pair per English message, split by a hash of the so
 5% validation). The workdir's corpus.json names the catalogs read and the corpus hash (it depends
 on the installed packages). A joint 4,000-token BPE vocabulary is trained on the training split.
 The model is a pre-LayerNorm encoder-decoder (preset wmt: flax's examples/wmt layout), 3 + 3
-blocks of width 256, trained on packed pairs with label smoothing 0.1 for about 15 minutes on
-2 CPU cores. At the end, translation_scores.json holds the test BLEU and chrF (sacrebleu) of
-4-beam decoding next to two baselines scored by the same code: copying the source, and the
-training translation of the nearest training source (llmjax/eval/translation_baselines.py).
+blocks of width 256, trained on packed pairs with label smoothing 0.1: 1,200 steps, 19 minutes
+wall on 2 CPU cores (measured 2026-12-06). At the end, translation_scores.json holds the test
+BLEU and chrF (sacrebleu) of 4-beam decoding next to two baselines scored by the same code:
+copying the source, and the training translation of the nearest training source
+(llmjax/eval/translation_baselines.py); measured 29.6 / 57.8 against 26.8 / 50.6 and 6.1 / 24.6
+(docs/seq2seq.md).
 """
 
 from llmjax import config as config_lib
