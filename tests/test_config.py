@@ -148,3 +148,19 @@ def test_experiment_configs_are_locked():
   c = config_lib.finalize(config_lib.base_config(), None)
   with pytest.raises(AttributeError):
     c.train.stepz = 5
+
+
+# The finetune experiments take the method to compare as their argument; methods.py is the
+# settings they share, not an experiment.
+_EXPERIMENT_ARG = {"finetune": "lora"}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT))
+                                        for p in (ROOT / "experiments").glob("*/*.py")
+                                        if "def get_config" in p.read_text()))
+def test_every_experiment_file_resolves_as_is_and_as_smoke(path):
+  module = config_lib.experiment_module(path, str(ROOT / "setup"))
+  arg = _EXPERIMENT_ARG.get(pathlib.Path(path).parent.name)
+  for variant in (arg, ",".join(filter(None, (arg, "smoke")))):
+    exp = config_lib.resolve(module.get_config(variant))
+    assert exp.name and exp.train.steps > 0
