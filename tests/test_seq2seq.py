@@ -255,6 +255,21 @@ def test_a_seq2seq_run_reports_bleu_writes_translations_and_translates_from_the_
               f"--output={tmp_path / 'out.txt'}", "--num_beams=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len((tmp_path / "out.txt").read_text().split("\n")) == 3  # two lines and the end
+  # Exported for transformers: the run's special ids travel; llmjax translates it alike.
+  from llmjax import hf
+  from llmjax.cli import export
+  from llmjax.train import rundir
+  assert export.export(str(workdir), f"hf:{tmp_path / 'hf'}") == 4
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["architectures"] == ["MarianMTModel"]
+  assert (config["pad_token_id"], config["eos_token_id"], config["decoder_start_token_id"]) == (
+      info["pad_id"], info["eos_id"], info["start_id"])
+  run = rundir.restore(str(workdir))
+  model, params = hf.load(str(tmp_path / "hf"))
+  task = run.task
+  texts = ["the cat sat", "a red hat"]
+  assert task.translate(model, params, task_tokenizer(workdir), texts) == task.translate(
+      run.model, run.params, task_tokenizer(workdir), texts)
   proc = _cli("eval", f"--workdir={workdir}")  # the whole validation split is translated
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads((workdir / "eval" / "step_4.json").read_text())
@@ -262,6 +277,11 @@ def test_a_seq2seq_run_reports_bleu_writes_translations_and_translates_from_the_
   proc = _cli("translate", f"--checkpoint={workdir}", "--text=the cat", "--num_beams=0")
   assert proc.returncode == 2 and "num_beams must be >= 1" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def task_tokenizer(workdir):
+  from llmjax.data.tokenizers import HFTokenizer
+  return HFTokenizer(str(workdir))
 
 
 def test_bad_seq2seq_configs_and_data_fail_clearly(tmp_path):
