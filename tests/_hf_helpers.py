@@ -110,11 +110,24 @@ def make_marian(directory, seed: int, **overrides):
   import transformers as T
   torch.manual_seed(seed)
   model = T.MarianMTModel(marian_config(**overrides)).eval()
+  return _randomised(model, directory)
+
+
+def _randomised(model, directory, eos: int | None = None, eos_bias: float = 0.0):
+  """`model` (a transformers Marian or BART) with every parameter and its final_logits_bias
+  random (norm scales around 1; Marian's fixed sinusoids untouched), the stacks' embeddings of
+  an untied model equal to the shared table, EOS's logits bias raised by `eos_bias`; saved to
+  `directory` unless None."""
+  import torch
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if "embed_positions" not in name:  # fixed sinusoids, never saved
-        p.normal_(1.0 if name.endswith("layer_norm.weight") else 0.0, 0.2)
+      if "embed_positions" in name and type(model).__name__ == "MarianMTModel":
+        continue  # fixed sinusoids, never saved
+      norm_scale = name.endswith(("layer_norm.weight", "layernorm_embedding.weight"))
+      p.normal_(1.0 if norm_scale else 0.0, 0.2)
     model.final_logits_bias.normal_(0.0, 0.5)
+    if eos is not None:
+      model.final_logits_bias[0, eos] += eos_bias
     shared = model.model.shared.weight
     for stack in (model.model.encoder, model.model.decoder):
       if stack.embed_tokens.weight is not shared:
@@ -173,16 +186,4 @@ def make_bart(directory, seed: int, eos_bias: float = 0.0, **overrides):
   import transformers as T
   torch.manual_seed(seed)
   model = T.BartForConditionalGeneration(bart_config(**overrides)).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      norm_scale = name.endswith(("layer_norm.weight", "layernorm_embedding.weight"))
-      p.normal_(1.0 if norm_scale else 0.0, 0.2)
-    model.final_logits_bias.normal_(0.0, 0.5)
-    model.final_logits_bias[0, BART_EOS] += eos_bias
-    shared = model.model.shared.weight
-    for stack in (model.model.encoder, model.model.decoder):
-      if stack.embed_tokens.weight is not shared:
-        stack.embed_tokens.weight.copy_(shared)
-  if directory is not None:
-    model.save_pretrained(str(directory))
-  return model
+  return _randomised(model, directory, BART_EOS, eos_bias)
