@@ -1,1 +1,2 @@
-"""Models: one Transformer (decoder or encoder by config) and its presets."""
+"""Models: the Transformer (decoder or encoder by config), the encoder-decoder, ResNets and a
+small CNN, and their presets."""
