@@ -125,11 +125,11 @@ def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, 
     return logits_B1V[:, -1], variables["cache"]
 
   def choose(step, logits_BV, done_B):
-    token_B = next_token(logits_BV, jax.random.fold_in(rng, step), sampling)
-    token_B = jnp.where(done_B, pad_id, token_B)
+    token_B, done_B = _next_or_pad(logits_BV, jax.random.fold_in(rng, step), sampling, done_B,
+                                   eos_E, pad_id)
     if on_token is not None:
       io_callback(lambda s, t: on_token(int(s), np.asarray(t)), None, step, token_B, ordered=True)
-    return token_B, done_B | jnp.isin(token_B, eos_E)
+    return token_B, done_B
 
   # Padding keeps position 0 (its own segment, never seen by real tokens).
   positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
@@ -151,6 +151,13 @@ def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, 
 
   carry = (jnp.int32(1), token_B, done_B, out_BN, cache, positions_BP[:, -1] + 1)
   return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def _next_or_pad(logits_BV, key, sampling: Sampling, done_B, eos_E, pad_id: int):
+  """(next tokens [B], rows done after them): `pad_id` for rows already done; a row is done
+  once it has produced an EOS."""
+  token_B = jnp.where(done_B, pad_id, next_token(logits_BV, key, sampling))
+  return token_B, done_B | jnp.isin(token_B, eos_E)
 
 
 def sample(model, params, prompt_BP: jax.Array, rng: jax.Array, *, n_new: int,
@@ -272,8 +279,7 @@ def _greedy(logits_BV, cache, step, eos_E, max_new_tokens: int, pad_id: int) -> 
 
   def body(carry):
     t, logits_BV, cache, done_B, out_BN = carry
-    token_B = jnp.where(done_B, pad_id, next_token(logits_BV, None, greedy))
-    done_B = done_B | jnp.isin(token_B, eos_E)
+    token_B, done_B = _next_or_pad(logits_BV, None, greedy, done_B, eos_E, pad_id)
     out_BN = out_BN.at[:, t].set(token_B)
     go = (t + 1 < max_new_tokens) & ~jnp.all(done_B)
     logits_BV, cache = jax.lax.cond(go, lambda c: step(token_B, c),

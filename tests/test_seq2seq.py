@@ -116,7 +116,7 @@ def task_and_params(tmp_path_factory):
 
 def test_packed_pairs_give_the_loss_of_the_same_pairs_unpacked(task_and_params):
   task, data, model, params = task_and_params
-  special = task._special()
+  special = task.special_ids()
   pairs = data.texts["train"][:12]
   sources = seq2seq_rows.encode_source(data.tokenizer, [s for s, _ in pairs], special.eos)
   targets = seq2seq_rows.encode_target(data.tokenizer, [t for _, t in pairs], special.eos)

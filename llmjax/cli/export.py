@@ -97,10 +97,10 @@ def _to_llmjax(run, workdir: str, dest: str) -> None:
   model, params = _merged(run)
   # Which module wraps the config (a BERT head, its label count) and the run's vocabulary, so
   # `llmjax convert --to=hf:` and `generate` need nothing else.
-  special = _special_tokens(run.task.info)
-  described = {**convert.describe(model), **{k: v for k, v in special.items() if k != "eos_token_id"}}
-  if "eos_token_id" in special:
-    described["eos_token_ids"] = [special["eos_token_id"]]
+  special = _special_tokens(run.task.info)  # model.json lists EOS ids, as hf_to_export does
+  eos = special.pop("eos_token_id", None)
+  described = {**convert.describe(model), **special,
+               **({"eos_token_ids": [eos]} if eos is not None else {})}
   extra = {convert.MODEL_FILE: json.dumps(described, indent=2)}
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):

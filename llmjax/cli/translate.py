@@ -39,38 +39,39 @@ def main(argv: list[str] | None = None) -> None:
   if _BEAMS.value is not None and _BEAMS.value < 1:
     common.fail(f"--num_beams must be >= 1 (1 is greedy), got {_BEAMS.value}")
   texts = [_TEXT.value] if _TEXT.value is not None else _read_lines(_INPUT.value)
+  settings = {k: v for k, v in (
+      ("num_beams", _BEAMS.value), ("length_penalty", _LENGTH_PENALTY.value),
+      ("max_new_tokens", _MAX_NEW.value),
+      ("early_stopping", None if _EARLY.value is None else
+       {"true": True, "false": False, "never": "never"}[_EARLY.value])) if v is not None}
   with common.user_errors():
-    from llmjax.tasks import seq2seq
-    model, params, tokenizer, special, defaults = _load(_CHECKPOINT.value)
-    settings = {**defaults, **{k: v for k, v in (
-        ("num_beams", _BEAMS.value), ("length_penalty", _LENGTH_PENALTY.value),
-        ("max_new_tokens", _MAX_NEW.value),
-        ("early_stopping", None if _EARLY.value is None else
-         {"true": True, "false": False, "never": "never"}[_EARLY.value])) if v is not None}}
-    out = seq2seq.translate_texts(model, params, tokenizer, texts, width=model.cfg.max_len,
-                                  special=special, **settings)
+    spec = _CHECKPOINT.value
+    is_run = not spec.startswith("hf:") and os.path.isdir(os.path.join(spec, "checkpoints"))
+    out = (_translate_with_run if is_run else _translate_with_model)(spec, texts, settings)
   _write_lines(out, _OUTPUT.value)
 
 
-def _load(spec: str):
-  """(model, params, tokenizer, special ids, decoding defaults) of a run, export or HF dir."""
+def _translate_with_run(workdir: str, texts: list[str], settings: dict) -> list[str]:
+  """A seq2seq run's newest checkpoint, vocabulary and decoding settings (`settings` win)."""
+  from llmjax.data import tokenizers
+  from llmjax.errors import UserError
+  from llmjax.hf import convert
+  from llmjax.tasks.seq2seq import Seq2Seq
+  from llmjax.train import rundir
+  run = rundir.restore(workdir)
+  if not isinstance(run.task, Seq2Seq):
+    raise UserError(f"{workdir} is a {run.exp.task.name} run, not a seq2seq one")
+  tokenizer = (convert.tokenizer_for(None, _TOKENIZER.value) if _TOKENIZER.value
+               else tokenizers.HFTokenizer(workdir))
+  return run.task.translate(run.model, run.params, tokenizer, texts, **settings)
+
+
+def _translate_with_model(spec: str, texts: list[str], settings: dict) -> list[str]:
+  """An llmjax export or a Hugging Face directory, its special ids from its config."""
   from llmjax.data.seq2seq_rows import SpecialIds
   from llmjax.errors import UserError
   from llmjax.hf import convert
-  if not spec.startswith("hf:") and os.path.isdir(os.path.join(spec, "checkpoints")):
-    from llmjax.data import tokenizers
-    from llmjax.train import rundir
-    run = rundir.restore(spec)
-    info, t = run.task.info, run.exp.task
-    if "start_id" not in info:
-      raise UserError(f"{spec} is a {run.exp.task.name} run, not a seq2seq one")
-    tokenizer = (convert.tokenizer_for(None, _TOKENIZER.value) if _TOKENIZER.value
-                 else tokenizers.HFTokenizer(spec))
-    defaults = dict(num_beams=t.num_beams, length_penalty=t.length_penalty,
-                    early_stopping=t.early_stopping,
-                    max_new_tokens=t.max_new_tokens or run.exp.data.seq_len)
-    return (run.model, run.params, tokenizer,
-            SpecialIds(info["pad_id"], info["eos_id"], info["start_id"]), defaults)
+  from llmjax.tasks.seq2seq import translate_texts
   loaded = convert.load_any(spec, dtype=_DTYPE.value)
   tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
   eos = loaded.eos_token_ids[0] if loaded.eos_token_ids else tokenizer.special_id("sep")
@@ -81,7 +82,9 @@ def _load(spec: str):
                     "or tokenizer")
   defaults = dict(num_beams=4, length_penalty=1.0, early_stopping=False,
                   max_new_tokens=min(128, loaded.model.cfg.max_len))
-  return loaded.model, loaded.params, tokenizer, SpecialIds(pad, eos, start), defaults
+  return translate_texts(loaded.model, loaded.params, tokenizer, texts,
+                         width=loaded.model.cfg.max_len, special=SpecialIds(pad, eos, start),
+                         **{**defaults, **settings})
 
 
 def _read_lines(path: str) -> list[str]:

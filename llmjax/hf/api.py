@@ -18,7 +18,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax.config import ModelConfig
-from llmjax.hf import bart, bert, files, gpt2, llama, mapping, marian, resnet, seq2seq_layout
+from llmjax.hf import bart, bert, files, gpt2, llama, mapping, marian, resnet
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
@@ -28,17 +28,6 @@ from llmjax.parallel import sharding
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (gpt2.ARCH, llama.ARCH,
                                                                      bert.ARCH, marian.ARCH,
                                                                      bart.ARCH, resnet.ARCH)}
-
-
-# model_type -> (copies checked on load, copies written on save): HF keys that hold another key's
-# tensor again, {copy: source}, for a model (the BART family's shared embedding).
-_COPIES = {a.model_type: (seq2seq_layout.copies, seq2seq_layout.written_copies)
-           for a in (marian.ARCH, bart.ARCH)}
-
-
-def _copies(arch: Architecture, model: nn.Module, writing: bool) -> dict[str, str]:
-  functions = _COPIES.get(arch.model_type)
-  return functions[writing](model) if functions else {}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -227,7 +216,7 @@ def _check_copies(path: str, arch: Architecture, model: nn.Module, index: files.
   """Each copy of a tensor the file holds (ignored when resolving keys) equals the tensor llmjax
   reads: transformers would use a differing one as a parameter of its own."""
   aliases = _aliases(arch)
-  for copy, source in _copies(arch, model, writing=False).items():
+  for copy, source in arch.copies(model).items():
     key = next((k for k in aliases(copy) if k in index.entries), None)
     if key is not None and not np.array_equal(index.read(key), index.read(found[source])):
       raise UnsupportedModelError(
@@ -313,7 +302,7 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   try:
     tensors = mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers, state_flat)
     tensors.update({copy: tensors[source]
-                    for copy, source in _copies(arch, model, writing=True).items()})
+                    for copy, source in arch.written_copies(model).items()})
     files.write(path, tensors, config)
   except OSError as e:
     raise HFError(f"cannot write {path}: {e}") from e

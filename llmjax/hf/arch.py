@@ -43,6 +43,10 @@ class Architecture:
   # The ModelConfig fields an HF config decides, compared when saving; () all but RUNTIME_FIELDS
   # and IMAGE_FIELDS (the Transformer architectures).
   config_fields: tuple[str, ...] = ()
+  # {HF key: the key whose tensor it repeats} (the BART family's shared embedding): each such copy
+  # a file holds must equal its source on load; `written_copies` are the ones save writes.
+  copies: Callable[[nn.Module], dict[str, str]] = lambda model: {}
+  written_copies: Callable[[nn.Module], dict[str, str]] = lambda model: {}
 
 
 def require(ok: bool, message: str) -> None:

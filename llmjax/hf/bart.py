@@ -64,4 +64,5 @@ ARCH = Architecture(
     from_hf=from_hf, to_hf=to_hf,
     class_of=lambda model: ("BartForConditionalGeneration" if type(model) is EncoderDecoder
                             else None),
-    tensors=tensors, ignored=layout.ignored_copies)
+    tensors=tensors, ignored=layout.ignored_copies, copies=layout.copies,
+    written_copies=layout.written_copies)

@@ -43,4 +43,5 @@ ARCH = Architecture(
     classes={"MarianMTModel": lambda cfg, _: EncoderDecoder(cfg)},
     from_hf=from_hf, to_hf=to_hf,
     class_of=lambda model: "MarianMTModel" if type(model) is EncoderDecoder else None,
-    tensors=layout.tensors, ignored=ignored)
+    tensors=layout.tensors, ignored=ignored, copies=layout.copies,
+    written_copies=layout.written_copies)

@@ -91,7 +91,7 @@ class Decoder(nn.Module):
                deterministic: bool, decode: bool):
     cfg = dataclasses.replace(self.cfg, causal=True)
     positions_BT = None if decode else transformer.positions_from_segments(segment_ids_BT)
-    mask_B1TT, positions_BT, cache_index = transformer._Mask(decode, name="mask")(
+    mask_B1TT, positions_BT, cache_index = transformer.Mask(decode, name="mask")(
         tokens_BT, segment_ids_BT, positions_BT)
     y_BTD = _inputs(cfg, y_BTD, positions_BT, deterministic)
     target_segments_BT = jnp.ones_like(tokens_BT) if segment_ids_BT is None else segment_ids_BT

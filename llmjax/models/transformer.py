@@ -96,7 +96,7 @@ def stack(block: type[nn.Module], n_layers: int, cfg: ModelConfig, peft: peftlib
   return x_BLD
 
 
-class _Mask(nn.Module):
+class Mask(nn.Module):
   """The attention mask, and in decode mode the cache's segment ids and next free slot."""
   decode: bool
 
@@ -185,7 +185,7 @@ class Transformer(nn.Module):
     slots_BL, segments_BL, positions_BL = (
         _prompted(prompt_length, tokens_BL, segment_ids_BL, positions_BL, decode, prefill)
         if prompt_length else (tokens_BL, segment_ids_BL, positions_BL))
-    mask_B1LS, positions_BL, cache_index = _Mask(decode, name="mask")(
+    mask_B1LS, positions_BL, cache_index = Mask(decode, name="mask")(
         slots_BL, segments_BL, positions_BL)
     if prompted and not decode:
       mask_B1LS = prompt_mask(mask_B1LS, prompt_length)

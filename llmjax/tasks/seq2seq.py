@@ -102,15 +102,20 @@ class Seq2Seq(Task):
     hypotheses = self.translate(model, params, data.tokenizer, [s for s, _ in pairs])
     return {**bleu.corpus_scores(hypotheses, [t for _, t in pairs]), "translated": len(pairs)}
 
-  def translate(self, model, params, tokenizer, sources: list[str]) -> list[str]:
-    """Texts -> translations with the run's decoding settings (config.task)."""
-    t = self.exp.task
+  def translate(self, model, params, tokenizer, sources: list[str], **settings) -> list[str]:
+    """Texts -> translations with the run's decoding settings (config.task), `settings`
+    (num_beams, length_penalty, early_stopping, max_new_tokens) overriding them."""
     return translate_texts(model, params, tokenizer, sources, width=self.exp.data.seq_len,
-                           max_new_tokens=t.max_new_tokens or self.exp.data.seq_len,
-                           num_beams=t.num_beams, length_penalty=t.length_penalty,
-                           early_stopping=t.early_stopping, special=self._special())
+                           special=self.special_ids(), **{**self.decode_settings(), **settings})
 
-  def _special(self):
+  def decode_settings(self) -> dict:
+    t = self.exp.task
+    return dict(num_beams=t.num_beams, length_penalty=t.length_penalty,
+                early_stopping=t.early_stopping,
+                max_new_tokens=t.max_new_tokens or self.exp.data.seq_len)
+
+  def special_ids(self):
+    """pad, EOS and decoder start of the run's vocabulary (recorded in task_info.json)."""
     from llmjax.data.seq2seq_rows import SpecialIds
     return SpecialIds(self.info["pad_id"], self.info["eos_id"], self.info["start_id"])
 
