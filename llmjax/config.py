@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from llmjax.config_checks import validate
+from llmjax.config_tasks import TaskEntry, resolve_tasks
 from llmjax.errors import ConfigError
 from llmjax.models import presets
 
@@ -225,6 +226,28 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation (llmjax/tasks/distill.py): the task's loss becomes
+  alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * task loss, over the task's own positions."""
+  teacher: str = ""  # "" (no distillation) | workdir:PATH | export:PATH | hf:PATH
+  alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the task's own loss
+  temperature: float = 2.0  # both distributions are softened by it; the term is scaled by T^2
+  # constant | linear: alpha and temperature move linearly from their value at step 0 to
+  # alpha_end / temperature_end at the last step (a teacher leaned on early, the labels late).
+  schedule: str = "constant"
+  alpha_end: float = 0.0
+  temperature_end: float = 1.0
+  # >0: offline teacher: its top-k logits per position are computed once over the training rows,
+  # stored in the workdir (teacher_topk/, orbax) and read with the data; no teacher in memory
+  # while training. Tasks whose inputs change every step (mlm corruption, image augmentation)
+  # need the online teacher.
+  top_k: int = 0
+  # >0: also match the student's last hidden states to the teacher's through a learned linear
+  # projection (student width -> teacher width), mean squared error times this weight.
+  hidden_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   name: str
   model: ModelConfig
@@ -234,13 +257,17 @@ class Experiment:
   train: TrainConfig
   task: TaskConfig = TaskConfig()
   finetune: FinetuneConfig = FinetuneConfig()
+  distill: DistillConfig = DistillConfig()
+  # config.tasks: several tasks on one backbone (config_tasks.py); () for a single task
+  tasks: tuple[TaskEntry, ...] = ()
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-             "train": TrainConfig, "task": TaskConfig, "finetune": FinetuneConfig}
+             "train": TrainConfig, "task": TaskConfig, "finetune": FinetuneConfig,
+             "distill": DistillConfig}
 _CHOICES = {
     "model.pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -260,6 +287,7 @@ _CHOICES = {
     "task.pooling": ("auto", "cls", "last"),
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
                         "prefix"),
+    "distill.schedule": ("constant", "linear"),
     "finetune.adapter_placement": ("attn", "mlp", "both"),
     "finetune.prompt_init": ("random", "vocab", "labels"),
 }
@@ -284,6 +312,7 @@ def base_config() -> ml_collections.ConfigDict:
   for section, cls in _SECTIONS.items():
     if section != "model":
       c[section] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+  c.tasks = ml_collections.ConfigDict()  # named entries: a multi-task run (config_tasks.py)
   return c
 
 
@@ -307,6 +336,10 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.sample_prompts = 2
   c.train.sample_tokens = 16
   c.optim.warmup_steps = 5
+  for entry in c.get("tasks", {}).values():  # a task's own data shrinks like the experiment's
+    for key in ("seq_len", "max_bytes"):
+      if key in entry.get("data", {}):
+        entry.data[key] = c.data[key]
   if c.model.arch in ("resnet", "cnn"):  # block type, stem and stage count kept, a few channels
     stages = len(c.model.resnet_depths.split(","))
     c.model.resnet_depths = ",".join(["1"] * stages)
@@ -369,14 +402,18 @@ def _section(name: str, cls, values: dict) -> Any:
 def resolve(c: ml_collections.ConfigDict | dict) -> Experiment:
   """ConfigDict (or its dict form) -> validated Experiment; raises ConfigError naming the key."""
   d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
-  unknown = sorted(set(d) - set(_SECTIONS) - {"name"})
+  unknown = sorted(set(d) - set(_SECTIONS) - {"name", "tasks"})
   if unknown:
     raise ConfigError(f"unknown config key config.{unknown[0]}; allowed: name, "
-                      f"{', '.join(_SECTIONS)}")
+                      f"{', '.join(_SECTIONS)}, tasks")
   sections = {k: _section(k, cls, dict(d.get(k, {}))) for k, cls in _SECTIONS.items()}
   exp = Experiment(name=_check_type("name", d.get("name", "experiment"), "str"), **sections)
-  validate(exp)
-  return exp
+  # With config.tasks, config.data / config.task are the entries' defaults: each entry's view
+  # of the experiment is what gets validated.
+  entries = resolve_tasks(d.get("tasks"), exp, _section, validate)
+  if not entries:
+    validate(exp)
+  return dataclasses.replace(exp, tasks=entries)
 
 
 def as_dict(exp: Experiment) -> dict:

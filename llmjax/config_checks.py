@@ -88,6 +88,7 @@ def validate(exp: Experiment) -> None:
            f"config.data.test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
            f"got {data.test_fraction}")
   validate_finetune(exp)
+  validate_distill(exp)
   validate_images(exp)
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
@@ -118,6 +119,23 @@ def validate_finetune(exp: Experiment) -> None:
   _require(all(s.isdigit() for s in layers),
            f"config.finetune.adapter_layers={f.adapter_layers!r} must be comma-separated block "
            "indices, or empty for every block")
+
+
+def validate_distill(exp: Experiment) -> None:
+  """The numbers of config.distill; the teacher itself is checked when it is loaded."""
+  d = exp.distill
+  _require(d.teacher == "" or d.teacher.split(":", 1)[0] in ("hf", "workdir", "export"),
+           f"config.distill.teacher={d.teacher!r}: allowed '', 'workdir:PATH', 'export:PATH', "
+           "'hf:PATH'")
+  for key in ("alpha", "alpha_end"):
+    _require(0.0 <= getattr(d, key) <= 1.0,
+             f"config.distill.{key} must be in [0, 1], got {getattr(d, key)}")
+  for key in ("temperature", "temperature_end"):
+    _require(getattr(d, key) > 0.0,
+             f"config.distill.{key} must be > 0, got {getattr(d, key)}")
+  _require(d.top_k >= 0, f"config.distill.top_k must be >= 0 (0: online teacher), got {d.top_k}")
+  _require(d.hidden_weight >= 0.0,
+           f"config.distill.hidden_weight must be >= 0, got {d.hidden_weight}")
 
 
 def _int_list(key: str, text: str) -> list[int]:

@@ -74,3 +74,230 @@ def test_top_k_renormalises_the_teacher_over_its_k_tokens():
 
 def test_the_combination_weights_distillation_by_alpha():
   assert float(distill.combined(0.25, jnp.float32(4.0), jnp.float32(8.0))) == 7.0
+
+
+# --- distillation of every task (llmjax/tasks/distill.py, config.distill) ------------------------
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from flax import linen as nn  # noqa: E402
+
+from llmjax import checkpoint  # noqa: E402
+from llmjax.errors import ConfigError  # noqa: E402
+from llmjax.parallel import sharding  # noqa: E402
+from llmjax.tasks.distill import TOPK_IDS, TOPK_VALUES, Distilled  # noqa: E402
+from llmjax.train import loop, offline_teacher  # noqa: E402
+from llmjax.train.state import TEACHER  # noqa: E402
+
+from _task_helpers import experiment  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_DROPOUT = {"dropout": 0.0}
+
+
+def _image_experiment(tmp_path):
+  import test_image_task
+  return test_image_task.experiment(test_image_task.write_folder(tmp_path / "images", 8),
+                                    arch="cnn")
+
+
+def _self_distilled(s, state, alpha=0.5):
+  """The loss of `s`'s task distilled from itself: teacher variables = the student's."""
+  task = Distilled(s.task, s.task, s.model)
+  variables = {"params": state.params, **state.model_state}
+  teacher = {"variables": variables, "step": jnp.zeros((), jnp.int32)}
+  return task, {**variables, TEACHER: teacher}
+
+
+@pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "seq2seq", "image_classify"])
+def test_a_student_equal_to_its_teacher_has_zero_kl_in_every_task(task_name, tmp_path):
+  if task_name == "image_classify":
+    exp = _image_experiment(tmp_path)
+  else:
+    exp = experiment(task_name, tmp_path, model=NO_DROPOUT)
+  exp = dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, alpha=0.25))
+  s = loop.prepare(exp, None, jax.devices()[:1])
+  state = loop.fresh_state(s)
+  task, variables = _self_distilled(s, state)
+  batch = jax.tree.map(jnp.asarray, next(loop._data_iterator(s, None)))
+  # Training mode with a key: masked-LM corrupts from it, so the teacher must corrupt alike.
+  terms = task.loss(s.model, variables, batch, rng=jax.random.PRNGKey(3), train=True)
+  own = s.task.loss(s.model, {"params": state.params, **state.model_state}, batch,
+                    rng=jax.random.PRNGKey(3), train=True)
+  assert abs(float(terms.sums["distill_sum"])) <= 1e-6 * float(terms.weight)
+  assert float(terms.weight) == float(own.weight) > 0
+  np.testing.assert_allclose(float(terms.loss_sum), 0.75 * float(own.loss_sum), rtol=1e-5)
+
+
+def test_the_teacher_is_never_differentiated(tmp_path):
+  s = loop.prepare(experiment("lm", tmp_path), None, jax.devices()[:1])
+  state = loop.fresh_state(s)
+  task, variables = _self_distilled(s, state)
+  batch = jax.tree.map(jnp.asarray, next(loop._data_iterator(s, None)))
+  student = jax.tree.map(lambda x: x + 0.01, state.params)  # a student unlike its teacher
+
+  def loss(student_params, teacher_variables):
+    v = {**variables, "params": student_params,
+         TEACHER: {"variables": teacher_variables, "step": 0}}
+    return task.loss(s.model, v, batch, rng=None, train=False).loss_sum
+  grad_student, grad_teacher = jax.grad(loss, argnums=(0, 1))(student,
+                                                             variables[TEACHER]["variables"])
+  assert not any(np.asarray(g).any() for g in jax.tree.leaves(grad_teacher))
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grad_student)) > 0
+
+
+def test_schedules_move_alpha_and_temperature_linearly(tmp_path):
+  exp = experiment("lm", tmp_path, train={"steps": 11},
+                   distill=dict(alpha=0.9, alpha_end=0.1, temperature=4.0, temperature_end=1.0,
+                                schedule="linear"))
+  task = Distilled(loop.prepare(exp, None, jax.devices()[:1]).task, None)
+  for step, alpha, temperature in ((0, 0.9, 4.0), (5, 0.5, 2.5), (10, 0.1, 1.0)):
+    got = task.weights(step)
+    np.testing.assert_allclose([float(got[0]), float(got[1])], [alpha, temperature], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lm_teacher(tmp_path_factory):
+  """A tiny LM trained for 4 steps: the workdir the distillation runs learn from."""
+  tmp = tmp_path_factory.mktemp("teacher")
+  workdir = str(tmp / "run")
+  loop.run(experiment("lm", tmp), workdir)
+  return workdir
+
+
+def _student(tmp_path, teacher, **distill):
+  """A student half the teacher's width and depth on the same corpus."""
+  return experiment("lm", tmp_path, model={"d_model": 16, "n_layers": 1, "d_ff": 32},
+                    distill={"teacher": f"workdir:{teacher}", **distill})
+
+
+def test_a_smaller_student_trains_resumes_exactly_and_keeps_no_teacher(lm_teacher, tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  exp = _student(tmp_path, lm_teacher)
+  loop.run(exp, straight)
+  half = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2,
+                                                            checkpoint_every=2))
+  loop.run(half, resumed)
+  final = loop.run(exp, resumed)
+  assert np.isfinite(final["distill_kl"]) and final["distill_kl"] > 0
+  records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+  assert all("distill_kl" in r and "combined_loss" in r for r in records if r["split"] == "val")
+  # The checkpoint holds the student only: its parameter shapes, none of the teacher's.
+  saved = checkpoint.saved_param_shapes(os.path.join(straight, "checkpoints"))
+  s = loop.prepare(exp, None, jax.devices()[:1])
+  student = {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(s.abstract_state.params)}
+  assert saved == student
+  a, b = (llmjax_restore(w) for w in (straight, resumed))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def llmjax_restore(workdir):
+  from llmjax.train import rundir
+  return jax.device_get(rundir.restore(workdir).state.params)
+
+
+def test_offline_top_k_of_the_whole_vocabulary_equals_the_online_teacher(lm_teacher, tmp_path):
+  online = loop.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
+  offline = loop.prepare(_student(tmp_path, lm_teacher, top_k=256), None, jax.devices()[:1])
+  state = loop.fresh_state(online)
+  rows = jax.tree.map(lambda x: x[:8], online.data.train)
+  with jax.set_mesh(online.mesh), nn.logical_axis_rules(online.rules):
+    columns = offline_teacher.compute(online.teacher, state.teacher, rows, 256, online.mesh, 8)
+  assert columns[TOPK_VALUES].shape == (8, 32, 256)
+  variables = {"params": state.params, TEACHER: {"variables": state.teacher, "step": 0}}
+  want = online.task.loss(online.model, variables, jax.tree.map(jnp.asarray, rows), rng=None,
+                          train=False)
+  got = offline.task.loss(offline.model, {"params": state.params,
+                                          TEACHER: {"variables": {}, "step": 0}},
+                          jax.tree.map(jnp.asarray, {**rows, **columns}), rng=None, train=False)
+  np.testing.assert_allclose(float(got.sums["distill_sum"]), float(want.sums["distill_sum"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(got.loss_sum), float(want.loss_sum), rtol=1e-5)
+
+
+def test_an_offline_run_stores_the_teacher_once_and_reads_it_back(lm_teacher, tmp_path):
+  workdir = str(tmp_path / "offline")
+  exp = _student(tmp_path, lm_teacher, top_k=4)
+  half = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2,
+                                                            checkpoint_every=2))
+  loop.run(half, workdir)
+  store = os.path.join(workdir, offline_teacher.STORE)
+  manifest = json.load(open(os.path.join(store, offline_teacher.MANIFEST)))
+  assert manifest["top_k"] == 4 and manifest["teacher"] == f"workdir:{lm_teacher}"
+  before = os.path.getmtime(os.path.join(store, offline_teacher.MANIFEST))
+  final = loop.run(exp, workdir)  # the resume reads the store back instead of recomputing
+  assert os.path.getmtime(os.path.join(store, offline_teacher.MANIFEST)) == before
+  assert final["step"] == 4 and np.isfinite(final["distill_kl"])
+
+
+def test_distillation_on_eight_devices_matches_one(lm_teacher, tmp_path):
+  exp = _student(tmp_path, lm_teacher)
+  losses = {}
+  for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
+                                    "fsdp": (1, 8, "fsdp")}.items():
+    meshed = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
+                                                               rules=rules))
+    s = loop.prepare(meshed, None, jax.devices()[:1] if name == "one" else None)
+    state = loop.fresh_state(s)
+    train_fn, eval_fn = loop.compile_steps(s)
+    batch = next(loop._data_iterator(s, None))
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      report = loop.evaluate(s, eval_fn, state, [batch])[0]
+      _, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
+    losses[name] = (float(metrics["loss"]), report["distill_kl"], report["loss"])
+  for name in ("dp", "fsdp"):
+    np.testing.assert_allclose(losses[name], losses["one"], rtol=2e-5, err_msg=name)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(lm_teacher, tmp_path):
+  exp = experiment("lm", tmp_path, model={"vocab_size": 320},
+                   distill={"teacher": f"workdir:{lm_teacher}"})
+  with pytest.raises(ConfigError, match="teacher's vocabulary has 256 entries but the "
+                                        "student's has 320"):
+    loop.prepare(exp, None, jax.devices()[:1])
+
+
+def test_a_teacher_with_another_label_set_is_refused(tmp_path):
+  fake = tmp_path / "teacher"
+  fake.mkdir()
+  (fake / "task_info.json").write_text(json.dumps({"label_names": ["x", "y"]}))
+  exp = experiment("classify", tmp_path, distill={"teacher": f"workdir:{fake}"})
+  with pytest.raises(ConfigError, match="teacher's label set is \\['x', 'y'\\] but the "
+                                        "student's is"):
+    loop.prepare(exp, None, jax.devices()[:1])
+
+
+def test_an_offline_teacher_is_refused_for_inputs_that_change_every_step(tmp_path):
+  exp = experiment("mlm", tmp_path, distill={"teacher": "workdir:/nowhere", "top_k": 4})
+  with pytest.raises(ConfigError, match="top_k=4: an offline teacher needs inputs fixed"):
+    loop.prepare(exp, None, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("alpha=1.5", "config.distill.alpha must be in \\[0, 1\\], got 1.5"),
+    ("temperature=0", "config.distill.temperature must be > 0, got 0"),
+    ("teacher=ckpt:/x", "config.distill.teacher='ckpt:/x': allowed"),
+])
+def test_bad_distillation_settings_are_refused(override, message, tmp_path):
+  key, value = override.split("=")
+  value = float(value) if key != "teacher" else value
+  with pytest.raises(ConfigError, match=message):
+    experiment("lm", tmp_path, distill={key: value})
+
+
+def test_the_cli_refuses_bad_settings_with_exit_2_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "llmjax.cli.main", "train",
+       "--config=experiments/lm/stdlib_gpt.py:smoke", f"--workdir={workdir}",
+       "--config.distill.alpha=-0.5"], cwd=ROOT, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr
+  assert "config.distill.alpha must be in [0, 1], got -0.5" in proc.stderr
+  assert not workdir.exists()

@@ -35,6 +35,20 @@ jax.tree_util.register_dataclass(LossTerms, data_fields=["loss_sum", "weight", "
 
 
 @dataclasses.dataclass(frozen=True)
+class Prediction:
+  """A batch's loss terms beside the scores they came from: what a distillation matches.
+
+  The mask marks exactly the positions the task's loss counts (padding, the unchosen positions of
+  masked-LM, padded classifier rows: 0), so a distillation term summed over it reduces like the
+  task's own loss and weighs the same things.
+  """
+  terms: LossTerms
+  logits: jax.Array  # [..., V]: scores over the vocabulary or the classes
+  mask: jax.Array  # [...]: 1 where the task's loss counts, 0 elsewhere (weights allowed)
+  hidden: jax.Array | None = None  # [..., D] last hidden states at the same positions, if asked
+
+
+@dataclasses.dataclass(frozen=True)
 class Data:
   """A task's data: in-memory rows for the train iterator and the fixed evaluation splits."""
   train: dict[str, np.ndarray]  # every array has the examples on axis 0
@@ -94,7 +108,19 @@ class Task:
     raise NotImplementedError
 
   def loss(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool) -> LossTerms:
-    raise NotImplementedError
+    return self.predict(model, variables, batch, rng=rng, train=train).terms
+
+  def predict(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool,
+              hidden: bool = False) -> Prediction:
+    """The loss terms with the logits and mask they came from. `rng` drives both the task's own
+    randomness (masked-LM corruption) and dropout; `train=False` runs the model in eval mode on
+    the inputs that `rng` makes, which is how a teacher sees exactly the student's inputs.
+    `hidden`: also return the model's last hidden states at the logits' positions."""
+    raise NotImplementedError(f"the {self.name} task does not expose its logits")
+
+  # Whether a row's model inputs are fixed by the row alone (no per-step corruption or
+  # augmentation): an offline teacher's stored logits are only valid then.
+  fixed_inputs = True
 
   def report(self, sums: dict) -> dict:
     """Evaluation sums (loss_sum, weight and the task's own) -> scalar metrics for metrics.jsonl."""
@@ -111,6 +137,25 @@ class Task:
   def headline(self, report: dict) -> str:
     """One line for the end of `llmjax train`."""
     return f"final validation loss {report['loss']:.4f}"
+
+  # --- sharing a batch with other tasks (config.tasks, llmjax/tasks/multitask.py) ---
+
+  def only_rows(self, batch: dict, keep_B: jax.Array) -> dict:
+    """`batch` with only the rows where keep_B is 1 counted by `loss` (its loss_sum, weight and
+    metric sums; other rows contribute exactly 0 and no gradient). Tasks without it cannot share
+    a batch with other tasks."""
+    raise NotImplementedError(f"the {self.name} task cannot share a batch with other tasks")
+
+  def eval_batches(self, arrays: dict, batch_size: int,
+                   max_batches: int | None = None) -> list[dict]:
+    """A split's fixed evaluation batches (the first, in order; the last padded with zero rows)."""
+    from llmjax.data import text
+    return text.eval_batches(arrays, batch_size, max_batches)
+
+  def split_records(self, split: str, report: dict) -> dict[str, dict]:
+    """metrics.jsonl records of one evaluation, by split name: {split: report} (a multi-task
+    run adds one `split/<task>` per task)."""
+    return {split: report}
 
   def write_report(self, workdir: str, report: dict, sums: dict, tag: str) -> list[str]:
     """Task-specific files for an evaluation (plots); returns the paths written."""
@@ -136,12 +181,34 @@ def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct
           "segment_ids": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
 
 
-def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng, **kwargs):
-  """(outputs, updated model_state): mutable collections update only while training."""
+HIDDEN = "hidden"  # what models sow (collection "intermediates") as their last hidden states
+
+
+def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng,
+                hidden: bool = False, **kwargs):
+  """(outputs, updated model_state): mutable collections update only while training.
+
+  With `hidden`, returns ((outputs, last hidden states), model_state): the states the model
+  sowed as `HIDDEN` (see `sown_hidden`).
+  """
   model_state = {k: v for k, v in variables.items() if k != "params"}
   rngs = {"dropout": rng} if rng is not None else None
-  if model_state and train:
-    out, model_state = model.apply(variables, *args, mutable=list(model_state), rngs=rngs,
-                                   **kwargs)
-    return out, dict(model_state)
-  return model.apply(variables, *args, rngs=rngs, **kwargs), model_state
+  mutable = (list(model_state) if model_state and train else []) + (
+      ["intermediates"] if hidden else [])
+  if not mutable:
+    return model.apply(variables, *args, rngs=rngs, **kwargs), model_state
+  out, updated = model.apply(variables, *args, mutable=mutable, rngs=rngs, **kwargs)
+  updated = dict(updated)
+  sown = updated.pop("intermediates", None)
+  if train and model_state:
+    model_state = updated
+  return ((out, sown_hidden(sown)) if hidden else out), model_state
+
+
+def sown_hidden(intermediates) -> jax.Array:
+  """The one array a model sowed as `HIDDEN` (wherever in its tree the backbone sits)."""
+  found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates or {})
+           if any(getattr(k, "key", None) == HIDDEN for k in path)]
+  if len(found) != 1:
+    raise ValueError(f"expected the model to sow one '{HIDDEN}' array, found {len(found)}")
+  return found[0]

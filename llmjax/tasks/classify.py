@@ -15,7 +15,7 @@ import optax
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Task, apply_model, token_batch
+from llmjax.tasks.base import Data, LossTerms, Prediction, Task, apply_model, token_batch
 
 LABELS_FILE = "labels.json"
 
@@ -36,6 +36,12 @@ class LabelTask(Task):
   def num_classes(self) -> int:
     return self.info.get("num_classes") or self.exp.task.num_classes
 
+  def labelled_prediction(self, out, batch, model_state) -> Prediction:
+    """`labelled_terms` with the logits (and hidden states, if `out` carries them)."""
+    logits_BC, hidden_BD = out if isinstance(out, tuple) else (out, None)
+    return Prediction(self.labelled_terms(logits_BC, batch, model_state), logits_BC,
+                      batch["mask"], hidden_BD)
+
   def labelled_terms(self, logits_BC, batch, model_state) -> LossTerms:
     """Cross-entropy (label-smoothed) summed over real rows (`mask`), confusion and top-5."""
     logits_BC = logits_BC.astype(jnp.float32)
@@ -49,6 +55,9 @@ class LabelTask(Task):
             "top5_correct": metrics.topk_correct(logits_BC, labels_B, min(5, num_classes),
                                                  mask_B)}
     return LossTerms(jnp.sum(losses_B * mask_B), jnp.sum(mask_B), sums, model_state)
+
+  def only_rows(self, batch, keep_B):
+    return {**batch, "mask": batch["mask"] * keep_B}
 
   def report(self, sums):
     examples = float(sums["weight"])
@@ -131,19 +140,19 @@ class Classify(LabelTask):
             "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
             "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
-  def _logits(self, model, variables, batch, *, rng, train, init=False):
+  def _logits(self, model, variables, batch, *, rng, train, init=False, hidden=False):
     if self.pooling() == "last":
       kwargs = dict(segment_ids_BL=batch["segment_ids"])
     else:
       kwargs = dict(attention_mask_BL=batch["segment_ids"])
     if init:
       return model.init(variables, batch["tokens"], **kwargs)
-    return apply_model(model, variables, batch["tokens"], train=train, rng=rng,
+    return apply_model(model, variables, batch["tokens"], train=train, rng=rng, hidden=hidden,
                        deterministic=not train, **kwargs)
 
   def init(self, model, rngs, batch):
     return self._logits(model, rngs, batch, rng=None, train=False, init=True)
 
-  def loss(self, model, variables, batch, *, rng, train):
-    logits_BC, model_state = self._logits(model, variables, batch, rng=rng, train=train)
-    return self.labelled_terms(logits_BC, batch, model_state)
+  def predict(self, model, variables, batch, *, rng, train, hidden=False):
+    out, model_state = self._logits(model, variables, batch, rng=rng, train=train, hidden=hidden)
+    return self.labelled_prediction(out, batch, model_state)

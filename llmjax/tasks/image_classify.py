@@ -73,10 +73,15 @@ class ImageClassify(LabelTask):
   def init(self, model, rngs, batch):
     return model.init(rngs, self._normalised(batch["images"]), deterministic=True)
 
-  def loss(self, model, variables, batch, *, rng, train):
-    logits_BC, model_state = apply_model(model, variables, self._normalised(batch["images"]),
-                                         train=train, rng=rng, deterministic=not train)
-    return self.labelled_terms(logits_BC, batch, model_state)
+  @property
+  def fixed_inputs(self):  # augmentation draws new crops and flips every epoch
+    return self.exp.data.crop_padding == 0 and not self.exp.data.random_resized_crop and \
+        not self.exp.data.hflip and self.exp.data.rotate_degrees == 0
+
+  def predict(self, model, variables, batch, *, rng, train, hidden=False):
+    out, model_state = apply_model(model, variables, self._normalised(batch["images"]),
+                                   train=train, rng=rng, hidden=hidden, deterministic=not train)
+    return self.labelled_prediction(out, batch, model_state)
 
   def tokens_per_example(self) -> int:
     return 1  # throughput counts images: tokens_per_s is images/s

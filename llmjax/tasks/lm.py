@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.objectives import lm as lm_objective
-from llmjax.tasks.base import Data, LossTerms, Outputs, Task, apply_model, token_batch
+from llmjax.tasks.base import (Data, LossTerms, Outputs, Prediction, Task, apply_model,
+                               token_batch)
 
 
 class LM(Task):
@@ -35,15 +36,21 @@ class LM(Task):
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["tokens"])
 
-  def loss(self, model, variables, batch, *, rng, train):
+  def predict(self, model, variables, batch, *, rng, train, hidden=False):
     tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
     targets_BL, loss_mask_BL = lm_objective.next_token_targets(tokens_BL, segment_ids_BL)
     if "weights" in batch:  # optional per-example weights [B]
       loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
-    logits_BLV, model_state = apply_model(model, variables, tokens_BL, train=train, rng=rng,
-                                          segment_ids_BL=segment_ids_BL, deterministic=not train)
+    out, model_state = apply_model(model, variables, tokens_BL, train=train, rng=rng,
+                                   hidden=hidden, segment_ids_BL=segment_ids_BL,
+                                   deterministic=not train)
+    logits_BLV, hidden_BLD = out if hidden else (out, None)
     loss_sum, count = lm_objective.cross_entropy_sum(logits_BLV, targets_BL, loss_mask_BL)
-    return LossTerms(loss_sum, count, {}, model_state)
+    return Prediction(LossTerms(loss_sum, count, {}, model_state), logits_BLV, loss_mask_BL,
+                      hidden_BLD)
+
+  def only_rows(self, batch, keep_B):
+    return {**batch, "weights": batch.get("weights", 1.0) * keep_B}
 
   def report(self, sums):
     tokens = float(sums["weight"])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Task, apply_model, token_batch
+from llmjax.tasks.base import Data, LossTerms, Prediction, Task, apply_model, token_batch
 
 
 class MaskedLM(Task):
@@ -68,16 +68,20 @@ class MaskedLM(Task):
         vocab_size=self.info["vocab_size"], mask_prob=t.mask_prob,
         mask_token_ratio=t.mask_token_ratio, random_token_ratio=t.random_token_ratio)
 
-  def loss(self, model, variables, batch, *, rng, train):
+  fixed_inputs = False  # the corruption is drawn afresh every step
+
+  def predict(self, model, variables, batch, *, rng, train, hidden=False):
     tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
     corrupt_key, dropout_key = jax.random.split(rng) if rng is not None else (None, None)
     inputs_BL, chosen_BL = self.corrupt(tokens_BL, segment_ids_BL, corrupt_key)
-    logits_BLV, model_state = apply_model(model, variables, inputs_BL, train=train,
-                                          rng=dropout_key, attention_mask_BL=segment_ids_BL,
-                                          deterministic=not train)
+    out, model_state = apply_model(model, variables, inputs_BL, train=train, rng=dropout_key,
+                                   hidden=hidden, attention_mask_BL=segment_ids_BL,
+                                   deterministic=not train)
+    logits_BLV, hidden_BLD = out if hidden else (out, None)
     loss_sum, count = lm_objective.cross_entropy_sum(logits_BLV, tokens_BL, chosen_BL)
     correct = jnp.sum((jnp.argmax(logits_BLV, -1) == tokens_BL) * chosen_BL)
-    return LossTerms(loss_sum, count, {"correct": correct}, model_state)
+    return Prediction(LossTerms(loss_sum, count, {"correct": correct}, model_state), logits_BLV,
+                      chosen_BL, hidden_BLD)
 
   def report(self, sums):
     chosen = float(sums["weight"])

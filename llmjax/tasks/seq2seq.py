@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from llmjax.errors import ConfigError
 from llmjax.objectives import seq2seq as objective
-from llmjax.tasks.base import Data, LossTerms, Outputs, Task, apply_model
+from llmjax.tasks.base import Data, LossTerms, Outputs, Prediction, Task, apply_model
 
 CORPUS_FILE, TRANSLATIONS_FILE, SCORES_FILE = "corpus.json", "translations.txt", \
     "translation_scores.json"
@@ -71,16 +71,18 @@ class Seq2Seq(Task):
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["source"], batch["target_in"])
 
-  def loss(self, model, variables, batch, *, rng, train):
-    logits_BTV, model_state = apply_model(
+  def predict(self, model, variables, batch, *, rng, train, hidden=False):
+    out, model_state = apply_model(
         model, variables, batch["source"], batch["target_in"], train=train, rng=rng,
-        source_segment_ids_BS=batch["source_segment_ids"],
+        hidden=hidden, source_segment_ids_BS=batch["source_segment_ids"],
         target_segment_ids_BT=batch["target_segment_ids"], deterministic=not train)
-    sums = objective.smoothed_cross_entropy_sums(logits_BTV, batch["target_out"],
-                                                 batch["target_segment_ids"] != 0,
+    logits_BTV, hidden_BTD = out if hidden else (out, None)
+    mask_BT = batch["target_segment_ids"] != 0
+    sums = objective.smoothed_cross_entropy_sums(logits_BTV, batch["target_out"], mask_BT,
                                                  self.exp.task.label_smoothing)
-    return LossTerms(sums["loss_sum"], sums["weight"],
-                     {"nll_sum": sums["nll_sum"], "correct": sums["correct"]}, model_state)
+    terms = LossTerms(sums["loss_sum"], sums["weight"],
+                      {"nll_sum": sums["nll_sum"], "correct": sums["correct"]}, model_state)
+    return Prediction(terms, logits_BTV, mask_BT, hidden_BTD)
 
   def report(self, sums):
     tokens = max(float(sums["weight"]), 1.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -42,6 +43,7 @@ class Setup:
   abstract_state: object
   state_shardings: object
   trainable: frozenset | None = None  # parameter paths that train (None: all of them)
+  teacher: object = None  # config.distill's teacher (llmjax.train.teacher.Teacher) or None
 
 
 def check_batch(exp: Experiment, mesh) -> None:
@@ -78,12 +80,33 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   tx = finetune.optimizer(exp, tx, trainable)
   abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules,
                                                          trainable)
+  teacher = None
+  if exp.distill.teacher:  # the task's loss becomes the distilled one; the state gains a teacher
+    task, teacher = distilled(exp, task, model, data, mesh, rules)
+    online = not exp.distill.top_k
+    abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})
+    state_shardings = state_shardings.replace(teacher=teacher.shardings if online else {})
   resuming = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
   if exp.train.init_from and not resuming:
     full = finetune.merge(abstract_state.params, abstract_state.frozen)
     pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
   return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
-               abstract_state, state_shardings, trainable)
+               abstract_state, state_shardings, trainable, teacher)
+
+
+def distilled(exp: Experiment, task, model, data, mesh, rules):
+  """(the task with config.distill's loss, the teacher): checked against the student first."""
+  from llmjax.tasks.distill import Distilled
+  from llmjax.train import teacher as teacher_lib
+  if exp.distill.top_k and not task.fixed_inputs:
+    raise ConfigError(f"config.distill.top_k={exp.distill.top_k}: an offline teacher needs inputs "
+                      f"fixed by the data, but the {task.name} task changes them every step "
+                      "(masked-LM corruption, image augmentation); use the online teacher "
+                      "(top_k=0)")
+  teacher = teacher_lib.build(exp, task, data.info, mesh, rules)
+  teacher_lib.check_outputs(exp, teacher, task, model)
+  print(teacher_lib.describe(exp, teacher), file=sys.stderr)
+  return Distilled(task, teacher.task, teacher.model), teacher
 
 
 def compile_steps(s: Setup):
@@ -160,10 +183,21 @@ class _Throughput:
 
 
 def fresh_state(s: Setup):
-  """The seed's init, overlaid with init_from's weights, split into trainable and frozen."""
+  """The seed's init, overlaid with init_from's weights, split into trainable and frozen (and
+  the teacher, when distilling)."""
   state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
-                                 s.state_shardings, s.trainable)
-  return finetune.initialise_added(s.exp, state, s.data)
+                                 s.state_shardings.replace(teacher=None), s.trainable)
+  return with_teacher(s, finetune.initialise_added(s.exp, state, s.data))
+
+
+def with_teacher(s: Setup, state):
+  """`state` with config.distill's teacher attached (read from its checkpoint; {} offline)."""
+  if s.teacher is None:
+    return state
+  if s.exp.distill.top_k:
+    return state.replace(teacher={})
+  from llmjax.train import teacher as teacher_lib
+  return state.replace(teacher=teacher_lib.load(s.exp, s.teacher))
 
 
 def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
@@ -172,15 +206,15 @@ def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
   Checkpoints hold no frozen parameters: a resumed fine-tuning run rebuilds its base the way it
   first did and must find the same one (checksums in the checkpoint's data item).
   """
-  found = ckpt.restore_latest_good(s.abstract_state.replace(frozen={}),
-                                   s.state_shardings.replace(frozen={}))
+  found = ckpt.restore_latest_good(s.abstract_state.checkpointed(),
+                                   s.state_shardings.checkpointed())
   if found is None:
     return fresh_state(s), None
   _, (state, data_state, _) = found
   if s.trainable is not None:
     state = pretrained.with_base(s.exp, state, data_state, s.init_variables, s.tx, s.mesh,
-                                 s.rules, s.state_shardings, s.trainable)
-  return state, data_state
+                                 s.rules, s.state_shardings.replace(teacher=None), s.trainable)
+  return with_teacher(s, state), data_state
 
 
 def run(exp: Experiment, workdir: str) -> dict:
@@ -198,6 +232,9 @@ def run(exp: Experiment, workdir: str) -> dict:
                                  keep_best=t.keep_best, async_save=t.async_checkpoint)
   # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
   state, data_state = initial_state(s, ckpt)
+  if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
+    from llmjax.train import offline_teacher
+    s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
   if is_main:
     files = {rundir.CONFIG_FILE: exp.to_json(),
              rundir.TASK_INFO_FILE: json.dumps(s.data.info, indent=2), **s.data.artifacts}
@@ -220,7 +257,7 @@ def run(exp: Experiment, workdir: str) -> dict:
         return {"step": loop.preempted_at, "preempted": True}
       final, sums = loop.evaluate_with_sums(state)
       end = int(jax.device_get(state.step))
-      writer.write(end, "val", final)
+      write_eval(writer, s.task, end, final)
       if end not in ckpt.all_steps():
         loop.save(state, end, final["loss"])
   finally:  # pending async saves complete (or report their failure) on every exit path
@@ -236,7 +273,14 @@ def run(exp: Experiment, workdir: str) -> dict:
   return {"step": end, "headline": s.task.headline(final), **final}
 
 
+def write_eval(writer, task, step: int, report: dict) -> None:
+  """An evaluation's metrics.jsonl records: `val`, and `val/<task>` for each of several tasks."""
+  for split, metrics in task.split_records("val", report).items():
+    writer.write(step, split, metrics)
+
+
 def _write_atomic(path: str, text_: str) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # tasks/<head>/ files of config.tasks
   with open(path + ".tmp", "w") as f:
     f.write(text_)
   os.replace(path + ".tmp", path)
@@ -249,7 +293,7 @@ class _Loop:
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
     self.base = base  # the frozen parameters' identity, saved with every step
     self.train_fn, self.eval_fn = compile_steps(s)
-    self.val_batches = _process_slices(s.mesh, text.eval_batches(
+    self.val_batches = _process_slices(s.mesh, s.task.eval_batches(
         s.data.val, s.exp.train.batch_size, s.exp.train.eval_batches))
     self.throughput = _Throughput(s)
     self.last_val_loss = None
@@ -271,7 +315,7 @@ class _Loop:
     data_state = _data_state(self.iterator)
     if self.base is not None:
       data_state["base"] = self.base
-    self.ckpt.save(step, state.replace(frozen={}), data_state,
+    self.ckpt.save(step, state.checkpointed(), data_state,
                    json.loads(self.s.exp.to_json()),
                    metric=self.last_val_loss if metric is None else metric)
 
@@ -307,7 +351,7 @@ class _Loop:
   def _periodic(self, state, done: int) -> None:
     t = self.s.exp.train
     if done % t.eval_every == 0 and done != t.steps:
-      self.writer.write(done, "val", self.evaluate(state))
+      write_eval(self.writer, self.s.task, done, self.evaluate(state))
       self.throughput.reset()  # evaluation time is not training throughput
     if done % t.checkpoint_every == 0 and done != t.steps:
       self.save(state, done)

@@ -32,32 +32,36 @@ from llmjax.hf.mapping import flatten, unflatten
 _NOT_SHAPE = set(RUNTIME_FIELDS) | {"dropout"}
 
 
-def _split(spec: str) -> tuple[str, str]:
+INIT_FROM = "config.train.init_from"
+
+
+def _split(spec: str, key: str = INIT_FROM) -> tuple[str, str]:
   kind, _, path = spec.partition(":")
   if not path:
-    raise UserError(f"config.train.init_from={spec!r} has no path after '{kind}:'")
+    raise UserError(f"{key}={spec!r} has no path after '{kind}:'")
   if kind not in ("hf", "export", "workdir", "peft"):
-    raise UserError(f"config.train.init_from={spec!r}: allowed hf:PATH, export:PATH, "
-                    "workdir:PATH, peft:ADAPTER_DIR")
+    raise UserError(f"{key}={spec!r}: allowed hf:PATH, export:PATH, workdir:PATH, "
+                    "peft:ADAPTER_DIR")
   return kind, path
 
 
-def weights_source(spec: str) -> tuple[str, str]:
-  """(kind, path) of the weights `spec` names: a PEFT adapter's base is read as hf:."""
-  kind, path = _split(spec)
+def weights_source(spec: str, key: str = INIT_FROM) -> tuple[str, str]:
+  """(kind, path) of the weights `spec` (the value of config `key`) names: a PEFT adapter's
+  base is read as hf:."""
+  kind, path = _split(spec, key)
   if kind == "peft":
     from llmjax.hf import peft as hfpeft
     try:
       return "hf", hfpeft.base_path(path)
     except UserError as e:
-      raise UserError(f"config.train.init_from={spec!r}: {e}") from e
+      raise UserError(f"{key}={spec!r}: {e}") from e
   return kind, path
 
 
-def source_model_config(spec: str) -> dict:
+def source_model_config(spec: str, key: str = INIT_FROM) -> dict:
   """The ModelConfig fields of the checkpoint `spec` names (for a HF directory, those its
   architecture decides: a ResNet's config says nothing of d_model)."""
-  kind, path = weights_source(spec)
+  kind, path = weights_source(spec, key)
   if kind == "hf":
     from llmjax import hf
     return hf.decided_model_fields(path)
@@ -65,7 +69,7 @@ def source_model_config(spec: str) -> dict:
   if not os.path.isfile(file):
     what = "an llmjax export (no model_config.json)" if kind == "export" else \
         "an llmjax run directory (no config.json)"
-    raise UserError(f"config.train.init_from={spec!r}: {path} is not {what}")
+    raise UserError(f"{key}={spec!r}: {path} is not {what}")
   with open(file) as f:
     fields = json.load(f)
   return fields if kind == "export" else fields["model"]
@@ -213,10 +217,10 @@ def _subset(shardings, wanted: dict):
   return unflatten({p: flat[p] for p in wanted})
 
 
-def _workdir_checkpoints(path: str, spec: str) -> str:
+def _workdir_checkpoints(path: str, spec: str, key: str = INIT_FROM) -> str:
   directory = os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
-    raise UserError(f"config.train.init_from={spec!r}: no checkpoints/ in that workdir")
+    raise UserError(f"{key}={spec!r}: no checkpoints/ in that workdir")
   return directory
 
 
@@ -234,14 +238,21 @@ def _saved_shapes(kind, path, spec, scanned: bool) -> dict[str, tuple]:
   return {p: tuple(a.shape) for p, a in flatten(params).items()}
 
 
-def _load_all(kind, path, abstract, shardings):
+def _load_all(kind, path, abstract, shardings, key: str = INIT_FROM):
   if kind == "hf":
     from llmjax import hf
     return hf.load_params(path, abstract, shardings)
   if kind == "export":
     return checkpoint.load_exported(path, abstract, shardings)[1]
-  return checkpoint.restore_params(_workdir_checkpoints(path, kind + ":" + path), abstract,
+  return checkpoint.restore_params(_workdir_checkpoints(path, kind + ":" + path, key), abstract,
                                    shardings)
+
+
+def load_all(spec: str, abstract, shardings, key: str = INIT_FROM):
+  """Every parameter of `abstract` from the checkpoint `spec` names, verified, each placed
+  straight into its sharding."""
+  kind, path = weights_source(spec, key)
+  return _load_all(kind, path, abstract, shardings, key)
 
 
 def _load_subset(kind, path, abstract, shardings):
@@ -289,13 +300,13 @@ def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, tra
                        model_state=model_state)
 
 
-def load_model_state(spec: str, abstract, shardings):
+def load_model_state(spec: str, abstract, shardings, key: str = INIT_FROM):
   """The checkpoint's non-parameter collections (BatchNorm statistics), in the run's layout."""
-  kind, path = weights_source(spec)
+  kind, path = weights_source(spec, key)
   try:
     if kind == "workdir":
-      return checkpoint.restore_params(_workdir_checkpoints(path, spec), abstract, shardings,
-                                       field="model_state")
+      return checkpoint.restore_params(_workdir_checkpoints(path, spec, key), abstract,
+                                       shardings, field="model_state")
     if kind == "export":
       from llmjax.hf import convert
       state = convert.read_model_state(path, abstract)
@@ -303,8 +314,7 @@ def load_model_state(spec: str, abstract, shardings):
     from llmjax import hf
     return hf.load_model_state(path, abstract, shardings)
   except UserError as e:
-    raise UserError(f"config.train.init_from={spec!r}: its model state (BatchNorm statistics): "
-                    f"{e}") from e
+    raise UserError(f"{key}={spec!r}: its model state (BatchNorm statistics): {e}") from e
 
 
 def base_identity(exp: Experiment, frozen) -> dict:

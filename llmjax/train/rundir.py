@@ -70,8 +70,8 @@ def restore(workdir: str, step: int | None = None) -> Restored:
       raise UserError(f"--step={step}: available checkpoint steps in {workdir}: "
                       f"{steps or 'none'}")
     chosen = steps[-1] if step is None else step
-    state, data_state, _ = ckpt.restore(chosen, abstract.replace(frozen={}),
-                                        shardings.replace(frozen={}))
+    state, data_state, _ = ckpt.restore(chosen, abstract.checkpointed(),
+                                        shardings.checkpointed())
   finally:
     ckpt.close()
   if trainable is not None:  # the checkpoint holds only what trained: rebuild the base

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 from flax import struct
 
+from llmjax.finetune import partition
+
 
 @struct.dataclass
 class TrainState:
@@ -18,3 +20,33 @@ class TrainState:
   # Parameters that do not train (config.finetune): no gradients, no optimizer state, never
   # donated and never checkpointed (they come back from the base); {} when everything trains.
   frozen: Any = struct.field(default_factory=dict)
+  # A distillation teacher's variables (config.distill): read by the loss, never differentiated,
+  # donated or checkpointed (loaded again from config.distill.teacher on resume). None when not
+  # distilling; {} for an offline teacher, whose logits come with the data.
+  teacher: Any = None
+
+  def checkpointed(self) -> "TrainState":
+    """What a checkpoint holds: everything but the frozen parameters and the teacher."""
+    return self.replace(frozen={}, teacher=None)
+
+  def kept(self) -> tuple:
+    """(frozen, teacher): the read-only parts, passed to a donating step undonated."""
+    return self.frozen, self.teacher
+
+  def with_kept(self, kept: tuple) -> "TrainState":
+    frozen, teacher = kept
+    return self.replace(frozen=frozen, teacher=teacher)
+
+
+# The variables collection a teacher reaches the loss in: {"variables": the teacher's variables,
+# "step": the train step (for schedules)}; tasks/distill.py takes it out before the student runs.
+TEACHER = "teacher"
+
+
+def loss_variables(state: TrainState, params, model_state) -> dict:
+  """The variables a task's loss sees: trained and frozen parameters merged, the model's other
+  collections and, when distilling, the teacher."""
+  variables = {"params": partition.merge(params, state.frozen), **model_state}
+  if state.teacher is not None:
+    variables[TEACHER] = {"variables": state.teacher, "step": state.step}
+  return variables

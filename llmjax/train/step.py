@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax import finetune
 from llmjax.parallel import sharding
 from llmjax.parallel.mesh import BATCH_AXES
 from llmjax.train.compile_options import compiler_options
-from llmjax.train.state import TrainState
+from llmjax.train.state import TrainState, loss_variables
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
@@ -46,7 +45,7 @@ def _grads(state: TrainState, batch: dict, rng, loss, accum_steps: int):
   gradient of theirs is ever computed.
   """
   def loss_fn(params, microbatch, key, model_state):
-    variables = {"params": finetune.merge(params, state.frozen), **model_state}
+    variables = loss_variables(state, params, model_state)
     terms = loss(variables, microbatch, rng=key, train=True)
     return terms.loss_sum, (terms.weight, terms.model_state)
 
@@ -98,25 +97,26 @@ def train_step(state: TrainState, batch: dict, *, loss, tx: optax.GradientTransf
 
 def eval_step(state: TrainState, batch: dict, *, loss):
   """{"loss_sum", "weight", **metric sums} of one batch, deterministic; batches add up."""
-  variables = {"params": finetune.merge(state.params, state.frozen), **state.model_state}
+  variables = loss_variables(state, state.params, state.model_state)
   terms = loss(variables, batch, rng=None, train=False)
   return {"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums}
 
 
 class DonatingStep:
-  """`train(state, batch)`, jitted with the state donated except its frozen parameters.
+  """`train(state, batch)`, jitted with the state donated except its frozen parameters and
+  teacher.
 
-  Frozen parameters are a separate, undonated argument: they are read every step and never
-  change, so donating them would only ask XLA to copy them into the output. `lower` works
-  like a jitted function's.
+  Those are a separate, undonated argument: they are read every step and never change, so
+  donating them would only ask XLA to copy them into the output. `lower` works like a jitted
+  function's.
   """
 
   def __init__(self, step_fn, state_shardings, batch_sharding, metrics_sharding, options):
-    def step(state, frozen, batch):
-      new_state, metrics = step_fn(state.replace(frozen=frozen), batch)
-      return new_state.replace(frozen={}), metrics
-    rest = state_shardings.replace(frozen={})
-    self.jitted = jax.jit(step, in_shardings=(rest, state_shardings.frozen, batch_sharding),
+    def step(state, kept, batch):
+      new_state, metrics = step_fn(state.with_kept(kept), batch)
+      return new_state.checkpointed(), metrics
+    rest = state_shardings.checkpointed()
+    self.jitted = jax.jit(step, in_shardings=(rest, state_shardings.kept(), batch_sharding),
                           out_shardings=(rest, metrics_sharding), donate_argnums=0,
                           compiler_options=options)
 
@@ -124,12 +124,12 @@ class DonatingStep:
     return _call_apart(self.jitted, state, batch)
 
   def lower(self, state, batch):
-    return _Lowered(self.jitted.lower(state.replace(frozen={}), state.frozen, batch))
+    return _Lowered(self.jitted.lower(state.checkpointed(), state.kept(), batch))
 
 
 def _call_apart(fn, state, batch):
-  new_state, metrics = fn(state.replace(frozen={}), state.frozen, batch)
-  return new_state.replace(frozen=state.frozen), metrics
+  new_state, metrics = fn(state.checkpointed(), state.kept(), batch)
+  return new_state.with_kept(state.kept()), metrics
 
 
 class _Lowered:

@@ -1,0 +1,130 @@
+"""Knowledge distillation of any task: the student's loss becomes
+
+  alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * the task's own loss,
+
+both summed over exactly the positions the task's loss counts (`Task.predict`'s mask), so
+padding, unchosen masked-LM positions and padded classifier rows never count, and both reduce
+across devices, microbatches and evaluation batches by adding, like every task loss.
+
+The teacher is the same task bound to the teacher's model (llmjax/train/teacher.py). It runs in
+eval mode on the inputs the student sees: the same batch (so the same augmented images) and the
+same key for the task's own randomness (so the same masked-LM corruption). Its variables arrive
+in the loss as the `TEACHER` collection, outside the parameters the step differentiates, and
+its logits pass through `stop_gradient`. An offline teacher (config.distill.top_k) arrives
+instead as two columns of the batch, its top-k logits per position, read with the data.
+
+Reports are the task's own, from the task loss alone (comparable with a run that does not
+distil), plus `distill_kl` (T^2 KL per counted position) and `combined_loss`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.objectives import distill as objective
+from llmjax.tasks.base import LossTerms, Task
+from llmjax.train.state import TEACHER
+
+# The batch columns of an offline teacher: its top-k logits and their ids at every position.
+TOPK_VALUES, TOPK_IDS = "teacher_topk_values", "teacher_topk_ids"
+
+
+def schedule_value(start: float, end: float, kind: str, step, steps: int):
+  """`start` throughout (constant), or moving linearly to `end` at the last step (linear)."""
+  if kind == "constant":
+    return start
+  fraction = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps - 1, 1), 0.0, 1.0)
+  return start + (end - start) * fraction
+
+
+class Distilled(Task):
+  """`student` trained against `teacher_task`'s model; every other method is the student's."""
+
+  def __init__(self, student: Task, teacher_task: Task | None, teacher_model=None):
+    super().__init__(student.exp, student.info)
+    self.student, self.teacher_task, self.teacher_model = student, teacher_task, teacher_model
+    self.name = student.name
+
+  def with_info(self, info):
+    teacher = self.teacher_task.with_info(info) if self.teacher_task is not None else None
+    return Distilled(self.student.with_info(info), teacher, self.teacher_model)
+
+  # --- the student's own behaviour
+  def data(self, workdir):
+    return self.student.data(workdir)
+
+  def model(self):
+    return self.student.model()
+
+  def peft(self):
+    return self.student.peft()
+
+  def example_batch(self, batch_size):
+    return self.student.example_batch(batch_size)
+
+  def init(self, model, rngs, batch):
+    return self.student.init(model, rngs, batch)
+
+  def decoded_report(self, model, get_params, data, split, limit=None):
+    return self.student.decoded_report(model, get_params, data, split, limit)
+
+  def headline(self, report):
+    return self.student.headline(report) + f" (distilled: KL {report['distill_kl']:.4f})"
+
+  def write_report(self, workdir, report, sums, tag):
+    return self.student.write_report(workdir, report, sums, tag)
+
+  def finish(self, outputs):
+    return self.student.finish(outputs)
+
+  def tokens_per_example(self):
+    return self.student.tokens_per_example()
+
+  def train_flops_per_example(self):
+    """The student's forward and backward plus the teacher's forward (a third of its training
+    FLOPs), when the teacher runs in the step."""
+    teacher = 0.0 if self.teacher_task is None else \
+        self.teacher_task.train_flops_per_example() / 3.0
+    return self.student.train_flops_per_example() + teacher
+
+  # --- what distillation changes
+  def weights(self, step):
+    """(alpha, temperature) at `step` under config.distill's schedule."""
+    d, steps = self.exp.distill, self.exp.train.steps
+    return (schedule_value(d.alpha, d.alpha_end, d.schedule, step, steps),
+            schedule_value(d.temperature, d.temperature_end, d.schedule, step, steps))
+
+  def teacher_logits(self, variables: dict, batch: dict, *, rng):
+    """The online teacher's logits on the student's inputs, in eval mode, never differentiated."""
+    prediction = self.teacher_task.predict(self.teacher_model, variables, batch, rng=rng,
+                                           train=False)
+    return jax.lax.stop_gradient(prediction.logits)
+
+  def loss(self, model, variables, batch, *, rng, train):
+    variables = dict(variables)
+    teacher = variables.pop(TEACHER, None)
+    student_batch = {k: v for k, v in batch.items() if k not in (TOPK_VALUES, TOPK_IDS)}
+    student = self.student.predict(model, variables, student_batch, rng=rng, train=train)
+    if teacher is None:
+      raise ValueError(f"a distilled loss needs the {TEACHER!r} collection (train state's "
+                       "teacher field)")
+    alpha, temperature = self.weights(teacher["step"])
+    if TOPK_VALUES in batch:
+      kl, _ = objective.topk_kl_sum(batch[TOPK_VALUES], batch[TOPK_IDS], student.logits,
+                                    student.mask, temperature)
+    else:
+      teacher_logits = self.teacher_logits(teacher["variables"], student_batch, rng=rng)
+      kl, _ = objective.kl_sum(teacher_logits, student.logits, student.mask, temperature)
+    task = student.terms
+    combined = objective.combined(alpha, kl, task.loss_sum)
+    sums = {**task.sums, "task_loss_sum": task.loss_sum, "distill_sum": kl}
+    return LossTerms(combined, task.weight, sums, task.model_state)
+
+  def report(self, sums):
+    sums = dict(sums)
+    combined, kl = sums["loss_sum"], sums.pop("distill_sum")
+    sums["loss_sum"] = sums.pop("task_loss_sum")
+    weight = max(float(sums["weight"]), 1.0)
+    return {**self.student.report(sums), "distill_kl": float(kl) / weight,
+            "combined_loss": float(combined) / weight}
