@@ -242,8 +242,11 @@ class DistillConfig:
   # while training. Tasks whose inputs change every step (mlm corruption, image augmentation)
   # need the online teacher.
   top_k: int = 0
-  # >0: also match the student's last hidden states to the teacher's through a learned linear
-  # projection (student width -> teacher width), mean squared error times this weight.
+  # >0: also match the features the student's output layer reads to the teacher's (last hidden
+  # states, a pooled vector) through a learned linear projection (student width -> teacher
+  # width): this weight times their squared distance per counted position, averaged over the
+  # teacher's width. The projection trains with the student and is left out of what eval and
+  # export see.
   hidden_weight: float = 0.0
 
 

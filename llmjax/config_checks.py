@@ -136,6 +136,9 @@ def validate_distill(exp: Experiment) -> None:
   _require(d.top_k >= 0, f"config.distill.top_k must be >= 0 (0: online teacher), got {d.top_k}")
   _require(d.hidden_weight >= 0.0,
            f"config.distill.hidden_weight must be >= 0, got {d.hidden_weight}")
+  _require(not (d.hidden_weight and d.top_k),
+           f"config.distill.hidden_weight={d.hidden_weight} needs the online teacher (top_k=0): "
+           "an offline teacher stores logits only")
 
 
 def _int_list(key: str, text: str) -> list[int]:

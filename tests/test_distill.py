@@ -72,6 +72,22 @@ def test_top_k_renormalises_the_teacher_over_its_k_tokens():
   np.testing.assert_allclose(float(total), expected, rtol=1e-5)
 
 
+def test_projected_hidden_states_match_by_hand_and_count_only_masked_positions():
+  student_XD, kernel_DE = _logits(0, (2, 5, 3)), _logits(1, (3, 4))
+  mask = MASK_BL.astype(jnp.float32)
+  exact_XE = jnp.einsum("bld,de->ble", student_XD, kernel_DE)
+  noise_XE = _logits(2, (2, 5, 4)) * (1 - mask)[..., None]  # differs only where the mask is 0
+  assert float(distill.projected_mse_sum(student_XD, kernel_DE, exact_XE + noise_XE, mask)) \
+      == pytest.approx(0.0, abs=1e-6)
+  teacher_XE = _logits(3, (2, 5, 4))
+  expected = float(jnp.sum(jnp.mean((exact_XE - teacher_XE) ** 2, -1) * mask))
+  got = distill.projected_mse_sum(student_XD, kernel_DE, teacher_XE, mask)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+  grad_teacher = jax.grad(lambda t: distill.projected_mse_sum(student_XD, kernel_DE, t, mask))(
+      teacher_XE)
+  assert not np.asarray(grad_teacher).any()
+
+
 def test_the_combination_weights_distillation_by_alpha():
   assert float(distill.combined(0.25, jnp.float32(4.0), jnp.float32(8.0))) == 7.0
 
@@ -131,6 +147,10 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_in_every_task(task_name, tmp
   assert abs(float(terms.sums["distill_sum"])) <= 1e-6 * float(terms.weight)
   assert float(terms.weight) == float(own.weight) > 0
   np.testing.assert_allclose(float(terms.loss_sum), 0.75 * float(own.loss_sum), rtol=1e-5)
+  # The features the output layer reads, at the positions the loss counts (hidden matching).
+  prediction = s.task.predict(s.model, {"params": state.params, **state.model_state}, batch,
+                              rng=None, train=False, hidden=True)
+  assert prediction.hidden.shape[:-1] == prediction.mask.shape
 
 
 def test_the_teacher_is_never_differentiated(tmp_path):
@@ -200,6 +220,22 @@ def test_a_smaller_student_trains_resumes_exactly_and_keeps_no_teacher(lm_teache
 def llmjax_restore(workdir):
   from llmjax.train import rundir
   return jax.device_get(rundir.restore(workdir).state.params)
+
+
+def test_hidden_state_matching_trains_a_projection_that_eval_never_sees(lm_teacher, tmp_path):
+  from llmjax.tasks.distill import PROJECTION
+  from llmjax.train import rundir
+  workdir = str(tmp_path / "hidden")
+  exp = _student(tmp_path, lm_teacher, hidden_weight=0.5)
+  final = loop.run(exp, workdir)
+  assert final["hidden_mse"] > 0 and np.isfinite(final["hidden_mse"])
+  saved = checkpoint.saved_param_shapes(os.path.join(workdir, "checkpoints"))
+  assert saved[f"{PROJECTION}/kernel"] == (16, 32)  # student width -> teacher width
+  restored = rundir.restore(workdir)
+  assert PROJECTION not in restored.state.params
+  student = loop.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
+  assert jax.tree.structure(restored.state.params) == jax.tree.structure(
+      student.abstract_state.params)
 
 
 def test_offline_top_k_of_the_whole_vocabulary_equals_the_online_teacher(lm_teacher, tmp_path):
@@ -283,6 +319,7 @@ def test_an_offline_teacher_is_refused_for_inputs_that_change_every_step(tmp_pat
     ("alpha=1.5", "config.distill.alpha must be in \\[0, 1\\], got 1.5"),
     ("temperature=0", "config.distill.temperature must be > 0, got 0"),
     ("teacher=ckpt:/x", "config.distill.teacher='ckpt:/x': allowed"),
+    ("hidden_weight=-1", "config.distill.hidden_weight must be >= 0, got -1"),
 ])
 def test_bad_distillation_settings_are_refused(override, message, tmp_path):
   key, value = override.split("=")

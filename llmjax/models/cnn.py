@@ -34,6 +34,6 @@ class CNN(nn.Module):
       x_BHWC = nn.max_pool(x_BHWC, (2, 2), strides=(2, 2))
     x_BF = x_BHWC.reshape(x_BHWC.shape[0], -1)
     h_BF = nn.relu(resnet.dense(cfg, cfg.cnn_hidden, (axes.FEATURES, axes.HIDDEN), "hidden")(x_BF))
-    self.sow("intermediates", "hidden", h_BF)  # what the classifier reads (distillation)
+    self.sow("intermediates", "head_input", h_BF)  # what the classifier reads (distillation)
     logits_BC = resnet.dense(cfg, self.num_classes, (axes.HIDDEN, axes.CLASSES), "classifier")(h_BF)
     return logits_BC.astype(jnp.float32)

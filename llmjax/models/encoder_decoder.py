@@ -166,7 +166,7 @@ class EncoderDecoder(nn.Module):
                          source_segment_ids_BS, deterministic, decode)
     if return_hidden:
       return y_BTD
-    self.sow("intermediates", "hidden", y_BTD)  # what the output layer reads (distillation)
+    self.sow("intermediates", "head_input", y_BTD)  # what the output layer reads (distillation)
     logits_BTV = self.embed.attend(y_BTD) if self.cfg.tie_embeddings else self.lm_head(y_BTD)
     if self.cfg.final_logits_bias:
       logits_BTV = logits_BTV + self.final_logits_bias.astype(logits_BTV.dtype)[None, None]

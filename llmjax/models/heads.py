@@ -67,7 +67,7 @@ class MaskedLM(nn.Module):
     cfg = self.cfg
     encoder, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                                   deterministic)
-    self.sow("intermediates", "hidden", hidden_BLD)  # the encoder's output (distillation)
+    self.sow("intermediates", "head_input", hidden_BLD)  # the encoder's output (distillation)
     h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
     h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
     dtype = layers.dtype_of(cfg.dtype)
@@ -99,7 +99,7 @@ class SequenceClassifier(nn.Module):
     _, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                             deterministic)
     pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
-    self.sow("intermediates", "hidden", pooled_BD)  # what the classifier reads (distillation)
+    self.sow("intermediates", "head_input", pooled_BD)  # what the classifier reads (distillation)
     pooled_BD = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled_BD)
     return layers.dense(cfg, self.num_labels, (axes.EMBED, None), "classifier")(pooled_BD)
 
@@ -124,5 +124,5 @@ class DecoderClassifier(nn.Module):
                               deterministic=deterministic, return_hidden=True)
     last_B = jnp.maximum(jnp.sum(segment_ids_BL != 0, axis=1) - 1, 0)
     last_BD = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
-    self.sow("intermediates", "hidden", last_BD)  # what the classifier reads (distillation)
+    self.sow("intermediates", "head_input", last_BD)  # what the classifier reads (distillation)
     return self.classifier(last_BD)

@@ -220,7 +220,7 @@ class ResNet(nn.Module):
     features_BC = jnp.mean(x_BHWC.astype(jnp.float32), axis=(1, 2))
     if not self.num_classes:
       return features_BC
-    self.sow("intermediates", "hidden", features_BC)  # what the classifier reads (distillation)
+    self.sow("intermediates", "head_input", features_BC)  # what the classifier reads (distillation)
     logits_BC = dense(cfg, self.num_classes, (axes.FEATURES, axes.CLASSES), "classifier")(
         features_BC)
     return logits_BC.astype(jnp.float32)  # the loss is taken in float32 whatever the compute

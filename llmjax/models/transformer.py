@@ -224,7 +224,7 @@ class Transformer(nn.Module):
       x_BLD = layers.norm(cfg, "final_norm")(x_BLD)
     if return_hidden:
       return x_BLD
-    self.sow("intermediates", "hidden", x_BLD)  # what the output layer reads (distillation)
+    self.sow("intermediates", "head_input", x_BLD)  # what the output layer reads (distillation)
     if cfg.tie_embeddings:
       logits_BLV = token_embed.attend(x_BLD)
     else:

@@ -55,6 +55,17 @@ def top_k(teacher_logits_XV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jax.lax.top_k(teacher_logits_XV, k)
 
 
+def projected_mse_sum(student_hidden_XD: jax.Array, kernel_DE: jax.Array,
+                      teacher_hidden_XE: jax.Array, mask_X: jax.Array) -> jax.Array:
+  """Sum over masked positions of mean_e (student_hidden @ kernel - teacher_hidden)^2: the
+  student's features mapped to the teacher's width by a learned projection (FitNets, Romero et
+  al., 2015); the teacher's side is never differentiated."""
+  projected_XE = jnp.einsum("...d,de->...e", student_hidden_XD.astype(jnp.float32),
+                            kernel_DE.astype(jnp.float32))
+  target_XE = jax.lax.stop_gradient(teacher_hidden_XE).astype(jnp.float32)
+  return _masked_sum(jnp.mean(jnp.square(projected_XE - target_XE), axis=-1), mask_X)[0]
+
+
 def combined(alpha: float, distill_sum: jax.Array, task_sum: jax.Array) -> jax.Array:
   """alpha * distillation + (1 - alpha) * task loss, both sums over the same positions."""
   return alpha * distill_sum + (1.0 - alpha) * task_sum

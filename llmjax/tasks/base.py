@@ -181,7 +181,8 @@ def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct
           "segment_ids": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
 
 
-HIDDEN = "hidden"  # what models sow (collection "intermediates") as their last hidden states
+# What models sow (collection "intermediates"): the features their output layer reads.
+HEAD_INPUT = "head_input"
 
 
 def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng,
@@ -189,7 +190,7 @@ def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng,
   """(outputs, updated model_state): mutable collections update only while training.
 
   With `hidden`, returns ((outputs, last hidden states), model_state): the states the model
-  sowed as `HIDDEN` (see `sown_hidden`).
+  sowed as `HEAD_INPUT` (see `sown_hidden`).
   """
   model_state = {k: v for k, v in variables.items() if k != "params"}
   rngs = {"dropout": rng} if rng is not None else None
@@ -206,9 +207,9 @@ def apply_model(model: nn.Module, variables: dict, *args, train: bool, rng,
 
 
 def sown_hidden(intermediates) -> jax.Array:
-  """The one array a model sowed as `HIDDEN` (wherever in its tree the backbone sits)."""
+  """The one array a model sowed as `HEAD_INPUT` (wherever in its tree the backbone sits)."""
   found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates or {})
-           if any(getattr(k, "key", None) == HIDDEN for k in path)]
+           if any(getattr(k, "key", None) == HEAD_INPUT for k in path)]
   if len(found) != 1:
-    raise ValueError(f"expected the model to sow one '{HIDDEN}' array, found {len(found)}")
+    raise ValueError(f"expected the model to sow one '{HEAD_INPUT}' array, found {len(found)}")
   return found[0]

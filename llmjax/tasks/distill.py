@@ -28,6 +28,15 @@ from llmjax.train.state import TEACHER
 
 # The batch columns of an offline teacher: its top-k logits and their ids at every position.
 TOPK_VALUES, TOPK_IDS = "teacher_topk_values", "teacher_topk_ids"
+# Hidden-state matching (config.distill.hidden_weight): the projection's place in the params
+# tree, beside the student's own, and the info key recording its shape [student D, teacher D].
+PROJECTION = "distill_projection"
+PROJECTION_SHAPE = "distill_projection_shape"
+
+
+def without_projection(params: dict) -> dict:
+  """The student's own parameters: what eval, export and generation see."""
+  return {k: v for k, v in params.items() if k != PROJECTION}
 
 
 def schedule_value(start: float, end: float, kind: str, step, steps: int):
@@ -64,7 +73,19 @@ class Distilled(Task):
     return self.student.example_batch(batch_size)
 
   def init(self, model, rngs, batch):
-    return self.student.init(model, rngs, batch)
+    """The student's variables, plus the hidden-state projection when config asks for one."""
+    variables = dict(self.student.init(model, rngs, batch))
+    shape = self.info.get(PROJECTION_SHAPE)
+    if shape:
+      from flax import linen as nn
+      from llmjax.parallel import axes
+      d_student, d_teacher = shape
+      kernel = jax.random.normal(jax.random.fold_in(rngs["params"], 17), (d_student, d_teacher))
+      params = dict(variables["params"])
+      params[PROJECTION] = {"kernel": nn.LogicallyPartitioned(kernel / d_student**0.5,
+                                                             (axes.EMBED, None))}
+      variables["params"] = params
+    return variables
 
   def decoded_report(self, model, get_params, data, split, limit=None):
     return self.student.decoded_report(model, get_params, data, split, limit)
@@ -95,17 +116,22 @@ class Distilled(Task):
     return (schedule_value(d.alpha, d.alpha_end, d.schedule, step, steps),
             schedule_value(d.temperature, d.temperature_end, d.schedule, step, steps))
 
-  def teacher_logits(self, variables: dict, batch: dict, *, rng):
-    """The online teacher's logits on the student's inputs, in eval mode, never differentiated."""
+  def teacher_prediction(self, variables: dict, batch: dict, *, rng, hidden: bool):
+    """(logits, hidden states or None) of the online teacher on the student's inputs, in eval
+    mode, never differentiated."""
     prediction = self.teacher_task.predict(self.teacher_model, variables, batch, rng=rng,
-                                           train=False)
-    return jax.lax.stop_gradient(prediction.logits)
+                                           train=False, hidden=hidden)
+    return jax.lax.stop_gradient((prediction.logits, prediction.hidden))
 
   def loss(self, model, variables, batch, *, rng, train):
     variables = dict(variables)
     teacher = variables.pop(TEACHER, None)
+    projection = variables["params"].get(PROJECTION)
+    variables["params"] = without_projection(variables["params"])
     student_batch = {k: v for k, v in batch.items() if k not in (TOPK_VALUES, TOPK_IDS)}
-    student = self.student.predict(model, variables, student_batch, rng=rng, train=train)
+    match_hidden = projection is not None
+    student = self.student.predict(model, variables, student_batch, rng=rng, train=train,
+                                   hidden=match_hidden)
     if teacher is None:
       raise ValueError(f"a distilled loss needs the {TEACHER!r} collection (train state's "
                        "teacher field)")
@@ -114,17 +140,27 @@ class Distilled(Task):
       kl, _ = objective.topk_kl_sum(batch[TOPK_VALUES], batch[TOPK_IDS], student.logits,
                                     student.mask, temperature)
     else:
-      teacher_logits = self.teacher_logits(teacher["variables"], student_batch, rng=rng)
+      teacher_logits, teacher_hidden = self.teacher_prediction(
+          teacher["variables"], student_batch, rng=rng, hidden=match_hidden)
       kl, _ = objective.kl_sum(teacher_logits, student.logits, student.mask, temperature)
     task = student.terms
     combined = objective.combined(alpha, kl, task.loss_sum)
     sums = {**task.sums, "task_loss_sum": task.loss_sum, "distill_sum": kl}
+    if match_hidden:
+      hidden_sum = objective.projected_mse_sum(student.hidden, projection["kernel"],
+                                               teacher_hidden, student.mask)
+      combined = combined + self.exp.distill.hidden_weight * hidden_sum
+      sums["hidden_sum"] = hidden_sum
     return LossTerms(combined, task.weight, sums, task.model_state)
 
   def report(self, sums):
     sums = dict(sums)
     combined, kl = sums["loss_sum"], sums.pop("distill_sum")
     sums["loss_sum"] = sums.pop("task_loss_sum")
+    hidden = sums.pop("hidden_sum", None)
     weight = max(float(sums["weight"]), 1.0)
-    return {**self.student.report(sums), "distill_kl": float(kl) / weight,
-            "combined_loss": float(combined) / weight}
+    report = {**self.student.report(sums), "distill_kl": float(kl) / weight,
+              "combined_loss": float(combined) / weight}
+    if hidden is not None:
+      report["hidden_mse"] = float(hidden) / weight
+    return report

@@ -73,6 +73,9 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   check_vocab(exp, data.tokenizer)
   task = task.with_info(data.info)
   model = task.model()
+  teacher = None
+  if exp.distill.teacher:  # the task's loss becomes the distilled one; the state gains a teacher
+    task, teacher, data = distilled(exp, task, model, data, mesh, rules)
   tx = optim.make_optimizer(exp.optim, exp.train.steps)
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
@@ -80,9 +83,7 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   tx = finetune.optimizer(exp, tx, trainable)
   abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules,
                                                          trainable)
-  teacher = None
-  if exp.distill.teacher:  # the task's loss becomes the distilled one; the state gains a teacher
-    task, teacher = distilled(exp, task, model, data, mesh, rules)
+  if teacher is not None:
     online = not exp.distill.top_k
     abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})
     state_shardings = state_shardings.replace(teacher=teacher.shardings if online else {})
@@ -95,18 +96,24 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
 
 
 def distilled(exp: Experiment, task, model, data, mesh, rules):
-  """(the task with config.distill's loss, the teacher): checked against the student first."""
-  from llmjax.tasks.distill import Distilled
+  """(the task with config.distill's loss, the teacher, the data with what the run records of
+  the distillation in its info): the teacher is checked against the student first."""
+  from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
   from llmjax.train import teacher as teacher_lib
   if exp.distill.top_k and not task.fixed_inputs:
     raise ConfigError(f"config.distill.top_k={exp.distill.top_k}: an offline teacher needs inputs "
                       f"fixed by the data, but the {task.name} task changes them every step "
                       "(masked-LM corruption, image augmentation); use the online teacher "
                       "(top_k=0)")
-  teacher = teacher_lib.build(exp, task, data.info, mesh, rules)
+  teacher = teacher_lib.build(exp, task, data, mesh, rules)
   teacher_lib.check_outputs(exp, teacher, task, model)
   print(teacher_lib.describe(exp, teacher), file=sys.stderr)
-  return Distilled(task, teacher.task, teacher.model), teacher
+  if exp.distill.hidden_weight:  # the projection's shape is recorded: eval can rebuild the tree
+    widths = [teacher_lib.hidden_width(t, m) for t, m in ((task, model),
+                                                          (teacher.task, teacher.model))]
+    data = dataclasses.replace(data, info={**data.info, PROJECTION_SHAPE: widths})
+    task = task.with_info(data.info)
+  return Distilled(task, teacher.task.with_info(data.info), teacher.model), teacher, data
 
 
 def compile_steps(s: Setup):

@@ -15,6 +15,7 @@ import jax
 from llmjax import checkpoint, config as config_lib, finetune, tasks
 from llmjax.errors import UserError
 from llmjax.parallel import mesh as meshlib, sharding
+from llmjax.tasks import distill
 from llmjax.train import init, optim, pretrained
 
 CONFIG_FILE, TASK_INFO_FILE = "config.json", "task_info.json"
@@ -59,7 +60,10 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   model = run_task.model()
   mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, rules="dp"))
   rules = sharding.rules_for("dp")
-  init_variables = init.variables_init(run_task, model, run_task.example_batch(1))
+  # Hidden-state distillation trained a projection beside the student: restored, then left out.
+  saved_task = distill.Distilled(run_task, None) if distill.PROJECTION_SHAPE in run_task.info \
+      else run_task
+  init_variables = init.variables_init(saved_task, model, run_task.example_batch(1))
   trainable = finetune.plan(exp, init.param_shapes(init_variables))
   tx = finetune.optimizer(exp, optim.make_optimizer(exp.optim, exp.train.steps), trainable)
   abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules, trainable)
@@ -78,4 +82,5 @@ def restore(workdir: str, step: int | None = None) -> Restored:
     with jax.set_mesh(mesh):
       state = pretrained.with_base(exp, state, data_state, init_variables, tx, mesh, rules,
                                    shardings, trainable)
+  state = state.replace(params=distill.without_projection(state.params))
   return Restored(exp, run_task, model, chosen, state, mesh)

@@ -51,9 +51,10 @@ def model_config(exp: config_lib.Experiment) -> config_lib.ModelConfig:
   return config_lib.ModelConfig(**{**fields, **runtime, "remat": "none", "dropout": 0.0})
 
 
-def build(exp: config_lib.Experiment, student_task, student_info: dict, mesh, rules) -> Teacher:
+def build(exp: config_lib.Experiment, student_task, student_data, mesh, rules) -> Teacher:
   """The teacher's task, model, abstract variables and shardings; checks it can teach."""
-  _check_recorded_info(exp.distill.teacher, student_info)
+  _check_recorded_info(exp.distill.teacher, student_data)
+  student_info = student_data.info
   teacher_exp = dataclasses.replace(
       exp, model=model_config(exp), finetune=config_lib.FinetuneConfig(),
       distill=config_lib.DistillConfig(),
@@ -68,19 +69,27 @@ def build(exp: config_lib.Experiment, student_task, student_info: dict, mesh, ru
   return Teacher(task, model, nn.unbox(boxed), shardings)
 
 
+def _prediction_shapes(task, model):
+  """The shapes of `task.predict`'s logits and hidden states on one example, allocating nothing."""
+  batch = task.example_batch(1)
+
+  def run(rng):
+    zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), batch)
+    variables = task.init(model, {"params": rng, "dropout": rng}, zeros)
+    prediction = task.predict(model, variables, zeros, rng=None, train=False, hidden=True)
+    return prediction.logits, prediction.hidden
+  return jax.eval_shape(run, jax.random.PRNGKey(0))
+
+
+def hidden_width(task, model) -> int:
+  """The width of the features `model`'s output layer reads (what hidden-state matching maps)."""
+  return int(_prediction_shapes(task, model)[1].shape[-1])
+
+
 def check_outputs(exp, teacher: Teacher, student_task, student_model) -> None:
   """The teacher's logits must cover the student's vocabulary or labels one to one."""
-  batch = student_task.example_batch(1)
-  zeros = lambda: jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), batch)  # noqa: E731
-
-  def logits_shape(task, model):
-    def run(rng):
-      variables = task.init(model, {"params": rng, "dropout": rng}, zeros())
-      return task.predict(model, variables, zeros(), rng=None, train=False).logits
-    return jax.eval_shape(run, jax.random.PRNGKey(0)).shape
-
-  theirs, ours = logits_shape(teacher.task, teacher.model), logits_shape(student_task,
-                                                                         student_model)
+  theirs = _prediction_shapes(teacher.task, teacher.model)[0].shape
+  ours = _prediction_shapes(student_task, student_model)[0].shape
   if theirs[-1] != ours[-1]:
     what = "vocabulary" if len(ours) > 2 else "label set"
     raise ConfigError(f"{KEY}={exp.distill.teacher!r}: the teacher's {what} has {theirs[-1]} "
@@ -100,19 +109,37 @@ def load(exp, teacher: Teacher) -> dict:
   return {"params": params, **model_state}
 
 
-def _check_recorded_info(spec: str, student_info: dict) -> None:
-  """A workdir teacher records its tokenizer and labels (task_info.json): they must be the
-  student's."""
+def _check_recorded_info(spec: str, student_data) -> None:
+  """A workdir teacher records its vocabulary (tokenizer.json, or the tokenizer's name) and
+  labels (task_info.json): they must be the student's."""
+  from llmjax.data.tokenizers import TOKENIZER_FILE
   kind, path = pretrained.weights_source(spec, KEY)
   file = os.path.join(path, "task_info.json")
   if kind != "workdir" or not os.path.isfile(file):
     return
   with open(file) as f:
     theirs = json.load(f)
-  for field, what in (("tokenizer", "tokenizer"), ("label_names", "label set")):
-    if field in theirs and field in student_info and theirs[field] != student_info[field]:
-      raise ConfigError(f"{KEY}={spec!r}: the teacher's {what} is {_short(theirs[field])} but "
-                        f"the student's is {_short(student_info[field])}; they must be the same")
+  ours = student_data.info
+  vocab_file = os.path.join(path, TOKENIZER_FILE)
+  if os.path.isfile(vocab_file) and TOKENIZER_FILE in student_data.artifacts:
+    with open(vocab_file) as f:  # trained vocabularies: the same tokens with the same ids
+      same = _vocab(f.read()) == _vocab(student_data.artifacts[TOKENIZER_FILE])
+    if not same:
+      raise ConfigError(f"{KEY}={spec!r}: the teacher's vocabulary ({vocab_file}) is not the "
+                        f"student's (config.data.tokenizer={ours.get('tokenizer')!r}); give the "
+                        f"student the teacher's: config.data.tokenizer='hf:{path}'")
+  elif "tokenizer" in theirs and "tokenizer" in ours and theirs["tokenizer"] != ours["tokenizer"]:
+    raise ConfigError(f"{KEY}={spec!r}: the teacher's tokenizer is {theirs['tokenizer']!r} but "
+                      f"the student's is {ours['tokenizer']!r}; they must be the same")
+  if "label_names" in theirs and "label_names" in ours and \
+      theirs["label_names"] != ours["label_names"]:
+    raise ConfigError(f"{KEY}={spec!r}: the teacher's label set is "
+                      f"{_short(theirs['label_names'])} but the student's is "
+                      f"{_short(ours['label_names'])}; they must be the same, in the same order")
+
+
+def _vocab(tokenizer_json: str):
+  return json.loads(tokenizer_json).get("model", {}).get("vocab")
 
 
 def _short(value) -> str:
