@@ -141,15 +141,17 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_in_every_task(task_name, tmp
   task, variables = _self_distilled(s, state)
   batch = jax.tree.map(jnp.asarray, next(loop._data_iterator(s, None)))
   # Training mode with a key: masked-LM corrupts from it, so the teacher must corrupt alike.
-  terms = task.loss(s.model, variables, batch, rng=jax.random.PRNGKey(3), train=True)
-  own = s.task.loss(s.model, {"params": state.params, **state.model_state}, batch,
-                    rng=jax.random.PRNGKey(3), train=True)
+  key = jax.random.PRNGKey(3)
+  terms = jax.jit(lambda v, b: task.loss(s.model, v, b, rng=key, train=True))(variables, batch)
+  own = jax.jit(lambda v, b: s.task.loss(s.model, v, b, rng=key, train=True))(
+      {"params": state.params, **state.model_state}, batch)
   assert abs(float(terms.sums["distill_sum"])) <= 1e-6 * float(terms.weight)
   assert float(terms.weight) == float(own.weight) > 0
   np.testing.assert_allclose(float(terms.loss_sum), 0.75 * float(own.loss_sum), rtol=1e-5)
   # The features the output layer reads, at the positions the loss counts (hidden matching).
-  prediction = s.task.predict(s.model, {"params": state.params, **state.model_state}, batch,
-                              rng=None, train=False, hidden=True)
+  prediction = jax.eval_shape(
+      lambda v, b: s.task.predict(s.model, v, b, rng=None, train=False, hidden=True),
+      {"params": state.params, **state.model_state}, batch)
   assert prediction.hidden.shape[:-1] == prediction.mask.shape
 
 
@@ -289,6 +291,43 @@ def test_distillation_on_eight_devices_matches_one(lm_teacher, tmp_path):
     losses[name] = (float(metrics["loss"]), report["distill_kl"], report["loss"])
   for name in ("dp", "fsdp"):
     np.testing.assert_allclose(losses[name], losses["one"], rtol=2e-5, err_msg=name)
+
+
+def test_a_hugging_face_teacher_scores_like_transformers(tmp_path):
+  import torch
+  import _hf_helpers
+  from llmjax.parallel import mesh as meshlib
+  from llmjax.train import teacher as teacher_lib
+  reference = _hf_helpers.make("gpt2", tmp_path / "gpt2")
+  exp = experiment("lm", tmp_path, distill={"teacher": f"hf:{tmp_path / 'gpt2'}"})
+  s = loop.prepare(dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, teacher="")),
+                   None, jax.devices()[:1])
+  mesh = meshlib.make_mesh(exp.mesh, jax.devices()[:1])
+  teacher = teacher_lib.build(exp, s.task, s.data, mesh, s.rules)
+  variables = teacher_lib.load(exp, teacher)
+  tokens = np.random.default_rng(0).integers(0, _hf_helpers.VOCAB, (2, 16)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(jnp.asarray(tokens))}
+  ours = jax.jit(lambda v, b: teacher.task.predict(teacher.model, v, b, rng=None,
+                                                   train=False).logits)(variables, batch)
+  with torch.no_grad():
+    theirs = reference(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4)
+
+
+def test_an_exported_teacher_teaches_like_its_workdir(lm_teacher, tmp_path):
+  from llmjax.cli import export
+  export.export(lm_teacher, str(tmp_path / "exported"))
+  kl = {}
+  for name, spec in (("workdir", f"workdir:{lm_teacher}"),
+                     ("export", f"export:{tmp_path / 'exported'}")):
+    exp = experiment("lm", tmp_path, model={"d_model": 16, "n_layers": 1, "d_ff": 32},
+                     distill={"teacher": spec})
+    s = loop.prepare(exp, None, jax.devices()[:1])
+    state = loop.fresh_state(s)
+    _, eval_fn = loop.compile_steps(s)
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      kl[name] = loop.evaluate(s, eval_fn, state, [next(loop._data_iterator(s, None))])[0]
+  assert kl["export"]["distill_kl"] == kl["workdir"]["distill_kl"] > 0
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(lm_teacher, tmp_path):

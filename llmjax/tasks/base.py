@@ -48,6 +48,10 @@ class Prediction:
   hidden: jax.Array | None = None  # [..., D] last hidden states at the same positions, if asked
 
 
+jax.tree_util.register_dataclass(Prediction, data_fields=["terms", "logits", "mask", "hidden"],
+                                 meta_fields=[])
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
   """A task's data: in-memory rows for the train iterator and the fixed evaluation splits."""
