@@ -62,7 +62,12 @@ def export(workdir: str, out: str, step: int | None = None, *, merge: bool = Fal
   """Restore a verified checkpoint of `workdir` on this host's devices and write it to `out`
   (written aside and renamed when complete)."""
   from llmjax.train import rundir
-  check(rundir.experiment(workdir).finetune.method, out, merge)
+  exp = rundir.experiment(workdir)
+  check(exp.finetune.method, out, merge)
+  if exp.tasks:
+    raise UserError(f"--workdir={workdir} is a multi-task run (config.tasks: "
+                    f"{', '.join(e.head for e in exp.tasks)}); exporting it is not supported yet "
+                    "(one model per task would have to be written)")
   dest = os.path.abspath(out[3:] if out.startswith("hf:") else out)
   if os.path.exists(dest):
     raise UserError(f"--out={out} already exists; choose a new directory")

@@ -29,13 +29,12 @@ def split_arrays(data: tasks.Data, split: str, workdir: str) -> dict:
 
 def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> dict:
   """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json."""
-  from llmjax.data import text
   run = rundir.restore(workdir, step)
   task, data = tasks.setup(run.exp, workdir)
   arrays = split_arrays(data, split, workdir)
   devices = run.mesh.size
   batch_size = devices * math.ceil(run.exp.train.batch_size / devices)
-  batches = text.eval_batches(arrays, batch_size)
+  batches = task.eval_batches(arrays, batch_size)
   eval_fn = jax.jit(lambda state, batch: steplib.eval_step(
       state, batch, loss=steplib.bind_loss(task, run.model)))
   rules = sharding.rules_for("dp")
@@ -58,7 +57,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
 
 
 def table(report: dict) -> str:
-  """Scalar metrics one per line, then the per-class table when there is one."""
+  """Scalar metrics one per line, then the per-class table when there is one; a multi-task
+  report's tasks follow, each under its name."""
   lines = [f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}"
            for k, v in report.items() if isinstance(v, (int, float, str))]
   per_class = report.get("per_class")
@@ -69,4 +69,6 @@ def table(report: dict) -> str:
     for c in per_class:
       lines.append(f"{c['name']:>{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  "
                    f"{c['f1']:6.4f}  {c['support']:7d}")
+  for head, task_report in report.get("tasks", {}).items():
+    lines += ["", f"--- {head}", table(task_report)]
   return "\n".join(lines)

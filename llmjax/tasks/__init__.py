@@ -16,7 +16,11 @@ TASKS: dict[str, type[Task]] = {"lm": LM, "mlm": MaskedLM, "classify": Classify,
 
 
 def build(exp: Experiment, info: dict | None = None) -> Task:
-  """The experiment's task; `info` is what its data revealed (from `Task.data`), if known."""
+  """The experiment's task; `info` is what its data revealed (from `Task.data`), if known.
+  With config.tasks, the multi-task of its entries (llmjax/tasks/multitask.py)."""
+  if exp.tasks:
+    from llmjax.tasks.multitask import MultiTask
+    return MultiTask(exp, info)
   name = exp.task.name
   if name not in TASKS:
     raise ConfigError(f"config.task.name={name!r} is not a task; allowed: {', '.join(TASKS)}")
