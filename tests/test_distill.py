@@ -377,3 +377,9 @@ def test_the_cli_refuses_bad_settings_with_exit_2_and_writes_nothing(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert "config.distill.alpha must be in [0, 1], got -0.5" in proc.stderr
   assert not workdir.exists()
+
+
+def test_distilling_a_multi_task_run_is_refused(tmp_path):
+  import test_multitask
+  with pytest.raises(ConfigError, match="distilling a multi-task run is not supported"):
+    test_multitask._experiment(tmp_path, distill={"teacher": "workdir:/nowhere"})
