@@ -90,11 +90,11 @@ def _single(s, head, params):
   """The plain single-task run of one entry, on one device, holding `params`."""
   entry = s.task.entries[head]
   single = loop.prepare(multitask.sub_experiment(s.exp, entry), None, jax.devices()[:1])
-  state = init.init_state(0, single.init_variables, single.tx, single.mesh, single.rules,
-                          single.state_shardings)
+  state = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                      single.abstract_state), single.state_shardings)
   own = jax.device_put(multitask.params_for(jax.device_get(params), head),
                        single.state_shardings.params)
-  return single, state.replace(params=own)
+  return single, state.replace(params=own)  # evaluation reads nothing else of it
 
 
 def test_per_task_metrics_equal_a_single_task_evaluation_of_the_same_parameters(trained):
