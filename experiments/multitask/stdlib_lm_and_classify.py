@@ -6,6 +6,8 @@
       --workdir=runs/mt_classify
   llmjax eval --workdir=runs/mt        # val, and each task's own report
   (add ,smoke to any of them to try it; docs/multitask.md has the comparison)
+  ...:from_lm, ...:lm_only,from_lm, ...:classify_only,from_lm   # all three from the main job's
+      trained decoder (runs/stdlib_gpt; new heads fresh), at lr 5e-4
 
 The main job's Llama-shaped decoder (experiments/lm/stdlib_gpt.py) is the shared backbone. Two
 heads: `lm` (the tied byte embeddings: nothing under heads/lm) and `classify` (the decoder
@@ -39,6 +41,11 @@ def get_config(arg=None):
   c.train.checkpoint_every = 100
   c.train.eval_batches = 16
   c.optim.warmup_steps = 30
+  if "from_lm" in args:  # every run starts from the main job's trained decoder
+    c.train.init_from = "workdir:runs/stdlib_gpt"
+    c.train.init_new = {"lm_only": "", "classify_only": "classifier/.*"}.get(
+        next(iter(alone), None), "heads/.*")
+    c.optim.lr, c.optim.warmup_steps = 5e-4, 30
   if "lm_only" in alone:
     c.name += "_lm_only"
   elif "classify_only" in alone:
@@ -48,4 +55,4 @@ def get_config(arg=None):
   else:
     c.tasks.lm = dict(task=dict(name="lm"), weight=1.0, loss_weight=1.0)
     c.tasks.classify = dict(task=dict(name="classify"), weight=1.0, loss_weight=1.0)
-  return config_lib.finalize(c, ",".join(sorted(args - alone)) or None)
+  return config_lib.finalize(c, ",".join(sorted(args - alone - {"from_lm"})) or None)
