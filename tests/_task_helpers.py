@@ -105,3 +105,10 @@ def lora_experiment(tmp: pathlib.Path, **sections) -> config_lib.Experiment:
   for section, values in sections.items():
     c[section].update(values)
   return config_lib.resolve(c)
+
+
+def with_mesh(exp: config_lib.Experiment, data: int, fsdp: int, rules: str) -> config_lib.Experiment:
+  """`exp` on a mesh of data x fsdp devices under the named sharding rules."""
+  import dataclasses
+  return dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
+                                                           rules=rules))

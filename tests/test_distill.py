@@ -105,11 +105,11 @@ from flax import linen as nn  # noqa: E402
 from llmjax import checkpoint  # noqa: E402
 from llmjax.errors import ConfigError  # noqa: E402
 from llmjax.parallel import sharding  # noqa: E402
-from llmjax.tasks.distill import TOPK_IDS, TOPK_VALUES, Distilled  # noqa: E402
+from llmjax.tasks.distill import TOPK_VALUES, Distilled  # noqa: E402
 from llmjax.train import loop, offline_teacher  # noqa: E402
 from llmjax.train.state import TEACHER  # noqa: E402
 
-from _task_helpers import experiment  # noqa: E402
+from _task_helpers import experiment, with_mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DROPOUT = {"dropout": 0.0}
@@ -279,9 +279,7 @@ def test_distillation_on_eight_devices_matches_one(lm_teacher, tmp_path):
   losses = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    meshed = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
-                                                               rules=rules))
-    s = loop.prepare(meshed, None, jax.devices()[:1] if name == "one" else None)
+    s = loop.prepare(with_mesh(exp, data, fsdp, rules), None, jax.devices()[:1] if name == "one" else None)
     state = loop.fresh_state(s)
     train_fn, eval_fn = loop.compile_steps(s)
     batch = next(loop._data_iterator(s, None))

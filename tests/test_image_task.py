@@ -20,6 +20,8 @@ from llmjax.parallel import sharding
 from llmjax.train import loop
 from llmjax.train.optim import path_str
 
+from _task_helpers import with_mesh
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("circle", "cross", "square")
 
@@ -50,10 +52,6 @@ def experiment(folder, arch="resnet18", **train):
                          eval_batches=2, progress=False), **train})
   return config_lib.resolve(c)
 
-
-def with_mesh(exp, data, fsdp, rules):
-  return dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
-                                                           rules=rules))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 heads get no gradient from other tasks' rows, the mixture's frequencies, exact resume and
 `llmjax eval`, 8 devices equal one, and each bad input."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from llmjax.parallel import sharding
 from llmjax.tasks import multitask
 from llmjax.train import init, loop, reporting, rundir, step
 
-from _task_helpers import ROOT, write_corpus, write_labelled
+from _task_helpers import ROOT, with_mesh, write_corpus, write_labelled
 
 
 def _config(tmp, weights=(1.0, 1.0)):
@@ -50,16 +49,12 @@ def _experiment(tmp, weights=(1.0, 1.0), **sections):
   return config_lib.resolve(c)
 
 
-def _with_mesh(exp, data, fsdp, rules):
-  return dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
-                                                           rules=rules))
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """One device: (setup, state after 2 training steps)."""
   tmp = tmp_path_factory.mktemp("multitask")
-  s = loop.prepare(_with_mesh(_experiment(tmp), 1, 1, "dp"), None, jax.devices()[:1])
+  s = loop.prepare(with_mesh(_experiment(tmp), 1, 1, "dp"), None, jax.devices()[:1])
   state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   train_fn, _ = loop.compile_steps(s)
   iterator = loop._data_iterator(s, None)
@@ -142,7 +137,7 @@ def test_the_mixture_holds_each_task_at_its_weight_and_every_row(tmp_path):
   counts = np.bincount(task_N, minlength=3)
   assert counts[2] == 0 and abs(counts[0] / counts.sum() - 0.75) <= 1 / counts.sum()
   assert set(row_N[task_N == 0]) == set(range(10)) and set(row_N[task_N == 1]) == set(range(3))
-  s = loop.prepare(_with_mesh(_experiment(tmp_path, weights=(3.0, 1.0)), 1, 1, "dp"), None,
+  s = loop.prepare(with_mesh(_experiment(tmp_path, weights=(3.0, 1.0)), 1, 1, "dp"), None,
                    jax.devices()[:1])
   ids = {head: k for k, head in enumerate(s.task.subs)}
   iterator = loop._data_iterator(s, None)
@@ -165,7 +160,7 @@ def test_eight_devices_equal_one(trained, tmp_path):
   results = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    s = one if name == "one" else loop.prepare(_with_mesh(one.exp, data, fsdp, rules))
+    s = one if name == "one" else loop.prepare(with_mesh(one.exp, data, fsdp, rules))
     train_fn, eval_fn = loop.compile_steps(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       placed = jax.device_put(host_state, s.state_shardings)

@@ -27,7 +27,8 @@ from llmjax.tasks.mlm import MaskedLM
 from llmjax.train import init, loop, optim, pretrained, step
 from llmjax.train.state import TrainState
 
-from _task_helpers import ROOT, WORDS, experiment, write_corpus, write_labelled  # noqa: F401
+from _task_helpers import (ROOT, WORDS, experiment, with_mesh, write_corpus,  # noqa: F401
+                           write_labelled)
 
 
 # --- lm: the objective the loop ran before tasks existed ---------------------------------------
@@ -226,7 +227,7 @@ def test_mlm_export_loads_in_transformers_as_bert_for_masked_lm(mlm_run, tmp_pat
 @pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "classify_decoder", "seq2seq"])
 def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   exp = experiment(task_name.split("_")[0], tmp_path, decoder=task_name.endswith("decoder"))
-  one = loop.prepare(dataclasses_replace_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])
+  one = loop.prepare(with_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])
   state = init.init_state(0, one.init_variables, one.tx, one.mesh, one.rules, one.state_shardings)
   host_state = jax.device_get(state)
   batch = next(loop._data_iterator(one, None))
@@ -235,7 +236,7 @@ def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   results = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    s = one if name == "one" else loop.prepare(dataclasses_replace_mesh(exp, data, fsdp, rules))
+    s = one if name == "one" else loop.prepare(with_mesh(exp, data, fsdp, rules))
     train_fn, eval_fn = loop.compile_steps(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       placed = jax.device_put(host_state, s.state_shardings)
@@ -245,11 +246,6 @@ def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   for name in ("dp", "fsdp"):
     np.testing.assert_allclose(results[name], results["one"], rtol=2e-5, err_msg=name)
 
-
-def dataclasses_replace_mesh(exp, data, fsdp, rules):
-  import dataclasses
-  return dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp,
-                                                           rules=rules))
 
 
 # --- classification end to end through the CLI -------------------------------------------------
