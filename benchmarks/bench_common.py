@@ -19,10 +19,10 @@ from importlib import metadata
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+import host as hostlib
 from llmjax import config as configlib
 from llmjax.tasks.base import Task
 from llmjax.tasks.lm import LM
@@ -76,7 +76,9 @@ class Family:
   describe: Callable  # (exp, args) -> one line naming the model and shapes
   config: Callable  # (exp, args) -> the family's part of the JSON "config"
   torch_runner: Callable  # (exp, task, args) -> (run one step, info): the hf-torch counterpart
-  compare_error: Callable  # args -> why --compare=hf-torch cannot run ("" when it can)
+  compare_error: Callable  # args -> why the --compare systems cannot run ("" when they can)
+  # (exp, args) -> (run one step, info): the --compare=plain-jax counterpart; None: there is none
+  plain_jax_runner: Callable | None = None
 
 
 def experiment(args, *, n_layers=None, scan=None, remat=None, mesh="data=1", rules="dp"):
@@ -253,7 +255,8 @@ def versions() -> dict:
 
 
 def environment() -> dict:
-  """Date, host, devices, load: what a reader needs to judge a figure."""
+  """Date, host (CPU kind and ISA: benchmarks/host.py), devices, load: what a reader needs to
+  judge a figure."""
   device = jax.devices()[0]
   load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
   return {
@@ -262,6 +265,7 @@ def environment() -> dict:
       "python": platform.python_version(),
       "machine": platform.machine(),
       "cpu_count": os.cpu_count(),
+      "host": hostlib.describe().as_dict(),  # CPU model, family, ISA flags, host kind
       "load_average_1_5_15": [round(x, 2) for x in load],
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
@@ -269,6 +273,11 @@ def environment() -> dict:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "versions": versions(),
   }
+
+
+def host_line(env: dict) -> str:
+  """The report line naming the host's CPU kind, from environment()'s "host"."""
+  return hostlib.Host.from_dict(env["host"]).summary()
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -88,7 +88,7 @@ def report(result: dict) -> str:
            r["optimized_hlo_lines"]] for r in result["rows"]]
   env, m = result["environment"], result["config"]["model"]
   lines = [f"compile_time  {env['date']}  {env['backend']}, {env['cpu_count']} CPUs, load "
-           f"{env['load_average_1_5_15']}",
+           f"{env['load_average_1_5_15']}", common.host_line(env),
            f"model: d_model {m['d_model']}, {m['n_heads']} heads, d_ff {m['d_ff']}, vocab "
            f"{m['vocab_size']}, seq {result['config']['seq_len']}, batch "
            f"{result['config']['batch']}, {m['dtype']}", "",

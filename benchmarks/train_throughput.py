@@ -1,6 +1,7 @@
 """Train-step throughput: tokens/s or images/s, achieved FLOP/s and MFU against two ceilings.
 
   python benchmarks/train_throughput.py --compare=hf-torch --json=/tmp/throughput.json
+  python benchmarks/train_throughput.py --compare=hf-torch,plain-jax
   python benchmarks/train_throughput.py --model=resnet50 --image_size=128 --batch_size=8 \
       --compare=hf-torch
 
@@ -15,9 +16,13 @@ batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the
 Compilation and --warmup steps are excluded; the figure is the median of --steps timed steps,
 each ended by block_until_ready. For text, `--compare=hf-torch` times transformers'
 GPT2LMHeadModel with torch.optim.AdamW (same shapes, hyper-parameters, schedule, clipping and
-decay mask) in the same process (image models: see image_bench.py); the systems take turns in
-blocks of --block timed steps, each block after one untimed settling step, so that shared load
-hits both alike without charging either for the switch.
+decay mask) in the same process (image models: see image_bench.py), and `--compare=plain-jax`
+the simplest flax GPT-2 train step a JAX user would write from the flax and optax docs
+(benchmarks/plain_jax_gpt.py: same shapes and optimiser, no llmjax code), so that what llmjax's
+machinery costs is visible; `--compare=hf-torch,plain-jax` times all three. The systems take
+turns in blocks of --block timed steps, each block after one untimed settling step, so that
+shared load hits all alike without charging any for the switch. The JSON and the report name
+the host's CPU (model, family/model, ISA flags, a host-kind key: benchmarks/host.py).
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ def parse_args(argv=None):
                  help="size of the square matmul measured as the same-run ceiling")
   p.add_argument("--matmul_repeats", type=int, default=5,
                  help="single-shot matmul measurements before and after the steps; best kept")
-  p.add_argument("--compare", default="", choices=("", "hf-torch"))
+  p.add_argument("--compare", default="",
+                 help="comma-separated systems timed beside llmjax: hf-torch (transformers + "
+                      "torch), plain-jax (benchmarks/plain_jax_gpt.py; text models only)")
   p.add_argument("--threads", type=int, default=0,
                  help="pin the process to this many cores, torch threads to match (0: all cores); "
                       "1 gives a like-for-like figure when other processes share the cores")
@@ -83,9 +90,22 @@ def parse_args(argv=None):
     args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
   if args.steps < 1 or args.warmup < 0 or args.block < 1:
     p.error("--steps and --block must be >= 1 and --warmup >= 0")
-  if args.compare == "hf-torch" and family.compare_error(args):
+  args.compare = tuple(filter(None, args.compare.split(",")))
+  unknown = set(args.compare) - set(COMPARE)
+  if unknown:
+    p.error(f"--compare: unknown system {sorted(unknown)[0]!r}; allowed: {', '.join(COMPARE)}")
+  if "plain-jax" in args.compare and family.plain_jax_runner is None:
+    p.error("--compare=plain-jax has a counterpart for text models only (a flax GPT-2)")
+  if "plain-jax" in args.compare and args.mesh not in ("", "data=1"):
+    p.error("--compare=plain-jax runs on one device: use --mesh data=1")
+  if args.compare and family.compare_error(args):
     p.error(family.compare_error(args))
   return args
+
+
+# --compare systems: flag value -> (key in the JSON, short name in ratio keys, report label).
+COMPARE = {"hf-torch": ("hf_torch", "torch", "transformers (torch)"),
+           "plain-jax": ("plain_jax", "plain_jax", "plain flax GPT (jax)")}
 
 
 def jax_runner(b: common.Built):
@@ -166,6 +186,28 @@ def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   return once, info
 
 
+def plain_jax_runner(exp, args):
+  """(run one step, info): benchmarks/plain_jax_gpt.py at the experiment's shapes and settings."""
+  import plain_jax_gpt as plain
+  m, o = exp.model, exp.optim
+  config = plain.GPTConfig(vocab_size=m.vocab_size, seq_len=exp.data.seq_len, d_model=m.d_model,
+                           n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
+                           norm_eps=m.norm_eps, dtype=jax.numpy.dtype(m.dtype))
+  opt = plain.OptConfig(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=exp.train.steps,
+                        min_lr_ratio=o.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
+                        weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+  return plain.runner(config, opt, exp.train.batch_size)
+
+
+def _text_compare_error(args) -> str:
+  if args.preset != "gpt2":
+    return (f"--compare={','.join(args.compare)} runs GPT-2 counterparts (transformers' "
+            "GPT2LMHeadModel, benchmarks/plain_jax_gpt.py): use --preset gpt2")
+  if args.n_kv_heads not in (0, args.n_heads):
+    return "--compare: the GPT-2 counterparts have no grouped-query attention: drop --n_kv_heads"
+  return ""
+
+
 def _text_config(exp, args) -> dict:
   return {"model": dataclasses.asdict(exp.model), "optim": dataclasses.asdict(exp.optim),
           "batch": exp.train.batch_size, "seq_len": exp.data.seq_len}
@@ -188,8 +230,7 @@ TEXT = common.Family(
         exp.model, exp.train.batch_size, exp.data.seq_len),
     flop_formula=FLOP_FORMULA, describe=_text_describe, config=_text_config,
     torch_runner=lambda exp, task, args: hf_torch_runner(exp, threads=args.threads),
-    compare_error=lambda args: "" if args.preset == "gpt2" else
-    "--compare=hf-torch runs transformers' GPT2LMHeadModel: use --preset gpt2")
+    compare_error=_text_compare_error, plain_jax_runner=plain_jax_runner)
 # A preset's arch picks its family.
 FAMILIES = {"transformer": TEXT, "resnet": image_bench.FAMILY, "cnn": image_bench.FAMILY}
 
@@ -224,8 +265,10 @@ def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
   shots_before = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
   runners, infos = {}, {}
   runners["jax"], infos["jax"] = jax_runner(b)
-  if args.compare == "hf-torch":
+  if "hf-torch" in args.compare:
     runners["hf_torch"], infos["hf_torch"] = family.torch_runner(b.exp, b.task, args)
+  if "plain-jax" in args.compare:
+    runners["plain_jax"], infos["plain_jax"] = family.plain_jax_runner(b.exp, args)
   # Systems take turns in blocks: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
   for name, info in infos.items():
@@ -258,9 +301,10 @@ def run(args) -> dict:
   units_per_step = family.units_per_step(exp, args)
   flops_per_step = family.flops_per_step(exp, args)
   ceiling, cpu_ceiling = c["measured_matmul_flops_per_s"], c["measured_matmul_flops_per_cpu_s"]
+  common_env = common.environment()
   result = {
       "benchmark": "train_throughput",
-      "environment": common.environment(),
+      "environment": common_env,
       "unit": unit,
       "description": family.describe(exp, args),
       "rates_note": f"{unit}/s, TFLOP/s, fractions: median step; *_best: fastest step; "
@@ -276,6 +320,7 @@ def run(args) -> dict:
       "flops_per_step": flops_per_step,
       f"{unit}_per_step": units_per_step,
       "ceilings": c,
+      "host_kind": common_env["host"]["kind"],
       "timing": "median of --steps per system after compilation and --warmup steps; with "
                 "--compare the systems take turns, --block timed steps each after one "
                 "untimed settling step",
@@ -289,9 +334,15 @@ def run(args) -> dict:
                           **rates(timings["hf_torch"], unit, units_per_step, flops_per_step,
                                   ceiling, None, cpu_ceiling),
                           "torch_matmul_flops_per_s": torch_mm}
-    for suffix in ("per_s", "per_s_best", "per_cpu_s"):
-      result[f"jax_over_torch_{unit}_{suffix}"] = (result["jax"][f"{unit}_{suffix}"] /
-                                                   result["hf_torch"][f"{unit}_{suffix}"])
+  if "plain_jax" in timings:
+    result["plain_jax"] = {**timings["plain_jax"],
+                           **rates(timings["plain_jax"], unit, units_per_step, flops_per_step,
+                                   ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
+  for key, short, _ in COMPARE.values():
+    if key in result:
+      for suffix in ("per_s", "per_s_best", "per_cpu_s"):
+        result[f"jax_over_{short}_{unit}_{suffix}"] = (result["jax"][f"{unit}_{suffix}"] /
+                                                       result[key][f"{unit}_{suffix}"])
   return result
 
 
@@ -300,7 +351,7 @@ def report(result: dict) -> str:
   header = ["system", f"{unit}/s", "median step s", "best step s", "TFLOP/s", "% matmul ceiling",
             "MFU datasheet", "CPU s/step", "% matmul FLOP/CPU-s"]
   rows = []
-  for key, label in (("jax", "llmjax (jax)"), ("hf_torch", "transformers (torch)")):
+  for key, label in [("jax", "llmjax (jax)")] + [(k, label) for k, _, label in COMPARE.values()]:
     if key in result:
       r = result[key]
       rows.append([label, r[f"{unit}_per_s"], r["median_step_s"], r["best_step_s"],
@@ -312,6 +363,7 @@ def report(result: dict) -> str:
   lines = [
       f"train_throughput  {env['date']}  {env['backend']} ({env['device_kind']}), "
       f"{env['cpu_count']} CPUs, load {env['load_average_1_5_15']}",
+      common.host_line(env),
       result["description"],
       f"FLOPs/step {result['flops_per_step']:.4g}  ({result['flop_formula']})",
       f"ceilings: measured {c['matmul_dtype']} matmul n={c['matmul_n']}: "
@@ -319,15 +371,18 @@ def report(result: dict) -> str:
       f"{c['measured_matmul_flops_per_cpu_s'] / 1e9:.4g} GFLOP per CPU-second; datasheet: "
       + ("n/a" if c["datasheet_flops_per_s"] is None
          else f"{c['datasheet_flops_per_s'] / 1e12:.4g} TFLOP/s"),
-      f"jax compile {result['jax']['compile_s']:.3g} s",
+      f"jax compile {result['jax']['compile_s']:.3g} s"
+      + (f", plain-jax compile {result['plain_jax']['compile_s']:.3g} s"
+         if "plain_jax" in result else ""),
       "",
       common.format_table(header, rows),
   ]
-  ratio = f"jax_over_torch_{unit}_per_s"
-  if ratio in result:
-    lines.append(f"\njax/torch {unit}/s ratio: {result[ratio]:.3f} (median steps), "
-                 f"{result[ratio + '_best']:.3f} (best steps), "
-                 f"{result[f'jax_over_torch_{unit}_per_cpu_s']:.3f} (per CPU second)")
+  for _, short, _ in COMPARE.values():
+    ratio = f"jax_over_{short}_{unit}_per_s"
+    if ratio in result:
+      lines.append(f"\njax/{short} {unit}/s ratio: {result[ratio]:.3f} (median steps), "
+                   f"{result[ratio + '_best']:.3f} (best steps), "
+                   f"{result[f'jax_over_{short}_{unit}_per_cpu_s']:.3f} (per CPU second)")
   return "\n".join(lines)
 
 

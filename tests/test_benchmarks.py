@@ -71,6 +71,42 @@ def test_train_throughput_tiny_with_torch(tmp_path, capsys):
   assert _positive(result["jax_over_torch_tokens_per_cpu_s"])
 
 
+def test_train_throughput_tiny_with_plain_jax(tmp_path, capsys):
+  """--compare=plain-jax: a flax GPT-2 of the same shapes takes turns with llmjax's step."""
+  result, stdout = _run("train_throughput", ["--compare=plain-jax", "--steps=2", "--warmup=1",
+                                             "--matmul_repeats=1"], tmp_path, capsys)
+  assert "plain flax GPT (jax)" in stdout and "jax/plain_jax tokens/s ratio" in stdout
+  host = result["environment"]["host"]
+  assert result["host_kind"] == host["kind"] and f"host: {host['kind']}" in stdout
+  assert host["logical_cpus"] >= 1 and isinstance(host["isa"], dict)
+  for system in ("jax", "plain_jax"):
+    r = result[system]
+    assert len(r["step_times_s"]) == 2
+    for key in ("tokens_per_s", "tokens_per_s_best", "tokens_per_cpu_s", "achieved_flops_per_s",
+                "fraction_of_measured_matmul", "compile_s", "first_loss", "final_loss"):
+      assert _positive(r[key]), (system, key, r[key])
+  # The same architecture and shapes on both sides: the same parameters, so the same FLOPs.
+  assert result["jax"]["n_params"] == result["plain_jax"]["n_params"]
+  for key in ("jax_over_plain_jax_tokens_per_s", "jax_over_plain_jax_tokens_per_s_best",
+              "jax_over_plain_jax_tokens_per_cpu_s"):
+    assert _positive(result[key]), key
+  assert "hf_torch" not in result and "jax_over_torch_tokens_per_s" not in result
+
+
+def test_plain_jax_gpt_starts_at_chance_and_fits_a_batch():
+  """The baseline is a working GPT: loss ln(vocab) at step 0, falling on one fixed batch."""
+  sys.path.insert(0, str(BENCHMARKS))
+  import plain_jax_gpt as plain
+  config = plain.GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+  once, info = plain.runner(config, plain.OptConfig(lr=1e-2, warmup_steps=0, total_steps=10),
+                            batch_size=2)
+  for _ in range(5):
+    once()
+  losses = info["losses"]
+  assert abs(losses[0] - math.log(64)) < 0.1, losses
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
 def test_train_throughput_resnet_tiny_with_torch(tmp_path, capsys):
   """The image family: a tiny ResNet-18 and transformers' ResNet of the same shape take turns."""
   pytest.importorskip("torch")
@@ -104,6 +140,13 @@ def test_train_throughput_refuses_a_torch_comparison_without_a_counterpart():
     module.parse_args(["--model=cnn", "--compare=hf-torch"])
   with pytest.raises(SystemExit):
     module.parse_args(["--preset=llama", "--compare=hf-torch"])
+  for argv in (["--preset=llama"], ["--model=resnet18"], ["--mesh=data=-1"],
+               ["--n_kv_heads=2"]):
+    with pytest.raises(SystemExit):
+      module.parse_args(argv + ["--compare=plain-jax"])
+  with pytest.raises(SystemExit):
+    module.parse_args(["--compare=tf"])
+  assert module.parse_args(["--compare=hf-torch,plain-jax"]).compare == ("hf-torch", "plain-jax")
 
 
 @pytest.fixture
