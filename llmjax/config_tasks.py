@@ -129,10 +129,9 @@ def _check_together(entries: list[TaskEntry], exp) -> None:
       raise ConfigError(f"config.tasks.{e.head}.data.seq_len={e.data.seq_len} differs from "
                         f"config.tasks.{first.head}'s {first.data.seq_len}: the tasks' rows share "
                         "one batch")
-  distill = getattr(exp, "distill", None)
-  if distill is not None and getattr(distill, "teacher", ""):
-    raise ConfigError(f"config.distill.teacher={distill.teacher!r} with config.tasks: distilling "
-                      "a multi-task run is not supported yet")
+  if exp.distill.teacher:
+    raise ConfigError(f"config.distill.teacher={exp.distill.teacher!r} with config.tasks: "
+                      "distilling a multi-task run is not supported yet")
   if exp.optim.accum_steps != 1:
     raise ConfigError(f"config.optim.accum_steps={exp.optim.accum_steps} with config.tasks: each "
                       "task's loss is a mean over the global batch's rows of that task, which "

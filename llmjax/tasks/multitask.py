@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax import treepaths
 from llmjax.config import Experiment
 from llmjax.config_tasks import TaskEntry
 from llmjax.errors import ConfigError
@@ -57,26 +57,6 @@ def sub_experiment(exp: Experiment, entry: TaskEntry) -> Experiment:
 # --- the parameter tree --------------------------------------------------------------------------
 
 
-def _flatten(tree, prefix=()) -> dict[tuple, object]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
-def _nest(flat: dict[tuple, object]) -> dict:
-  out = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
 def _shape(leaf) -> tuple:
   return tuple(np.shape(getattr(leaf, "value", leaf)))  # boxed (nn.Partitioned) or not
 
@@ -84,25 +64,25 @@ def _shape(leaf) -> tuple:
 def combine(params_by_head: dict[str, dict]) -> dict:
   """Each task's model parameters -> one tree: the backbone every model shares (same path and
   shape in all), and `heads/<k>/...` for the rest of model k."""
-  flat = {head: _flatten(p) for head, p in params_by_head.items()}
+  flat = {head: dict(treepaths.items(p)) for head, p in params_by_head.items()}
   first = next(iter(flat.values()))
   for head, f in flat.items():
-    if any(path[0] == HEADS for path in f):
+    if any(path.split("/")[0] == HEADS for path in f):
       raise ConfigError(f"config.tasks.{head}: the task's model has a top-level '{HEADS}' "
                         "parameter, the name multi-task heads live under")
   shared = {path for path, leaf in first.items()
             if all(path in f and _shape(f[path]) == _shape(leaf) for f in flat.values())}
   out = {path: leaf for path, leaf in first.items() if path in shared}
   for head, f in flat.items():
-    out.update({(HEADS, head) + path: leaf for path, leaf in f.items() if path not in shared})
-  return _nest(out)
+    out.update({f"{HEADS}/{head}/{path}": leaf for path, leaf in f.items() if path not in shared})
+  return treepaths.nest(out)
 
 
 def params_for(params: dict, head: str) -> dict:
   """Task `head`'s model parameters: the backbone merged with heads/<head>/."""
-  flat = _flatten({k: v for k, v in params.items() if k != HEADS})
-  flat.update(_flatten(params.get(HEADS, {}).get(head, {})))
-  return _nest(flat)
+  flat = dict(treepaths.items({k: v for k, v in params.items() if k != HEADS}))
+  flat.update(treepaths.items(params.get(HEADS, {}).get(head, {})))
+  return treepaths.nest(flat)
 
 
 # --- the mixture ---------------------------------------------------------------------------------
