@@ -3,6 +3,14 @@
   python benchmarks/generate.py --json=/tmp/generate.json   # GPT-2 shape, 6 x 384, batch 1 and 8
   python benchmarks/generate.py --tiny                      # seconds; checks the script only
 
+Against the hardware: batch-B decoding reads every weight once per step (and the KV cache), so
+a decode step cannot take less than weight bytes / memory bandwidth (the weight-streaming
+bound). The script measures the bandwidth in the same run (the best of a jitted sum and a
+jitted matrix-vector product over a buffer much larger than the caches), times llmjax's decode
+step apart from its prefill (a call with --new_tokens against one with a single new token:
+the difference over new_tokens - 1 steps), and reports the fraction of the bound reached,
+bound seconds / measured seconds per step.
+
 Both run the same random GPT-2 (built with transformers, saved as safetensors, loaded into
 llmjax), fp32, on the same CPU in the same process, from the same prompt, for the same number of
 new tokens (no EOS), and must produce identical tokens. Time is the wall time of one whole
@@ -53,7 +61,42 @@ def parse_args(argv=None):
   return args
 
 
-def measure(model, params, torch_model, batch: int, args) -> dict:
+def memory_bandwidth(n_bytes: int, repeats: int = 5) -> dict:
+  """Read bandwidth (bytes/s) of this device: the best single shot of a jitted sum and of a
+  jitted matrix-vector product (decoding's own access pattern) over an n_bytes float32 buffer."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  columns = 1024
+  matrix = jnp.ones((max(n_bytes // (4 * columns), 1), columns), jnp.float32)
+  vector = jnp.ones((columns,), jnp.float32)
+  kernels = {"sum": jax.jit(jnp.sum), "matvec": jax.jit(lambda m, v: m @ v)}
+  args = {"sum": (matrix,), "matvec": (matrix, vector)}
+  best = {}
+  for name, kernel in kernels.items():
+    kernel(*args[name]).block_until_ready()
+    shots = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      kernel(*args[name]).block_until_ready()
+      shots.append(time.perf_counter() - start)
+    best[name] = matrix.nbytes / min(shots)
+  return {"bytes_per_s": max(best.values()), "by_kernel": best, "buffer_bytes": matrix.nbytes}
+
+
+def weight_bytes(params) -> int:
+  import jax
+  return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def cache_bytes(cfg, batch: int, length: int) -> int:
+  """The KV cache's size at `length` positions: keys and values of every layer, float32."""
+  kv_heads = cfg.n_kv_heads or cfg.n_heads
+  return 2 * cfg.n_layers * batch * length * kv_heads * (cfg.d_model // cfg.n_heads) * 4
+
+
+def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> dict:
   import torch
 
   from llmjax import generate
@@ -72,14 +115,29 @@ def measure(model, params, torch_model, batch: int, args) -> dict:
                                  pad_token_id=0)
     results["torch"] = out[:, args.prompt_len:].numpy()
 
+  def run_llmjax_prefill():  # the prompt's prefill and one new token: the non-decode part
+    generate.generate(model, params, prompt, max_new_tokens=1).block_until_ready()
+
   results = {}
-  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch}, args.repeats, 1,
+  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch,
+                                   "llmjax_prefill": run_llmjax_prefill}, args.repeats, 1,
                                   block=args.block)
   new = batch * args.new_tokens
   jax_s, torch_s = times["llmjax"]["median_step_s"], times["torch"]["median_step_s"]
+  prefill_s = times["llmjax_prefill"]["median_step_s"]
+  # Each decode step after the first new token; floored at 0 only so noise cannot go negative.
+  decode_step_s = max(jax_s - prefill_s, 0.0) / max(args.new_tokens - 1, 1)
+  weights = weight_bytes(params)
+  bound_s = weights / bandwidth
   return {"batch": batch, "llmjax_tokens_per_s": new / jax_s, "torch_tokens_per_s": new / torch_s,
           "ratio": torch_s / jax_s, "llmjax_first_call_s": times["llmjax"]["first_call_s"],
           "same_tokens": bool(np.array_equal(results["llmjax"], results["torch"])),
+          "llmjax_prefill_s": prefill_s, "llmjax_decode_step_s": decode_step_s,
+          "weight_bytes": weights,
+          "cache_bytes_at_end": cache_bytes(model.cfg, batch, args.prompt_len + args.new_tokens),
+          "weight_streaming_bound_s": bound_s,
+          "fraction_of_weight_streaming_bound": (bound_s / decode_step_s if decode_step_s > 0
+                                                 else None),
           "times": times}
 
 
@@ -97,15 +155,22 @@ def run(args) -> dict:
   with tempfile.TemporaryDirectory() as directory:
     torch_model.save_pretrained(directory)
     model, params = hf.load(directory)
-  rows = [measure(model, params, torch_model, batch, args) for batch in args.batches]
+  # A buffer 4x the weights (at least 256 MiB) so that no cache holds it.
+  bandwidth = memory_bandwidth(max(4 * weight_bytes(params), (64 if args.tiny else 256) << 20))
+  rows = [measure(model, params, torch_model, batch, args, bandwidth["bytes_per_s"])
+          for batch in args.batches]
   return {"benchmark": "generate", "environment": common.environment(),
+          "memory_bandwidth": bandwidth,
           "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": "float32", **shape},
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "block": args.block, "tiny": args.tiny,
                      "threads": args.threads or "default",
                      "torch_threads": torch.get_num_threads()},
           "what": "wall time of one greedy generate call (prefill + decode), median; "
-                  "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time",
+                  "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time; "
+                  "decode step = (time - time with one new token) / (new_tokens - 1); "
+                  "weight-streaming bound = weight bytes / measured read bandwidth; fraction = "
+                  "bound / decode step",
           "rows": rows}
 
 
@@ -115,9 +180,15 @@ def main(argv=None) -> dict:
     common.limit_threads(args.threads)
   result = run(args)
   table = [[r["batch"], r["llmjax_tokens_per_s"], r["torch_tokens_per_s"], r["ratio"],
-            r["same_tokens"]] for r in result["rows"]]
-  print(common.format_table(["batch", "llmjax tok/s", "torch tok/s", "ratio", "same tokens"],
-                            table))
+            r["same_tokens"], 1e3 * r["llmjax_decode_step_s"], 1e3 * r["weight_streaming_bound_s"],
+            r["fraction_of_weight_streaming_bound"]] for r in result["rows"]]
+  bandwidth = result["memory_bandwidth"]
+  print(common.host_line(result["environment"]))
+  print(f"read bandwidth {bandwidth['bytes_per_s'] / 1e9:.4g} GB/s (best of "
+        + ", ".join(f"{k} {v / 1e9:.4g}" for k, v in bandwidth["by_kernel"].items())
+        + f"); weights {result['rows'][0]['weight_bytes'] / 1e6:.4g} MB")
+  print(common.format_table(["batch", "llmjax tok/s", "torch tok/s", "ratio", "same tokens",
+                             "decode ms/step", "bound ms/step", "fraction of bound"], table))
   common.write_json(args.json, result)
   return result
 

@@ -75,7 +75,8 @@ def parse_args(argv=None):
                  help="single-shot matmul measurements before and after the steps; best kept")
   p.add_argument("--compare", default="",
                  help="comma-separated systems timed beside llmjax: hf-torch (transformers + "
-                      "torch), plain-jax (benchmarks/plain_jax_gpt.py; text models only)")
+                      "torch), plain-jax (benchmarks/plain_jax_gpt.py; text models only), bf16 "
+                      "(llmjax's own step with bfloat16 compute and float32 parameters)")
   p.add_argument("--threads", type=int, default=0,
                  help="pin the process to this many cores, torch threads to match (0: all cores); "
                       "1 gives a like-for-like figure when other processes share the cores")
@@ -98,14 +99,17 @@ def parse_args(argv=None):
     p.error("--compare=plain-jax has a counterpart for text models only (a flax GPT-2)")
   if "plain-jax" in args.compare and args.mesh not in ("", "data=1"):
     p.error("--compare=plain-jax runs on one device: use --mesh data=1")
-  if args.compare and family.compare_error(args):
+  if "bf16" in args.compare and args.dtype != "float32":
+    p.error("--compare=bf16 times bfloat16 compute beside float32: use --dtype float32")
+  if set(args.compare) - {"bf16"} and family.compare_error(args):
     p.error(family.compare_error(args))
   return args
 
 
 # --compare systems: flag value -> (key in the JSON, short name in ratio keys, report label).
 COMPARE = {"hf-torch": ("hf_torch", "torch", "transformers (torch)"),
-           "plain-jax": ("plain_jax", "plain_jax", "plain flax GPT (jax)")}
+           "plain-jax": ("plain_jax", "plain_jax", "plain flax GPT (jax)"),
+           "bf16": ("jax_bf16", "bf16", "llmjax, bf16 compute")}
 
 
 def jax_runner(b: common.Built):
@@ -124,6 +128,14 @@ def jax_runner(b: common.Built):
     info["losses"].append(float(metrics["loss"]))
 
   return once, info
+
+
+def bf16_runner(args, family: common.Family, devices):
+  """(run one step, info): llmjax's step for the same flags with bfloat16 compute; the
+  parameters (and so the initial state, from the same seed) stay float32."""
+  bf16_args = argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
+  exp = family.experiment(bf16_args)
+  return jax_runner(common.build(exp, devices, family.task(exp, bf16_args)))
 
 
 def torch_matmul_peak(n: int, repeats: int) -> float:
@@ -256,7 +268,7 @@ def rates(timing: dict, unit: str, units_per_step: int, flops_per_step: float, c
           "flops_per_cpu_s": per_cpu_s, "fraction_of_matmul_per_cpu_s": per_cpu_s / cpu_ceiling}
 
 
-def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
+def measure(args, family: common.Family, b: common.Built, devices) -> tuple[dict, dict]:
   """(timings per system, ceilings): matmul shots, the systems' turns, matmul shots again."""
   on_cpu = jax.default_backend() == "cpu"
   # Simulated CPU devices share the same cores: the ceiling is one device's, not n times it.
@@ -269,12 +281,18 @@ def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
     runners["hf_torch"], infos["hf_torch"] = family.torch_runner(b.exp, b.task, args)
   if "plain-jax" in args.compare:
     runners["plain_jax"], infos["plain_jax"] = family.plain_jax_runner(b.exp, args)
+  if "bf16" in args.compare:
+    runners["jax_bf16"], infos["jax_bf16"] = bf16_runner(args, family, devices)
+    bf16_before = flops.matmul_shots("bfloat16", args.matmul_n, args.matmul_repeats)
   # Systems take turns in blocks: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
   for name, info in infos.items():
     losses = info.pop("losses")
     timings[name].update(info, final_loss=losses[-1], first_loss=losses[0])
   shots_after = flops.matmul_shots(args.dtype, args.matmul_n, args.matmul_repeats)
+  bf16_shots = []
+  if "bf16" in args.compare:
+    bf16_shots = bf16_before + flops.matmul_shots("bfloat16", args.matmul_n, args.matmul_repeats)
   matmul_before = [shot["flops_per_s"] for shot in shots_before]
   matmul_after = [shot["flops_per_s"] for shot in shots_after]
   ceilings = {
@@ -286,8 +304,12 @@ def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
       "matmul_n": args.matmul_n, "matmul_dtype": args.dtype,
       "measured_matmul_flops_per_cpu_s": max(shot["flops_per_cpu_s"]
                                              for shot in shots_before + shots_after),
+      # With --compare=bf16: the same matmul in bfloat16 (does the host have bf16 units?).
+      "measured_bf16_matmul_flops_per_s": (max(shot["flops_per_s"] for shot in bf16_shots)
+                                           * scale if bf16_shots else None),
       "note": "measured: best single shot of a jitted [n,n]@[n,n] on one device, before and "
-              "after the steps; datasheet: llmjax.flops.PEAKS (None on CPUs)"}
+              "after the steps; datasheet: llmjax.flops.PEAKS (None on CPUs); every system's "
+              "fraction is against the --dtype ceiling, bf16 included"}
   return timings, ceilings
 
 
@@ -296,7 +318,7 @@ def run(args) -> dict:
   exp = family.experiment(args)
   devices = jax.devices()[:1] if args.mesh in ("", "data=1") else jax.devices()
   b = common.build(exp, devices, family.task(exp, args))
-  timings, c = measure(args, family, b)
+  timings, c = measure(args, family, b, devices)
   unit = family.unit
   units_per_step = family.units_per_step(exp, args)
   flops_per_step = family.flops_per_step(exp, args)
@@ -338,6 +360,10 @@ def run(args) -> dict:
     result["plain_jax"] = {**timings["plain_jax"],
                            **rates(timings["plain_jax"], unit, units_per_step, flops_per_step,
                                    ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
+  if "jax_bf16" in timings:
+    result["jax_bf16"] = {**timings["jax_bf16"],
+                          **rates(timings["jax_bf16"], unit, units_per_step, flops_per_step,
+                                  ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
   for key, short, _ in COMPARE.values():
     if key in result:
       for suffix in ("per_s", "per_s_best", "per_cpu_s"):
@@ -370,12 +396,18 @@ def report(result: dict) -> str:
       f"{c['measured_matmul_flops_per_s'] / 1e9:.4g} GFLOP/s (best shot), "
       f"{c['measured_matmul_flops_per_cpu_s'] / 1e9:.4g} GFLOP per CPU-second; datasheet: "
       + ("n/a" if c["datasheet_flops_per_s"] is None
-         else f"{c['datasheet_flops_per_s'] / 1e12:.4g} TFLOP/s"),
+         else f"{c['datasheet_flops_per_s'] / 1e12:.4g} TFLOP/s")
+      + ("" if c.get("measured_bf16_matmul_flops_per_s") is None else
+         f"; bfloat16 matmul: {c['measured_bf16_matmul_flops_per_s'] / 1e9:.4g} GFLOP/s"),
       f"jax compile {result['jax']['compile_s']:.3g} s"
       + (f", plain-jax compile {result['plain_jax']['compile_s']:.3g} s"
          if "plain_jax" in result else ""),
       "",
       common.format_table(header, rows),
+      "losses (first -> last step on one batch): " + ", ".join(
+          f"{label} {result[key]['first_loss']:.4f} -> {result[key]['final_loss']:.4f}"
+          for key, label in [("jax", "llmjax")] + [(k, s) for k, s, _ in COMPARE.values()]
+          if key in result),
   ]
   for _, short, _ in COMPARE.values():
     ratio = f"jax_over_{short}_{unit}_per_s"

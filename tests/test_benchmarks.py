@@ -71,11 +71,24 @@ def test_train_throughput_tiny_with_torch(tmp_path, capsys):
   assert _positive(result["jax_over_torch_tokens_per_cpu_s"])
 
 
-def test_train_throughput_tiny_with_plain_jax(tmp_path, capsys):
-  """--compare=plain-jax: a flax GPT-2 of the same shapes takes turns with llmjax's step."""
-  result, stdout = _run("train_throughput", ["--compare=plain-jax", "--steps=2", "--warmup=1",
-                                             "--matmul_repeats=1"], tmp_path, capsys)
+def test_train_throughput_tiny_with_plain_jax_and_bf16(tmp_path, capsys):
+  """--compare=plain-jax,bf16: a flax GPT-2 of the same shapes and llmjax's own step with
+  bfloat16 compute take turns with llmjax's float32 step."""
+  result, stdout = _run("train_throughput", ["--compare=plain-jax,bf16", "--steps=2",
+                                             "--warmup=1", "--matmul_repeats=1"], tmp_path, capsys)
   assert "plain flax GPT (jax)" in stdout and "jax/plain_jax tokens/s ratio" in stdout
+  assert "llmjax, bf16 compute" in stdout and "jax/bf16 tokens/s ratio" in stdout
+  assert "bfloat16 matmul" in stdout and "losses (first -> last" in stdout
+  assert _positive(result["ceilings"]["measured_bf16_matmul_flops_per_s"])
+  bf16 = result["jax_bf16"]
+  for key in ("tokens_per_s", "tokens_per_cpu_s", "fraction_of_measured_matmul", "compile_s"):
+    assert _positive(bf16[key]), key
+  assert _positive(result["jax_over_bf16_tokens_per_s"])
+  # float32 parameters from the same seed on the same batch: the first losses differ only by
+  # bfloat16 rounding of the compute.
+  assert bf16["n_params"] == result["jax"]["n_params"]
+  assert bf16["first_loss"] != result["jax"]["first_loss"]
+  assert abs(bf16["first_loss"] - result["jax"]["first_loss"]) < 0.05
   host = result["environment"]["host"]
   assert result["host_kind"] == host["kind"] and f"host: {host['kind']}" in stdout
   assert host["logical_cpus"] >= 1 and isinstance(host["isa"], dict)
@@ -146,6 +159,10 @@ def test_train_throughput_refuses_a_torch_comparison_without_a_counterpart():
       module.parse_args(argv + ["--compare=plain-jax"])
   with pytest.raises(SystemExit):
     module.parse_args(["--compare=tf"])
+  with pytest.raises(SystemExit):  # bf16 is timed beside float32, not beside itself
+    module.parse_args(["--dtype=bfloat16", "--compare=bf16"])
+  # llmjax's own step has no counterpart to lack: every model compares with itself in bf16.
+  assert module.parse_args(["--model=resnet18", "--compare=bf16"]).compare == ("bf16",)
   assert module.parse_args(["--compare=hf-torch,plain-jax"]).compare == ("hf-torch", "plain-jax")
 
 
@@ -223,3 +240,45 @@ def test_train_throughput_runs_without_the_data_stack(tmp_path, model):
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["jax"][f"{result['unit']}_per_s"] > 0
+
+
+def test_profile_step_tiny_joins_the_trace_to_the_hlo(tmp_path, capsys):
+  """A tiny profiled step: every part's share comes from trace events joined by name to the
+  compiled step's instructions, the shares add up, and the model's matmuls are found."""
+  result, stdout = _run("profile_step", ["--threads=0"], tmp_path, capsys)
+  assert "% of thunk time" in stdout and "coverage" in stdout
+  parts = result["parts"]
+  assert math.isclose(sum(p["share"] for p in parts.values()), 1.0, rel_tol=1e-6)
+  assert math.isclose(sum(p["s_per_step"] for p in parts.values()), result["thunk_s_per_step"],
+                      rel_tol=1e-6)
+  assert result["instructions_timed"] > 10 and _positive(result["wall_s_per_step"])
+  for part in ("MLP matmuls", "attention projections (q, k, v, o)", "logits and embeddings"):
+    assert parts[part]["s_per_step"] > 0, part
+  assert all(t["opcode"] and t["ms_per_step"] > 0 for t in result["top_instructions"])
+
+
+def test_profile_step_parts_and_hlo_parsing():
+  module = _script("profile_step")
+  part = module.part_of
+  assert part("dot", "jit(step)/jvp(Transformer)/layer_0/mlp/wi/dot_general") == "MLP matmuls"
+  assert part("fusion", "jit(step)/jvp(Transformer)/layer_0/mlp/tanh").startswith("MLP element")
+  assert part("dot", "jit(step)/transpose(jvp(Transformer))/layer_3/attn/q/dot_general") \
+      .startswith("attention projections")
+  assert part("dot", "jit(step)/jvp(Transformer)/layer_0/attn/vmap(BTNH,BSNH->BNTS)/dot_general") \
+      .startswith("attention core")
+  assert part("fusion", "jit(step)/jvp()/exp").startswith("loss")
+  assert part("fusion", "jit(step)/cond/branch_1_fun/mul").startswith("optimizer")
+  assert part("dot", "jit(step)/jvp(Transformer)/embed.attend/dot_general").startswith("logits")
+  assert part("fusion", "jit(step)/jvp(Transformer)/layer_1/norm2/mul") == "norms"
+  assert part("fusion", "") == module.OTHER
+  # The optimized HLO of a small jitted function: names, opcodes and op_name metadata, with a
+  # fusion inheriting the op_name of the instructions inside it.
+  hlo = jax.jit(lambda a, b: jax.numpy.tanh(a @ b) * 2).lower(
+      jax.numpy.ones((8, 8)), jax.numpy.ones((8, 8))).compile().as_text()
+  found = module.hlo_instructions(hlo)
+  assert any(opcode == "dot" and "dot_general" in op_name for opcode, op_name in found.values())
+  assert any(opcode == "fusion" and op_name for opcode, op_name in found.values())
+  events = [{"name": name, "dur": 10.0, "ph": "X"} for name in found] + \
+           [{"name": "not an instruction", "dur": 1e6, "ph": "X"}]
+  timed = module.attribute(events, found, steps=2)
+  assert math.isclose(sum(timed["by_part"].values()), 5.0 * len(found))

@@ -28,7 +28,22 @@ def test_generate_benchmark_tiny(tmp_path, capsys):
   assert [r["batch"] for r in written["rows"]] == [1, 2]
   for row in written["rows"]:
     assert row["same_tokens"] is True  # both systems did the same work
-    for key in ("llmjax_tokens_per_s", "torch_tokens_per_s", "ratio"):
+    for key in ("llmjax_tokens_per_s", "torch_tokens_per_s", "ratio", "llmjax_prefill_s",
+                "weight_streaming_bound_s"):
       assert math.isfinite(row[key]) and row[key] > 0
+    assert row["llmjax_decode_step_s"] >= 0
+    # The bound is the model's float32 weights over the measured bandwidth.
+    n_params = written["rows"][0]["weight_bytes"] // 4
+    assert row["weight_bytes"] == 4 * n_params > 0
+    assert math.isclose(row["weight_streaming_bound_s"],
+                        row["weight_bytes"] / written["memory_bandwidth"]["bytes_per_s"])
+    config = written["config"]["model"]
+    head_dim = config["n_embd"] // config["n_head"]
+    assert row["cache_bytes_at_end"] == (2 * config["n_layer"] * row["batch"] * head_dim
+                                         * config["n_head"] * 4 * (4 + 8))  # --tiny: 4 + 8
+  bandwidth = written["memory_bandwidth"]
+  assert set(bandwidth["by_kernel"]) == {"sum", "matvec"}
+  assert bandwidth["bytes_per_s"] == max(bandwidth["by_kernel"].values()) > 0
   table = capsys.readouterr().out
   assert "llmjax tok/s" in table and "torch tok/s" in table and "ratio" in table
+  assert "fraction of bound" in table and "read bandwidth" in table
