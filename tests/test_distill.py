@@ -183,12 +183,10 @@ def test_schedules_move_alpha_and_temperature_linearly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lm_teacher(tmp_path_factory):
-  """A tiny LM trained for 4 steps: the workdir the distillation runs learn from."""
-  tmp = tmp_path_factory.mktemp("teacher")
-  workdir = str(tmp / "run")
-  loop.run(experiment("lm", tmp), workdir)
-  return workdir
+def lm_teacher(lm_run):
+  """A tiny LM trained for 4 steps: the workdir the distillation runs learn from (conftest's
+  session-wide `lm_run`, which test_finetune and test_tasks read too)."""
+  return str(lm_run)
 
 
 def _student(tmp_path, teacher, **distill):

@@ -299,17 +299,17 @@ def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_check
 
 
 def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_the_head(
-    tmp_path):
-  llmjax.train.run(experiment("lm", tmp_path), str(tmp_path / "lm"))
+    lm_run, tmp_path):
+  # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only.
   exp = experiment("classify", tmp_path, decoder=True, finetune=dict(method="lora"),
-                   train=dict(init_from=f"workdir:{tmp_path / 'lm'}", init_new="classifier/.*"))
+                   train=dict(init_from=f"workdir:{lm_run}", init_new="classifier/.*"))
   workdir = str(tmp_path / "cls")
   llmjax.train.run(exp, workdir)
   run = llmjax.train.rundir.restore(workdir)
   assert {p.split("/")[-2] if "/lora/" in p else p
           for p, _ in partition.items(run.state.params)} == {
       "lora", "classifier/kernel"}  # (the tiny llama has no biases)
-  lm = llmjax.train.rundir.restore(str(tmp_path / "lm"))
+  lm = llmjax.train.rundir.restore(str(lm_run))
   frozen = jax.device_get(run.state.frozen)
   assert set(frozen) == set(lm.params) - {"lm_head"}  # a classifier reads no LM head
   jax.tree.map(np.testing.assert_array_equal, frozen,

@@ -287,18 +287,17 @@ def test_a_tiny_classifier_fits_its_data_through_the_cli(tmp_path):
 # --- decoders as classifiers ------------------------------------------------------------------
 
 
-def test_a_decoder_classifier_loads_an_lm_run_with_only_the_classifier_new(tmp_path):
-  lm_exp = experiment("lm", tmp_path)
-  llmjax.train.run(lm_exp, str(tmp_path / "lm"))
+def test_a_decoder_classifier_loads_an_lm_run_with_only_the_classifier_new(lm_run, tmp_path):
+  # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only.
   exp = experiment("classify", tmp_path, decoder=True,
-                   train=dict(init_from=f"workdir:{tmp_path / 'lm'}", init_new="classifier/.*"))
+                   train=dict(init_from=f"workdir:{lm_run}", init_new="classifier/.*"))
   s = loop.prepare(exp, str(tmp_path / "cls"))
   assert s.exp.model.causal and type(s.model).__name__ == "DecoderClassifier"
   fresh = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   params = jax.device_get(pretrained.load_params(s.exp.train.init_from, s.exp.train.init_new,
                                                  fresh.params, s.state_shardings.params))
   lm_params = checkpoint.restore_params(
-      str(tmp_path / "lm" / "checkpoints"),
+      str(lm_run / "checkpoints"),
       jax.eval_shape(lambda: {k: v for k, v in params.items() if k != "classifier"}),
       jax.tree.map(lambda _: sharding.replicated(s.mesh),
                    {k: v for k, v in params.items() if k != "classifier"}), partial=True)
