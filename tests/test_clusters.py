@@ -24,7 +24,10 @@ from llmjax.distributed import ClusterError
 
 FAKE = os.path.join(h.REPO, "tests", "fake_cluster")
 SBATCH = os.path.join(h.REPO, "launch", "slurm", "train.sbatch")
-STEPS = 60  # more than the run gets to before it is preempted (it stops 2-5 steps after the signal)
+# More than the run gets to before it is preempted (it stops 2-5 steps after the signal, so
+# near step 11): 30 keeps that margin twice over while the in-process reference and the resumed
+# run train half the steps that 60 took.
+STEPS = 30
 SIGNAL_AFTER = 6  # train records logged before process 1 gets SIGTERM
 FSDP8 = ("--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.rules=fsdp")
 RUN_ARGS = (f"--config.train.steps={STEPS}", "--config.train.log_every=1",
