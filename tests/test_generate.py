@@ -73,8 +73,7 @@ def test_kv_cache_decoding_equals_full_recomputation(saved):
   for i in range(7, tokens.shape[1]):
     logits, variables = step(variables["cache"], tokens[:, i:i + 1])
     pieces.append(logits)
-  # [layers, B, K, S, H]: the scanned layer axis, then the cache's own layout.
-  assert variables["cache"]["layers"]["attn"]["cached_k"].shape == (2, 4, 2, 16, 8)
+  assert variables["cache"]["layers"]["attn"]["cached_k"].shape == (2, 4, 16, 2, 8)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
 

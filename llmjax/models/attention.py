@@ -26,10 +26,6 @@ from llmjax.models import layers
 from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
-# The self-attention decode cache is [B, K, S, H]: both products of cached_attention read it in
-# place (stored [B, S, K, H], XLA:CPU copied every layer's keys and values into the dot's layout
-# at every decode step). Cross-attention keeps the [B, S, K, H] of its one-off keys and values.
-_KV_CACHE_BKSH = (axes.BATCH, axes.ACT_KV_HEADS, None, None)
 _KV_CACHE = (axes.BATCH, None, axes.ACT_KV_HEADS, None)
 
 
@@ -75,22 +71,6 @@ def blocked_causal_attention(q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.A
     probs_BKGQS = jax.nn.softmax(scores_BKGQS, axis=-1).astype(v_BLKH.dtype)
     out.append(jnp.einsum("bkgqs,bskh->bqkgh", probs_BKGQS, v_BLKH[:, :end]))
   return jnp.concatenate(out, axis=1).reshape(batch, length, n, h)
-
-
-def cached_attention(q_BLNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                     mask_B1LS: jax.Array) -> jax.Array:
-  """The L new queries against the decode cache (keys/values [B, K, S, H]); `mask_B1LS` holds
-  causality, padding and the empty slots. Numerics as `blocked_causal_attention`: scores and
-  softmax in float32, probabilities cast to the value dtype."""
-  batch, length, n, h = q_BLNH.shape
-  k = k_BKSH.shape[1]
-  q_BKGLH = q_BLNH.reshape(batch, length, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  scores_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH,
-                            preferred_element_type=jnp.float32) * h**-0.5
-  scores_BKGLS = jnp.where(mask_B1LS[:, :, None], scores_BKGLS, jnp.finfo(jnp.float32).min)
-  probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BKSH.dtype)
-  out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", probs_BKGLS, v_BKSH)
-  return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(batch, length, n, h)
 
 
 def implementation(cfg: ModelConfig, length: int) -> str:
@@ -149,14 +129,11 @@ class Attention(nn.Module):
                                         (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
     if self.decode:
       # The decode mask already holds causality and padding; cuDNN's fused path takes neither.
-      k_BKSH, v_BKSH = self._cached(k_BLKH, v_BLKH, cache_index)
+      k_BSKH, v_BSKH = self._cached(k_BLKH, v_BLKH, cache_index)
       if self.peft.prefix_length:
-        k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BKSH.transpose(0, 2, 1, 3),
-                                                   v_BKSH.transpose(0, 2, 1, 3), mask_B1LS,
-                                                   False, x_BLD.shape[1])
-        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS)
-      else:
-        out_BLNH = cached_attention(q_BLNH, k_BKSH, v_BKSH, mask_B1LS)
+        k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BSKH, v_BSKH, mask_B1LS, False,
+                                                       x_BLD.shape[1])
+      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS)
     elif self.peft.prefix_length:  # keys no longer line up with queries: an explicit mask
       k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BLKH, v_BLKH, mask_B1LS, cfg.causal,
                                                      x_BLD.shape[1])
@@ -182,15 +159,13 @@ class Attention(nn.Module):
                                length)
 
   def _cached(self, k_BLKH, v_BLKH, index):
-    """Write this call's keys/values at slots [index, index + L) of the [B, K, S, H] cache
-    (sized by the input seen at init) and return the whole cache."""
+    """Write this call's keys/values at `index`; the cache is sized by the input seen at init."""
     out = []
     for name, new_BLKH in (("cached_k", k_BLKH), ("cached_v", v_BLKH)):
-      new_BKLH = new_BLKH.transpose(0, 2, 1, 3)
-      cached = self.variable("cache", name, jnp.zeros, new_BKLH.shape, new_BKLH.dtype)
-      updated_BKSH = jax.lax.dynamic_update_slice(
-          cached.value, new_BKLH.astype(cached.value.dtype), (0, 0, index, 0))
-      cached.value = nn.with_logical_constraint(updated_BKSH, _KV_CACHE_BKSH)
+      cached = self.variable("cache", name, jnp.zeros, new_BLKH.shape, new_BLKH.dtype)
+      updated_BSKH = jax.lax.dynamic_update_slice(
+          cached.value, new_BLKH.astype(cached.value.dtype), (0, index, 0, 0))
+      cached.value = nn.with_logical_constraint(updated_BSKH, _KV_CACHE)
       out.append(cached.value)
     return out
 
