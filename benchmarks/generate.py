@@ -2,6 +2,8 @@
 
   python benchmarks/generate.py --json=/tmp/generate.json   # GPT-2 shape, 6 x 384, batch 1 and 8
   python benchmarks/generate.py --tiny                      # seconds; checks the script only
+  python benchmarks/generate.py --llmjax_only --dtype=bfloat16 --n_layer=24 --n_embd=2048 \
+      --n_head=16 --vocab_size=50304 --n_positions=2048      # a ~1.3B GPT on a GPU, no torch
 
 Against the hardware: batch-B decoding reads every weight once per step (and the KV cache), so
 a decode step cannot take less than weight bytes / memory bandwidth (the weight-streaming
@@ -49,12 +51,23 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0,
                  help="pin the process to this many cores, torch threads to match (0: all cores, "
                       "each library's default threads); applied before JAX starts")
+  p.add_argument("--llmjax_only", action="store_true",
+                 help="time llmjax alone on a random init of the same config (no torch needed: "
+                      "the GPU image has none); torch columns are then empty")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="llmjax's parameter and compute dtype (bfloat16 with --llmjax_only only)")
+  for name, value in REFERENCE.items():  # transformers' GPT2Config names
+    p.add_argument(f"--{name}", type=int, default=value)
   p.add_argument("--tiny", action="store_true", help="tiny model and budget (tests)")
   p.add_argument("--json", default="", help="write the results here as JSON")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batches.split(",") if b]
+  args.shape = {name: getattr(args, name) for name in REFERENCE}
   if args.tiny:
     args.prompt_len, args.new_tokens, args.repeats, args.block = 4, 8, 1, 1
+    args.shape = dict(TINY)
+  if args.dtype != "float32" and not args.llmjax_only:
+    p.error("--dtype=bfloat16 needs --llmjax_only (the torch side runs float32)")
   if (not args.batches or min(args.batches) < 1 or args.new_tokens < 1 or args.repeats < 1
       or args.block < 1):
     p.error("--batches, --new_tokens, --repeats and --block must be positive")
@@ -91,14 +104,15 @@ def weight_bytes(params) -> int:
 
 
 def cache_bytes(cfg, batch: int, length: int) -> int:
-  """The KV cache's size at `length` positions: keys and values of every layer, float32."""
+  """The KV cache's size at `length` positions: keys and values of every layer."""
   kv_heads = cfg.n_kv_heads or cfg.n_heads
-  return 2 * cfg.n_layers * batch * length * kv_heads * (cfg.d_model // cfg.n_heads) * 4
+  itemsize = np.dtype(cfg.dtype).itemsize
+  return 2 * cfg.n_layers * batch * length * kv_heads * (cfg.d_model // cfg.n_heads) * itemsize
 
 
 def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> dict:
-  import torch
-
+  """One batch size: llmjax's whole call and its prefill, and torch's generate unless
+  torch_model is None, taking turns."""
   from llmjax import generate
   vocab = model.cfg.vocab_size
   prompt = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt_len), np.int32)
@@ -108,6 +122,7 @@ def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> d
     results["llmjax"] = np.asarray(out.block_until_ready())
 
   def run_torch():
+    import torch
     with torch.inference_mode():
       ids = torch.from_numpy(prompt).long()
       out = torch_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -119,19 +134,24 @@ def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> d
     generate.generate(model, params, prompt, max_new_tokens=1).block_until_ready()
 
   results = {}
-  times = common.time_interleaved({"llmjax": run_llmjax, "torch": run_torch,
-                                   "llmjax_prefill": run_llmjax_prefill}, args.repeats, 1,
-                                  block=args.block)
+  runners = {"llmjax": run_llmjax, "llmjax_prefill": run_llmjax_prefill}
+  if torch_model is not None:
+    runners["torch"] = run_torch
+  times = common.time_interleaved(runners, args.repeats, 1, block=args.block)
   new = batch * args.new_tokens
-  jax_s, torch_s = times["llmjax"]["median_step_s"], times["torch"]["median_step_s"]
+  jax_s = times["llmjax"]["median_step_s"]
+  torch_s = times["torch"]["median_step_s"] if torch_model is not None else None
   prefill_s = times["llmjax_prefill"]["median_step_s"]
   # Each decode step after the first new token; floored at 0 only so noise cannot go negative.
   decode_step_s = max(jax_s - prefill_s, 0.0) / max(args.new_tokens - 1, 1)
   weights = weight_bytes(params)
   bound_s = weights / bandwidth
-  return {"batch": batch, "llmjax_tokens_per_s": new / jax_s, "torch_tokens_per_s": new / torch_s,
-          "ratio": torch_s / jax_s, "llmjax_first_call_s": times["llmjax"]["first_call_s"],
-          "same_tokens": bool(np.array_equal(results["llmjax"], results["torch"])),
+  return {"batch": batch, "llmjax_tokens_per_s": new / jax_s,
+          "torch_tokens_per_s": new / torch_s if torch_s else None,
+          "ratio": torch_s / jax_s if torch_s else None,
+          "llmjax_first_call_s": times["llmjax"]["first_call_s"],
+          "same_tokens": (bool(np.array_equal(results["llmjax"], results["torch"]))
+                          if torch_s else None),
           "llmjax_prefill_s": prefill_s, "llmjax_decode_step_s": decode_step_s,
           "weight_bytes": weights,
           "cache_bytes_at_end": cache_bytes(model.cfg, batch, args.prompt_len + args.new_tokens),
@@ -141,31 +161,52 @@ def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> d
           "times": times}
 
 
-def run(args) -> dict:
-  import torch
-  import transformers
+def models(args):
+  """(llmjax model, its params, transformers' torch model or None) for the flags' GPT-2 shape.
+  With torch: transformers' random GPT-2, saved and loaded into llmjax (the same weights). With
+  --llmjax_only: the same config read by llmjax (`hf.build`), randomly initialised."""
+  import transformers  # configs need no torch
 
   from llmjax import hf
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  shape = TINY if args.tiny else REFERENCE
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
-  torch_model = transformers.GPT2LMHeadModel(config).eval()
+  config = transformers.GPT2Config(**args.shape, bos_token_id=None, eos_token_id=None)
   with tempfile.TemporaryDirectory() as directory:
+    if args.llmjax_only:
+      config.save_pretrained(directory)
+      model = hf.build(directory, dtype=args.dtype)
+      import jax
+      from flax import linen as nn
+      tokens = np.zeros((1, min(8, args.shape["n_positions"])), np.int32)
+      params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"])
+      return model, params, None
+    import torch
+    torch.manual_seed(0)
+    torch_model = transformers.GPT2LMHeadModel(config).eval()
     torch_model.save_pretrained(directory)
     model, params = hf.load(directory)
-  # A buffer 4x the weights (at least 256 MiB) so that no cache holds it.
-  bandwidth = memory_bandwidth(max(4 * weight_bytes(params), (64 if args.tiny else 256) << 20))
+    return model, params, torch_model
+
+
+def run(args) -> dict:
+  if args.threads and not args.llmjax_only:
+    import torch
+    torch.set_num_threads(args.threads)
+  model, params, torch_model = models(args)
+  # A buffer 4x the weights (at least 256 MiB, at most 4 GiB) so that no cache holds it.
+  floor = (64 if args.tiny else 256) << 20
+  bandwidth = memory_bandwidth(min(max(4 * weight_bytes(params), floor), 4 << 30))
   rows = [measure(model, params, torch_model, batch, args, bandwidth["bytes_per_s"])
           for batch in args.batches]
+  torch_threads = None
+  if torch_model is not None:
+    import torch
+    torch_threads = torch.get_num_threads()
   return {"benchmark": "generate", "environment": common.environment(),
           "memory_bandwidth": bandwidth,
-          "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": "float32", **shape},
+          "config": {"model": {"hf_class": "GPT2LMHeadModel", "dtype": args.dtype, **args.shape},
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "block": args.block, "tiny": args.tiny,
-                     "threads": args.threads or "default",
-                     "torch_threads": torch.get_num_threads()},
+                     "llmjax_only": args.llmjax_only, "threads": args.threads or "default",
+                     "torch_threads": torch_threads},
           "what": "wall time of one greedy generate call (prefill + decode), median; "
                   "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time; "
                   "decode step = (time - time with one new token) / (new_tokens - 1); "

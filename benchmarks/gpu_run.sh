@@ -5,7 +5,9 @@
 # XLA flags; cuDNN at twice the batch with remat; XLA attention with remat), and after the first
 # of them ResNet-50 at 224 px, batch 256, bf16 (IMAGE_SHAPE overrides its flags; SGD Nesterov,
 # images/s and MFU; its import path needs no grain, tensorflow-datasets or llmjax.data, as
-# tests/test_benchmarks.py checks). Results (JSON + logs) go to $1 (default $OUT). Variants run
+# tests/test_benchmarks.py checks), then KV-cache decoding of the same GPT in bf16 at batch 1 and
+# 8 against the weight-streaming bound (generate.py --llmjax_only: no torch on the image; the
+# HBM read bandwidth measured in the same run). Results (JSON + logs) go to $1 (default $OUT). Variants run
 # in that order while BUDGET seconds (default 560, under the device call's 600) leave room for
 # another RUN_TIMEOUT (default 130); the rest are skipped. ONLY="name ..." runs just those.
 #
@@ -14,8 +16,8 @@
 # The GPU image has jax, flax and optax but not ml_collections: carry its wheel in .whl/
 # (python3 -m pip download --no-deps -d .whl ml_collections==1.1.0, .whl/ git-ignored).
 # SHAPE overrides the model flags and PYTHON the interpreter, e.g. SHAPE=--tiny
-# PYTHON=.venv/bin/python to try the script on a CPU (where the cuDNN runs fail); SHAPE also
-# reaches the ResNet run (--tiny shrinks it too).
+# DECODE_SHAPE=--tiny PYTHON=.venv/bin/python to try the script on a CPU (where the cuDNN runs
+# fail); SHAPE also reaches the ResNet run (--tiny shrinks it too).
 set -uo pipefail
 py=${PYTHON:-python3}
 out=${1:-${OUT:?give an output folder}}
@@ -30,10 +32,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 shape=${SHAPE:---preset=gpt2 --d_model=2048 --n_layers=24 --n_heads=16 --d_ff=8192 --seq_len=2048 --vocab=50304}
 image_shape=${IMAGE_SHAPE:---model=resnet50 --image_size=224 --batch_size=256}
 limit=${RUN_TIMEOUT:-130}
+wanted() {  # wanted NAME: in ONLY (when given) and within the budget
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $1 "* ]]; then return 1; fi
+  if (( SECONDS + limit > ${BUDGET:-560} )); then echo "== $1: skipped (budget)"; return 1; fi
+}
 run() {  # run NAME ENV_SETUP FLAGS...: ENV_SETUP is a command run in the variant's subshell first
   local name=$1 setup=$2; shift 2
-  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi
-  if (( SECONDS + limit > ${BUDGET:-560} )); then echo "== $name: skipped (budget)"; return; fi
+  wanted "$name" || return 0
   echo "== $name: $*"
   # shellcheck disable=SC2086
   ( $setup; timeout "$limit" "$py" benchmarks/train_throughput.py $shape --dtype=bfloat16 \
@@ -41,9 +46,20 @@ run() {  # run NAME ENV_SETUP FLAGS...: ENV_SETUP is a command run in the varian
   echo "exit $?"; grep -E "tokens/s|images/s|llmjax|ceilings|compile" "$out/$name.log" | tail -4
 }
 gpu_env() { source launch/gpu_env.sh; echo "XLA_FLAGS=$XLA_FLAGS" >"$out/gpu_env.txt"; }
+decode() {  # the GPT's shape in generate.py's (transformers' GPT2Config) names
+  local name=decode_b1_b8 gpt=${DECODE_SHAPE:---n_layer=24 --n_embd=2048 --n_head=16 --vocab_size=50304 --n_positions=2048}
+  wanted "$name" || return 0
+  echo "== $name: $gpt"
+  # shellcheck disable=SC2086
+  timeout "$limit" "$py" benchmarks/generate.py --llmjax_only --dtype=bfloat16 $gpt \
+      --batches=1,8 --prompt_len=128 --new_tokens=128 --repeats=3 --json="$out/$name.json" \
+      >"$out/$name.log" 2>&1
+  echo "exit $?"; tail -4 "$out/$name.log"
+}
 run cudnn_b8 : --attention_impl=cudnn --batch=8
 # shellcheck disable=SC2086
 run resnet50_b256_224px : $image_shape
+decode
 run cudnn_b8_gpu_env gpu_env --attention_impl=cudnn --batch=8
 run cudnn_b16_dots_no_batch : --attention_impl=cudnn --batch=16 --remat=dots_no_batch
 run xla_b8_dots_no_batch : --attention_impl=xla --batch=8 --remat=dots_no_batch

@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -47,3 +49,32 @@ def test_generate_benchmark_tiny(tmp_path, capsys):
   table = capsys.readouterr().out
   assert "llmjax tok/s" in table and "torch tok/s" in table and "ratio" in table
   assert "fraction of bound" in table and "read bandwidth" in table
+
+
+def test_generate_benchmark_llmjax_only_runs_without_torch_or_the_data_stack(tmp_path):
+  """--llmjax_only is what a GPU image runs: no torch, grain, tensorflow-datasets, orbax or
+  llmjax.data may be imported (transformers, for the config, is there, and with it tqdm);
+  bf16 weights halve the bytes the bound counts."""
+  absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
+            "llmjax.data"]
+  out = tmp_path / "g.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  code = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
+          "sys.path.insert(0, sys.argv[1]); import generate; "
+          "generate.main(['--tiny', '--llmjax_only', '--dtype=bfloat16', '--json=' + sys.argv[3]])")
+  done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), ",".join(absent), str(out)],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  written = json.loads(out.read_text())
+  assert written["config"]["llmjax_only"] is True and written["config"]["model"]["dtype"] == \
+      "bfloat16"
+  for row in written["rows"]:
+    assert row["torch_tokens_per_s"] is None and row["same_tokens"] is None
+    assert row["llmjax_tokens_per_s"] > 0
+    # GPT-2's parameters (token and position tables, per layer 12 D^2 + 13 D, the final norm),
+    # 2 bytes each in bfloat16.
+    m = written["config"]["model"]
+    d = m["n_embd"]
+    n_params = (m["vocab_size"] + m["n_positions"]) * d + m["n_layer"] * (12 * d * d + 13 * d) \
+        + 2 * d
+    assert row["weight_bytes"] == 2 * n_params
