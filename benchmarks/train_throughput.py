@@ -19,7 +19,9 @@ GPT2LMHeadModel with torch.optim.AdamW (same shapes, hyper-parameters, schedule,
 decay mask) in the same process (image models: see image_bench.py), and `--compare=plain-jax`
 the simplest flax GPT-2 train step a JAX user would write from the flax and optax docs
 (benchmarks/plain_jax_gpt.py: same shapes and optimiser, no llmjax code), so that what llmjax's
-machinery costs is visible; `--compare=hf-torch,plain-jax` times all three. The systems take
+machinery costs is visible; `--compare=hf-torch,plain-jax` times all three. `--compare=bf16`
+times llmjax's own step with bfloat16 compute and float32 parameters (same seed, same batch)
+beside the float32 one, and measures a bfloat16 matmul beside the float32 ceiling. The systems take
 turns in blocks of --block timed steps, each block after one untimed settling step, so that
 shared load hits all alike without charging any for the switch. The JSON and the report name
 the host's CPU (model, family/model, ISA flags, a host-kind key: benchmarks/host.py).
@@ -356,14 +358,10 @@ def run(args) -> dict:
                           **rates(timings["hf_torch"], unit, units_per_step, flops_per_step,
                                   ceiling, None, cpu_ceiling),
                           "torch_matmul_flops_per_s": torch_mm}
-  if "plain_jax" in timings:
-    result["plain_jax"] = {**timings["plain_jax"],
-                           **rates(timings["plain_jax"], unit, units_per_step, flops_per_step,
-                                   ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
-  if "jax_bf16" in timings:
-    result["jax_bf16"] = {**timings["jax_bf16"],
-                          **rates(timings["jax_bf16"], unit, units_per_step, flops_per_step,
-                                  ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
+  for key in ("plain_jax", "jax_bf16"):  # JAX systems: rates as llmjax's, datasheet MFU included
+    if key in timings:
+      result[key] = {**timings[key], **rates(timings[key], unit, units_per_step, flops_per_step,
+                                              ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}
   for key, short, _ in COMPARE.values():
     if key in result:
       for suffix in ("per_s", "per_s_best", "per_cpu_s"):
