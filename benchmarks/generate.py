@@ -77,24 +77,16 @@ def parse_args(argv=None):
 def memory_bandwidth(n_bytes: int, repeats: int = 5) -> dict:
   """Read bandwidth (bytes/s) of this device: the best single shot of a jitted sum and of a
   jitted matrix-vector product (decoding's own access pattern) over an n_bytes float32 buffer."""
-  import time
-
   import jax
   import jax.numpy as jnp
   columns = 1024
   matrix = jnp.ones((max(n_bytes // (4 * columns), 1), columns), jnp.float32)
   vector = jnp.ones((columns,), jnp.float32)
-  kernels = {"sum": jax.jit(jnp.sum), "matvec": jax.jit(lambda m, v: m @ v)}
-  args = {"sum": (matrix,), "matvec": (matrix, vector)}
-  best = {}
-  for name, kernel in kernels.items():
-    kernel(*args[name]).block_until_ready()
-    shots = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      kernel(*args[name]).block_until_ready()
-      shots.append(time.perf_counter() - start)
-    best[name] = matrix.nbytes / min(shots)
+  sum_all, matvec = jax.jit(jnp.sum), jax.jit(lambda m, v: m @ v)
+  shots = {"sum": lambda: sum_all(matrix).block_until_ready(),
+           "matvec": lambda: matvec(matrix, vector).block_until_ready()}
+  best = {name: matrix.nbytes / min(common.time_steps(shot, repeats, 1)["step_times_s"])
+          for name, shot in shots.items()}
   return {"bytes_per_s": max(best.values()), "by_kernel": best, "buffer_bytes": matrix.nbytes}
 
 
@@ -110,9 +102,9 @@ def cache_bytes(cfg, batch: int, length: int) -> int:
   return 2 * cfg.n_layers * batch * length * kv_heads * (cfg.d_model // cfg.n_heads) * itemsize
 
 
-def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> dict:
+def measure(model, params, torch_model, batch: int, args, weights: int, bandwidth: float) -> dict:
   """One batch size: llmjax's whole call and its prefill, and torch's generate unless
-  torch_model is None, taking turns."""
+  torch_model is None, taking turns; `weights` bytes read at `bandwidth` bytes/s bound a step."""
   from llmjax import generate
   vocab = model.cfg.vocab_size
   prompt = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt_len), np.int32)
@@ -139,19 +131,19 @@ def measure(model, params, torch_model, batch: int, args, bandwidth: float) -> d
     runners["torch"] = run_torch
   times = common.time_interleaved(runners, args.repeats, 1, block=args.block)
   new = batch * args.new_tokens
+  with_torch = torch_model is not None
   jax_s = times["llmjax"]["median_step_s"]
-  torch_s = times["torch"]["median_step_s"] if torch_model is not None else None
+  torch_s = times["torch"]["median_step_s"] if with_torch else None
   prefill_s = times["llmjax_prefill"]["median_step_s"]
   # Each decode step after the first new token; floored at 0 only so noise cannot go negative.
   decode_step_s = max(jax_s - prefill_s, 0.0) / max(args.new_tokens - 1, 1)
-  weights = weight_bytes(params)
   bound_s = weights / bandwidth
   return {"batch": batch, "llmjax_tokens_per_s": new / jax_s,
-          "torch_tokens_per_s": new / torch_s if torch_s else None,
-          "ratio": torch_s / jax_s if torch_s else None,
+          "torch_tokens_per_s": new / torch_s if with_torch else None,
+          "ratio": torch_s / jax_s if with_torch else None,
           "llmjax_first_call_s": times["llmjax"]["first_call_s"],
           "same_tokens": (bool(np.array_equal(results["llmjax"], results["torch"]))
-                          if torch_s else None),
+                          if with_torch else None),
           "llmjax_prefill_s": prefill_s, "llmjax_decode_step_s": decode_step_s,
           "weight_bytes": weights,
           "cache_bytes_at_end": cache_bytes(model.cfg, batch, args.prompt_len + args.new_tokens),
@@ -192,9 +184,9 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
   model, params, torch_model = models(args)
   # A buffer 4x the weights (at least 256 MiB, at most 4 GiB) so that no cache holds it.
-  floor = (64 if args.tiny else 256) << 20
-  bandwidth = memory_bandwidth(min(max(4 * weight_bytes(params), floor), 4 << 30))
-  rows = [measure(model, params, torch_model, batch, args, bandwidth["bytes_per_s"])
+  floor, weights = (64 if args.tiny else 256) << 20, weight_bytes(params)
+  bandwidth = memory_bandwidth(min(max(4 * weights, floor), 4 << 30))
+  rows = [measure(model, params, torch_model, batch, args, weights, bandwidth["bytes_per_s"])
           for batch in args.batches]
   torch_threads = None
   if torch_model is not None:

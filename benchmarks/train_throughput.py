@@ -132,12 +132,12 @@ def jax_runner(b: common.Built):
   return once, info
 
 
-def bf16_runner(args, family: common.Family, devices):
-  """(run one step, info): llmjax's step for the same flags with bfloat16 compute; the
-  parameters (and so the initial state, from the same seed) stay float32."""
+def bf16_runner(args, family: common.Family, b: common.Built):
+  """(run one step, info): llmjax's step for the same flags, on b's devices, with bfloat16
+  compute; the parameters (and so the initial state, from the same seed) stay float32."""
   bf16_args = argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
   exp = family.experiment(bf16_args)
-  return jax_runner(common.build(exp, devices, family.task(exp, bf16_args)))
+  return jax_runner(common.build(exp, list(b.mesh.devices.flat), family.task(exp, bf16_args)))
 
 
 def torch_matmul_peak(n: int, repeats: int) -> float:
@@ -270,7 +270,7 @@ def rates(timing: dict, unit: str, units_per_step: int, flops_per_step: float, c
           "flops_per_cpu_s": per_cpu_s, "fraction_of_matmul_per_cpu_s": per_cpu_s / cpu_ceiling}
 
 
-def measure(args, family: common.Family, b: common.Built, devices) -> tuple[dict, dict]:
+def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
   """(timings per system, ceilings): matmul shots, the systems' turns, matmul shots again."""
   on_cpu = jax.default_backend() == "cpu"
   # Simulated CPU devices share the same cores: the ceiling is one device's, not n times it.
@@ -284,7 +284,7 @@ def measure(args, family: common.Family, b: common.Built, devices) -> tuple[dict
   if "plain-jax" in args.compare:
     runners["plain_jax"], infos["plain_jax"] = family.plain_jax_runner(b.exp, args)
   if "bf16" in args.compare:
-    runners["jax_bf16"], infos["jax_bf16"] = bf16_runner(args, family, devices)
+    runners["jax_bf16"], infos["jax_bf16"] = bf16_runner(args, family, b)
     bf16_before = flops.matmul_shots("bfloat16", args.matmul_n, args.matmul_repeats)
   # Systems take turns in blocks: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
@@ -320,7 +320,7 @@ def run(args) -> dict:
   exp = family.experiment(args)
   devices = jax.devices()[:1] if args.mesh in ("", "data=1") else jax.devices()
   b = common.build(exp, devices, family.task(exp, args))
-  timings, c = measure(args, family, b, devices)
+  timings, c = measure(args, family, b)
   unit = family.unit
   units_per_step = family.units_per_step(exp, args)
   flops_per_step = family.flops_per_step(exp, args)
