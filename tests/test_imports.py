@@ -1,0 +1,430 @@
+"""The layering of llmjax, read from the source (ast only: no llmjax or jax import, well under a
+second): every module sits on a floor and imports only from its own floor or below, the import
+graph has no cycle, no module uses another module's `_private` names, and function-level imports
+are only for heavy optional dependencies. docs/architecture.md describes the floors.
+
+Where the code does not keep a rule yet, the offenders are listed below (KNOWN_*), each checked
+by its own strict expected failure: fixing one makes its entry pass, and the strict mark then
+fails until the entry is removed, so the lists only shrink. Anything not listed fails at once.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "llmjax"
+
+# Module or package -> floor. A module takes the floor of the longest entry that is it or a
+# package above it (the root `llmjax` counts for llmjax/__init__.py only). A module may import
+# from its own floor and below, never above; a module no entry covers fails
+# test_every_module_has_a_floor, so a new top-level module or package is placed deliberately.
+FLOORS = {
+  # 0 foundations: the error types and the parameter-tree path helpers
+  "llmjax": 0, "llmjax.errors": 0, "llmjax.treepaths": 0,
+  # 1 pure functions and tables that need no config: losses, metric sums, presets, plots
+  "llmjax.objectives": 1, "llmjax.eval.metrics": 1, "llmjax.eval.bleu": 1,
+  "llmjax.eval.plots": 1, "llmjax.eval.translation_baselines": 1, "llmjax.models.presets": 1,
+  # 2 the experiment config: ConfigDict -> validated frozen dataclasses
+  "llmjax.config": 2, "llmjax.config_checks": 2, "llmjax.config_tasks": 2,
+  # 3 devices and storage: logical axes, meshes, shardings, the cluster, checkpoints
+  "llmjax.parallel": 3, "llmjax.distributed": 3, "llmjax.checkpoint": 3,
+  # 4 models (pure flax modules) and their FLOP counts
+  "llmjax.models": 4, "llmjax.flops": 4,
+  # 5 what runs a model without training it: decoding, beam search, zero-shot scoring
+  "llmjax.generate": 5, "llmjax.beam_search": 5, "llmjax.eval.scoring": 5,
+  "llmjax.eval.zeroshot": 5,
+  # 6 data: tokenizers, sources, text, labelled rows, images, parallel text
+  "llmjax.data": 6,
+  # 7 fine-tuning: trainable/frozen split, LoRA and friends, as masks and added parameters
+  "llmjax.finetune": 7,
+  # 8 Hugging Face interop
+  "llmjax.hf": 8,
+  # 9 where weights come from (workdir, export, hf, peft)
+  "llmjax.weights": 9,
+  # 10 tasks: what differs between objectives
+  "llmjax.tasks": 10,
+  # 11 training: state, steps, init, the loop
+  "llmjax.train": 11,
+  # 12 evaluation of a trained run (reuses the train step and the run's assembly)
+  "llmjax.eval": 12, "llmjax.eval.evaluate": 12,
+  # 13 thin command-line entry points
+  "llmjax.cli": 13,
+}
+
+# Function-level imports are for keeping a heavy optional dependency off `import llmjax...`;
+# each says so in a comment on its line or the line above. These are the ones allowed.
+HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft", "transformers",
+                  "huggingface_hub", "matplotlib", "tqdm", "sacrebleu", "PIL", "tokenizers"}
+
+# Today's offenders, each an expected failure until fixed (issue 26).
+KNOWN_UPWARD = {
+  ("llmjax.config_tasks", "llmjax.tasks"): "checks a task name against TASKS",
+  ("llmjax.checkpoint", "llmjax.train.optim"): "path_str lives in train/optim.py",
+  ("llmjax.tasks.distill", "llmjax.train.state"): "TEACHER lives in train/state.py",
+  ("llmjax.tasks.encoding", "llmjax.train.pretrained"): "weights_source lives in train/",
+}
+KNOWN_CYCLE_EDGES = {
+  ("llmjax.config_tasks", "llmjax.tasks"): "closes the 55-module cycle through config",
+  ("llmjax.config_checks", "llmjax.config"): "config imports config_checks and back",
+  ("llmjax.data.image_files", "llmjax.data.vision"): "image-split helpers live in vision",
+  ("llmjax.models.peft", "llmjax.models.layers"): "peft and layers import each other",
+  ("llmjax.tasks.multitask", "llmjax.tasks"): "multitask takes TASKS from the package",
+}
+KNOWN_PRIVATE = {
+  ("llmjax.data.labelled", "llmjax.data.sources._read_files"): "private helper of sources",
+  ("llmjax.data.labelled", "llmjax.data.sources._take_bytes"): "private helper of sources",
+  ("llmjax.data.labelled", "llmjax.data.text._unit_hash"): "private helper of text",
+  ("llmjax.data.parallel_text", "llmjax.data.text._unit_hash"): "private helper of text",
+  ("llmjax.data.vision", "llmjax.data.labelled._resolve_names"): "label policy is private",
+  ("llmjax.data.vision", "llmjax.data.labelled._id_mapper"): "label policy is private",
+  ("llmjax.data.vision", "llmjax.data.labelled._Row"): "label policy is private",
+  ("llmjax.data.vision", "llmjax.data.labelled._tfds_label"): "label policy is private",
+  ("llmjax.hf.peft_import", "llmjax.hf.api._abstract_flat"): "private helper of hf.api",
+  ("llmjax.hf.peft_layout", "llmjax.hf.api._arch_of"): "private helper of hf.api",
+  ("llmjax.tasks.image_classify", "llmjax.tasks.classify._recorded_labels"):
+    "private helper of classify",
+}
+KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules inside functions
+  m: "dodged a cycle or an upward edge" for m in [
+    "llmjax.cli.convert", "llmjax.cli.eval", "llmjax.cli.export", "llmjax.cli.generate",
+    "llmjax.cli.train", "llmjax.cli.translate", "llmjax.config_tasks", "llmjax.data.vision",
+    "llmjax.eval.evaluate", "llmjax.finetune.setup", "llmjax.generate", "llmjax.hf.api",
+    "llmjax.hf.convert", "llmjax.models.peft", "llmjax.tasks", "llmjax.tasks.base",
+    "llmjax.tasks.classify", "llmjax.tasks.distill", "llmjax.tasks.encoding",
+    "llmjax.tasks.image_classify", "llmjax.tasks.lm", "llmjax.tasks.mlm", "llmjax.tasks.multitask",
+    "llmjax.tasks.seq2seq", "llmjax.train", "llmjax.train.loop", "llmjax.train.pretrained",
+    "llmjax.train.teacher"]}
+KNOWN_LIGHT_DEFERRED = {  # importer -> why it imports a light or non-optional module in functions
+  m: "not a heavy optional dependency, or no comment says why" for m in [
+    "llmjax.cli.export", "llmjax.cli.generate", "llmjax.config", "llmjax.data.sources",
+    "llmjax.data.tokenizers", "llmjax.distributed", "llmjax.eval.plots",
+    "llmjax.hf.api", "llmjax.hf.tokens", "llmjax.tasks.distill", "llmjax.train.loop",
+    "llmjax.train.offline_teacher", "llmjax.train.reporting", "llmjax.data.vision"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the source.
+
+Import = collections.namedtuple("Import", "module line target names in_function")
+
+
+def _module_names() -> dict[str, pathlib.Path]:
+  """Dotted module name -> file, for every module under llmjax/."""
+  out = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+      parts = parts[:-1]
+    out[".".join(parts)] = path
+  return out
+
+
+MODULES = _module_names()
+TREES = {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
+SOURCES = {name: path.read_text().splitlines() for name, path in MODULES.items()}
+
+
+def _owning_module(dotted: str) -> str:
+  """The llmjax module a dotted name lives in (itself if it is a module)."""
+  while dotted not in MODULES and "." in dotted:
+    dotted = dotted.rsplit(".", 1)[0]
+  return dotted
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+  """The absolute module a `from ... import` reads from (resolves relative imports)."""
+  if not node.level:
+    return node.module or ""
+  package = module if MODULES[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+  for _ in range(node.level - 1):
+    package = package.rsplit(".", 1)[0]
+  return f"{package}.{node.module}" if node.module else package
+
+
+def _imports(module: str) -> list[Import]:
+  """Every import statement of a module, module-level and inside functions alike: one Import per
+  imported module (for `from m import n`, `m.n` when that is a module, else `m`)."""
+  out = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+      if isinstance(child, ast.Import):
+        for alias in child.names:
+          out.append(Import(module, child.lineno, alias.name, (), in_function))
+      elif isinstance(child, ast.ImportFrom):
+        base = _absolute(module, child)
+        for alias in child.names:
+          full = f"{base}.{alias.name}"
+          if full in MODULES:
+            out.append(Import(module, child.lineno, full, (), in_function))
+          else:
+            out.append(Import(module, child.lineno, base, (alias.name,), in_function))
+      visit(child, inner)
+
+  visit(TREES[module], False)
+  return out
+
+
+IMPORTS = {m: _imports(m) for m in MODULES}
+
+
+def _graph() -> dict[str, dict[str, int]]:
+  """importer -> {imported llmjax module: first line}, self-imports left out."""
+  graph = {m: {} for m in MODULES}
+  for m, imports in IMPORTS.items():
+    for imp in imports:
+      if imp.target == "llmjax" or imp.target.startswith("llmjax."):
+        target = _owning_module(imp.target)
+        if target != m:
+          graph[m].setdefault(target, imp.line)
+  return graph
+
+
+GRAPH = _graph()
+
+
+def floor(module: str) -> int | None:
+  """The module's floor from FLOORS, or None when no entry covers it."""
+  name = module
+  while True:
+    if name in FLOORS and (name != "llmjax" or module == "llmjax"):
+      return FLOORS[name]
+    if "." not in name:
+      return None
+    name = name.rsplit(".", 1)[0]
+
+
+def upward_imports() -> dict[tuple[str, str], str]:
+  """(importer, imported) -> description, for every import of a higher floor."""
+  out = {}
+  for m, targets in GRAPH.items():
+    for t, line in targets.items():
+      if floor(m) is not None and floor(t) is not None and floor(t) > floor(m):
+        out[(m, t)] = f"{m}:{line} (floor {floor(m)}) imports {t} (floor {floor(t)})"
+  return out
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+  """The graph's strongly connected components of more than one module, each as one cycle
+  through its first module (so the message shows a real loop), then the rest of the component."""
+  index, low, stack, on_stack, comps = {}, {}, [], set(), []
+
+  def strong(v):  # Tarjan; iterative enough for ~100 modules at recursion depth < 100
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph[v]:
+      if w not in index:
+        strong(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1:
+        comps.append(sorted(comp))
+
+  for v in sorted(graph):
+    if v not in index:
+      strong(v)
+  return [_loop_through(graph, comp) for comp in comps]
+
+
+def _loop_through(graph, comp: list[str]) -> list[str]:
+  """A shortest import loop from comp[0] back to itself inside the component, then the others."""
+  start, members = comp[0], set(comp)
+  parent, frontier = {start: None}, [start]
+  while frontier:
+    nxt = []
+    for v in frontier:
+      for w in sorted(graph[v]):
+        if w == start:
+          path = [v]
+          while parent[path[-1]] is not None:
+            path.append(parent[path[-1]])
+          loop = [start] + path[::-1][1:] + [start]
+          return loop + [f"(+{len(members) - len(loop) + 1} more in the component)"]
+        if w in members and w not in parent:
+          parent[w] = v
+          nxt.append(w)
+    frontier = nxt
+  return comp
+
+
+def private_uses() -> dict[tuple[str, str], str]:
+  """(module, 'other.module._name') -> where, for every use of another module's private name:
+  `from llmjax.x import _y` and `x._y` on an imported llmjax module. Dunders are public."""
+  out = {}
+
+  def private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+  for m, imports in IMPORTS.items():
+    for imp in imports:
+      if imp.target.startswith("llmjax") and imp.target != m:
+        for name in imp.names:
+          if private(name):
+            out[(m, f"{imp.target}.{name}")] = f"{m}:{imp.line} imports {imp.target}.{name}"
+    aliases = {}  # local name -> llmjax module it is bound to
+    for node in ast.walk(TREES[m]):
+      if isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.startswith("llmjax"):
+            if alias.asname:
+              aliases[alias.asname] = alias.name
+            else:
+              aliases[alias.name.split(".")[0]] = alias.name.split(".")[0]
+      elif isinstance(node, ast.ImportFrom):
+        base = _absolute(m, node)
+        for alias in node.names:
+          if f"{base}.{alias.name}" in MODULES:
+            aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+    for node in ast.walk(TREES[m]):
+      if isinstance(node, ast.Attribute) and private(node.attr):
+        dotted = _dotted(node.value, aliases)
+        if dotted in MODULES and dotted != m:
+          out[(m, f"{dotted}.{node.attr}")] = f"{m}:{node.lineno} uses {dotted}.{node.attr}"
+  return out
+
+
+def _dotted(node, aliases) -> str | None:
+  """`a.b.c` as the module name it denotes through the module's import aliases, else None."""
+  if isinstance(node, ast.Name):
+    return aliases.get(node.id)
+  if isinstance(node, ast.Attribute):
+    head = _dotted(node.value, aliases)
+    return f"{head}.{node.attr}" if head else None
+  return None
+
+
+def function_level(llmjax_modules: bool) -> dict[str, list[str]]:
+  """importer -> ['line: target'] of its imports inside functions, of llmjax modules or others."""
+  out = collections.defaultdict(list)
+  for m, imports in IMPORTS.items():
+    for imp in imports:
+      if imp.in_function and imp.target.startswith("llmjax") == llmjax_modules:
+        out[m].append(f"{imp.line}: {imp.target}")
+  return dict(out)
+
+
+def light_deferred() -> dict[str, list[str]]:
+  """importer -> function-level imports of modules not in HEAVY_OPTIONAL, or without a comment
+  on their line or the line above saying why."""
+  out = collections.defaultdict(list)
+  for m, imports in IMPORTS.items():
+    lines = SOURCES[m]
+    for imp in imports:
+      if imp.in_function and not imp.target.startswith("llmjax"):
+        commented = "#" in lines[imp.line - 1] or lines[imp.line - 2].strip().startswith("#")
+        if imp.target.split(".")[0] not in HEAVY_OPTIONAL or not commented:
+          out[m].append(f"{imp.line}: {imp.target}" + ("" if commented else " (no comment)"))
+  return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules.
+
+def _known(table):
+  """Parameters for the strict expected failures of a KNOWN_* table."""
+  return [pytest.param(key, marks=pytest.mark.xfail(strict=True, reason=why),
+                       id=key if isinstance(key, str) else "->".join(key))
+          for key, why in table.items()]
+
+
+def test_every_module_has_a_floor():
+  missing = [m for m in MODULES if floor(m) is None]
+  assert not missing, f"modules no FLOORS entry covers (place them in tests/test_imports.py): {missing}"
+
+
+def test_floors_name_existing_modules():
+  stale = [name for name in FLOORS if name not in MODULES
+           and not any(m.startswith(name + ".") for m in MODULES) and name != "llmjax.weights"]
+  assert not stale, f"FLOORS entries that match no module: {stale}"
+
+
+def test_no_import_goes_up_a_floor():
+  new = [why for edge, why in upward_imports().items() if edge not in KNOWN_UPWARD]
+  assert not new, "imports from a higher floor:\n" + "\n".join(sorted(new))
+
+
+@pytest.mark.parametrize("edge", _known(KNOWN_UPWARD))
+def test_known_upward_import_is_gone(edge):
+  assert edge not in upward_imports()
+
+
+def test_no_import_cycle():
+  graph = {m: {t: line for t, line in ts.items() if (m, t) not in KNOWN_CYCLE_EDGES}
+           for m, ts in GRAPH.items()}
+  loops = cycles(graph)
+  assert not loops, "import cycles:\n" + "\n".join(" -> ".join(loop) for loop in loops)
+
+
+@pytest.mark.parametrize("edge", _known(KNOWN_CYCLE_EDGES))
+def test_known_cycle_edge_is_gone(edge):
+  assert edge[1] not in GRAPH[edge[0]]
+
+
+def test_no_private_name_of_another_module():
+  new = [why for key, why in private_uses().items() if key not in KNOWN_PRIVATE]
+  assert not new, "uses of another module's private names:\n" + "\n".join(sorted(new))
+
+
+@pytest.mark.parametrize("use", _known(KNOWN_PRIVATE))
+def test_known_private_use_is_gone(use):
+  assert use not in private_uses()
+
+
+def test_no_function_level_llmjax_import():
+  found = function_level(llmjax_modules=True)
+  new = {m: found[m] for m in found if m not in KNOWN_FUNCTION_LEVEL}
+  assert not new, f"llmjax modules imported inside functions (import them at the top): {new}"
+
+
+@pytest.mark.parametrize("module", _known(KNOWN_FUNCTION_LEVEL))
+def test_known_function_level_llmjax_import_is_gone(module):
+  assert module not in function_level(llmjax_modules=True), function_level(True)[module]
+
+
+def test_function_level_imports_keep_heavy_dependencies_off_the_import_path():
+  found = light_deferred()
+  new = {m: found[m] for m in found if m not in KNOWN_LIGHT_DEFERRED}
+  assert not new, ("function-level imports of light modules, or without a comment saying why "
+                   f"(import them at the top, or add the dependency to HEAVY_OPTIONAL): {new}")
+
+
+@pytest.mark.parametrize("module", _known(KNOWN_LIGHT_DEFERRED))
+def test_known_light_deferred_import_is_gone(module):
+  assert module not in light_deferred(), light_deferred()[module]
+
+
+def test_the_reader_sees_every_kind_of_import():
+  """The reader itself: relative, aliased, function-level and private uses are all found."""
+  tree = ast.parse("from . import errors\nfrom .data import _c\nimport llmjax.config as e\n"
+                   "import llmjax.data.text\ndef f():\n  import llmjax.tasks\n"
+                   "  return e._h, llmjax.data.text._unit, e.__name__\n")
+  probe = "llmjax.zz_probe"
+  MODULES[probe], TREES[probe], SOURCES[probe] = PACKAGE / "zz_probe.py", tree, []
+  IMPORTS[probe] = _imports(probe)
+  try:
+    got = {(i.target, i.names, i.in_function) for i in IMPORTS[probe]}
+    assert got == {("llmjax.errors", (), False), ("llmjax.data", ("_c",), False),
+                   ("llmjax.config", (), False), ("llmjax.data.text", (), False),
+                   ("llmjax.tasks", (), True)}
+    uses = {key for key in private_uses() if key[0] == probe}
+    assert uses == {(probe, "llmjax.data._c"), (probe, "llmjax.config._h"),
+                    (probe, "llmjax.data.text._unit")}
+  finally:
+    for table in (MODULES, TREES, SOURCES, IMPORTS):
+      del table[probe]
