@@ -17,8 +17,28 @@ SMOKE = "--config=experiments/lm/stdlib_gpt.py:smoke"
 
 # name -> (flags, devices, strings the error line must contain)
 BAD_INPUTS = {
-    "unknown_key": ([SMOKE, "--config.train.stepz=5"], 1, ["config.train.stepz"]),
-    "wrong_type": ([SMOKE, "--config.train.steps=abc"], 1, ["config.train.steps", "abc"]),
+    "unknown_key": ([SMOKE, "--config.train.stepz=5"], 1,
+                    ["unknown config key config.train.stepz", "did you mean config.train.steps?"]),
+    "misspelt_section": ([SMOKE, "--config.trian.steps=5"], 1,
+                         ["unknown config key config.trian ", "did you mean config.train?"]),
+    "wrong_type": ([SMOKE, "--config.train.steps=abc"], 1,
+                   ["config.train.steps must be an int, got 'abc'"]),
+    "not_a_float": ([SMOKE, "--config.optim.lr=fast"], 1,
+                    ["config.optim.lr must be a float, got 'fast'"]),
+    "not_a_bool": ([SMOKE, "--config.train.progress=maybe"], 1,
+                   ["config.train.progress must be true or false, got 'maybe'"]),
+    "a_section_given_a_value": ([SMOKE, "--config.train=5"], 1,
+                                ["config.train is a section", "--config.train.KEY=VALUE"]),
+    "verb_flag_not_an_int": ([SMOKE, "--num_processes=two"], 1,
+                             ["--num_processes must be an int, got 'two'"]),
+    "missing_experiment_file": (["--config=experiments/lm/nope.py:smoke"], 1,
+                                ["experiment file experiments/lm/nope.py: No such file"]),
+    "missing_file_with_an_override": (["--config=experiments/lm/typo.py",
+                                       "--config.train.steps=5"], 1,
+                                      ["experiment file experiments/lm/typo.py: No such file",
+                                       "--config=FILE[:ARG]"]),
+    "experiment_is_a_directory": (["--config=experiments/lm"], 1,
+                                  ["experiment file experiments/lm: Is a directory"]),
     "heads_do_not_divide_d_model": ([SMOKE, "--config.model.n_heads=3"], 1,
                                     ["config.model.n_heads", "config.model.d_model"]),
     "kv_heads_do_not_divide_heads": ([SMOKE, "--config.model.n_kv_heads=3"], 1,
@@ -79,6 +99,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli_results, name):
   assert "Traceback" not in proc.stderr, report
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, report
+  assert "\\n" not in lines[0] and "\\'" not in lines[0], report  # no escapes shown as text
   for needle in must_name:
     assert needle in lines[0], report
   assert not workdir.exists() or not any(workdir.iterdir()), sorted(os.listdir(workdir))
@@ -164,3 +185,42 @@ def test_every_experiment_file_resolves_as_is_and_as_smoke(path):
   for variant in (arg, ",".join(filter(None, (arg, "smoke")))):
     exp = config_lib.resolve(module.get_config(variant))
     assert exp.name and exp.train.steps > 0
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_workdir_that_is_a_file_is_refused_before_anything_is_written(inside, tmp_path):
+  file = tmp_path / "taken"
+  file.write_text("mine\n")
+  workdir = file / "run" if inside else file
+  proc = run_train(workdir, [SMOKE], 1)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.count("\n") == 1 and f"--workdir={workdir}" in proc.stderr, proc.stderr
+  assert "is a file" in proc.stderr and "Traceback" not in proc.stderr
+  assert file.read_text() == "mine\n" and sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_main_reads_its_own_argv_and_parses_again_in_one_process():
+  """train's main(argv) takes the overrides in argv (ml_collections alone reads sys.argv), and a
+  second parse in the same process may repeat an override (absl alone refuses to define a flag
+  twice). A subprocess: one process imports one verb's flags."""
+  code = """if True:
+    import sys
+    from absl import flags
+    from llmjax.cli import common, train
+    sys.argv = ["pytest"]
+    smoke = "--config=experiments/lm/stdlib_gpt.py:smoke"
+    for steps in (3, 4):
+      common.parse_flags(["llmjax train", smoke, f"--config.train.steps={steps}", "--workdir=x"])
+      print(flags.FLAGS.config.train.steps, flags.FLAGS.workdir)
+    try:
+      common.parse_flags(["llmjax train", smoke, "--config.train.steps=abc"])
+    except SystemExit as e:
+      print("exit", e.code)
+    common.parse_flags(["llmjax train", smoke])
+    print(flags.FLAGS.config.train.steps, flags.FLAGS.workdir, "jax" in sys.modules)
+  """
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[:4] == ["3 x", "4 x", "exit 2", "20 None False"], proc.stdout
+  assert proc.stderr.strip() == "error: config.train.steps must be an int, got 'abc'"

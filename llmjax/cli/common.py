@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -34,14 +35,48 @@ def parse_flags(argv: list[str], module: types.ModuleType | None = None) -> None
       module = sys.modules[sys._getframe(1).f_globals["__name__"]]
     print(verb_help(module))
     sys.exit(0)
+  _forget_earlier_parse()
   try:
-    flags.FLAGS(argv)
-  except AttributeError as e:  # ml_collections: an override names a key the config lacks
-    fail(_unknown_override(argv, str(e)))
+    with _as_sys_argv(argv):  # ml_collections reads the --config.* overrides from sys.argv
+      flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no config key
+    fail(_unknown_override(argv, e))
+  except flags.IllegalFlagValueError as e:
+    fail(_bad_value(e))
   except flags.UnrecognizedFlagError as e:
     fail(" ".join(str(e).split())[:500] + "; --help lists this verb's flags")
-  except (flags.Error, KeyError, TypeError, ValueError, OSError, UserError) as e:
-    fail(" ".join(str(e).split())[:500])
+  except OSError as e:  # a --config file that cannot be read, met by an override
+    fail(_unreadable_config(e))
+  except (flags.Error, TypeError, ValueError, UserError) as e:
+    fail(_last_line(str(e))[:500])
+  for flag in _config_flags():  # a --config file that cannot be read, with no override
+    error = getattr(flag.value, "_error", None)
+    if isinstance(error, OSError):
+      fail(_unreadable_config(error))
+
+
+def _forget_earlier_parse() -> None:
+  """Flags back to their defaults, and no override flag of an earlier parse: main(argv) can run
+  again in one process (absl refuses to define a --config.a.b override twice)."""
+  prefixes = tuple(f"{flag.name}." for flag in _config_flags())
+  for name in [n for n in flags.FLAGS if prefixes and n.startswith(prefixes)]:
+    delattr(flags.FLAGS, name)  # defined by a parse, even one that failed
+  if flags.FLAGS.is_parsed():
+    flags.FLAGS.unparse_flags()
+
+
+@contextlib.contextmanager
+def _as_sys_argv(argv: list[str]):
+  saved, sys.argv = sys.argv, list(argv)
+  try:
+    yield
+  finally:
+    sys.argv = saved
+
+
+def _config_flags() -> list[flags.Flag]:
+  return [flags.FLAGS[name] for name in flags.FLAGS
+          if name == flags.FLAGS[name].name and _is_config(flags.FLAGS[name])]
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -120,16 +155,89 @@ def _default(flag: flags.Flag) -> str:
   return f"(default: {value})"
 
 
-def _unknown_override(argv: list[str], message: str) -> str:
+def _unknown_override(argv: list[str], error: Exception) -> str:
+  """`unknown config key config.trian (in --config.trian.steps=5; did you mean config.train?)`."""
+  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  message = str(message)
   quoted = re.findall(r"'([^'\\]+)", message)
   bad = quoted[0] if quoted else ""
+  hint = re.search(r'Did you mean "([^"]+)"', message)
   for arg in argv:
     name = arg.lstrip("-").split("=", 1)[0]
-    if name.startswith("config.") and bad and bad in name.split("."):
-      hint = re.search(r'Did you mean "([^"]+)"', message)
-      return (f"unknown config key {name}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
-              + "; see the experiment's base_config() for the allowed keys")
+    parts = name.split(".")
+    if len(parts) > 1 and _is_config_name(parts[0]) and bad in parts[1:]:
+      at = parts.index(bad, 1)
+      key = ".".join(parts[:at + 1])
+      where = f" (in --{name})" if key != name else ""
+      guess = f"; did you mean {'.'.join(parts[:at] + [hint.group(1)])}?" if hint else ""
+      return (f"unknown config key {key}{where}{guess} (the keys and their defaults: the "
+              "experiment file and base_config() in llmjax/config.py)")
   return f"unknown config key: {' '.join(message.split())}"
+
+
+def _is_config_name(name: str) -> bool:
+  return name in flags.FLAGS and _is_config(flags.FLAGS[name])
+
+
+_TYPE_WORDS = {"int": "an int", "float": "a float", "bool": "true or false", "string": "text"}
+
+
+def _bad_value(error: flags.IllegalFlagValueError) -> str:
+  """`config.train.steps must be an int, got 'abc'`: the key and the type it takes."""
+  found = re.match(r"flag --([\w.-]+)=(.*?): ", str(error), re.S)
+  if not found or found.group(1) not in flags.FLAGS:
+    return _last_line(str(error))[:500]
+  name, value = found.groups()
+  flag = flags.FLAGS[name]
+  shown = name if _is_config_name(name.split(".")[0]) and "." in name else f"--{name}"
+  if type(flag.parser).__name__ == "_ConfigDictParser":
+    return (f"{shown} is a section, not a value: set its keys with --{name}.KEY=VALUE "
+            f"(got {value!r})")
+  if type(flag.parser).__name__ == "ConfigFileFlagParser":
+    file, _, arg = value.partition(":")
+    return f"experiment file {file}: get_config({arg!r}) raised {_last_line(str(error))[:400]}"
+  if isinstance(flag, flags.EnumFlag):
+    return f"{shown} must be one of {', '.join(flag.parser.enum_values)}, got {value!r}"
+  expected = _TYPE_WORDS.get(flag.flag_type())
+  if expected is None:
+    return f"{shown}={value!r}: {_last_line(str(error.__context__ or error))[:300]}"
+  return f"{shown} must be {expected}, got {value!r}"
+
+
+def _unreadable_config(error: OSError) -> str:
+  """`experiment file experiments/lm/nope.py: No such file or directory` from ml_collections'
+  multi-line report (which a later access wraps once more)."""
+  while "earlier failure to load" in str(error) and isinstance(error.__cause__, OSError):
+    error = error.__cause__
+  example = "(--config=FILE[:ARG], e.g. --config=experiments/lm/stdlib_gpt.py:smoke)"
+  if error.filename and error.strerror:
+    return f"experiment file {error.filename}: {error.strerror} {example}"
+  text = str(error)
+  found = re.search(r"Attempted \[[^\]]*\]:\s*\n\s*(.+?)\s*\n\s*(?:\[Errno \d+\] )?([^:\n]+)", text)
+  if found:
+    path, why = found.groups()
+    return f"experiment file {path}: {why} {example}"
+  if "empty string" in text:
+    return "--config= names no experiment file (e.g. --config=experiments/lm/stdlib_gpt.py)"
+  return " ".join(text.split())[:500]
+
+
+def _last_line(text: str) -> str:
+  """The message on one line; of a traceback ml_collections folded into it, the last line."""
+  if "Traceback (most recent call last)" in text:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip()
+  return " ".join(text.split())
+
+
+def check_directory_flag(name: str, path: str) -> None:
+  """--NAME=PATH must be a directory or creatable as one: fail() before anything is written."""
+  here = os.path.abspath(path)
+  while not os.path.exists(here):
+    here = os.path.dirname(here)
+  if not os.path.isdir(here):
+    what = "is" if here == os.path.abspath(path) else f"is inside {here}, which is"
+    fail(f"--{name}={path} {what} a file, not a directory; name a new or existing directory")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     common.fail("--config=FILE is required (e.g. --config=experiments/lm/stdlib_gpt.py)")
   if not _WORKDIR.value:
     common.fail("--workdir=DIR is required")
+  common.check_directory_flag("workdir", _WORKDIR.value)
   with common.user_errors():
     exp = config_lib.resolve(_CONFIG.value)
     from llmjax import distributed
