@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, capped
 from llmjax.train.optim import path_str
 
 ITEMS = ("state", "data", "config", "meta")
@@ -77,9 +77,8 @@ def structure_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> l
   return [text for _, text in sorted(problems, key=lambda item: order(item[0]))]
 
 
-def describe(problems: list[str], limit: int = 20) -> str:
-  more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
-  return "; ".join(problems[:limit]) + more
+def describe(problems: list[str], limit: int = 5) -> str:
+  return capped(problems, limit, "; ")
 
 
 def check_structure(saved_checksums: dict, abstract, where: str) -> None:
@@ -205,7 +204,8 @@ class Checkpointer:
         failures.append(str(e))
         self._quarantine(step)
     if failures:
-      raise CheckpointError(f"no valid checkpoint in {self.directory}: " + "; ".join(failures))
+      raise CheckpointError(f"no valid checkpoint in {self.directory}: "
+                            + capped(failures, 2, "; "))
     return None
 
   def _quarantine(self, step: int) -> None:

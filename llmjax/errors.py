@@ -15,3 +15,11 @@ class DataError(UserError):
 
 class TrainingError(Exception):
   """Training cannot go on (e.g. too many consecutive non-finite steps); the message names the step."""
+
+
+def capped(items, limit: int = 5, sep: str = ", ") -> str:
+  """The first `limit` of `items` joined by `sep`, then "(and N more)": an error that lists paths
+  or names stays one readable line however many there are."""
+  items = [str(item) for item in items]
+  more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+  return sep.join(items[:limit]) + more

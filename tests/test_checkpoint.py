@@ -347,7 +347,9 @@ def test_restore_onto_another_mesh_gives_equal_values(fsdp_checkpoint, mesh_kwar
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (dict(n_layers=2), ["missing in checkpoint: params/layer_1/mlp/wi/kernel (32, 64)"]),
+    # A whole layer and its optimizer state: the first 5 paths (parameters first), then a count
+    (dict(n_layers=2), ["missing in checkpoint: params/layer_1/attn/o/kernel (4, 8, 32)",
+                        "more)"]),
     (dict(d_ff=128),
      ["shape of params/layer_0/mlp/wi/kernel: checkpoint (32, 64), model (32, 128)",
       "shape of params/layer_0/mlp/wo/kernel: checkpoint (64, 32), model (128, 32)"]),

@@ -299,13 +299,17 @@ def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_check
 
 
 def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_the_head(
-    lm_run, tmp_path):
+    lm_run, tmp_path, capfd):
   # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only.
   exp = experiment("classify", tmp_path, decoder=True, finetune=dict(method="lora"),
                    train=dict(init_from=f"workdir:{lm_run}", init_new="classifier/.*"))
   workdir = str(tmp_path / "cls")
   llmjax.train.run(exp, workdir)
   run = llmjax.train.rundir.restore(workdir)
+  # What started fresh is said at training and again on reopening, each time in a short line.
+  said = [line for line in capfd.readouterr().err.splitlines()
+          if line.startswith(f"init_from workdir:{lm_run}: loaded")]
+  assert len(said) == 2 and all(len(line) < 400 and "more)" in line for line in said), said
   assert {p.split("/")[-2] if "/lora/" in p else p
           for p, _ in partition.items(run.state.params)} == {
       "lora", "classifier/kernel"}  # (the tiny llama has no biases)

@@ -3,6 +3,7 @@ ways, sharded loading, and a named error for each kind of bad directory."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -313,3 +314,30 @@ def test_llama_with_only_one_kind_of_bias_is_refused(saved, tmp_path, attention_
     hf.load(bad)
   with pytest.raises(hf.UnsupportedModelError, match="attention_bias"):
     hf.model_config(bad)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_hf_export_files_have_the_mode_the_umask_gives(umask, tmp_path):
+  """model.safetensors is as readable as config.json (safetensors alone writes 0600)."""
+  model = _llmjax_model("gpt2")
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nn.unbox(hf.abstract_params(model)))
+  old = os.umask(umask)
+  try:
+    hf.save(model, params, str(tmp_path))
+  finally:
+    os.umask(old)
+  modes = {name: os.stat(tmp_path / name).st_mode & 0o777
+           for name in ("model.safetensors", "config.json")}
+  assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+
+def test_a_long_mismatch_lists_five_tensors_and_counts_the_rest(saved, tmp_path):
+  """One line, capped: a checkpoint of another model names 5 of its problems, then how many more."""
+  bad = _copy(saved["gpt2"][0], tmp_path, tensors=lambda w: {
+      k: v for k, v in w.items() if not k.startswith("transformer.h.")})
+  with pytest.raises(hf.WeightsMismatchError) as e:
+    hf.load(bad)
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 600, message
+  assert message.count("missing transformer.h.") == 5
+  assert re.search(r"\(and \d+ more\)$", message), message

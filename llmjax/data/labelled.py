@@ -34,7 +34,7 @@ from llmjax.config import DataConfig
 from llmjax.data.sources import (_read_files, _take_bytes, glob_files, require_fields,
                                  stdlib_files, stdlib_root, tfds_labelled_sources)
 from llmjax.data.text import _unit_hash, split_documents
-from llmjax.errors import ConfigError, DataError
+from llmjax.errors import ConfigError, DataError, capped
 
 _INT = re.compile(r"-?\d+")
 _SPLITS = ("train", "val", "test")
@@ -99,7 +99,7 @@ def load_labelled(cfg: DataConfig, label_names: tuple[str, ...] | None = None,
 
 
 def _shorten(names, n: int = 20) -> str:
-  return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+  return capped(names, n)
 
 
 def _resolve_names(cfg, given, train, dataset_names) -> tuple[tuple[str, ...], str]:

@@ -13,7 +13,7 @@ import dataclasses
 import re
 
 from llmjax.config import Experiment, FinetuneConfig, ModelConfig
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, capped
 from llmjax.models.peft import Peft
 
 # lora_targets presets: regexes over DenseGeneral module paths ("layer_3/attn/q").
@@ -164,7 +164,7 @@ def _matches_nothing(rule: Rule, exp: Experiment, paths: list[str]) -> str:
     return (f"{rule.source} needs bias parameters, and this model has none "
             f"(config.model.use_bias={m.use_bias}, norm={m.norm!r})")
   return (f"{rule.source} matches no parameter of the model; its parameters include: "
-          f"{', '.join(paths[:12])}")
+          f"{capped(paths, 12)}")
 
 
 def check_lora_targets(exp: Experiment, paths) -> None:
@@ -173,4 +173,4 @@ def check_lora_targets(exp: Experiment, paths) -> None:
   if f.method in ("lora", "adalora") and not any("/lora/" in p for p in paths):
     kernels = sorted(p[:-len("/kernel")] for p in paths if p.endswith("/kernel"))
     raise ConfigError(f"config.finetune.lora_targets={f.lora_targets!r} matches no projection; "
-                      f"module paths include: {', '.join(kernels[:12])}")
+                      f"module paths include: {capped(kernels, 12)}")

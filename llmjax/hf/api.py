@@ -18,6 +18,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax.config import ModelConfig
+from llmjax.errors import capped
 from llmjax.hf import bart, bert, files, gpt2, llama, mapping, marian, resnet
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
@@ -147,7 +148,7 @@ def load_params(path: str, abstract, shardings=None, *, architecture: str | None
   problems = mapping.tree_problems(_shapes(flat), _shapes(_abstract_flat(model)), "the checkpoint")
   if problems:
     raise WeightsMismatchError(f"hf:{path} does not match the model's parameters: "
-                               + "; ".join(problems))
+                               + capped(problems, sep="; "))
   return _read(path, arch, model, {"params": abstract},
                None if shardings is None else {"params": shardings})["params"]
 
@@ -166,7 +167,7 @@ def load_model_state(path: str, abstract_state: dict, shardings: dict | None = N
     problems += mapping.tree_problems(have[c], want[c], "the checkpoint")
   if problems:
     raise WeightsMismatchError(f"hf:{path} does not match the model's state: "
-                               + "; ".join(problems))
+                               + capped(problems, sep="; "))
   return _read(path, arch, model, abstract_state, shardings)
 
 
@@ -290,7 +291,7 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   flat = mapping.flatten(distributed.to_host(nn.unbox(params)))
   problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
   if problems:
-    raise WeightsMismatchError("params do not match the model: " + "; ".join(problems))
+    raise WeightsMismatchError("params do not match the model: " + capped(problems, sep="; "))
   state_flat = _state_to_host(model, model_state)
   fields = dict(arch.to_hf(model.cfg), architectures=[arch.class_of(model)],
                 dtype=model.cfg.param_dtype, **_NO_SPECIAL_TOKENS)
@@ -322,7 +323,8 @@ def _state_to_host(model: nn.Module, model_state: dict | None) -> dict[str, dict
   problems = [p for c in sorted(want) for p in mapping.tree_problems(
       want[c], _shapes(out[c]), f"model_state[{c!r}]")]
   if problems:
-    raise WeightsMismatchError("model_state does not match the model: " + "; ".join(problems))
+    raise WeightsMismatchError("model_state does not match the model: "
+                               + capped(problems, sep="; "))
   return out
 
 

@@ -92,14 +92,22 @@ def _weight_files(directory: str) -> list[str]:
   raise HFError(f"{directory} has no {SINGLE} or {INDEX}")
 
 
+def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
+  """`path` as safetensors with the mode open() gives any other file (0666 less the umask)."""
+  save_file(tensors, path, metadata={"format": "pt"})  # the format tag torch writes, which
+  # transformers expects; safetensors creates the file 0600 whatever the umask
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def write(directory: str, tensors: dict[str, np.ndarray], config: dict) -> None:
   """model.safetensors + config.json, each written to a temporary name and renamed into place."""
   os.makedirs(directory, exist_ok=True)
   weights, config_path = os.path.join(directory, SINGLE), os.path.join(directory, "config.json")
   # reshape: ascontiguousarray makes a 0-d array (num_batches_tracked) 1-d
-  save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
-            weights + ".tmp",
-            metadata={"format": "pt"})  # transformers expects the format tag torch writes
+  save_safetensors({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
+                   weights + ".tmp")
   with open(config_path + ".tmp", "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   os.replace(weights + ".tmp", weights)

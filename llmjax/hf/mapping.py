@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from llmjax.errors import capped
 from llmjax.hf.errors import WeightsMismatchError
 from llmjax.treepaths import nest as unflatten  # noqa: F401 (part of this module's API)
 
@@ -168,7 +169,7 @@ def resolve_keys(tensors: list[Tensor], available: dict[str, tuple], aliases: Ca
       problems.append(f"unexpected {key} (shape {list(available[key])})")
   if problems:
     raise WeightsMismatchError(f"{where}: the weights do not match the config: "
-                               + "; ".join(problems))
+                               + capped(problems, sep="; "))
   return found
 
 

@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 from flax import linen as nn
-from safetensors.numpy import save_file
 
 from llmjax.hf import mapping
+from llmjax.hf.files import save_safetensors
 from llmjax.hf.mapping import Tensor
 from llmjax.hf.peft_layout import (CONFIG, PREFIX, WEIGHTS, AdapterError, Site, arch_tables,
                                    lora_sites, unscanned)
@@ -185,8 +185,8 @@ def save_prompt(model: nn.Module, params, out_dir: str, *, base_model_path: str 
 def _write(out_dir: str, weights: dict, config: dict) -> None:
   os.makedirs(out_dir, exist_ok=True)
   try:
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
-              os.path.join(out_dir, WEIGHTS + ".tmp"), metadata={"format": "pt"})
+    save_safetensors({k: np.ascontiguousarray(v) for k, v in weights.items()},
+                     os.path.join(out_dir, WEIGHTS + ".tmp"))
     with open(os.path.join(out_dir, CONFIG + ".tmp"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
     for name in (WEIGHTS, CONFIG):

@@ -10,6 +10,7 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
+from llmjax.errors import capped
 from llmjax.hf import api, files, mapping
 from llmjax.hf.peft_layout import (CONFIG, PREFIX, WEIGHTS, AdapterError, Site, arch_tables,
                                    lora_sites)
@@ -153,7 +154,7 @@ def load_adapter(adapter_dir: str, model: nn.Module, base_params) -> dict:
                                    "the parameters")
   if problems:
     raise AdapterError(f"{adapter_dir}: the base parameters do not fit the model: "
-                       + "; ".join(problems))
+                       + capped(problems, sep="; "))
   return mapping.unflatten(flat)
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, capped
 from llmjax.tasks.base import Data, apply_model
 from llmjax.tasks.classify import LABELS_FILE, LabelTask, _recorded_labels
 
@@ -31,7 +31,7 @@ class ImageClassify(LabelTask):
     names = list(splits.label_names)
     if exp.task.num_classes and exp.task.num_classes != len(names):
       raise ConfigError(f"config.task.num_classes={exp.task.num_classes} but the data has "
-                        f"{len(names)} labels ({', '.join(names[:10])})")
+                        f"{len(names)} labels ({capped(names, 10)})")
     images = splits.train["images"]
     if exp.data.normalize:
       mean, std = vision.channel_stats(images)

@@ -24,7 +24,7 @@ import jax
 from llmjax import checkpoint
 from llmjax.config import Experiment, ModelConfig
 from llmjax.checkpoint import CheckpointError
-from llmjax.errors import ConfigError, UserError
+from llmjax.errors import ConfigError, UserError, capped
 from llmjax.hf.arch import RUNTIME_FIELDS
 from llmjax.hf.mapping import flatten, unflatten
 
@@ -119,7 +119,7 @@ def resolve_model(exp: Experiment) -> Experiment:
       conflicts.append(f"config.model.{name}={ours!r} but the checkpoint has {theirs!r}")
   if conflicts:
     raise ConfigError(f"config.train.init_from={spec!r} conflicts with the experiment: "
-                      + "; ".join(conflicts))
+                      + capped(conflicts, sep="; "))
   if taken:
     print(f"init_from {spec}: model shape from the checkpoint: "
           + ", ".join(f"{k}={v!r}" for k, v in sorted(taken.items())), file=sys.stderr)
@@ -179,9 +179,9 @@ def load_params(spec: str, init_new: str, fresh_params, shardings):
   _check(spec, wanted, saved_shapes, init_new)
   loaded = _load_subset(kind, path, unflatten(wanted), _subset(shardings, wanted))
   ignored = sorted(set(saved_shapes) - set(fresh))
-  print(f"init_from {spec}: loaded {len(wanted)} parameters; fresh (train.init_new="
-        f"{init_new!r}): {', '.join(sorted(new))}"
-        + (f"; not used from the checkpoint: {', '.join(ignored)}" if ignored else ""),
+  print(f"init_from {spec}: loaded {len(wanted)} parameters; {len(new)} fresh (train.init_new="
+        f"{init_new!r}): {capped(sorted(new))}"
+        + (f"; not used from the checkpoint: {capped(ignored)}" if ignored else ""),
         file=sys.stderr)
   return unflatten({**fresh, **flatten(loaded)})
 
@@ -196,7 +196,7 @@ def _matching(init_new: str, flat: dict) -> set[str]:
   new = {p for p in flat if pattern.fullmatch(p)}
   if not new:
     raise ConfigError(f"config.train.init_new={init_new!r} matches no parameter of the model; "
-                      f"its parameters include: {', '.join(sorted(flat)[:12])}")
+                      f"its parameters include: {capped(sorted(flat), 12)}")
   return new
 
 

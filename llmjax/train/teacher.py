@@ -19,7 +19,7 @@ import jax
 from flax import linen as nn
 
 from llmjax import config as config_lib
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, capped
 from llmjax.hf.arch import RUNTIME_FIELDS
 from llmjax.parallel import sharding
 from llmjax.train import init, pretrained
@@ -142,9 +142,8 @@ def _vocab(tokenizer_json: str):
   return json.loads(tokenizer_json).get("model", {}).get("vocab")
 
 
-def _short(value) -> str:
-  text = repr(value)
-  return text if len(text) <= 120 else text[:117] + "..."
+def _short(names) -> str:
+  return f"[{capped(map(repr, names), 8)}]"
 
 
 def describe(exp, teacher: Teacher) -> str:
