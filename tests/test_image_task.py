@@ -255,3 +255,26 @@ def test_bad_image_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_path,
   assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
   assert ("empty" in lines[0]) if problem == "empty_class" else ("grey.png" in lines[0]), lines
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("names", [[str(d) for d in range(10)],  # MNIST's digits
+                                   ["T-shirt/top", "Ankle boot", "Bag"]])
+def test_per_class_table_columns_align(names):
+  """Every row of the per-class table ends each column where its header does."""
+  from llmjax.eval import evaluate
+  per_class = [{"name": n, "precision": 0.5 + i / 100, "recall": 1.0, "f1": 0.25,
+                "support": 10 ** (i % 4)} for i, n in enumerate(names)]
+  lines = evaluate.table({"accuracy": 0.9, "per_class": per_class}).split("\n\n", 1)[1]
+  header, *rows = lines.splitlines()
+  assert len(rows) == len(names)
+
+  def column_ends(line):
+    return [i + 1 for i in range(len(line)) if line[i] != " " and (i + 1 == len(line)
+                                                                  or line[i + 1] == " ")]
+  width = column_ends(header)[0]  # the class column, right-aligned under its header
+  assert width >= len("class")
+  for row in rows:
+    assert row[width - 1] != " " and row[width] == " ", (header, row)
+    ends = column_ends(row)
+    assert ends[-4:] == column_ends(header)[-4:], (header, row)
+    assert len(row) == len(header), (header, row)

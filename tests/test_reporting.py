@@ -49,3 +49,31 @@ def test_metrics_jsonl_truncates_to_the_resumed_step(tmp_path):
   records = reporting.read_metrics(writer.path)
   assert [r["step"] for r in records] == [5, 10]
   assert records[0]["nan"] == "nan"  # JSON has no NaN: kept as text, never as a number
+
+
+def test_the_lm_headline_names_the_unit_of_its_tokenizer():
+  """Byte-level runs report nats per byte (the README's unit); other vocabularies per token."""
+  from llmjax import config as config_lib
+  from llmjax.tasks.lm import LM
+  exp = config_lib.resolve(config_lib.base_config())
+  byte = LM(exp, {"tokenizer": "byte"})
+  line = byte.headline(byte.report({"loss_sum": 2.0, "weight": 2.0}))
+  assert line.startswith("final validation loss 1.0000 nats/byte (1.443 bits/byte)"), line
+  trained = LM(exp, {"tokenizer": "bpe:512"})
+  line = trained.headline(trained.report({"loss_sum": 2.0, "weight": 2.0}))
+  assert line == "final validation loss 1.0000 nats/token", line
+
+
+def test_a_step_and_split_the_history_holds_is_not_written_again(tmp_path):
+  writer = reporting.MetricWriter(str(tmp_path))
+  writer.write(10, "train", {"loss": 1.0})
+  writer.write(10, "val", {"loss": 2.0})
+  writer.close()
+  again = reporting.MetricWriter(str(tmp_path))  # the same run, run again at its last step
+  again.write(10, "val", {"loss": 2.0})
+  again.write(10, "val/lm", {"loss": 2.0})
+  again.write(11, "train", {"loss": 0.5})
+  again.write(11, "train", {"loss": 0.5})
+  again.close()
+  assert [(r["step"], r["split"]) for r in reporting.read_metrics(again.path)] == [
+      (10, "train"), (10, "val"), (10, "val/lm"), (11, "train")]

@@ -63,7 +63,8 @@ def table(report: dict) -> str:
            for k, v in report.items() if isinstance(v, (int, float, str))]
   per_class = report.get("per_class")
   if per_class:
-    width = max(len(c["name"]) for c in per_class)
+    # Right-aligned columns, each as wide as its header or its widest entry.
+    width = max(len("class"), *(len(str(c["name"])) for c in per_class))
     lines.append("")
     lines.append(f"{'class':>{width}}  precision  recall      f1  support")
     for c in per_class:

@@ -61,7 +61,8 @@ class LM(Task):
     return metrics
 
   def headline(self, report):
-    line = f"final validation loss {report['loss']:.4f} nats/token"
+    unit = "nats/byte" if self.info.get("tokenizer") == "byte" else "nats/token"
+    line = f"final validation loss {report['loss']:.4f} {unit}"
     if "bits_per_byte" in report:
       line += f" ({report['bits_per_byte']:.3f} bits/byte)"
     return line

@@ -18,12 +18,20 @@ class MetricWriter:
     self.is_main = is_main
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._held = None  # the (step, split) pairs in the file, read at the first write
     if is_main:
       self._tb = tbevents.EventWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    """Append a record, unless the file holds this (step, split) already: a finished run run
+    again evaluates its last step again, and its record stays the one there is."""
     if not self.is_main:
       return
+    if self._held is None:  # after a resume's truncate_after: what is left of the history
+      self._held = {(r["step"], r["split"]) for r in read_metrics(self.path)}
+    if (int(step), split) in self._held:
+      return
+    self._held.add((int(step), split))
     record = {"step": int(step), "split": split}
     # Scalars only: per-class tables and confusion matrices go to eval/ and plots/.
     record.update({k: _plain(v) for k, v in metrics.items() if not isinstance(v, (list, dict))})
