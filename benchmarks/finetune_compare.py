@@ -42,8 +42,9 @@ def _compiled(exp):
   """(setup, jitted train step, fixed batch, state, step memory in bytes)."""
   from llmjax.parallel import sharding
   from llmjax.train import init, loop
-  s = loop.prepare(exp, devices=jax.devices()[:1])
-  train_fn, _ = loop.compile_steps(s)
+  from llmjax.train import setup as setuplib
+  s = setuplib.prepare(exp, devices=jax.devices()[:1])
+  train_fn, _ = setuplib.compile_steps(s)
   batch = sharding.global_batch(next(loop._data_iterator(s, None)), s.mesh)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     memory = train_fn.lower(s.abstract_state, batch).compile().memory_analysis()
@@ -69,10 +70,11 @@ def _base_loss(task: str, method: str) -> dict | None:
     return None
   from llmjax.data import text
   from llmjax.train import loop
+  from llmjax.train import setup as setuplib
   _, exp = _experiment(task, method)
-  s = loop.prepare(exp, devices=jax.devices()[:1])
+  s = setuplib.prepare(exp, devices=jax.devices()[:1])
   state = loop.fresh_state(s)
-  _, eval_fn = loop.compile_steps(s)
+  _, eval_fn = setuplib.compile_steps(s)
   batches = text.eval_batches(s.data.val, exp.train.batch_size, exp.train.eval_batches)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     report, _ = loop.evaluate(s, eval_fn, state, batches)

@@ -107,6 +107,7 @@ from llmjax.errors import ConfigError  # noqa: E402
 from llmjax.parallel import sharding  # noqa: E402
 from llmjax.tasks.distill import TOPK_VALUES, Distilled  # noqa: E402
 from llmjax.train import loop, offline_teacher  # noqa: E402
+from llmjax.train import setup as setuplib  # noqa: E402
 from llmjax.train.state import TEACHER  # noqa: E402
 
 from _task_helpers import experiment, with_mesh  # noqa: E402
@@ -136,7 +137,7 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_in_every_task(task_name, tmp
   else:
     exp = experiment(task_name, tmp_path, model=NO_DROPOUT)
   exp = dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, alpha=0.25))
-  s = loop.prepare(exp, None, jax.devices()[:1])
+  s = setuplib.prepare(exp, None, jax.devices()[:1])
   state = loop.fresh_state(s)
   task, variables = _self_distilled(s, state)
   batch = jax.tree.map(jnp.asarray, next(loop._data_iterator(s, None)))
@@ -156,7 +157,7 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_in_every_task(task_name, tmp
 
 
 def test_the_teacher_is_never_differentiated(tmp_path):
-  s = loop.prepare(experiment("lm", tmp_path), None, jax.devices()[:1])
+  s = setuplib.prepare(experiment("lm", tmp_path), None, jax.devices()[:1])
   state = loop.fresh_state(s)
   task, variables = _self_distilled(s, state)
   batch = jax.tree.map(jnp.asarray, next(loop._data_iterator(s, None)))
@@ -176,7 +177,7 @@ def test_schedules_move_alpha_and_temperature_linearly(tmp_path):
   exp = experiment("lm", tmp_path, train={"steps": 11},
                    distill=dict(alpha=0.9, alpha_end=0.1, temperature=4.0, temperature_end=1.0,
                                 schedule="linear"))
-  task = Distilled(loop.prepare(exp, None, jax.devices()[:1]).task, None)
+  task = Distilled(setuplib.prepare(exp, None, jax.devices()[:1]).task, None)
   for step, alpha, temperature in ((0, 0.9, 4.0), (5, 0.5, 2.5), (10, 0.1, 1.0)):
     got = task.weights(step)
     np.testing.assert_allclose([float(got[0]), float(got[1])], [alpha, temperature], rtol=1e-6)
@@ -208,7 +209,7 @@ def test_a_smaller_student_trains_resumes_exactly_and_keeps_no_teacher(lm_teache
   assert all("distill_kl" in r and "combined_loss" in r for r in records if r["split"] == "val")
   # The checkpoint holds the student only: its parameter shapes, none of the teacher's.
   saved = checkpoint.saved_param_shapes(os.path.join(straight, "checkpoints"))
-  s = loop.prepare(exp, None, jax.devices()[:1])
+  s = setuplib.prepare(exp, None, jax.devices()[:1])
   student = {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in
              jax.tree_util.tree_leaves_with_path(s.abstract_state.params)}
   assert saved == student
@@ -233,14 +234,14 @@ def test_hidden_state_matching_trains_a_projection_that_eval_never_sees(lm_teach
   assert saved[f"{PROJECTION}/kernel"] == (16, 32)  # student width -> teacher width
   restored = rundir.restore(workdir)
   assert PROJECTION not in restored.state.params
-  student = loop.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
+  student = setuplib.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
   assert jax.tree.structure(restored.state.params) == jax.tree.structure(
       student.abstract_state.params)
 
 
 def test_offline_top_k_of_the_whole_vocabulary_equals_the_online_teacher(lm_teacher, tmp_path):
-  online = loop.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
-  offline = loop.prepare(_student(tmp_path, lm_teacher, top_k=256), None, jax.devices()[:1])
+  online = setuplib.prepare(_student(tmp_path, lm_teacher), None, jax.devices()[:1])
+  offline = setuplib.prepare(_student(tmp_path, lm_teacher, top_k=256), None, jax.devices()[:1])
   state = loop.fresh_state(online)
   rows = jax.tree.map(lambda x: x[:8], online.data.train)
   with jax.set_mesh(online.mesh), nn.logical_axis_rules(online.rules):
@@ -277,9 +278,10 @@ def test_distillation_on_eight_devices_matches_one(lm_teacher, tmp_path):
   losses = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    s = loop.prepare(with_mesh(exp, data, fsdp, rules), None, jax.devices()[:1] if name == "one" else None)
+    devices = jax.devices()[:1] if name == "one" else None
+    s = setuplib.prepare(with_mesh(exp, data, fsdp, rules), None, devices)
     state = loop.fresh_state(s)
-    train_fn, eval_fn = loop.compile_steps(s)
+    train_fn, eval_fn = setuplib.compile_steps(s)
     batch = next(loop._data_iterator(s, None))
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       report = loop.evaluate(s, eval_fn, state, [batch])[0]
@@ -296,8 +298,8 @@ def test_a_hugging_face_teacher_scores_like_transformers(tmp_path):
   from llmjax.train import teacher as teacher_lib
   reference = _hf_helpers.make("gpt2", tmp_path / "gpt2")
   exp = experiment("lm", tmp_path, distill={"teacher": f"hf:{tmp_path / 'gpt2'}"})
-  s = loop.prepare(dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, teacher="")),
-                   None, jax.devices()[:1])
+  no_teacher = dataclasses.replace(exp, distill=dataclasses.replace(exp.distill, teacher=""))
+  s = setuplib.prepare(no_teacher, None, jax.devices()[:1])
   mesh = meshlib.make_mesh(exp.mesh, jax.devices()[:1])
   teacher = teacher_lib.build(exp, s.task, s.data, mesh, s.rules)
   variables = teacher_lib.load(exp, teacher)
@@ -318,9 +320,9 @@ def test_an_exported_teacher_teaches_like_its_workdir(lm_teacher, tmp_path):
                      ("export", f"export:{tmp_path / 'exported'}")):
     exp = experiment("lm", tmp_path, model={"d_model": 16, "n_layers": 1, "d_ff": 32},
                      distill={"teacher": spec})
-    s = loop.prepare(exp, None, jax.devices()[:1])
+    s = setuplib.prepare(exp, None, jax.devices()[:1])
     state = loop.fresh_state(s)
-    _, eval_fn = loop.compile_steps(s)
+    _, eval_fn = setuplib.compile_steps(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       kl[name] = loop.evaluate(s, eval_fn, state, [next(loop._data_iterator(s, None))])[0]
   assert kl["export"]["distill_kl"] == kl["workdir"]["distill_kl"] > 0
@@ -331,7 +333,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(lm_teacher, tmp_path):
                    distill={"teacher": f"workdir:{lm_teacher}"})
   with pytest.raises(ConfigError, match="teacher's vocabulary has 256 entries but the "
                                         "student's has 320"):
-    loop.prepare(exp, None, jax.devices()[:1])
+    setuplib.prepare(exp, None, jax.devices()[:1])
 
 
 def test_a_teacher_with_another_label_set_is_refused(tmp_path):
@@ -341,13 +343,13 @@ def test_a_teacher_with_another_label_set_is_refused(tmp_path):
   exp = experiment("classify", tmp_path, distill={"teacher": f"workdir:{fake}"})
   with pytest.raises(ConfigError, match="teacher's label set is \\['x', 'y'\\] but the "
                                         "student's is"):
-    loop.prepare(exp, None, jax.devices()[:1])
+    setuplib.prepare(exp, None, jax.devices()[:1])
 
 
 def test_an_offline_teacher_is_refused_for_inputs_that_change_every_step(tmp_path):
   exp = experiment("mlm", tmp_path, distill={"teacher": "workdir:/nowhere", "top_k": 4})
   with pytest.raises(ConfigError, match="top_k=4: an offline teacher needs inputs fixed"):
-    loop.prepare(exp, None, jax.devices()[:1])
+    setuplib.prepare(exp, None, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -24,6 +24,7 @@ from llmjax.models.peft import Peft
 from llmjax.models.transformer import Transformer
 from llmjax.parallel import sharding
 from llmjax.train import init, loop, reporting
+from llmjax.train import setup as setuplib
 
 from _task_helpers import experiment
 
@@ -36,7 +37,7 @@ def _setup(tmp_path, method, model=None, mesh=None, devices=None, **ft):
   sections = dict(model={"max_len": 48, **(model or {})}, finetune=dict(method=method, **ft))
   if mesh:
     sections["mesh"] = mesh
-  return loop.prepare(experiment("lm", tmp_path, **sections), None, devices)
+  return setuplib.prepare(experiment("lm", tmp_path, **sections), None, devices)
 
 
 def _gpt2(**overrides):
@@ -106,7 +107,7 @@ def test_adalora_keeps_the_target_budget_of_triplets_once_the_schedule_ends(tmp_
   exp = experiment("lm", tmp_path, train=dict(steps=6), finetune=dict(
       method="adalora", lora_rank=4, adalora_target_rank=2, adalora_warmup=1,
       adalora_final=2, adalora_interval=1))
-  s = loop.prepare(exp)
+  s = setuplib.prepare(exp)
   _, after = _train(s, 6)
   e = [v for p, v in partition.items(after.params) if p.endswith("/lora/e")]
   assert len(e) == L * 2
@@ -127,7 +128,7 @@ def test_an_optimizer_state_made_outside_jit_shares_no_buffer_between_leaves(met
   opt_state = s.tx.init(state.params)
   leaves = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0)]
   assert len({id(x) for x in leaves}) == len(leaves)
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   batch = sharding.global_batch(next(loop._data_iterator(s, None)), s.mesh)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     train_fn(state.replace(opt_state=opt_state), batch)
@@ -140,7 +141,7 @@ def _train(s, steps):
   state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings,
                           s.trainable)
   before = jax.device_get(state)
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   iterator = loop._data_iterator(s, None)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     for _ in range(steps):
@@ -249,13 +250,13 @@ def test_lora_factors_shard_like_the_projection_they_wrap(scan, tmp_path):
   for module in modules:
     assert merged_kernel_sharding(merged, module) == frozen[module + "/kernel"]
   # The base keeps its layout: the same paths and shapes as a model without LoRA.
-  base = loop.prepare(dataclasses.replace(s.exp, finetune=config_lib.FinetuneConfig()))
+  base = setuplib.prepare(dataclasses.replace(s.exp, finetune=config_lib.FinetuneConfig()))
   assert {p: v.shape for p, v in partition.items(base.abstract_state.params)} == {
       p: v.shape for p, v in shapes.items() if "/lora/" not in p}
 
 
 def _compiled_bytes(s):
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   batch = sharding.global_batch(next(loop._data_iterator(s, None)), s.mesh)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     memory = train_fn.lower(s.abstract_state, batch).compile().memory_analysis()

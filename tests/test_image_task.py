@@ -18,6 +18,7 @@ from llmjax import config as config_lib
 from llmjax.errors import ConfigError, UserError
 from llmjax.parallel import sharding
 from llmjax.train import loop
+from llmjax.train import setup as setuplib
 from llmjax.train.optim import path_str
 
 from _task_helpers import with_mesh
@@ -61,10 +62,10 @@ def folder(tmp_path_factory):
 
 def _first_step(exp, devices=None):
   """(loss, batch_stats after one step, the batch) of a fresh state on exp's mesh."""
-  s = loop.prepare(exp, None, devices)
+  s = setuplib.prepare(exp, None, devices)
   state = loop.fresh_state(s)
   batch = next(loop._data_iterator(s, None))
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     new_state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
   return float(metrics["loss"]), jax.device_get(new_state.model_state), batch
@@ -83,13 +84,13 @@ def test_batchnorm_statistics_over_eight_devices_equal_one(folder):
 
 
 def test_a_nonfinite_step_leaves_the_statistics_and_params_unchanged(folder):
-  s = loop.prepare(with_mesh(experiment(folder), 1, 1, "dp"), None, jax.devices()[:1])
+  s = setuplib.prepare(with_mesh(experiment(folder), 1, 1, "dp"), None, jax.devices()[:1])
   state = loop.fresh_state(s)
   before = jax.device_get((state.params, state.model_state))
   batch = dict(next(loop._data_iterator(s, None)))
   batch["mask"] = batch["mask"].copy()
   batch["mask"][0] = np.nan  # a poisoned example weight: the loss is NaN, the statistics are not
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     new_state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
   assert metrics["nonfinite"] == 1.0
@@ -135,7 +136,7 @@ def test_replaced_head_keeps_the_backbone_of_its_checkpoint(straight, tmp_path):
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(
         os.path.join(other, "triangle", f"{name}x.png"))
   exp = experiment(other, init_from=f"workdir:{source}", init_new="classifier/.*", steps=3)
-  s = loop.prepare(exp, None)
+  s = setuplib.prepare(exp, None)
   state = loop.fresh_state(s)
   loaded = {path_str(p): x for p, x in
             jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
@@ -157,7 +158,7 @@ def test_init_from_an_hf_resnet_takes_its_shape_backbone_and_statistics(folder, 
   exp = experiment(folder, init_from=f"hf:{tmp_path / 'hf'}", init_new="classifier/.*")
   # The experiment leaves the model section at its defaults: the checkpoint decides the shape.
   exp = dataclasses.replace(exp, model=config_lib.ModelConfig())
-  s = loop.prepare(exp, None)
+  s = setuplib.prepare(exp, None)
   assert (s.exp.model.arch, s.exp.model.resnet_depths, s.exp.model.resnet_widths) == \
       ("resnet", "1,2", "8,16")
   state = loop.fresh_state(s)
@@ -177,7 +178,7 @@ def test_a_checkpoint_head_of_another_label_count_is_refused_naming_it(straight,
   import shutil
   shutil.rmtree(os.path.join(two, "square"))
   with pytest.raises(UserError, match="classifier/kernel"):
-    s = loop.prepare(experiment(two, init_from=f"workdir:{source}"), None)
+    s = setuplib.prepare(experiment(two, init_from=f"workdir:{source}"), None)
     loop.fresh_state(s)
 
 
@@ -185,7 +186,7 @@ def test_num_classes_that_differ_from_the_data_are_refused(folder):
   exp = experiment(folder)
   exp = dataclasses.replace(exp, task=dataclasses.replace(exp.task, num_classes=5))
   with pytest.raises(ConfigError, match="num_classes=5 but the data has 3 labels"):
-    loop.prepare(exp, None)
+    setuplib.prepare(exp, None)
 
 
 def test_cifar10_resnet50_smoke_runs_on_mock_tfds_data(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from llmjax.eval import evaluate
 from llmjax.parallel import sharding
 from llmjax.tasks import multitask
 from llmjax.train import init, loop, reporting, rundir, step
+from llmjax.train import setup as setuplib
 
 from _task_helpers import ROOT, with_mesh, write_corpus, write_labelled
 
@@ -54,9 +55,9 @@ def _experiment(tmp, weights=(1.0, 1.0), **sections):
 def trained(tmp_path_factory):
   """One device: (setup, state after 2 training steps)."""
   tmp = tmp_path_factory.mktemp("multitask")
-  s = loop.prepare(with_mesh(_experiment(tmp), 1, 1, "dp"), None, jax.devices()[:1])
+  s = setuplib.prepare(with_mesh(_experiment(tmp), 1, 1, "dp"), None, jax.devices()[:1])
   state = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   iterator = loop._data_iterator(s, None)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     for _ in range(2):
@@ -84,7 +85,7 @@ def test_the_backbone_is_shared_and_each_task_has_its_own_head(trained):
 def _single(s, head, params):
   """The plain single-task run of one entry, on one device, holding `params`."""
   entry = s.task.entries[head]
-  single = loop.prepare(multitask.sub_experiment(s.exp, entry), None, jax.devices()[:1])
+  single = setuplib.prepare(multitask.sub_experiment(s.exp, entry), None, jax.devices()[:1])
   state = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                       single.abstract_state), single.state_shardings)
   own = jax.device_put(multitask.params_for(jax.device_get(params), head),
@@ -94,7 +95,7 @@ def _single(s, head, params):
 
 def test_per_task_metrics_equal_a_single_task_evaluation_of_the_same_parameters(trained):
   s, state = trained
-  _, eval_fn = loop.compile_steps(s)
+  _, eval_fn = setuplib.compile_steps(s)
   batches = s.task.eval_batches(s.data.val, 8, 100)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     report, _ = loop.evaluate(s, eval_fn, state, batches)
@@ -103,7 +104,7 @@ def test_per_task_metrics_equal_a_single_task_evaluation_of_the_same_parameters(
   np.testing.assert_allclose(report["loss"], expected_total, rtol=1e-12)
   for head in ("lm", "classify"):
     single, single_state = _single(s, head, state.params)
-    _, single_eval = loop.compile_steps(single)
+    _, single_eval = setuplib.compile_steps(single)
     with jax.set_mesh(single.mesh), nn.logical_axis_rules(single.rules):
       alone, _ = loop.evaluate(single, single_eval, single_state,
                                single.task.eval_batches(single.data.val, 8, 100))
@@ -137,8 +138,8 @@ def test_the_mixture_holds_each_task_at_its_weight_and_every_row(tmp_path):
   counts = np.bincount(task_N, minlength=3)
   assert counts[2] == 0 and abs(counts[0] / counts.sum() - 0.75) <= 1 / counts.sum()
   assert set(row_N[task_N == 0]) == set(range(10)) and set(row_N[task_N == 1]) == set(range(3))
-  s = loop.prepare(with_mesh(_experiment(tmp_path, weights=(3.0, 1.0)), 1, 1, "dp"), None,
-                   jax.devices()[:1])
+  s = setuplib.prepare(with_mesh(_experiment(tmp_path, weights=(3.0, 1.0)), 1, 1, "dp"), None,
+                       jax.devices()[:1])
   ids = {head: k for k, head in enumerate(s.task.subs)}
   iterator = loop._data_iterator(s, None)
   batches = [next(iterator) for _ in range(100)]
@@ -160,8 +161,8 @@ def test_eight_devices_equal_one(trained, tmp_path):
   results = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    s = one if name == "one" else loop.prepare(with_mesh(one.exp, data, fsdp, rules))
-    train_fn, eval_fn = loop.compile_steps(s)
+    s = one if name == "one" else setuplib.prepare(with_mesh(one.exp, data, fsdp, rules))
+    train_fn, eval_fn = setuplib.compile_steps(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       placed = jax.device_put(host_state, s.state_shardings)
       report, _ = loop.evaluate(s, eval_fn, placed, loop._process_slices(s.mesh, val))
@@ -256,11 +257,11 @@ def test_tasks_that_cannot_share_a_batch_or_a_vocabulary_are_refused(tmp_path):
   c = _config(tmp_path)
   c.tasks.update(dict(mlm=dict(data=dict(files=c.tasks.lm.data.files))))
   with pytest.raises(ConfigError, match=r"config.tasks.mlm.task.name='mlm' cannot share"):
-    loop.prepare(config_lib.resolve(c))
+    setuplib.prepare(config_lib.resolve(c))
   c = _config(tmp_path)
   c.tasks.classify.data.tokenizer = "wordpiece:200"
   with pytest.raises(ConfigError, match=r"the tasks' tokenizers differ"):
-    loop.prepare(config_lib.resolve(c))
+    setuplib.prepare(config_lib.resolve(c))
 
 
 def test_the_cli_refuses_a_mixture_of_zero_weights_and_writes_nothing(tmp_path):

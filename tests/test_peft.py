@@ -273,9 +273,10 @@ def test_a_lora_run_exports_to_peft_merged_and_llmjax_with_equal_logits(lora_run
 def test_init_from_peft_starts_from_the_adapter(lora_run, lora_adapter, tmp_path):
   """Into a scanned model: the adapter's per-layer factors stack on the layer axis."""
   from llmjax.train import loop
+  from llmjax.train import setup as setuplib
   exp = _experiment(tmp_path, train=dict(init_from=f"peft:{lora_adapter}", seed=7),
                     model=dict(scan_layers=True))
-  s = loop.prepare(exp, str(tmp_path / "run"))
+  s = setuplib.prepare(exp, str(tmp_path / "run"))
   with jax.set_mesh(s.mesh):
     state = loop.fresh_state(s)
   _, trained = _restored(lora_run)
@@ -368,19 +369,19 @@ def _adapter_for_run_tests(tmp_path, kind="llama", targets=ALL, **config):
     (dict(peft_type="IA3"), {}, {}, r"peft_type 'IA3' is not LoRA")])
 def test_init_from_a_peft_adapter_that_does_not_fit_is_named(edit, finetune, model, match,
                                                               tmp_path):
-  from llmjax.train import loop
+  from llmjax.train import setup as setuplib
   adapter = _adapter_for_run_tests(tmp_path, **edit)
   exp = _experiment(tmp_path, train=dict(init_from=f"peft:{adapter}"),
                     model={**_DEFAULT_MODEL, **model},  # the shape comes from the base
                     finetune={"lora_targets": "all_linear", **finetune})
   with pytest.raises(UserError, match=match) as e:
-    loop.prepare(exp, str(tmp_path / "run"))
+    setuplib.prepare(exp, str(tmp_path / "run"))
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "run")
 
 
 def test_an_adapter_for_another_architecture_is_named(tmp_path):
-  from llmjax.train import loop
+  from llmjax.train import setup as setuplib
   gpt2_adapter = _adapter_for_run_tests(tmp_path / "g", "gpt2", QV)
   llama_base = _adapter_for_run_tests(tmp_path / "l")  # only its base/ is used
   with open(os.path.join(gpt2_adapter, "adapter_config.json")) as f:
@@ -392,4 +393,4 @@ def test_an_adapter_for_another_architecture_is_named(tmp_path):
                     model=_DEFAULT_MODEL)
   with pytest.raises(UserError, match=r"no base_model.model.model.layers.0.self_attn.q_proj"
                                       r".lora_A.weight"):
-    loop.prepare(exp, str(tmp_path / "run"))
+    setuplib.prepare(exp, str(tmp_path / "run"))

@@ -13,7 +13,8 @@ from llmjax.models.transformer import Transformer
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.tasks.lm import LM
-from llmjax.train import init, loop, optim
+from llmjax.train import init, optim
+from llmjax.train import setup as setuplib
 
 SEQ, BATCH = 16, 8
 MESHES = {  # preset -> 8-device mesh
@@ -49,8 +50,8 @@ def experiment(rules="dp", accum_steps=1, model_overrides=None, **mesh):
   })
 
 
-def setup_for(exp, devices=None) -> loop.Setup:
-  """What loop.prepare builds, without data: mesh, rules, model, optimiser, shardings."""
+def setup_for(exp, devices=None) -> setuplib.Setup:
+  """What setuplib.prepare builds, without data: mesh, rules, model, optimiser, shardings."""
   mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
@@ -60,13 +61,13 @@ def setup_for(exp, devices=None) -> loop.Setup:
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
   abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)
-  return loop.Setup(exp, mesh, rules, task, model, None, tx, schedule, init_variables, abstract,
-                    shardings)
+  return setuplib.Setup(exp, mesh, rules, task, model, None, tx, schedule, init_variables,
+                        abstract, shardings)
 
 
-def one_step(s: loop.Setup, host_state, host_batch):
+def one_step(s: setuplib.Setup, host_state, host_batch):
   """The loop's own jitted train step (compile_steps) on a copy of `host_state` placed in `s`."""
-  train_fn, _ = loop.compile_steps(s)
+  train_fn, _ = setuplib.compile_steps(s)
   state = jax.device_put(host_state, s.state_shardings)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     new_state, metrics = train_fn(state, sharding.global_batch(host_batch, s.mesh))
@@ -101,7 +102,7 @@ def reference(initial):
   return metrics, jax.device_get(new_state.params)
 
 
-def logical_names(s: loop.Setup):
+def logical_names(s: setuplib.Setup):
   """Parameter path -> logical axis names, from the model's own annotations."""
   boxed = jax.eval_shape(s.model.init, jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))
   leaves = jax.tree_util.tree_leaves_with_path(

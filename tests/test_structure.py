@@ -15,7 +15,6 @@ MAX_FUNCTION_LINES = 60
 
 KNOWN_LONG_MODULES = {
   "llmjax/config.py": "being rewritten with the task config sections (issue 26 part 2)",
-  "llmjax/train/loop.py": "being split into assembly and running (issue 26 part 4)",
 }
 KNOWN_LONG_FUNCTIONS = {
   "llmjax/beam_search.py:beam_search": "one long jitted search",

@@ -25,6 +25,7 @@ from llmjax.parallel import sharding
 from llmjax.tasks.lm import LM
 from llmjax.tasks.mlm import MaskedLM
 from llmjax.train import init, loop, optim, pretrained, step
+from llmjax.train import setup as setuplib
 from llmjax.train.state import TrainState
 
 from _task_helpers import (ROOT, WORDS, experiment, with_mesh, write_corpus,  # noqa: F401
@@ -163,7 +164,7 @@ def test_classifier_from_an_mlm_checkpoint_gets_a_fresh_head_and_the_encoder(mlm
   workdir, _ = mlm_run
   exp = experiment("classify", tmp_path, train=dict(init_from=f"workdir:{workdir}",
                                                     init_new="(pooler|classifier)/.*"))
-  s = loop.prepare(exp, str(tmp_path / "cls"))
+  s = setuplib.prepare(exp, str(tmp_path / "cls"))
   assert s.data.tokenizer.vocab_size == 256 and s.data.info["num_classes"] == 3
   fresh = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   params = jax.device_get(pretrained.load_params(exp.train.init_from, exp.train.init_new,
@@ -227,7 +228,7 @@ def test_mlm_export_loads_in_transformers_as_bert_for_masked_lm(mlm_run, tmp_pat
 @pytest.mark.parametrize("task_name", ["lm", "mlm", "classify", "classify_decoder", "seq2seq"])
 def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   exp = experiment(task_name.split("_")[0], tmp_path, decoder=task_name.endswith("decoder"))
-  one = loop.prepare(with_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])
+  one = setuplib.prepare(with_mesh(exp, 1, 1, "dp"), None, jax.devices()[:1])
   state = init.init_state(0, one.init_variables, one.tx, one.mesh, one.rules, one.state_shardings)
   host_state = jax.device_get(state)
   batch = next(loop._data_iterator(one, None))
@@ -236,8 +237,8 @@ def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
   results = {}
   for name, (data, fsdp, rules) in {"one": (1, 1, "dp"), "dp": (8, 1, "dp"),
                                     "fsdp": (1, 8, "fsdp")}.items():
-    s = one if name == "one" else loop.prepare(with_mesh(exp, data, fsdp, rules))
-    train_fn, eval_fn = loop.compile_steps(s)
+    s = one if name == "one" else setuplib.prepare(with_mesh(exp, data, fsdp, rules))
+    train_fn, eval_fn = setuplib.compile_steps(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
       placed = jax.device_put(host_state, s.state_shardings)
       report, _ = loop.evaluate(s, eval_fn, placed, val)
@@ -291,7 +292,7 @@ def test_a_decoder_classifier_loads_an_lm_run_with_only_the_classifier_new(lm_ru
   # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only.
   exp = experiment("classify", tmp_path, decoder=True,
                    train=dict(init_from=f"workdir:{lm_run}", init_new="classifier/.*"))
-  s = loop.prepare(exp, str(tmp_path / "cls"))
+  s = setuplib.prepare(exp, str(tmp_path / "cls"))
   assert s.exp.model.causal and type(s.model).__name__ == "DecoderClassifier"
   fresh = init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules, s.state_shardings)
   params = jax.device_get(pretrained.load_params(s.exp.train.init_from, s.exp.train.init_new,

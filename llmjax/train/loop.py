@@ -1,10 +1,12 @@
-"""The training loop, top to bottom: config -> task and its data -> mesh and rules -> model and
-example batch -> abstract init -> shardings -> state (fresh, restored, or from other weights with
-new heads) -> data iterator (fresh or restored) -> jitted step -> metrics, checkpoints, plots and
-the task's outputs.
+"""The run loop, top to bottom: an assembled run (`llmjax.train.setup`: config -> task and its
+data -> mesh and rules -> model and example batch -> abstract init -> shardings) -> state (fresh,
+restored, or from other weights with new heads; split into trainable and frozen) -> the run's
+files -> data iterator (fresh or restored) -> jitted step -> metrics, evaluations, checkpoints,
+plots and the task's outputs.
 
 The loop never branches on the task: everything objective-specific is a `Task` method.
-Everything that can reject the input (mesh, shapes, data) runs before the workdir is touched.
+Everything that can reject the input (mesh, shapes, data) runs in `setup.prepare`, before the
+workdir is touched.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -22,107 +23,112 @@ from flax import linen as nn
 from llmjax import checkpoint, distributed, finetune, flops, tasks
 from llmjax.config import Experiment
 from llmjax.data import text
-from llmjax.errors import ConfigError, TrainingError
-from llmjax.parallel import mesh as meshlib
+from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import init, optim, preemption, pretrained, reporting, rundir, step
+from llmjax.train import preemption, pretrained, reporting, rundir, setup
 
 
-@dataclasses.dataclass
-class Setup:
-  """What the loop needs, assembled and validated before anything is written."""
-  exp: Experiment
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  task: tasks.Task
-  model: nn.Module
-  data: tasks.Data
-  tx: object
-  schedule: object
-  init_variables: object  # rngs -> variables (the task's init on a zero example batch)
-  abstract_state: object
-  state_shardings: object
-  trainable: frozenset | None = None  # parameter paths that train (None: all of them)
-  teacher: object = None  # config.distill's teacher (llmjax.train.teacher.Teacher) or None
+def run(exp: Experiment, workdir: str) -> dict:
+  """Train (or resume) `exp` in `workdir`; returns the final validation metrics.
+
+  SIGTERM/SIGINT finish the current step, save it and return {"step", "preempted": True}.
+  """
+  s = setup.prepare(exp, workdir)
+  exp = s.exp
+  distributed.check_shared_directory(workdir)  # before a checkpoint is split across hosts
+  os.makedirs(workdir, exist_ok=True)
+  t = exp.train
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                 keep_best=t.keep_best, async_save=t.async_checkpoint)
+  # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
+  state, data_state = initial_state(s, ckpt)
+  if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
+    from llmjax.train import offline_teacher
+    s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
+  base = _write_run_files(s, workdir, state)
+  start = int(jax.device_get(state.step))
+  writer = reporting.MetricWriter(workdir, is_main=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    reporting.truncate_after(writer.path, start)
+  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base)
+  try:
+    with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
+          preemption.Listener() as signals):
+      state = loop.train(state, start, signals)
+      if loop.preempted_at is not None:
+        return {"step": loop.preempted_at, "preempted": True}
+      final, sums = loop.evaluate_with_sums(state)
+      end = int(jax.device_get(state.step))
+      write_eval(writer, s.task, end, final)
+      if end not in ckpt.all_steps():
+        loop.save(state, end, final["loss"])
+  finally:  # pending async saves complete (or report their failure) on every exit path
+    writer.close()
+    ckpt.close()
+  _write_outputs(s, workdir, state, writer.path, final, sums, end)
+  return {"step": end, "headline": s.task.headline(final), **final}
 
 
-def check_batch(exp: Experiment, mesh) -> None:
-  per_step = meshlib.batch_parallelism(mesh) * exp.optim.accum_steps
-  if exp.train.batch_size % per_step:
-    raise ConfigError(f"config.train.batch_size={exp.train.batch_size} must be divisible by the "
-                      f"data-parallel size (mesh data*fsdp={meshlib.batch_parallelism(mesh)}) x "
-                      f"config.optim.accum_steps={exp.optim.accum_steps}")
+def initial_state(s: setup.Setup, ckpt: checkpoint.Checkpointer):
+  """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights).
+
+  Checkpoints hold no frozen parameters: a resumed fine-tuning run rebuilds its base the way it
+  first did and must find the same one (checksums in the checkpoint's data item).
+  """
+  found = ckpt.restore_latest_good(s.abstract_state.checkpointed(),
+                                   s.state_shardings.checkpointed())
+  if found is None:
+    return fresh_state(s), None
+  _, (state, data_state, _) = found
+  if s.trainable is not None:
+    state = pretrained.with_base(s.exp, state, data_state, s.init_variables, s.tx, s.mesh,
+                                 s.rules, s.state_shardings.replace(teacher=None), s.trainable)
+  return with_teacher(s, state), data_state
 
 
-def check_vocab(exp: Experiment, tokenizer) -> None:
-  if tokenizer is not None and tokenizer.vocab_size > exp.model.vocab_size:
-    raise ConfigError(f"config.model.vocab_size={exp.model.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({tokenizer.vocab_size}; config.data.tokenizer="
-                      f"{exp.data.tokenizer!r})")
+def fresh_state(s: setup.Setup):
+  """The seed's init, overlaid with init_from's weights, split into trainable and frozen (and
+  the teacher, when distilling)."""
+  state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
+                                 s.state_shardings.replace(teacher=None), s.trainable)
+  return with_teacher(s, finetune.initialise_added(s.exp, state, s.data))
 
 
-def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
-  """Validate against the devices and data; build task, model, optimiser and abstract state."""
-  exp = pretrained.resolve_model(exp)
-  task = tasks.build(exp)
-  mesh = meshlib.make_mesh(exp.mesh, devices)
-  rules = sharding.rules_for(exp.mesh.rules)
-  sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
-  check_batch(exp, mesh)
-  data = task.data(workdir)
-  check_vocab(exp, data.tokenizer)
-  task = task.with_info(data.info)
-  model = task.model()
-  teacher = None
-  if exp.distill.teacher:  # the task's loss becomes the distilled one; the state gains a teacher
-    task, teacher, data = distilled(exp, task, model, data, mesh, rules)
-  tx = optim.make_optimizer(exp.optim, exp.train.steps)
-  schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
-  init_variables = init.variables_init(task, model, task.example_batch(1))
-  trainable = finetune.plan(exp, init.param_shapes(init_variables))
-  tx = finetune.optimizer(exp, tx, trainable)
-  abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules,
-                                                         trainable)
-  if teacher is not None:
-    online = not exp.distill.top_k
-    abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})
-    state_shardings = state_shardings.replace(teacher=teacher.shardings if online else {})
-  resuming = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
-  if exp.train.init_from and not resuming:
-    full = finetune.merge(abstract_state.params, abstract_state.frozen)
-    pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
-  return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
-               abstract_state, state_shardings, trainable, teacher)
-
-
-def distilled(exp: Experiment, task, model, data, mesh, rules):
-  """(the task with config.distill's loss, the teacher, the data with what the run records of
-  the distillation in its info): the teacher is checked against the student first."""
-  from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
+def with_teacher(s: setup.Setup, state):
+  """`state` with config.distill's teacher attached (read from its checkpoint; {} offline)."""
+  if s.teacher is None:
+    return state
+  if s.exp.distill.top_k:
+    return state.replace(teacher={})
   from llmjax.train import teacher as teacher_lib
-  if exp.distill.top_k and not task.fixed_inputs:
-    raise ConfigError(f"config.distill.top_k={exp.distill.top_k}: an offline teacher needs inputs "
-                      f"fixed by the data, but the {task.name} task changes them every step "
-                      "(masked-LM corruption, image augmentation); use the online teacher "
-                      "(top_k=0)")
-  teacher = teacher_lib.build(exp, task, data, mesh, rules)
-  teacher_lib.check_outputs(exp, teacher, task, model)
-  print(teacher_lib.describe(exp, teacher), file=sys.stderr)
-  if exp.distill.hidden_weight:  # the projection's shape is recorded: eval can rebuild the tree
-    widths = [teacher_lib.hidden_width(t, m) for t, m in ((task, model),
-                                                          (teacher.task, teacher.model))]
-    data = dataclasses.replace(data, info={**data.info, PROJECTION_SHAPE: widths})
-    task = task.with_info(data.info)
-  return Distilled(task, teacher.task.with_info(data.info), teacher.model), teacher, data
+  return state.replace(teacher=teacher_lib.load(s.exp, s.teacher))
 
 
-def compile_steps(s: Setup):
-  """The jitted train and eval steps, with explicit shardings; the train state is donated."""
-  return step.jit_steps(step.bind_loss(s.task, s.model), s.tx, s.schedule,
-                        s.exp.optim.accum_steps, s.mesh, s.state_shardings)
+def _write_run_files(s: setup.Setup, workdir: str, state) -> dict | None:
+  """config.json, the task's info and artifacts, the parameter report (process 0 writes them);
+  returns the frozen base's identity (None when every parameter trains)."""
+  is_main = jax.process_index() == 0
+  if is_main:
+    files = {rundir.CONFIG_FILE: s.exp.to_json(),
+             rundir.TASK_INFO_FILE: json.dumps(s.data.info, indent=2), **s.data.artifacts}
+    for name, text_ in files.items():
+      _write_atomic(os.path.join(workdir, name), text_)
+  base = pretrained.base_identity(s.exp, state.frozen) if s.trainable is not None else None
+  if is_main:
+    _write_atomic(os.path.join(workdir, finetune.PARAMS_FILE),
+                  json.dumps(finetune.params_report(s.exp, state, base), indent=2))
+  return base
 
 
-def _data_iterator(s: Setup, data_state: dict | None):
+def _write_atomic(path: str, text_: str) -> None:
+  """Write `path` whole or not at all (a crash leaves the old file or none)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # tasks/<head>/ files of config.tasks
+  with open(path + ".tmp", "w") as f:
+    f.write(text_)
+  os.replace(path + ".tmp", path)
+
+
+def _data_iterator(s: setup.Setup, data_state: dict | None):
   """This process's rows of each global training batch, from where `data_state` left off."""
   batch_size = s.exp.train.batch_size
   iterator = text.batch_iterator(s.data.train, batch_size, seed=s.exp.data.seed, shuffle=True,
@@ -144,162 +150,18 @@ def _process_slices(mesh, global_batches: list[dict]) -> list[dict]:
 
 
 def _data_state(iterator) -> dict:
+  """The iterator's position as JSON, saved with every checkpoint."""
   state = iterator.get_state()
   return {"grain": state.decode() if isinstance(state, bytes) else json.dumps(state)}
-
-
-def eval_sums(mesh, eval_fn, state, batches) -> dict:
-  """The eval step's sums added over fixed batches (in float64 on the host)."""
-  total = None
-  for batch in batches:
-    out = jax.device_get(eval_fn(state, sharding.global_batch(batch, mesh)))
-    out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
-    total = out if total is None else jax.tree.map(np.add, total, out)
-  return total
-
-
-def evaluate(s: Setup, eval_fn, state, batches) -> tuple[dict, dict]:
-  """(the task's report, the sums it came from) over fixed batches."""
-  sums = eval_sums(s.mesh, eval_fn, state, batches)
-  return s.task.report(sums), sums
-
-
-class _Throughput:
-  """Tokens/s and model FLOP utilisation over the steps since the last report."""
-
-  def __init__(self, s: Setup):
-    exp = s.exp
-    self.tokens_per_step = exp.train.batch_size * s.task.tokens_per_example()
-    self.flops_per_step = exp.train.batch_size * s.task.train_flops_per_example()
-    device = jax.devices()[0]
-    self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
-    if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now
-      self.peak = flops.measured_matmul_peak(exp.model.dtype) * len(jax.local_devices())
-    self.peak *= jax.process_count()
-    self.reset()
-
-  def reset(self):
-    self.start, self.steps = time.perf_counter(), 0
-
-  def report(self) -> dict:
-    seconds = max(time.perf_counter() - self.start, 1e-9)
-    rate = {"tokens_per_s": self.tokens_per_step * self.steps / seconds,
-            "mfu": self.flops_per_step * self.steps / seconds / self.peak}
-    self.reset()
-    return rate
-
-
-def fresh_state(s: Setup):
-  """The seed's init, overlaid with init_from's weights, split into trainable and frozen (and
-  the teacher, when distilling)."""
-  state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
-                                 s.state_shardings.replace(teacher=None), s.trainable)
-  return with_teacher(s, finetune.initialise_added(s.exp, state, s.data))
-
-
-def with_teacher(s: Setup, state):
-  """`state` with config.distill's teacher attached (read from its checkpoint; {} offline)."""
-  if s.teacher is None:
-    return state
-  if s.exp.distill.top_k:
-    return state.replace(teacher={})
-  from llmjax.train import teacher as teacher_lib
-  return state.replace(teacher=teacher_lib.load(s.exp, s.teacher))
-
-
-def initial_state(s: Setup, ckpt: checkpoint.Checkpointer):
-  """(state, data_state): the newest verified checkpoint, else a fresh init (maybe from weights).
-
-  Checkpoints hold no frozen parameters: a resumed fine-tuning run rebuilds its base the way it
-  first did and must find the same one (checksums in the checkpoint's data item).
-  """
-  found = ckpt.restore_latest_good(s.abstract_state.checkpointed(),
-                                   s.state_shardings.checkpointed())
-  if found is None:
-    return fresh_state(s), None
-  _, (state, data_state, _) = found
-  if s.trainable is not None:
-    state = pretrained.with_base(s.exp, state, data_state, s.init_variables, s.tx, s.mesh,
-                                 s.rules, s.state_shardings.replace(teacher=None), s.trainable)
-  return with_teacher(s, state), data_state
-
-
-def run(exp: Experiment, workdir: str) -> dict:
-  """Train (or resume) `exp` in `workdir`; returns the final validation metrics.
-
-  SIGTERM/SIGINT finish the current step, save it and return {"step", "preempted": True}.
-  """
-  s = prepare(exp, workdir)
-  exp = s.exp
-  is_main = jax.process_index() == 0
-  distributed.check_shared_directory(workdir)  # before a checkpoint is split across hosts
-  os.makedirs(workdir, exist_ok=True)
-  t = exp.train
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
-                                 keep_best=t.keep_best, async_save=t.async_checkpoint)
-  # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
-  state, data_state = initial_state(s, ckpt)
-  if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
-    from llmjax.train import offline_teacher
-    s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
-  if is_main:
-    files = {rundir.CONFIG_FILE: exp.to_json(),
-             rundir.TASK_INFO_FILE: json.dumps(s.data.info, indent=2), **s.data.artifacts}
-    for name, text_ in files.items():
-      _write_atomic(os.path.join(workdir, name), text_)
-  start = int(jax.device_get(state.step))
-  base = pretrained.base_identity(exp, state.frozen) if s.trainable is not None else None
-  if is_main:
-    _write_atomic(os.path.join(workdir, finetune.PARAMS_FILE),
-                  json.dumps(finetune.params_report(exp, state, base), indent=2))
-  writer = reporting.MetricWriter(workdir, is_main=is_main)
-  if is_main:
-    reporting.truncate_after(writer.path, start)
-  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base)
-  try:
-    with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
-          preemption.Listener() as signals):
-      state = loop.train(state, start, signals)
-      if loop.preempted_at is not None:
-        return {"step": loop.preempted_at, "preempted": True}
-      final, sums = loop.evaluate_with_sums(state)
-      end = int(jax.device_get(state.step))
-      write_eval(writer, s.task, end, final)
-      if end not in ckpt.all_steps():
-        loop.save(state, end, final["loss"])
-  finally:  # pending async saves complete (or report their failure) on every exit path
-    writer.close()
-    ckpt.close()
-  # Outputs run on one device of process 0 (a few KB to a few MB of params); every process
-  # takes part in gathering them.
-  params = distributed.to_host(finetune.merge(state.params, state.frozen))
-  if is_main:
-    reporting.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"), exp.name)
-    s.task.write_report(workdir, final, sums, f"step_{end}")
-    s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
-  return {"step": end, "headline": s.task.headline(final), **final}
-
-
-def write_eval(writer, task, step: int, report: dict) -> None:
-  """An evaluation's metrics.jsonl records: `val`, and `val/<task>` for each of several tasks."""
-  for split, metrics in task.split_records("val", report).items():
-    writer.write(step, split, metrics)
-
-
-def _write_atomic(path: str, text_: str) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # tasks/<head>/ files of config.tasks
-  with open(path + ".tmp", "w") as f:
-    f.write(text_)
-  os.replace(path + ".tmp", path)
 
 
 class _Loop:
   """The step loop and its periodic work; step n-1's metrics are read after step n is dispatched."""
 
-  def __init__(self, s: Setup, ckpt, writer, iterator, base: dict | None):
+  def __init__(self, s: setup.Setup, ckpt, writer, iterator, base: dict | None):
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
     self.base = base  # the frozen parameters' identity, saved with every step
-    self.train_fn, self.eval_fn = compile_steps(s)
+    self.train_fn, self.eval_fn = setup.compile_steps(s)
     self.val_batches = _process_slices(s.mesh, s.task.eval_batches(
         s.data.val, s.exp.train.batch_size, s.exp.train.eval_batches))
     self.throughput = _Throughput(s)
@@ -396,7 +258,67 @@ def _summarise(interval: list[dict]) -> dict:
 
 
 def _progress(t, start):
+  """A progress bar on process 0 (None when config.train.progress is off)."""
   if not t.progress or jax.process_index() != 0:
     return None
   from tqdm import tqdm
   return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+
+def eval_sums(mesh, eval_fn, state, batches) -> dict:
+  """The eval step's sums added over fixed batches (in float64 on the host)."""
+  total = None
+  for batch in batches:
+    out = jax.device_get(eval_fn(state, sharding.global_batch(batch, mesh)))
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  return total
+
+
+def evaluate(s: setup.Setup, eval_fn, state, batches) -> tuple[dict, dict]:
+  """(the task's report, the sums it came from) over fixed batches."""
+  sums = eval_sums(s.mesh, eval_fn, state, batches)
+  return s.task.report(sums), sums
+
+
+def write_eval(writer, task, step: int, report: dict) -> None:
+  """An evaluation's metrics.jsonl records: `val`, and `val/<task>` for each of several tasks."""
+  for split, metrics in task.split_records("val", report).items():
+    writer.write(step, split, metrics)
+
+
+class _Throughput:
+  """Tokens/s and model FLOP utilisation over the steps since the last report."""
+
+  def __init__(self, s: setup.Setup):
+    exp = s.exp
+    self.tokens_per_step = exp.train.batch_size * s.task.tokens_per_example()
+    self.flops_per_step = exp.train.batch_size * s.task.train_flops_per_example()
+    device = jax.devices()[0]
+    self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
+    if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now
+      self.peak = flops.measured_matmul_peak(exp.model.dtype) * len(jax.local_devices())
+    self.peak *= jax.process_count()
+    self.reset()
+
+  def reset(self):
+    self.start, self.steps = time.perf_counter(), 0
+
+  def report(self) -> dict:
+    seconds = max(time.perf_counter() - self.start, 1e-9)
+    rate = {"tokens_per_s": self.tokens_per_step * self.steps / seconds,
+            "mfu": self.flops_per_step * self.steps / seconds / self.peak}
+    self.reset()
+    return rate
+
+
+def _write_outputs(s: setup.Setup, workdir: str, state, metrics_path: str, final: dict,
+                   sums: dict, end: int) -> None:
+  """The loss plot, the task's report and its end-of-run files (samples, plots, translations)."""
+  # Outputs run on one device of process 0 (a few KB to a few MB of params); every process
+  # takes part in gathering them.
+  params = distributed.to_host(finetune.merge(state.params, state.frozen))
+  if jax.process_index() == 0:
+    reporting.plot_loss(metrics_path, os.path.join(workdir, "plots", "loss.png"), s.exp.name)
+    s.task.write_report(workdir, final, sums, f"step_{end}")
+    s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
