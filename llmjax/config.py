@@ -3,7 +3,8 @@
 An experiment file's `get_config(arg)` starts from `base_config()`, overrides what it needs and
 returns `finalize(config, arg)`. The library never reads a ConfigDict: `resolve()` converts it to an
 `Experiment` of frozen dataclasses, rejecting unknown keys, wrong types and impossible combinations
-with a `ConfigError` naming the key.
+with a `ConfigError` naming the key. `config.task` is the named task's own options section
+(llmjax/task_config.py: each task module defines and registers it).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 
 import ml_collections
 
+from llmjax import task_config
 from llmjax.config_checks import validate
 from llmjax.config_tasks import TaskEntry, resolve_tasks
 from llmjax.errors import ConfigError
 from llmjax.models import presets
+# config.task: the base of every task's own options section, and the registry of those sections
+# (llmjax/task_config.py); re-exported here, where experiments and tasks look for config names.
+from llmjax.task_config import TaskConfig, register_task, registered, unregister_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,24 +185,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
-  """Which objective (llmjax/tasks/) and its own settings."""
-  name: str = "lm"  # lm | mlm | classify | image_classify | seq2seq
-  mask_prob: float = 0.15  # mlm: fraction of real tokens chosen for prediction
-  mask_token_ratio: float = 0.8  # mlm: of the chosen, replaced by [MASK]
-  random_token_ratio: float = 0.1  # mlm: of the chosen, replaced by a random token (rest kept)
-  num_classes: int = 0  # classify: 0 takes the number of labels in the data
-  pooling: str = "auto"  # classify: auto (cls for encoders, last for decoders) | cls | last
-  label_smoothing: float = 0.0
-  # seq2seq decoding (evaluation, translations.txt, `llmjax translate` defaults).
-  num_beams: int = 4  # 1: greedy
-  length_penalty: float = 1.0  # beam scores are sum log p / length ** length_penalty
-  early_stopping: bool = False  # stop a row once num_beams hypotheses have finished
-  max_new_tokens: int = 0  # 0: data.seq_len
-  bleu_examples: int = 256  # validation pairs translated at each evaluation (0: none)
-
-
-@dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
   """What trains and what stays frozen (llmjax/finetune; docs/finetune.md)."""
   method: str = "full"  # full | freeze | bitfit | lora | adalora | adapter | prompt | prefix
@@ -258,7 +245,7 @@ class Experiment:
   optim: OptimConfig
   data: DataConfig
   train: TrainConfig
-  task: TaskConfig = TaskConfig()
+  task: TaskConfig = TaskConfig()  # the named task's own options (a subclass; task_config.py)
   finetune: FinetuneConfig = FinetuneConfig()
   distill: DistillConfig = DistillConfig()
   # config.tasks: several tasks on one backbone (config_tasks.py); () for a single task
@@ -269,8 +256,7 @@ class Experiment:
 
 
 _SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-             "train": TrainConfig, "task": TaskConfig, "finetune": FinetuneConfig,
-             "distill": DistillConfig}
+             "train": TrainConfig, "finetune": FinetuneConfig, "distill": DistillConfig}
 _CHOICES = {
     "model.pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -287,7 +273,6 @@ _CHOICES = {
     "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn"),
     "model.resnet_block": ("basic", "bottleneck"),
     "model.stem": ("imagenet", "small"),
-    "task.pooling": ("auto", "cls", "last"),
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
                         "prefix"),
     "distill.schedule": ("constant", "linear"),
@@ -315,6 +300,7 @@ def base_config() -> ml_collections.ConfigDict:
   for section, cls in _SECTIONS.items():
     if section != "model":
       c[section] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+  c.task = ml_collections.ConfigDict(task_config.defaults())  # every registered task's options
   c.tasks = ml_collections.ConfigDict()  # named entries: a multi-task run (config_tasks.py)
   return c
 
@@ -343,12 +329,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("seq_len", "max_bytes"):
       if key in entry.get("data", {}):
         entry.data[key] = c.data[key]
-  if c.model.arch in ("resnet", "cnn"):  # block type, stem and stage count kept, a few channels
-    stages = len(c.model.resnet_depths.split(","))
-    c.model.resnet_depths = ",".join(["1"] * stages)
-    c.model.resnet_widths = ",".join(str(8 * 2**i) for i in range(stages))
-    c.model.stem_width = 8
-    c.model.cnn_widths, c.model.cnn_hidden = "8,16", 32
+  c.model.update(presets.smoke_overrides(c.model))  # what the arch shrinks besides (presets.py)
   kind, _, size = c.data.tokenizer.partition(":")
   if kind in ("wordpiece", "bpe") and int(size) > 512:  # trained in a moment on a small corpus
     c.data.tokenizer, c.model.vocab_size = f"{kind}:512", 512
@@ -389,33 +370,43 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
 
 
 def _section(name: str, cls, values: dict) -> Any:
-  hints = {f.name: f.type for f in dataclasses.fields(cls)}
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = {k: task_config.type_name(f.type) for k, f in fields.items()}
   unknown = sorted(set(values) - set(hints))
   if unknown:
     raise ConfigError(f"unknown config key config.{name}.{unknown[0]}; allowed in config.{name}: "
                       f"{', '.join(sorted(hints))}")
   typed = {k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
   for k, v in typed.items():
-    allowed = _CHOICES.get(f"{name}.{k}")
+    # a task's options name their choices in field metadata (task_config.py)
+    allowed = _CHOICES.get(f"{name}.{k}") or fields[k].metadata.get("choices")
     if allowed and v not in allowed:
       raise ConfigError(f"config.{name}.{k}={v!r} is not one of {', '.join(allowed)}")
   return cls(**typed)
 
 
-def resolve(c: ml_collections.ConfigDict | dict) -> Experiment:
-  """ConfigDict (or its dict form) -> validated Experiment; raises ConfigError naming the key."""
+def resolve(c: ml_collections.ConfigDict | dict, *, strict: bool = True) -> Experiment:
+  """ConfigDict (or its dict form) -> validated Experiment; raises ConfigError naming the key.
+
+  `strict=False` (a run's config.json) ignores options of tasks other than the named one.
+  """
   d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
-  unknown = sorted(set(d) - set(_SECTIONS) - {"name", "tasks"})
+  unknown = sorted(set(d) - set(_SECTIONS) - {"name", "task", "tasks"})
   if unknown:
     raise ConfigError(f"unknown config key config.{unknown[0]}; allowed: name, "
-                      f"{', '.join(_SECTIONS)}, tasks")
+                      f"{', '.join(_SECTIONS)}, task, tasks")
   sections = {k: _section(k, cls, dict(d.get(k, {}))) for k, cls in _SECTIONS.items()}
-  exp = Experiment(name=_check_type("name", d.get("name", "experiment"), "str"), **sections)
+  task_values = dict(d.get("task", {}))
+  task = task_config.resolve_section("task", task_values, _section)
+  exp = Experiment(name=_check_type("name", d.get("name", "experiment"), "str"), task=task,
+                   **sections)
   # With config.tasks, config.data / config.task are the entries' defaults: each entry's view
   # of the experiment is what gets validated.
-  entries = resolve_tasks(d.get("tasks"), exp, _section, validate)
+  entries = resolve_tasks(d.get("tasks"), exp, task_values, _section, validate)
   if not entries:
     validate(exp)
+    if strict:
+      task_config.refuse_foreign("task", task_values)
   return dataclasses.replace(exp, tasks=entries)
 
 
@@ -424,5 +415,7 @@ def as_dict(exp: Experiment) -> dict:
 
 
 def from_json(text: str) -> Experiment:
-  return resolve(json.loads(text))
+  """A run's config.json, written by this or an earlier version (which kept every task's
+  options in config.task: the named task's are read, the others ignored)."""
+  return resolve(json.loads(text), strict=False)
 

@@ -11,9 +11,13 @@ if TYPE_CHECKING:
   from llmjax.config import Experiment
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+  """A ConfigError with `message` unless `ok` (what every check here, and tasks' own, use)."""
   if not ok:
     raise ConfigError(message)
+
+
+_require = require
 
 
 def validate(exp: Experiment) -> None:
@@ -58,17 +62,6 @@ def validate(exp: Experiment) -> None:
            or (kind in ("wordpiece", "bpe") and size.isdigit() and int(size) > 0),
            f"config.data.tokenizer={data.tokenizer!r}: allowed 'byte', 'hf:PATH', "
            "'wordpiece:N' or 'bpe:N' (N a vocabulary size)")
-  task = exp.task
-  _require(0.0 < task.mask_prob < 1.0,
-           f"config.task.mask_prob must be in (0, 1), got {task.mask_prob}")
-  _require(task.mask_token_ratio >= 0 and task.random_token_ratio >= 0
-           and task.mask_token_ratio + task.random_token_ratio <= 1.0,
-           "config.task.mask_token_ratio + config.task.random_token_ratio must be in [0, 1], got "
-           f"{task.mask_token_ratio} + {task.random_token_ratio}")
-  _require(task.num_classes == 0 or task.num_classes >= 2,
-           f"config.task.num_classes must be 0 (from the data) or >= 2, got {task.num_classes}")
-  _require(0.0 <= task.label_smoothing < 1.0,
-           f"config.task.label_smoothing must be in [0, 1), got {task.label_smoothing}")
   _require(data.stdlib_classes >= 2,
            f"config.data.stdlib_classes must be >= 2, got {data.stdlib_classes}")
   _require(t.keep_best >= 0, f"config.train.keep_best must be >= 0, got {t.keep_best}")
@@ -76,20 +69,13 @@ def validate(exp: Experiment) -> None:
                                                                   "peft"),
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "
            "'export:PATH', 'peft:ADAPTER_DIR'")
-  _require((task.name == "seq2seq") == (m.arch == "encoder_decoder"),
-           f"config.task.name={task.name!r} with config.model.arch={m.arch!r}: the seq2seq task "
-           "and the encoder_decoder architecture go together (presets marian, bart, wmt)")
-  _require(task.num_beams >= 1, f"config.task.num_beams must be >= 1 (1 is greedy), got "
-           f"{task.num_beams}")
-  _require(task.max_new_tokens >= 0 and task.max_new_tokens <= m.max_len,
-           f"config.task.max_new_tokens must be in [0, config.model.max_len={m.max_len}] (0: "
-           f"data.seq_len), got {task.max_new_tokens}")
   _require(0.0 <= data.test_fraction < 1.0 and data.val_fraction + data.test_fraction < 1.0,
            f"config.data.test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
            f"got {data.test_fraction}")
   validate_finetune(exp)
   validate_distill(exp)
   validate_images(exp)
+  exp.task.validate(exp)  # the task's own options, checked by the task (llmjax/task_config.py)
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")

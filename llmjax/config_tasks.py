@@ -21,6 +21,7 @@ import math
 import re
 from typing import Any
 
+from llmjax import task_config
 from llmjax.errors import ConfigError
 
 ENTRY_KEYS = ("data", "loss_weight", "task", "weight")
@@ -31,7 +32,7 @@ _HEAD = re.compile(r"[a-z][a-z0-9_]*\Z")
 class TaskEntry:
   """One task of a multi-task experiment, with its data and task settings resolved."""
   head: str  # parameters under heads/<head>/, metrics as val/<head>, outputs in tasks/<head>/
-  task: Any  # TaskConfig: config.task overridden by the entry's own
+  task: Any  # the entry's task's options (task_config.py): config.task overridden by its own
   data: Any  # DataConfig: config.data overridden by the entry's own
   weight: float = 1.0  # share of the training rows (normalised over the entries)
   loss_weight: float = 1.0  # factor of this task's mean loss in the combined loss
@@ -82,15 +83,15 @@ def _sub_validate(sub, head: str, validate) -> None:
     raise ConfigError(message) from None
 
 
-def resolve_tasks(raw, exp, section, validate) -> tuple[TaskEntry, ...]:
+def resolve_tasks(raw, exp, task_defaults: dict, section, validate) -> tuple[TaskEntry, ...]:
   """config.tasks (mapping or list form) -> TaskEntry tuple; () when empty (a single task).
 
+  `task_defaults` is config.task as written (every entry's task options start from it);
   `section(name, cls, values)` builds a config section naming `config.<name>.<key>` in errors;
   `validate(exp)` is the experiment's own check, run on each entry's view.
   """
   if not raw:
     return ()
-  from llmjax import tasks as registry  # the registry imports config: only when needed
   entries = []
   for head, entry in _entries(raw):
     where = f"tasks.{head}"
@@ -101,13 +102,9 @@ def resolve_tasks(raw, exp, section, validate) -> tuple[TaskEntry, ...]:
     if unknown:
       raise ConfigError(f"unknown config key config.{where}.{unknown[0]}; allowed in "
                         f"config.{where}: {', '.join(ENTRY_KEYS)}")
-    task_values = {"name": head, **dict(entry.get("task") or {})}
-    name = task_values["name"]
-    if name not in registry.TASKS:
-      raise ConfigError(f"config.{where}.task.name={name!r} is not a task; allowed: "
-                        f"{', '.join(registry.TASKS)}")
-    task = section(f"{where}.task", type(exp.task),
-                   {**dataclasses.asdict(exp.task), **task_values})
+    task = task_config.resolve_section(
+        f"{where}.task", {**task_defaults, "name": head, **dict(entry.get("task") or {})},
+        section)
     data = section(f"{where}.data", type(exp.data),
                    {**dataclasses.asdict(exp.data), **dict(entry.get("data") or {})})
     resolved = TaskEntry(head, task, data, _weight(f"{where}.weight", entry.get("weight", 1.0)),

@@ -1,26 +1,44 @@
-"""FLOP counts for Transformer and image-model training, and device peaks for MFU.
+"""FLOP counts for every task's training step, and device peaks for MFU.
 
 Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   2 * L * (matmul parameters in the blocks)               projections and MLP
   + n_layers * 4 * L^2 * N * H * (1/2 if causal)          scores q.k and weighted sum p.v
-  + 2 * L * D * V                                         logits (tied or untied head)
+  + the task's head:
+      lm        2 * L * D * V                             logits at every position
+      mlm       2 * L * D * D + 2 * L * D * V             BERT's transform, then the logits
+      classify  2 * D * D (pooled [CLS]: BERT's pooler) + 2 * D * C   one vector per sequence;
+                a decoder read at its last token: 2 * D * C only. No LM logits: none computed.
 Encoder-decoders, source length S and target length T: the encoder as above (bidirectional)
 over S; each decoder block as above over T (causal), plus cross-attention: q and o projections
 2 * T * 2 * D * N * H, k and v of the memory 2 * S * 2 * D * K * H, scores and sum 4 * T * S * N * H;
 and the logits over T.
-Training = 3 x forward (backward costs two forwards). Embedding lookups, norms, softmax and
-elementwise work are not counted, as is conventional for MFU.
-
 Image models (models/resnet.py, models/cnn.py), forward FLOPs per image of side S:
   sum over convolutions of 2 * H_out * W_out * k * k * C_in * C_out   (H_out = (H + 2*(k//2) - k)
                                                                        // stride + 1)
   + sum over dense layers of 2 * in * out
 BatchNorm, ReLU, pooling, the residual adds and biases are not counted (ResNet-50 at 224 px:
-4.1 G multiply-adds, the figure papers quote, so 8.2 GFLOPs). Training = 3 x forward x batch.
+4.1 G multiply-adds, the figure papers quote, so 8.2 GFLOPs). Embedding lookups, norms, softmax
+and elementwise work are not counted either, as is conventional for MFU; nor are LoRA factors'
+and adapters' own small matmuls.
+
+Training (`train_flops`): forward + backward, where the backward is an activation-gradient pass
+(each weight matmul once more, and attention's two products twice: both their operands are
+activations) plus a weight-gradient pass over the *trainable* weight matmuls only (a frozen
+weight's gradient is never taken: llmjax.finetune differentiates the trainable part alone):
+
+  train = forward + (W + 2 * A) + W_trainable = 3 * forward - W_frozen
+
+with W the forward FLOPs of weight matmuls, A those of attention's products and W_frozen the
+part of W against frozen weights (by each weight group's frozen share of its elements). With
+everything trainable this is the conventional 3 x forward. It is an upper bound when only the
+top of a model trains: JAX also skips the activation gradients below the lowest trainable weight.
+Work the step does without a backward (a distillation teacher's forward) is added once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import statistics
 import time
 
@@ -45,6 +63,34 @@ PEAKS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """One example's forward FLOPs, and which parameters its weight matmuls read."""
+  total: float  # every counted FLOP of the forward pass
+  # (regex searched in "a/b/c" parameter paths, forward FLOPs of the matmuls against them)
+  weights: tuple[tuple[str, float], ...] = ()
+  no_grad: float = 0.0  # forward-only work in the step (a distillation teacher's), counted once
+
+  def scaled(self, factor: float) -> "Forward":
+    return Forward(self.total * factor, tuple((p, f * factor) for p, f in self.weights),
+                   self.no_grad * factor)
+
+  def plus(self, other: "Forward") -> "Forward":
+    return Forward(self.total + other.total, self.weights + other.weights,
+                   self.no_grad + other.no_grad)
+
+
+# Weight groups of the Transformer family (paths of models/transformer.py, heads.py,
+# encoder_decoder.py; searched, so an `encoder/` or `heads/<task>/` prefix still matches).
+_BLOCKS = r"(^|/)(layer_\d+|layers)/(attn|mlp)/\w+/kernel$"
+_CROSS_QO = r"(^|/)(layer_\d+|layers)/cross_attn/[qo]/kernel$"
+_CROSS_KV = r"(^|/)(layer_\d+|layers)/cross_attn/[kv]/kernel$"
+
+
+def _logits_weights(cfg: ModelConfig, untied: str) -> str:
+  return r"(^|/)embed/embedding$" if cfg.tie_embeddings else rf"(^|/){untied}/kernel$"
+
+
 def block_matmul_params(cfg: ModelConfig) -> int:
   """Weights multiplied against every token in one block (biases and norms excluded)."""
   d, h = cfg.d_model, cfg.dim_per_head
@@ -53,28 +99,102 @@ def block_matmul_params(cfg: ModelConfig) -> int:
   return attention + mlp
 
 
-def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:
+def backbone_forward(cfg: ModelConfig, seq_len: int) -> Forward:
+  """A Transformer's blocks over one sequence: their weight matmuls and attention, no head."""
   matmul = 2.0 * seq_len * cfg.n_layers * block_matmul_params(cfg)
   attention = cfg.n_layers * 4.0 * seq_len**2 * cfg.n_heads * cfg.dim_per_head
   if cfg.causal:
     attention /= 2
+  return Forward(matmul + attention, ((_BLOCKS, matmul),))
+
+
+def dense_forward(pattern: str, flops: float) -> Forward:
+  """A weight matmul of `flops` FLOPs against the parameters `pattern` finds."""
+  return Forward(flops, ((pattern, flops),))
+
+
+def lm_forward(cfg: ModelConfig, seq_len: int) -> Forward:
+  """A decoder with logits at every position (task lm)."""
   logits = 2.0 * seq_len * cfg.d_model * cfg.vocab_size
-  return matmul + attention + logits
+  return backbone_forward(cfg, seq_len).plus(dense_forward(_logits_weights(cfg, "lm_head"),
+                                                           logits))
+
+
+def mlm_forward(cfg: ModelConfig, seq_len: int) -> Forward:
+  """An encoder with BERT's masked-LM head (transform, then logits) at every position."""
+  d, length = cfg.d_model, seq_len
+  return backbone_forward(cfg, length).plus(
+      dense_forward(r"(^|/)transform/kernel$", 2.0 * length * d * d)).plus(
+      dense_forward(_logits_weights(cfg, "decoder"), 2.0 * length * d * cfg.vocab_size))
+
+
+def classify_forward(cfg: ModelConfig, seq_len: int, num_classes: int, pooled: bool) -> Forward:
+  """A sequence classifier: one vector per sequence (BERT's pooler on [CLS] when `pooled`, a
+  decoder's last token otherwise) -> C logits; no LM logits."""
+  d = cfg.d_model
+  out = backbone_forward(cfg, seq_len).plus(
+      dense_forward(r"(^|/)classifier/kernel$", 2.0 * d * num_classes))
+  return out.plus(dense_forward(r"(^|/)pooler/dense/kernel$", 2.0 * d * d)) if pooled else out
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs of a decoder LM over one sequence (lm_forward's total)."""
+  return lm_forward(cfg, seq_len).total
+
+
+def encoder_decoder_forward(cfg: ModelConfig, source_len: int, target_len: int) -> Forward:
+  """One (source, target) pair through an encoder-decoder (formula above), by weight group."""
+  s, t, d, h = source_len, target_len, cfg.d_model, cfg.dim_per_head
+  per_block = block_matmul_params(cfg)
+  n_dec = cfg.n_decoder_layers or cfg.n_layers
+  encoder_matmul = cfg.n_layers * 2.0 * s * per_block
+  encoder_attention = cfg.n_layers * 4.0 * s * s * cfg.n_heads * h
+  decoder_matmul = n_dec * 2.0 * t * per_block
+  decoder_attention = n_dec * (4.0 * t * t * cfg.n_heads * h / 2 + 4.0 * t * s * cfg.n_heads * h)
+  cross_qo = n_dec * 2.0 * t * 2 * d * cfg.n_heads * h
+  cross_kv = n_dec * 2.0 * s * 2 * d * cfg.kv_heads * h
+  logits = 2.0 * t * d * cfg.vocab_size
+  weights = ((r"(^|/)encoder/" + _BLOCKS[len("(^|/)"):], encoder_matmul),
+             (r"(^|/)decoder/" + _BLOCKS[len("(^|/)"):], decoder_matmul),
+             (_CROSS_QO, cross_qo), (_CROSS_KV, cross_kv),
+             (_logits_weights(cfg, "lm_head"), logits))
+  total = (encoder_matmul + encoder_attention + decoder_matmul + decoder_attention + cross_qo
+           + cross_kv + logits)
+  return Forward(total, weights)
 
 
 def encoder_decoder_forward_flops(cfg: ModelConfig, source_len: int, target_len: int) -> float:
   """Forward FLOPs of one (source, target) pair through an encoder-decoder (formula above)."""
-  s, t, d, h = source_len, target_len, cfg.d_model, cfg.dim_per_head
-  per_block = block_matmul_params(cfg)
-  encoder = cfg.n_layers * (2.0 * s * per_block + 4.0 * s * s * cfg.n_heads * h)
-  cross = (2.0 * t * 2 * d * cfg.n_heads * h + 2.0 * s * 2 * d * cfg.kv_heads * h
-           + 4.0 * t * s * cfg.n_heads * h)
-  self_attention = 4.0 * t * t * cfg.n_heads * h / 2
-  decoder = (cfg.n_decoder_layers or cfg.n_layers) * (2.0 * t * per_block + self_attention + cross)
-  return encoder + decoder + 2.0 * t * d * cfg.vocab_size
+  return encoder_decoder_forward(cfg, source_len, target_len).total
+
+
+def train_flops(forward: Forward, params: dict | None = None,
+                trainable: frozenset | None = None) -> float:
+  """Training FLOPs of one example: 3 * forward - W_frozen (module docstring) + no_grad work.
+
+  `params`: parameter path -> shape (anything with .shape); `trainable`: the paths that train
+  (None: all). A weight group's frozen share is that of its elements.
+  """
+  frozen = 0.0
+  if trainable is not None and params:
+    for pattern, flops in forward.weights:
+      found = re.compile(pattern)
+      sizes = {path: _size(shape) for path, shape in params.items() if found.search(path)}
+      total = sum(sizes.values())
+      if total:
+        frozen += flops * sum(n for p, n in sizes.items() if p not in trainable) / total
+  return 3.0 * forward.total - frozen + forward.no_grad
+
+
+def _size(shape) -> int:
+  out = 1
+  for n in getattr(shape, "shape", shape):
+    out *= int(n)
+  return out
 
 
 def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+  """A decoder LM's training FLOPs for a batch, every parameter training (3 x forward)."""
   return 3.0 * batch_size * forward_flops_per_sequence(cfg, seq_len)
 
 
@@ -112,6 +232,13 @@ def image_forward_flops(cfg: ModelConfig, image_size: int, channels: int,
                         num_classes: int) -> int:
   """Forward FLOPs of one square image through `cfg`'s image model (num_classes=0: no head)."""
   return 2 * _IMAGE_MACS[cfg.arch](cfg, image_size, channels, num_classes)
+
+
+def image_forward(cfg: ModelConfig, image_size: int, channels: int, num_classes: int) -> Forward:
+  """An image model's forward, every weight in one group (a frozen share by elements: an
+  approximation, convolutions differ in their use per weight)."""
+  total = float(image_forward_flops(cfg, image_size, channels, num_classes))
+  return Forward(total, ((r"(^|/)kernel$", total),))
 
 
 def image_train_flops_per_step(cfg: ModelConfig, batch_size: int, image_size: int, channels: int,

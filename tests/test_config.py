@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import llmjax.tasks  # noqa: F401  registers the tasks' config sections, as the CLI does
 from llmjax import config as config_lib
 from llmjax.errors import ConfigError
 

@@ -85,3 +85,84 @@ def test_encoder_decoder_forward_flops_by_hand():
              + 4 * 2 * 3 * 2 * 2)  # cross scores and weighted sum
   logits = 2 * 2 * 4 * 10
   assert flops.encoder_decoder_forward_flops(cfg, 3, 2) == encoder + decoder + logits == 2032
+
+
+# --- each task's head, and frozen weights (hand counts on TINY: L=4, D=8, V=10, C=3) -----------
+# The blocks: 4096 weight-matmul FLOPs, attention 512 (bidirectional) or 256 (causal).
+BLOCKS, ATTENTION = 4096, 512
+
+
+def _param_shapes(model, *args, **kwargs):
+  """path -> shape of `model`'s parameters, nothing allocated."""
+  import jax
+  from flax import linen as nn
+
+  from llmjax.finetune import partition
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
+  return dict(partition.items(nn.unbox(shapes["params"])))
+
+
+def _tokens():
+  import jax.numpy as jnp
+  return jnp.zeros((1, 4), jnp.int32)
+
+
+def test_classify_counts_its_pooled_head_not_lm_logits():
+  # BERT's pooler 2 x D x D = 128 and the classifier 2 x D x C = 48, once per sequence.
+  pooled = flops.classify_forward(TINY, 4, num_classes=3, pooled=True)
+  assert pooled.total == BLOCKS + ATTENTION + 128 + 48
+  # A decoder read at its last token: the classifier alone.
+  causal = dataclasses.replace(TINY, causal=True)
+  last = flops.classify_forward(causal, 4, num_classes=3, pooled=False)
+  assert last.total == BLOCKS + ATTENTION / 2 + 48
+  assert flops.train_flops(pooled) == 3 * pooled.total
+
+
+def test_mlm_counts_its_transform_and_logits():
+  # transform 2 x L x D x D = 512, logits 2 x L x D x V = 640, at every position.
+  assert flops.mlm_forward(TINY, 4).total == BLOCKS + ATTENTION + 512 + 640
+
+
+def test_a_frozen_encoder_takes_no_weight_gradients():
+  from llmjax.models import heads
+  model = heads.SequenceClassifier(TINY, num_labels=3)
+  params = _param_shapes(model, _tokens(), attention_mask_BL=_tokens() + 1)
+  forward = flops.classify_forward(TINY, 4, 3, pooled=True)
+  head_only = frozenset(p for p in params if p.startswith("classifier/"))
+  # Frozen: the blocks' 4096 and the pooler's 128 weight-gradient FLOPs are never spent.
+  assert flops.train_flops(forward, params, head_only) == 3 * forward.total - 4096 - 128
+  assert flops.train_flops(forward, params, frozenset(params)) == 3 * forward.total
+  assert flops.train_flops(forward, params, None) == 3 * forward.total
+
+
+def test_lora_counts_weight_gradients_of_its_factors_only():
+  from llmjax.models.peft import Peft
+  from llmjax.models.transformer import Transformer
+  cfg = dataclasses.replace(TINY, causal=True)
+  model = Transformer(cfg, Peft(lora_targets=".*", lora_rank=2))
+  params = _param_shapes(model, _tokens())
+  lora = frozenset(p for p in params if "/lora/" in p)
+  assert lora and all("/kernel" not in p for p in lora)
+  forward = flops.lm_forward(cfg, 4)
+  # Blocks (4096) and the tied logits (640) are frozen: train = 3 x forward - 4736.
+  assert flops.train_flops(forward, params, lora) == 3 * (BLOCKS + ATTENTION / 2 + 640) - 4736
+  # Half the blocks' weight matrices training (q, k, v, o of the one layer: 256 of 512 weights).
+  attention = frozenset(p for p in params if "/attn/" in p and p.endswith("/kernel"))
+  assert flops.train_flops(forward, params, attention) == 3 * forward.total - 2048 - 640
+
+
+def test_encoder_decoder_groups_add_up_to_its_forward():
+  cfg = ModelConfig(arch="encoder_decoder", vocab_size=10, d_model=4, n_layers=1,
+                    n_decoder_layers=1, n_heads=2, d_ff=8, mlp="relu")
+  forward = flops.encoder_decoder_forward(cfg, 3, 2)
+  assert forward.total == 2032
+  # Weight matmuls: encoder 2 x 3 x 128, decoder 2 x 2 x 128, cross q/o 2 x 2 x 32, cross k/v
+  # 2 x 3 x 32, logits 2 x 2 x 4 x 10; the rest (2032 - 1760 = 272) is attention.
+  assert [f for _, f in forward.weights] == [768, 512, 128, 192, 160]
+
+
+def test_a_distillation_teacher_counts_one_forward():
+  student = flops.lm_forward(dataclasses.replace(TINY, causal=True), 4)
+  teacher = flops.lm_forward(dataclasses.replace(TINY, causal=True, n_layers=2), 4)
+  with_teacher = dataclasses.replace(student, no_grad=teacher.total)
+  assert flops.train_flops(with_teacher) == 3 * student.total + teacher.total

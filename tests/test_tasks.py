@@ -352,3 +352,20 @@ def test_zero_and_few_shot_cli_report_what_the_library_computes(tmp_path):
   encoder = _cli("eval", *common[1:], f"--checkpoint=hf:{tmp_path / 'encoder'}")
   assert encoder.returncode == 2 and "causal" in encoder.stderr, encoder.stderr[-2000:]
   assert all("Traceback" not in p.stderr for p in (missing_pool, encoder))
+
+
+def test_capabilities_are_declared_and_wrappers_forward_what_they_can(tmp_path):
+  """Callers ask `supports(task, Capability)`; wrappers (multi-task, distillation) answer for
+  what they forward, never more."""
+  declared = {name: {c.__name__ for c in tasks.declared(cls)} for name, cls in tasks.TASKS.items()}
+  assert declared["lm"] == {"Predicts", "SharesBatch", "WritesFiles", "CountsFlops", "Exportable"}
+  assert declared["mlm"] == {"Predicts", "CountsFlops", "Exportable"}
+  assert declared["seq2seq"] >= {"DecodedReport", "Translates"}
+  assert not any("Translates" in d for n, d in declared.items() if n != "seq2seq")
+  from llmjax.tasks.distill import Distilled
+  lm = LM(experiment("lm", tmp_path))
+  assert tasks.supports(lm, tasks.SharesBatch) and not tasks.supports(lm, tasks.DecodedReport)
+  distilled = Distilled(lm, lm)
+  assert distilled.capabilities == {tasks.WritesFiles, tasks.CountsFlops}
+  with pytest.raises(TypeError, match="not a task capability"):
+    tasks.supports(lm, LM)

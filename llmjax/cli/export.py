@@ -62,12 +62,14 @@ def export(workdir: str, out: str, step: int | None = None, *, merge: bool = Fal
   """Restore a verified checkpoint of `workdir` on this host's devices and write it to `out`
   (written aside and renamed when complete)."""
   from llmjax.train import rundir
+  from llmjax import tasks
   exp = rundir.experiment(workdir)
   check(exp.finetune.method, out, merge)
-  if exp.tasks:
-    raise UserError(f"--workdir={workdir} is a multi-task run (config.tasks: "
-                    f"{', '.join(e.head for e in exp.tasks)}); exporting it is not supported yet "
-                    "(one model per task would have to be written)")
+  task = rundir.task(workdir, exp)
+  if not tasks.supports(task, tasks.Exportable):
+    raise UserError(f"--workdir={workdir}: its {task.name} task has no one model to export "
+                    "(its task does not declare Exportable; a multi-task run has one model per "
+                    "head); exporting it is not supported yet")
   dest = os.path.abspath(out[3:] if out.startswith("hf:") else out)
   if os.path.exists(dest):
     raise UserError(f"--out={out} already exists; choose a new directory")

@@ -31,7 +31,12 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def main(argv: list[str] | None = None) -> None:
-  common.parse_flags(sys.argv if argv is None else argv)
+  argv = sys.argv if argv is None else argv
+  if not common.wants_help(argv):
+    # Registers every task's config section (config.task.KEY) before --config's experiment file
+    # builds its base_config(); not for --help, which stays free of jax.
+    from llmjax import tasks  # noqa: F401
+  common.parse_flags(argv)
   if _CONFIG.value is None:
     common.fail("--config=FILE is required (e.g. --config=experiments/lm/stdlib_gpt.py)")
   if not _WORKDIR.value:

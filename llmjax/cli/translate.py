@@ -56,11 +56,12 @@ def _translate_with_run(workdir: str, texts: list[str], settings: dict) -> list[
   from llmjax.data import tokenizers
   from llmjax.errors import UserError
   from llmjax.hf import convert
-  from llmjax.tasks.seq2seq import Seq2Seq
+  from llmjax import tasks
   from llmjax.train import rundir
   run = rundir.restore(workdir)
-  if not isinstance(run.task, Seq2Seq):
-    raise UserError(f"{workdir} is a {run.exp.task.name} run, not a seq2seq one")
+  if not tasks.supports(run.task, tasks.Translates):
+    raise UserError(f"{workdir} is a {run.task.name} run, whose task does not translate "
+                    "(only tasks declaring Translates do: seq2seq)")
   tokenizer = (convert.tokenizer_for(None, _TOKENIZER.value) if _TOKENIZER.value
                else tokenizers.HFTokenizer(workdir))
   return run.task.translate(run.model, run.params, tokenizer, texts, **settings)

@@ -43,8 +43,9 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
     sums = loop.eval_sums(run.mesh, eval_fn, run.state, batches)
   report = {"step": run.step, "split": split, **task.report(sums)}
   from llmjax import distributed
-  report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
-                                    split, limit=-1))
+  if tasks.supports(task, tasks.DecodedReport):
+    report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
+                                      split, limit=-1))
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"step_{run.step}.json" if split == "val"
@@ -52,7 +53,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   with open(path + ".tmp", "w") as f:
     json.dump(report, f, indent=2)
   os.replace(path + ".tmp", path)
-  report["files"] = [path] + task.write_report(workdir, report, sums, f"step {run.step} {split}")
+  report["files"] = [path] + (task.write_report(workdir, report, sums, f"step {run.step} {split}")
+                              if tasks.supports(task, tasks.WritesFiles) else [])
   return report
 
 

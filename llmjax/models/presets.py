@@ -50,6 +50,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _image_smoke(model) -> dict:
+  """Image models: block type, stem and stage count kept, a few channels."""
+  stages = len(model["resnet_depths"].split(","))
+  return dict(resnet_depths=",".join(["1"] * stages),
+              resnet_widths=",".join(str(8 * 2**i) for i in range(stages)), stem_width=8,
+              cnn_widths="8,16", cnn_hidden=32)
+
+
+# What `:smoke` changes besides the Transformer sizes, by config.model.arch.
+SMOKE = {"resnet": _image_smoke, "cnn": _image_smoke}
+
+
+def smoke_overrides(model) -> dict:
+  """The fields `:smoke` sets in a model section (a mapping of ModelConfig fields) of its arch."""
+  shrink = SMOKE.get(model["arch"])
+  return shrink(model) if shrink else {}
+
+
 def get(name: str) -> dict:
   if name not in PRESETS:
     raise ConfigError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")

@@ -1,12 +1,20 @@
-"""The task layer: what differs between objectives, behind one small interface.
+"""The task layer: what differs between objectives, behind one small core and declared capabilities.
 
-A task owns its model, example batch, data, loss, report and end-of-run outputs; the loop, the
-steps, abstract init, checkpoints, preemption and the CLI only ever call these methods. Losses
-return sums and counts, never means, so sharded devices, accumulated microbatches and eval
+The core every task has (`Task`): its data, model, example batch, init, loss and report. The loop,
+the steps, abstract init, checkpoints, preemption and the CLI call only these. Everything only
+some tasks can do is a *capability*: a small mixin class below (`SharesBatch`, `Predicts`,
+`DecodedReport`, `Translates`, `WritesFiles`, `CountsFlops`, `Exportable`) that a task declares by
+subclassing it; callers ask `supports(task, Capability)`, never for the task's class and never by
+comparing methods. A task that wraps others (multi-task, distillation) declares what it forwards
+by overriding `capabilities`.
+
+Losses return sums and counts, never means, so sharded devices, accumulated microbatches and eval
 batches reduce exactly by adding; means are taken once, on the host, in `report`.
 
-Adding a task: subclass `Task` in a new module of this package, register it in `TASKS`
-(`llmjax/tasks/__init__.py`), add an experiment and tests (docs/tasks.md has a worked example).
+Adding a task: subclass the capabilities it has, then `Task` (capabilities first, so their
+methods come before the core's in the MRO: `class LM(Predicts, SharesBatch, ..., Task)`), in any
+module; `register` it with its options dataclass; add an experiment and tests (docs/tasks.md has
+a worked example).
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from llmjax import flops
 from llmjax.config import Experiment
+from llmjax.config_checks import require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +89,22 @@ class Outputs:
   report: dict  # the final evaluation, as `Task.report` returned it
 
 
+class Capability:
+  """Base of the optional capabilities a task declares by subclassing them (see `supports`)."""
+
+
 class Task:
-  """Base class: an objective bound to an experiment and to what its data revealed (`info`)."""
+  """The core: an objective bound to an experiment and to what its data revealed (`info`)."""
   name = "task"
 
   def __init__(self, exp: Experiment, info: dict | None = None):
     self.exp = exp
     self.info = info or {}
+
+  @property
+  def capabilities(self) -> frozenset[type]:
+    """The capabilities this task has: those its class declares (wrappers narrow them)."""
+    return declared(type(self))
 
   def with_info(self, info: dict) -> "Task":
     return type(self)(self.exp, info)
@@ -112,43 +131,16 @@ class Task:
     raise NotImplementedError
 
   def loss(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool) -> LossTerms:
-    return self.predict(model, variables, batch, rng=rng, train=train).terms
-
-  def predict(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool,
-              hidden: bool = False) -> Prediction:
-    """The loss terms with the logits and mask they came from. `rng` drives both the task's own
-    randomness (masked-LM corruption) and dropout; `train=False` runs the model in eval mode on
-    the inputs that `rng` makes, which is how a teacher sees exactly the student's inputs.
-    `hidden`: also return the model's last hidden states at the logits' positions."""
-    raise NotImplementedError(f"the {self.name} task does not expose its logits")
-
-  # Whether a row's model inputs are fixed by the row alone (no per-step corruption or
-  # augmentation): an offline teacher's stored logits are only valid then.
-  fixed_inputs = True
+    """One batch's loss as sums; `rng` drives the task's own randomness and dropout."""
+    raise NotImplementedError
 
   def report(self, sums: dict) -> dict:
     """Evaluation sums (loss_sum, weight and the task's own) -> scalar metrics for metrics.jsonl."""
     raise NotImplementedError
 
-  def decoded_report(self, model: nn.Module, get_params, data: Data, split: str,
-                     limit: int | None = None) -> dict:
-    """Metrics of the model's own outputs rather than its loss (BLEU and chrF of translations),
-    merged into each evaluation's report; {} for tasks without any. `get_params()` gathers the
-    parameters to the host (called only if needed, by every process); `limit` caps the examples
-    (None: the task's own setting, -1: the whole split)."""
-    return {}
-
   def headline(self, report: dict) -> str:
     """One line for the end of `llmjax train`."""
     return f"final validation loss {report['loss']:.4f}"
-
-  # --- sharing a batch with other tasks (config.tasks, llmjax/tasks/multitask.py) ---
-
-  def only_rows(self, batch: dict, keep_B: jax.Array) -> dict:
-    """`batch` with only the rows where keep_B is 1 counted by `loss` (its loss_sum, weight and
-    metric sums; other rows contribute exactly 0 and no gradient). Tasks without it cannot share
-    a batch with other tasks."""
-    raise NotImplementedError(f"the {self.name} task cannot share a batch with other tasks")
 
   def eval_batches(self, arrays: dict, batch_size: int,
                    max_batches: int | None = None) -> list[dict]:
@@ -161,6 +153,66 @@ class Task:
     run adds one `split/<task>` per task)."""
     return {split: report}
 
+
+# --- capabilities: declared by subclassing, asked for with `supports` ---------------------------
+
+
+class Exportable(Capability):
+  """The task's model is one module whose parameters make one export (`llmjax export`); a
+  multi-task run (one model per head) is not."""
+
+
+class SharesBatch(Capability):
+  """Can share a batch with other tasks (config.tasks, llmjax/tasks/multitask.py)."""
+
+  def only_rows(self, batch: dict, keep_B: jax.Array) -> dict:
+    """`batch` with only the rows where keep_B is 1 counted by `loss` (its loss_sum, weight and
+    metric sums; other rows contribute exactly 0 and no gradient)."""
+    raise NotImplementedError
+
+
+class Predicts(Capability):
+  """Exposes the scores its loss came from: what distillation (llmjax/tasks/distill.py) needs."""
+
+  # Whether a row's model inputs are fixed by the row alone (no per-step corruption or
+  # augmentation): an offline teacher's stored logits are only valid then.
+  fixed_inputs = True
+
+  def loss(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool) -> LossTerms:
+    return self.predict(model, variables, batch, rng=rng, train=train).terms
+
+  def predict(self, model: nn.Module, variables: dict, batch: dict, *, rng, train: bool,
+              hidden: bool = False) -> Prediction:
+    """The loss terms with the logits and mask they came from. `rng` drives both the task's own
+    randomness (masked-LM corruption) and dropout; `train=False` runs the model in eval mode on
+    the inputs that `rng` makes, which is how a teacher sees exactly the student's inputs.
+    `hidden`: also return the model's last hidden states at the logits' positions."""
+    raise NotImplementedError
+
+
+class DecodedReport(Capability):
+  """Reports metrics of the model's own outputs rather than its loss (BLEU, chrF)."""
+
+  def decoded_report(self, model: nn.Module, get_params, data: Data, split: str,
+                     limit: int | None = None) -> dict:
+    """Merged into each evaluation's report. `get_params()` gathers the parameters to the host
+    (called only if needed, by every process); `limit` caps the examples (None: the task's own
+    setting, -1: the whole split)."""
+    raise NotImplementedError
+
+
+class Translates(Capability):
+  """Turns texts into texts with the run's model and decoding settings (`llmjax translate`)."""
+
+  def translate(self, model: nn.Module, params, tokenizer, sources: list[str],
+                **settings) -> list[str]:
+    """Texts -> outputs with the run's settings, `settings` overriding them."""
+    raise NotImplementedError
+
+
+class WritesFiles(Capability):
+  """Writes files of its own: per evaluation (plots) and at the end of a run (samples.txt)."""
+
   def write_report(self, workdir: str, report: dict, sums: dict, tag: str) -> list[str]:
     """Task-specific files for an evaluation (plots); returns the paths written."""
     return []
@@ -169,13 +221,58 @@ class Task:
     """End-of-training outputs such as samples.txt; returns the paths written."""
     return []
 
-  def tokens_per_example(self) -> int:
-    return self.exp.data.seq_len
 
-  def train_flops_per_example(self) -> float:
-    """Model FLOPs of one example's forward and backward pass (llmjax.flops), for MFU."""
-    from llmjax import flops
-    return flops.train_flops_per_step(self.exp.model, 1, self.exp.data.seq_len)
+class CountsFlops(Capability):
+  """Knows its throughput units and model FLOPs (llmjax.flops), for tokens_per_s and MFU."""
+
+  def tokens_per_example(self) -> float:
+    """What one example counts for in `tokens_per_s` (tokens; images for image tasks)."""
+    raise NotImplementedError
+
+  def forward_flops_per_example(self) -> flops.Forward:
+    """One example's forward FLOPs, by the weight groups its matmuls read."""
+    raise NotImplementedError
+
+  def train_flops_per_example(self, params: dict | None = None,
+                              trainable: frozenset | None = None) -> float:
+    """Model FLOPs of one example's training step, for MFU: 3 x forward less the weight
+    gradients of frozen weights (`params`: path -> shape; `trainable`: None when all train)."""
+    return flops.train_flops(self.forward_flops_per_example(), params, trainable)
+
+
+CAPABILITIES = (Exportable, SharesBatch, Predicts, DecodedReport, Translates, WritesFiles,
+                CountsFlops)
+
+
+def declared(cls: type) -> frozenset[type]:
+  """The capabilities a task class declares (subclasses, directly or through a base)."""
+  return frozenset(c for c in CAPABILITIES if issubclass(cls, c))
+
+
+def supports(task: Task, capability: type) -> bool:
+  """Whether `task` has `capability` (one of CAPABILITIES): how callers ask, never by class."""
+  if capability not in CAPABILITIES:
+    raise TypeError(f"{capability!r} is not a task capability; known: "
+                    f"{', '.join(c.__name__ for c in CAPABILITIES)}")
+  return capability in task.capabilities
+
+
+def require_encoder_decoder(exp: Experiment, wanted: bool) -> None:
+  """The seq2seq task and the encoder_decoder architecture go together: a built-in task's
+  options check that its model is (`wanted`) or is not an encoder-decoder."""
+  require((exp.model.arch == "encoder_decoder") == wanted,
+          f"config.task.name={exp.task.name!r} with config.model.arch={exp.model.arch!r}: the "
+          "seq2seq task and the encoder_decoder architecture go together (presets marian, bart, "
+          "wmt)")
+
+
+def require_label_smoothing(value: float) -> None:
+  require(0.0 <= value < 1.0, f"config.task.label_smoothing must be in [0, 1), got {value}")
+
+
+def require_num_classes(value: int) -> None:
+  require(value == 0 or value >= 2,
+          f"config.task.num_classes must be 0 (from the data) or >= 2, got {value}")
 
 
 def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -4,6 +4,7 @@ devices, and from it accuracy, precision, recall and F1 (llmjax.eval.metrics).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,10 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llmjax import flops
+from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Prediction, Task, apply_model, token_batch
+from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
+                               SharesBatch, Task, WritesFiles, apply_model,
+                               require_encoder_decoder, require_label_smoothing,
+                               require_num_classes, token_batch)
 
 LABELS_FILE = "labels.json"
 
@@ -30,7 +36,33 @@ def _recorded_labels(exp, workdir) -> tuple[str, ...] | None:
   return tuple(names) or None
 
 
-class LabelTask(Task):
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig(TaskConfig):
+  """config.task of `classify`."""
+  num_classes: int = 0  # 0 takes the number of labels in the data
+  # auto (cls for encoders, last for decoders) | cls | last
+  pooling: str = dataclasses.field(default="auto", metadata={"choices": ("auto", "cls", "last")})
+  label_smoothing: float = 0.0
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, False)
+    require_num_classes(self.num_classes)
+    require_label_smoothing(self.label_smoothing)
+    pooling_for(self.pooling, exp.model.causal)
+
+
+def pooling_for(pooling: str, causal: bool) -> str:
+  """config.task.pooling resolved for the model: cls for encoders, last for decoders."""
+  if pooling == "auto":
+    return "last" if causal else "cls"
+  if (pooling == "cls") == causal:
+    raise ConfigError(f"config.task.pooling={pooling!r} does not fit a "
+                      f"{'causal decoder' if causal else 'bidirectional encoder'}; allowed: "
+                      f"{'last' if causal else 'cls'} or auto")
+  return pooling
+
+
+class LabelTask(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
   """What every classifier shares: labels, the loss and its exact metric sums, the report."""
 
   def num_classes(self) -> int:
@@ -87,14 +119,7 @@ class Classify(LabelTask):
   name = "classify"
 
   def pooling(self) -> str:
-    causal, pooling = self.exp.model.causal, self.exp.task.pooling
-    if pooling == "auto":
-      return "last" if causal else "cls"
-    if (pooling == "cls") == causal:
-      raise ConfigError(f"config.task.pooling={pooling!r} does not fit a "
-                        f"{'causal decoder' if causal else 'bidirectional encoder'}; allowed: "
-                        f"{'last' if causal else 'cls'} or auto")
-    return pooling
+    return pooling_for(self.exp.task.pooling, self.exp.model.causal)
 
   def data(self, workdir):
     from llmjax.data import labelled
@@ -127,6 +152,13 @@ class Classify(LabelTask):
             "label_names": names, "num_classes": len(names)}
     return Data(train=rows(splits.train, shuffle=False), val=rows(splits.val), test=rows(splits.test),
                 tokenizer=tokenizer, info=info, artifacts=artifacts)
+
+  def tokens_per_example(self):
+    return self.exp.data.seq_len
+
+  def forward_flops_per_example(self):
+    return flops.classify_forward(self.exp.model, self.exp.data.seq_len, self.num_classes(),
+                                  pooled=self.pooling() == "cls")
 
   def model(self):
     from llmjax.models import heads

@@ -19,11 +19,14 @@ distil), plus `distill_kl` (T^2 KL per counted position) and `combined_loss`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from llmjax.objectives import distill as objective
-from llmjax.tasks.base import LossTerms, Task
+from llmjax.tasks.base import (CountsFlops, DecodedReport, LossTerms, Predicts, Task, WritesFiles,
+                               supports)
 from llmjax.train.state import TEACHER
 
 # The batch columns of an offline teacher: its top-k logits and their ids at every position.
@@ -39,6 +42,12 @@ def without_projection(params: dict) -> dict:
   return {k: v for k, v in params.items() if k != PROJECTION}
 
 
+def as_trained(task: Task) -> Task:
+  """The task whose init gives a run's checkpointed tree: with the hidden-state projection when
+  the run trained one (recorded in its info), else `task` itself."""
+  return Distilled(task, None) if PROJECTION_SHAPE in task.info else task
+
+
 def schedule_value(start: float, end: float, kind: str, step, steps: int):
   """`start` throughout (constant), or moving linearly to `end` at the last step (linear)."""
   if kind == "constant":
@@ -47,13 +56,18 @@ def schedule_value(start: float, end: float, kind: str, step, steps: int):
   return start + (end - start) * fraction
 
 
-class Distilled(Task):
-  """`student` trained against `teacher_task`'s model; every other method is the student's."""
+class Distilled(DecodedReport, WritesFiles, CountsFlops, Task):
+  """`student` trained against `teacher_task`'s model; every other method is the student's. Its
+  capabilities are the student's decoded reports, files and FLOP count, where it has them."""
 
   def __init__(self, student: Task, teacher_task: Task | None, teacher_model=None):
     super().__init__(student.exp, student.info)
     self.student, self.teacher_task, self.teacher_model = student, teacher_task, teacher_model
     self.name = student.name
+
+  @property
+  def capabilities(self):
+    return self.student.capabilities & {DecodedReport, WritesFiles, CountsFlops}
 
   def with_info(self, info):
     teacher = self.teacher_task.with_info(info) if self.teacher_task is not None else None
@@ -102,12 +116,15 @@ class Distilled(Task):
   def tokens_per_example(self):
     return self.student.tokens_per_example()
 
-  def train_flops_per_example(self):
-    """The student's forward and backward plus the teacher's forward (a third of its training
-    FLOPs), when the teacher runs in the step."""
-    teacher = 0.0 if self.teacher_task is None else \
-        self.teacher_task.train_flops_per_example() / 3.0
-    return self.student.train_flops_per_example() + teacher
+  def forward_flops_per_example(self):
+    """The student's forward, plus the teacher's forward (no backward) when the teacher runs in
+    the step and counts its FLOPs."""
+    student = self.student.forward_flops_per_example()
+    teacher = self.teacher_task
+    if teacher is None or self.exp.distill.top_k or not supports(teacher, CountsFlops):
+      return student
+    return dataclasses.replace(student, no_grad=student.no_grad
+                               + teacher.forward_flops_per_example().total)
 
   # --- what distillation changes
   def weights(self, step):

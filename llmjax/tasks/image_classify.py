@@ -9,15 +9,31 @@ with the training set's per-channel mean and std. BatchNorm statistics live in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax import flops
+from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError, capped
-from llmjax.tasks.base import Data, apply_model
+from llmjax.tasks.base import (Data, apply_model, require_encoder_decoder, require_label_smoothing,
+                               require_num_classes)
 from llmjax.tasks.classify import LABELS_FILE, LabelTask, _recorded_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassifyConfig(TaskConfig):
+  """config.task of `image_classify`."""
+  num_classes: int = 0  # 0 takes the number of labels in the data
+  label_smoothing: float = 0.0
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, False)
+    require_num_classes(self.num_classes)
+    require_label_smoothing(self.label_smoothing)
 
 
 class ImageClassify(LabelTask):
@@ -86,10 +102,9 @@ class ImageClassify(LabelTask):
   def tokens_per_example(self) -> int:
     return 1  # throughput counts images: tokens_per_s is images/s
 
-  def train_flops_per_example(self) -> float:
-    from llmjax import flops
+  def forward_flops_per_example(self):
     height, _, channels = self.image_shape()
-    return 3.0 * flops.image_forward_flops(self.exp.model, height, channels, self.num_classes())
+    return flops.image_forward(self.exp.model, height, channels, self.num_classes())
 
 
 def _rows(split: dict | None, shuffle_seed: int | None = None) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -9,12 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax import flops
+from llmjax.config import TaskConfig
 from llmjax.objectives import lm as lm_objective
-from llmjax.tasks.base import (Data, LossTerms, Outputs, Prediction, Task, apply_model,
-                               token_batch)
+from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Outputs, Prediction,
+                               Predicts, SharesBatch, Task, WritesFiles, apply_model,
+                               require_encoder_decoder, token_batch)
 
 
-class LM(Task):
+@dataclasses.dataclass(frozen=True)
+class LMConfig(TaskConfig):
+  """config.task of `lm`: no options of its own (sampling is config.train's)."""
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, False)
+
+
+class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
   """A decoder Transformer trained to predict each next token; reports loss, perplexity, bits/byte."""
   name = "lm"
 
@@ -66,6 +78,12 @@ class LM(Task):
     if "bits_per_byte" in report:
       line += f" ({report['bits_per_byte']:.3f} bits/byte)"
     return line
+
+  def tokens_per_example(self):
+    return self.exp.data.seq_len
+
+  def forward_flops_per_example(self):
+    return flops.lm_forward(self.exp.model, self.exp.data.seq_len)
 
   def finish(self, outputs: Outputs):
     path = os.path.join(outputs.workdir, "samples.txt")

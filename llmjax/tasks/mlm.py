@@ -9,17 +9,39 @@ masks the same positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
+from llmjax import flops
+from llmjax.config import TaskConfig
+from llmjax.config_checks import require
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks import encoding
-from llmjax.tasks.base import Data, LossTerms, Prediction, Task, apply_model, token_batch
+from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
+                               Task, apply_model, require_encoder_decoder, token_batch)
 
 
-class MaskedLM(Task):
+@dataclasses.dataclass(frozen=True)
+class MaskedLMConfig(TaskConfig):
+  """config.task of `mlm`: the corruption."""
+  mask_prob: float = 0.15  # fraction of real tokens chosen for prediction
+  mask_token_ratio: float = 0.8  # of the chosen, replaced by [MASK]
+  random_token_ratio: float = 0.1  # of the chosen, replaced by a random token (rest kept)
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, False)
+    require(0.0 < self.mask_prob < 1.0,
+            f"config.task.mask_prob must be in (0, 1), got {self.mask_prob}")
+    require(self.mask_token_ratio >= 0 and self.random_token_ratio >= 0
+            and self.mask_token_ratio + self.random_token_ratio <= 1.0,
+            "config.task.mask_token_ratio + config.task.random_token_ratio must be in [0, 1], got "
+            f"{self.mask_token_ratio} + {self.random_token_ratio}")
+
+
+class MaskedLM(Predicts, CountsFlops, Exportable, Task):
   """An encoder with BERT's masked-LM head; reports masked-token loss and accuracy."""
   name = "mlm"
 
@@ -82,6 +104,12 @@ class MaskedLM(Task):
     correct = jnp.sum((jnp.argmax(logits_BLV, -1) == tokens_BL) * chosen_BL)
     return Prediction(LossTerms(loss_sum, count, {"correct": correct}, model_state), logits_BLV,
                       chosen_BL, hidden_BLD)
+
+  def tokens_per_example(self):
+    return self.exp.data.seq_len
+
+  def forward_flops_per_example(self):
+    return flops.mlm_forward(self.exp.model, self.exp.data.seq_len)
 
   def report(self, sums):
     chosen = float(sums["weight"])

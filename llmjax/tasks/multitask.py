@@ -11,7 +11,7 @@ enough that every task's rows all appear; the ordinary checkpointable iterator s
 batches mix tasks at the weights' frequencies and resume exactly. Every row carries `task_id`;
 keys a task's rows lack are zeros.
 
-Loss: each task's own loss over its own rows (`Task.only_rows`), as a mean over the global
+Loss: each task's own loss over its own rows (`SharesBatch.only_rows`), as a mean over the global
 batch, combined as sum_k loss_weight_k * mean_k (weight 1 per step; exact over devices, which
 is why accumulation is refused in config_tasks). Every task's model runs on the whole batch:
 K tasks cost K forward/backward passes per row. Evaluation runs each task on its own rows and
@@ -31,7 +31,8 @@ from llmjax import treepaths
 from llmjax.config import Experiment
 from llmjax.config_tasks import TaskEntry
 from llmjax.errors import ConfigError
-from llmjax.tasks.base import Data, LossTerms, Outputs, Task
+from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, LossTerms, Outputs, SharesBatch,
+                               Task, WritesFiles, declared, supports)
 
 TASK_ID = "task_id"
 HEADS = "heads"
@@ -187,8 +188,10 @@ def subdir(workdir: str | None, head: str) -> str | None:
 # --- the task ------------------------------------------------------------------------------------
 
 
-class MultiTask(Task):
-  """Several tasks on one backbone: a head, data, mixture weight and loss weight each."""
+class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
+  """Several tasks on one backbone: a head, data, mixture weight and loss weight each. It has a
+  capability when some task has it (decoded reports, files) or every task does (FLOPs); it is
+  not exportable (one model per head) and cannot itself share a batch."""
   name = "multitask"
 
   def __init__(self, exp: Experiment, info: dict | None = None):
@@ -199,13 +202,20 @@ class MultiTask(Task):
     self.subs: dict[str, Task] = {}
     for e in exp.tasks:
       cls = TASKS[e.task.name]
-      if cls.only_rows is Task.only_rows:
-        able = ", ".join(n for n, c in TASKS.items() if c.only_rows is not Task.only_rows)
+      if SharesBatch not in declared(cls):
+        able = ", ".join(n for n, c in TASKS.items() if SharesBatch in declared(c))
         raise ConfigError(f"config.tasks.{e.head}.task.name={e.task.name!r} cannot share a "
-                          f"batch with other tasks yet (no only_rows); allowed: {able}")
+                          f"batch with other tasks yet (it does not declare SharesBatch); "
+                          f"allowed: {able}")
       self.subs[e.head] = cls(sub_experiment(exp, e), infos.get(e.head))
     total = sum(e.weight for e in exp.tasks)
     self.mixture = {e.head: e.weight / total for e in exp.tasks}
+
+  @property
+  def capabilities(self):
+    subs = [sub.capabilities for sub in self.subs.values()]
+    some = frozenset().union(*subs) & {DecodedReport, WritesFiles}
+    return some | (frozenset({CountsFlops}) if all(CountsFlops in c for c in subs) else frozenset())
 
   def with_info(self, info):
     return MultiTask(self.exp, info)
@@ -308,6 +318,8 @@ class MultiTask(Task):
       return params_for(cache[0], head)
     out = {}
     for head, sub in self.subs.items():
+      if not supports(sub, DecodedReport):
+        continue
       found = sub.decoded_report(model.models[head], lambda h=head: params_of(h),
                                  data.parts[head], split, limit)
       out.update({f"{head}/{k}": v for k, v in found.items()})
@@ -321,6 +333,8 @@ class MultiTask(Task):
   def write_report(self, workdir, report, sums, tag):
     written = []
     for head, sub_report in report.get("tasks", {}).items():
+      if not supports(self.subs[head], WritesFiles):
+        continue
       written += self.subs[head].write_report(subdir(workdir, head), sub_report,
                                               sums["tasks"][head], f"{head} {tag}")
     return written
@@ -328,6 +342,8 @@ class MultiTask(Task):
   def finish(self, outputs: Outputs):
     written = []
     for head, sub in self.subs.items():
+      if not supports(sub, WritesFiles):
+        continue
       where = subdir(outputs.workdir, head)
       os.makedirs(where, exist_ok=True)
       written += sub.finish(Outputs(where, outputs.model.models[head],
@@ -338,6 +354,10 @@ class MultiTask(Task):
   def tokens_per_example(self):
     return sum(p * self.subs[h].tokens_per_example() for h, p in self.mixture.items())
 
-  def train_flops_per_example(self):
+  def forward_flops_per_example(self):
     """Useful work: each row's own task's model (the step runs every task's on every row)."""
-    return sum(p * self.subs[h].train_flops_per_example() for h, p in self.mixture.items())
+    parts = [self.subs[h].forward_flops_per_example().scaled(p) for h, p in self.mixture.items()]
+    total = parts[0]
+    for part in parts[1:]:
+      total = total.plus(part)
+    return total

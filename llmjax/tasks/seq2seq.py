@@ -5,6 +5,7 @@ nearest-neighbour baselines) at the end of a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,16 +14,44 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from llmjax import flops
+from llmjax.config import TaskConfig
+from llmjax.config_checks import require
 from llmjax.errors import ConfigError
 from llmjax.objectives import seq2seq as objective
-from llmjax.tasks.base import Data, LossTerms, Outputs, Prediction, Task, apply_model
+from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms, Outputs,
+                               Prediction, Predicts, Task, Translates, WritesFiles, apply_model,
+                               require_encoder_decoder, require_label_smoothing)
 
 CORPUS_FILE, TRANSLATIONS_FILE, SCORES_FILE = "corpus.json", "translations.txt", \
     "translation_scores.json"
 DECODE_BATCH = 64  # sources decoded together (the last batch is padded: one compiled shape)
 
 
-class Seq2Seq(Task):
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig(TaskConfig):
+  """config.task of `seq2seq`: the loss and decoding (evaluation, translations.txt, `llmjax
+  translate` defaults)."""
+  label_smoothing: float = 0.0
+  num_beams: int = 4  # 1: greedy
+  length_penalty: float = 1.0  # beam scores are sum log p / length ** length_penalty
+  early_stopping: bool = False  # stop a row once num_beams hypotheses have finished
+  max_new_tokens: int = 0  # 0: data.seq_len
+  bleu_examples: int = 256  # validation pairs translated at each evaluation (0: none)
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, True)
+    require_label_smoothing(self.label_smoothing)
+    require(self.num_beams >= 1,
+            f"config.task.num_beams must be >= 1 (1 is greedy), got {self.num_beams}")
+    m = exp.model
+    require(0 <= self.max_new_tokens <= m.max_len,
+            f"config.task.max_new_tokens must be in [0, config.model.max_len={m.max_len}] (0: "
+            f"data.seq_len), got {self.max_new_tokens}")
+
+
+class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exportable,
+              Task):
   """Source text -> target text; reports loss, perplexity, token accuracy, BLEU and chrF."""
   name = "seq2seq"
 
@@ -130,10 +159,9 @@ class Seq2Seq(Task):
   def tokens_per_example(self):
     return 2 * self.exp.data.seq_len  # source and target slots
 
-  def train_flops_per_example(self):
-    from llmjax import flops
+  def forward_flops_per_example(self):
     length = self.exp.data.seq_len
-    return 3 * flops.encoder_decoder_forward_flops(self.exp.model, length, length)
+    return flops.encoder_decoder_forward(self.exp.model, length, length)
 
   def finish(self, outputs: Outputs):
     """translations.txt and translation_scores.json on the test split (validation if none):

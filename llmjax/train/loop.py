@@ -25,7 +25,7 @@ from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import preemption, pretrained, reporting, rundir, setup
+from llmjax.train import init, preemption, pretrained, reporting, rundir, setup
 
 
 def run(exp: Experiment, workdir: str) -> dict:
@@ -172,9 +172,10 @@ class _Loop:
   def evaluate_with_sums(self, state) -> tuple[dict, dict]:
     metrics, sums = evaluate(self.s, self.eval_fn, state, self.val_batches)
     self.last_val_loss = metrics["loss"]
-    metrics.update(self.s.task.decoded_report(
-        self.s.model, lambda: distributed.to_host(finetune.merge(state.params, state.frozen)),
-        self.s.data, "val"))
+    if tasks.supports(self.s.task, tasks.DecodedReport):
+      metrics.update(self.s.task.decoded_report(
+          self.s.model, lambda: distributed.to_host(finetune.merge(state.params, state.frozen)),
+          self.s.data, "val"))
     return metrics, sums
 
   def evaluate(self, state) -> dict:
@@ -245,7 +246,7 @@ class _Loop:
     self.writer.write(done, "train", record)
     if bar is not None:
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                      mfu=f"{record['mfu']:.1%}")
+                      **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
 
 
 def _summarise(interval: list[dict]) -> dict:
@@ -292,8 +293,13 @@ class _Throughput:
 
   def __init__(self, s: setup.Setup):
     exp = s.exp
-    self.tokens_per_step = exp.train.batch_size * s.task.tokens_per_example()
-    self.flops_per_step = exp.train.batch_size * s.task.train_flops_per_example()
+    # A task that does not count its tokens and FLOPs (CountsFlops) logs examples as tokens
+    # and no MFU.
+    counts = tasks.supports(s.task, tasks.CountsFlops)
+    self.tokens_per_step = exp.train.batch_size * (s.task.tokens_per_example() if counts else 1)
+    params = init.param_shapes(s.init_variables) if s.trainable is not None else None
+    self.flops_per_step = exp.train.batch_size * s.task.train_flops_per_example(
+        params, s.trainable) if counts else None
     device = jax.devices()[0]
     self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
     if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now
@@ -306,8 +312,9 @@ class _Throughput:
 
   def report(self) -> dict:
     seconds = max(time.perf_counter() - self.start, 1e-9)
-    rate = {"tokens_per_s": self.tokens_per_step * self.steps / seconds,
-            "mfu": self.flops_per_step * self.steps / seconds / self.peak}
+    rate = {"tokens_per_s": self.tokens_per_step * self.steps / seconds}
+    if self.flops_per_step is not None:
+      rate["mfu"] = self.flops_per_step * self.steps / seconds / self.peak
     self.reset()
     return rate
 
@@ -320,5 +327,6 @@ def _write_outputs(s: setup.Setup, workdir: str, state, metrics_path: str, final
   params = distributed.to_host(finetune.merge(state.params, state.frozen))
   if jax.process_index() == 0:
     reporting.plot_loss(metrics_path, os.path.join(workdir, "plots", "loss.png"), s.exp.name)
-    s.task.write_report(workdir, final, sums, f"step_{end}")
-    s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
+    if tasks.supports(s.task, tasks.WritesFiles):
+      s.task.write_report(workdir, final, sums, f"step_{end}")
+      s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))

@@ -4,7 +4,7 @@ position of every training and validation row, computed once, stored in the work
 
 Training then holds no teacher at all: a big teacher is paid for once instead of every step, and
 its logits are the same every epoch. Only tasks whose rows fix the model's inputs can use it
-(`Task.fixed_inputs`; not masked-LM's per-step corruption or augmented images). Storage is
+(`Predicts.fixed_inputs`; not masked-LM's per-step corruption or augmented images). Storage is
 rows x positions x k x 8 bytes (float32 values, int32 ids). A later run in the same workdir
 (a resume) reads the store back when its manifest (teacher, k, row counts, a hash of the rows)
 matches, and recomputes it otherwise.

@@ -60,9 +60,9 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   model = run_task.model()
   mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, rules="dp"))
   rules = sharding.rules_for("dp")
-  # Hidden-state distillation trained a projection beside the student: restored, then left out.
-  saved_task = distill.Distilled(run_task, None) if distill.PROJECTION_SHAPE in run_task.info \
-      else run_task
+  # The checkpoint's tree (with a distillation's projection, if it trained one), restored and
+  # then narrowed to the model's own parameters.
+  saved_task = distill.as_trained(run_task)
   init_variables = init.variables_init(saved_task, model, run_task.example_batch(1))
   trainable = finetune.plan(exp, init.param_shapes(init_variables))
   tx = finetune.optimizer(exp, optim.make_optimizer(exp.optim, exp.train.steps), trainable)

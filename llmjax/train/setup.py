@@ -95,6 +95,10 @@ def distilled(exp: Experiment, task, model, data, mesh, rules):
   the distillation in its info): the teacher is checked against the student first."""
   from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
   from llmjax.train import teacher as teacher_lib
+  if not tasks.supports(task, tasks.Predicts):
+    raise ConfigError(f"config.distill.teacher={exp.distill.teacher!r}: the {task.name} task does "
+                      "not expose its logits (it does not declare Predicts), which distillation "
+                      "matches")
   if exp.distill.top_k and not task.fixed_inputs:
     raise ConfigError(f"config.distill.top_k={exp.distill.top_k}: an offline teacher needs inputs "
                       f"fixed by the data, but the {task.name} task changes them every step "
