@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.errors import UserError, capped
-from llmjax.train.optim import path_str
+from llmjax.treepaths import path_str
 
 ITEMS = ("state", "data", "config", "meta")
 

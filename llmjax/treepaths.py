@@ -1,4 +1,4 @@
-"""Nested parameter dicts as flat `a/b/c` paths and back.
+"""Nested parameter dicts as flat `a/b/c` paths and back, and jax key paths as `a/b/c`.
 
 `items` walks mappings only, so any leaf passes through whole: arrays, ShapeDtypeStructs, flax's
 boxed `Partitioned` values, shardings.
@@ -28,3 +28,15 @@ def nest(flat: dict) -> dict:
       node = node.setdefault(parent, {})
     node[name] = leaf
   return out
+
+
+def path_str(path) -> str:
+  """'layer_0/attn/q/kernel' from a jax key path (boxing attributes such as `.value` dropped)."""
+  names = []
+  for key in path:
+    name = getattr(key, "key", None) or getattr(key, "name", None)
+    if name is None and hasattr(key, "idx"):
+      name = str(key.idx)
+    if name is not None and name != "value":
+      names.append(str(name))
+  return "/".join(names)

@@ -173,7 +173,7 @@ def flat(tree) -> dict:
   import jax
   import numpy as np
 
-  from llmjax.train.optim import path_str
+  from llmjax.treepaths import path_str
   return {path_str(p): np.asarray(jax.device_get(x))
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 

@@ -104,11 +104,11 @@ from flax import linen as nn  # noqa: E402
 
 from llmjax import checkpoint  # noqa: E402
 from llmjax.errors import ConfigError  # noqa: E402
+from llmjax.objectives.distill import TEACHER  # noqa: E402
 from llmjax.parallel import sharding  # noqa: E402
 from llmjax.tasks.distill import TOPK_VALUES, Distilled  # noqa: E402
 from llmjax.train import loop, offline_teacher  # noqa: E402
 from llmjax.train import setup as setuplib  # noqa: E402
-from llmjax.train.state import TEACHER  # noqa: E402
 
 from _task_helpers import experiment, with_mesh  # noqa: E402
 

@@ -19,7 +19,7 @@ from llmjax.errors import ConfigError, UserError
 from llmjax.parallel import sharding
 from llmjax.train import loop
 from llmjax.train import setup as setuplib
-from llmjax.train.optim import path_str
+from llmjax.treepaths import path_str
 
 from _task_helpers import with_mesh
 

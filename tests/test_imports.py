@@ -64,8 +64,6 @@ HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft
 
 # Today's offenders, each an expected failure until fixed (issue 26).
 KNOWN_UPWARD = {
-  ("llmjax.checkpoint", "llmjax.train.optim"): "path_str lives in train/optim.py",
-  ("llmjax.tasks.distill", "llmjax.train.state"): "TEACHER lives in train/state.py",
   ("llmjax.tasks.encoding", "llmjax.train.pretrained"): "weights_source lives in train/",
 }
 KNOWN_CYCLE_EDGES = {

@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 import llmjax.train
-from llmjax import checkpoint, config as config_lib, tasks
+from llmjax import checkpoint, config as config_lib, tasks, treepaths
 from llmjax.data import text
 from llmjax.errors import ConfigError, UserError
 from llmjax.models.transformer import Transformer
@@ -182,7 +182,7 @@ def test_classifier_from_an_mlm_checkpoint_gets_a_fresh_head_and_the_encoder(mlm
   # A mis-shaped parameter that init_new does not cover is named, not silently re-initialised.
   wider = jax.eval_shape(lambda: jax.tree_util.tree_map_with_path(
       lambda p, a: jnp.zeros((a.shape[0], 2 * a.shape[1]))
-      if optim.path_str(p) == "encoder/layer_0/mlp/wi/kernel" else a, fresh_host))
+      if treepaths.path_str(p) == "encoder/layer_0/mlp/wi/kernel" else a, fresh_host))
   with pytest.raises(UserError, match="encoder/layer_0/mlp/wi/kernel"):
     pretrained.check(exp.train.init_from, exp.train.init_new, wider)
   with pytest.raises(ConfigError, match="config.train.init_new='heads/.*' matches no parameter"):

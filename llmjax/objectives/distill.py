@@ -16,6 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The variables collection a teacher reaches the loss in: {"variables": the teacher's variables,
+# "step": the train step (for schedules)}; tasks/distill.py takes it out before the student runs.
+TEACHER = "teacher"
+
 
 def _masked_sum(values_X: jax.Array, mask_X: jax.Array) -> tuple[jax.Array, jax.Array]:
   mask_X = mask_X.astype(jnp.float32)

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.objectives import distill as objective
+from llmjax.objectives.distill import TEACHER
 from llmjax.tasks.base import (CountsFlops, DecodedReport, LossTerms, Predicts, Task, WritesFiles,
                                supports)
-from llmjax.train.state import TEACHER
 
 # The batch columns of an offline teacher: its top-k logits and their ids at every position.
 TOPK_VALUES, TOPK_IDS = "teacher_topk_values", "teacher_topk_ids"

@@ -10,21 +10,10 @@ import jax
 import optax
 
 from llmjax.config import OptimConfig
+from llmjax.treepaths import path_str
 
 # Parameters that never get weight decay: norms, biases, embeddings (path regexes).
 NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embedding$")
-
-
-def path_str(path) -> str:
-  """'layer_0/attn/q/kernel' from a jax key path (boxing attributes such as `.value` dropped)."""
-  names = []
-  for key in path:
-    name = getattr(key, "key", None) or getattr(key, "name", None)
-    if name is None and hasattr(key, "idx"):
-      name = str(key.idx)
-    if name is not None and name != "value":
-      names.append(str(name))
-  return "/".join(names)
 
 
 def regex_mask(params, patterns, *, match_means: bool = True):

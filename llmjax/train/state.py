@@ -8,6 +8,7 @@ import jax
 from flax import struct
 
 from llmjax.finetune import partition
+from llmjax.objectives.distill import TEACHER
 
 
 @struct.dataclass
@@ -36,11 +37,6 @@ class TrainState:
   def with_kept(self, kept: tuple) -> "TrainState":
     frozen, teacher = kept
     return self.replace(frozen=frozen, teacher=teacher)
-
-
-# The variables collection a teacher reaches the loss in: {"variables": the teacher's variables,
-# "step": the train step (for schedules)}; tasks/distill.py takes it out before the student runs.
-TEACHER = "teacher"
 
 
 def loss_variables(state: TrainState, params, model_state) -> dict:
