@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 
 from llmjax.config import DataConfig
-from llmjax.data.vision import Split, image_array, split_off
+from llmjax.data.image_split import Split, image_array, split_off
 from llmjax.errors import DataError
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")

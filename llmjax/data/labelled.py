@@ -1,10 +1,11 @@
 """Labelled text for classification: (text, label id) splits from CSV/JSONL files, tfds or stdlib.
 
-Labels: `label_names` (the argument, e.g. a run's labels.json, or config.data.label_names) fixes the
-set and its order, and a label outside it is a DataError naming where it was read. Otherwise a tfds
-ClassLabel gives the names, else the training split does: integer labels (ints, or digit strings in
-CSV/JSON) sort numerically as names "0", "1", ...; other labels sort as strings. An integer label
-matching no name of a non-numeric `label_names` is an id: label i is label_names[i].
+Labels (the policy in llmjax.data.labels, which images share): `label_names` (the argument, e.g.
+a run's labels.json, or config.data.label_names) fixes the set and its order, and a label outside
+it is a DataError naming where it was read. Otherwise a tfds ClassLabel gives the names, else the
+training split does: integer labels (ints, or digit strings in CSV/JSON) sort numerically as names
+"0", "1", ...; other labels sort as strings. An integer label matching no name of a non-numeric
+`label_names` is an id: label i is label_names[i].
 
 files: an empty (whitespace-only) text is a DataError: in a file the user controls it almost always
 means a wrong column or a broken row. tfds rows are kept as published, so benchmark splits stay
@@ -24,19 +25,17 @@ import hashlib
 import io
 import json
 import pathlib
-import re
 import sys
-from typing import NamedTuple
 
 import numpy as np
 
 from llmjax.config import DataConfig
-from llmjax.data.sources import (_read_files, _take_bytes, glob_files, require_fields,
-                                 stdlib_files, stdlib_root, tfds_labelled_sources)
-from llmjax.data.text import _unit_hash, split_documents
-from llmjax.errors import ConfigError, DataError, capped
+from llmjax.data.labels import INT, Row, id_mapper, resolve_names, shorten, tfds_label
+from llmjax.data.sources import (glob_files, read_files, require_fields, stdlib_files, stdlib_root,
+                                 take_bytes, tfds_labelled_sources)
+from llmjax.data.text import split_documents, unit_hash
+from llmjax.errors import ConfigError, DataError
 
-_INT = re.compile(r"-?\d+")
 _SPLITS = ("train", "val", "test")
 # A snippet: consecutive lines, at most 12 non-blank and 512 characters. Long enough to carry a
 # package's idioms (imports, names, docstrings), short enough that the byte tokenizer or a trained
@@ -61,12 +60,6 @@ class LabelledSplits:
   description: dict
 
 
-class _Row(NamedTuple):
-  text: str
-  label: int | str  # raw: an integer or a name
-  where: str  # for messages: file and row, tfds split and index; for stdlib the file
-
-
 def load_labelled(cfg: DataConfig, label_names: tuple[str, ...] | None = None,
                   num_classes: int = 0) -> LabelledSplits:
   """The configured labelled splits; bad rows, labels or class counts raise a named UserError."""
@@ -74,11 +67,11 @@ def load_labelled(cfg: DataConfig, label_names: tuple[str, ...] | None = None,
   if cfg.source not in readers:
     raise DataError(f"config.data.source={cfg.source!r} is not one of {', '.join(readers)}")
   splits, dataset_names, description = readers[cfg.source](cfg)
-  names, names_from = _resolve_names(cfg, label_names, splits["train"], dataset_names)
+  names, names_from = resolve_names(cfg, label_names, splits["train"], dataset_names)
   if num_classes > 0 and num_classes != len(names):
     raise ConfigError(f"config.task.num_classes={num_classes} but the data has {len(names)} "
-                      f"labels ({_shorten(names)}); set it to {len(names)} or 0 (from the data)")
-  ids = _id_mapper(names, names_from)
+                      f"labels ({shorten(names)}); set it to {len(names)} or 0 (from the data)")
+  ids = id_mapper(names, names_from)
   out = {s: [(r.text, ids(r)) for r in rows] for s, rows in splits.items()}
   present = sorted({i for _, i in out["train"]})
   if len(present) < 2:
@@ -98,48 +91,7 @@ def load_labelled(cfg: DataConfig, label_names: tuple[str, ...] | None = None,
   return LabelledSplits(out["train"], out["val"], out["test"], names, description)
 
 
-def _shorten(names, n: int = 20) -> str:
-  return capped(names, n)
-
-
-def _resolve_names(cfg, given, train, dataset_names) -> tuple[tuple[str, ...], str]:
-  from_cfg = tuple(n.strip() for n in cfg.label_names.split(",")) if cfg.label_names else None
-  if from_cfg and (not all(from_cfg) or len(set(from_cfg)) != len(from_cfg)):
-    raise ConfigError(f"config.data.label_names={cfg.label_names!r} must be distinct, non-empty "
-                      "comma-separated names")
-  if given is not None:
-    given = tuple(given)
-    if len(set(given)) != len(given) or not all(isinstance(n, str) and n for n in given):
-      raise ConfigError(f"label_names {given!r} must be distinct non-empty strings")
-    if from_cfg and from_cfg != given:
-      raise ConfigError(f"config.data.label_names={cfg.label_names!r} differs from this run's "
-                        f"labels ({_shorten(given)})")
-    return given, "label_names given"
-  if from_cfg:
-    return from_cfg, "config.data.label_names"
-  if dataset_names:
-    return tuple(dataset_names), "dataset's ClassLabel"
-  labels = {r.label for r in train}
-  if all(isinstance(v, int) for v in labels):
-    return tuple(str(v) for v in sorted(labels)), "training split"
-  return tuple(sorted(str(v) for v in labels)), "training split"
-
-
-def _id_mapper(names: tuple[str, ...], names_from: str):
-  index = {n: i for i, n in enumerate(names)}
-  ints_are_ids = not any(_INT.fullmatch(n) for n in names)
-
-  def ids(row: _Row) -> int:
-    if str(row.label) in index:
-      return index[str(row.label)]
-    if isinstance(row.label, int) and ints_are_ids and 0 <= row.label < len(names):
-      return row.label
-    raise DataError(f"{row.where}: label {row.label!r} is not one of the labels "
-                    f"({_shorten(names)}) from the {names_from}")
-  return ids
-
-
-def _split_off_val(cfg: DataConfig, train: list[_Row], what: str) -> tuple[list[_Row], list[_Row]]:
+def _split_off_val(cfg: DataConfig, train: list[Row], what: str) -> tuple[list[Row], list[Row]]:
   """Validation rows split off training rows by a stable hash of (seed, text)."""
   if len(train) < 2:
     raise DataError(f"{what}: {len(train)} training row(s); splitting off validation needs 2+")
@@ -165,7 +117,7 @@ def _files_rows(cfg: DataConfig):
     rows = [row for path in files[split] for row in _read_table(pathlib.Path(path), cfg)]
     if pattern and not rows:
       raise DataError(f"config.data.{key}={pattern!r}: its files hold no rows")
-    splits[split] = [r for r, _ in _take_bytes([(r, r.text) for r in rows], cfg.max_bytes)]
+    splits[split] = [r for r, _ in take_bytes([(r, r.text) for r in rows], cfg.max_bytes)]
   if not cfg.val_files:
     splits["train"], splits["val"] = _split_off_val(cfg, splits["train"], what)
     files["val"] = f"split off train (val_fraction={cfg.val_fraction}, seed={cfg.seed})"
@@ -173,7 +125,7 @@ def _files_rows(cfg: DataConfig):
                         "text_key": cfg.text_key, "label_key": cfg.label_key}
 
 
-def _read_table(path: pathlib.Path, cfg: DataConfig) -> list[_Row]:
+def _read_table(path: pathlib.Path, cfg: DataConfig) -> list[Row]:
   kind = {".csv": ",", ".tsv": "\t", ".jsonl": "json", ".json": "json"}.get(path.suffix.lower())
   if kind is None:
     raise DataError(f"labelled file {path}: unknown extension {path.suffix!r}; allowed .csv, "
@@ -186,7 +138,7 @@ def _read_table(path: pathlib.Path, cfg: DataConfig) -> list[_Row]:
     line = path.read_bytes()[:e.start].count(b"\n") + 1
     raise DataError(f"labelled file {path} line {line} is not UTF-8 text") from e
   records = _json_records(path, text) if kind == "json" else _csv_records(path, text, kind, cfg)
-  return [_Row(_text_of(where, record, cfg.text_key), _label_of(where, record, cfg.label_key),
+  return [Row(_text_of(where, record, cfg.text_key), _label_of(where, record, cfg.label_key),
                where) for where, record in records]
 
 
@@ -247,7 +199,7 @@ def _label_of(where: str, record: dict, key: str) -> int | str:
   value = _field(where, record, key, "label_key")
   if isinstance(value, str) and value.strip():
     value = value.strip()
-    return int(value) if _INT.fullmatch(value) else value
+    return int(value) if INT.fullmatch(value) else value
   if isinstance(value, int) and not isinstance(value, bool):
     return value
   raise DataError(f"{where}: label {key!r} must be a non-empty string or an integer, "
@@ -272,7 +224,7 @@ def _tfds_rows(cfg: DataConfig):
                          "splits": read, "text_key": cfg.text_key, "label_key": cfg.label_key}
 
 
-def _read_tfds_split(cfg: DataConfig, source, key: str, split: str, names) -> list[_Row]:
+def _read_tfds_split(cfg: DataConfig, source, key: str, split: str, names) -> list[Row]:
   rows, total = [], 0
   for i in range(len(source)):
     record, where = source[i], f"tfds dataset {cfg.tfds_name!r} split {split!r} row {i}"
@@ -281,29 +233,12 @@ def _read_tfds_split(cfg: DataConfig, source, key: str, split: str, names) -> li
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
     if not isinstance(text, str):
       raise DataError(f"{where}: field config.data.text_key={cfg.text_key!r} is not text")
-    rows.append(_Row(text, _tfds_label(where, np.asarray(record[cfg.label_key]), names, key),
+    rows.append(Row(text, tfds_label(where, np.asarray(record[cfg.label_key]), names, key),
                      where))
     total += len(text.encode("utf-8"))
     if 0 < cfg.max_bytes <= total:
       break
   return rows
-
-
-def _tfds_label(where: str, value: np.ndarray, names, key: str) -> int | str:
-  if value.ndim == 0 and value.dtype.kind in "SU":
-    label = value.item()
-    return label.decode("utf-8", errors="replace") if isinstance(label, bytes) else label
-  if value.ndim != 0 or value.dtype.kind not in "iu":
-    raise DataError(f"{where}: label {value!r} is not one integer or string")
-  label = int(value)
-  if label < 0:  # e.g. glue's test splits are published without labels
-    raise DataError(f"{where}: label {label} means unlabelled; this split cannot be "
-                    f"config.data.{key}")
-  if names is None:
-    return label
-  if label >= len(names):
-    raise DataError(f"{where}: label {label} is outside the dataset's {len(names)} classes")
-  return names[label]
 
 
 # --- source=stdlib ------------------------------------------------------------------------------
@@ -325,7 +260,7 @@ def _snippets(text: str) -> list[str]:
 
 
 def _stdlib_rows(cfg: DataConfig):
-  """Snippets of the K most common packages, split by file; _Row.where is the file."""
+  """Snippets of the K most common packages, split by file; Row.where is the file."""
   root, k = stdlib_root(), cfg.stdlib_classes
   if not 0 < cfg.val_fraction < 0.5:
     raise ConfigError(f"config.data.val_fraction={cfg.val_fraction} must be below 0.5 for "
@@ -340,7 +275,7 @@ def _stdlib_rows(cfg: DataConfig):
     # max_bytes: per package, spread over its files (the head of each, at least one snippet's
     # worth), so every file still gives snippets and the file split stays balanced in small runs.
     budget = max(_SNIPPET_CHARS, cfg.max_bytes // len(files)) if cfg.max_bytes > 0 else None
-    docs = [(name, t[:budget]) for name, t in _read_files(files, root)]
+    docs = [(name, t[:budget]) for name, t in read_files(files, root)]
     bytes_read += sum(len(t.encode("utf-8")) for _, t in docs)
     snippets[package] = [(name, s) for name, t in docs for s in _snippets(t)]
   eligible = [p for p, s in snippets.items() if len({f for f, _ in s}) >= _MIN_PACKAGE_FILES]
@@ -353,7 +288,7 @@ def _stdlib_rows(cfg: DataConfig):
   for package in chosen:
     split_of = _split_files(cfg, sorted({f for f, _ in snippets[package]}))
     for name, snippet in snippets[package]:
-      splits[split_of[name]].append(_Row(snippet, package, name))
+      splits[split_of[name]].append(Row(snippet, package, name))
   splits["train"], cap = _cap_train(cfg, splits["train"])
   return splits, None, {
       "data": f"config.data.source='stdlib' ({root})", "source": "stdlib", "root": str(root),
@@ -370,8 +305,8 @@ def _split_files(cfg: DataConfig, files: list[str]) -> dict[str, str]:
 
   Every split keeps at least one of the package's (3+) files: files move across in u order.
   """
-  order = sorted(files, key=lambda f: _unit_hash(cfg.seed, f))
-  u = [_unit_hash(cfg.seed, f) for f in order]
+  order = sorted(files, key=lambda f: unit_hash(cfg.seed, f))
+  u = [unit_hash(cfg.seed, f) for f in order]
   n_val = max(1, sum(x < cfg.val_fraction for x in u))
   n_test = max(1, sum(x < 2 * cfg.val_fraction for x in u) - n_val)
   while n_val + n_test >= len(order):
@@ -380,7 +315,7 @@ def _split_files(cfg: DataConfig, files: list[str]) -> dict[str, str]:
           for i, f in enumerate(order)}
 
 
-def _cap_train(cfg: DataConfig, rows: list[_Row]) -> tuple[list[_Row], int]:
+def _cap_train(cfg: DataConfig, rows: list[Row]) -> tuple[list[Row], int]:
   """At most _TRAIN_CAP x the smallest class per class; kept rows by stable hash, order kept."""
   by_class = collections.defaultdict(list)
   for i, r in enumerate(rows):
@@ -388,5 +323,5 @@ def _cap_train(cfg: DataConfig, rows: list[_Row]) -> tuple[list[_Row], int]:
   cap = _TRAIN_CAP * min(len(v) for v in by_class.values())
   keep = set()
   for idx in by_class.values():
-    keep.update(sorted(idx, key=lambda i: _unit_hash(cfg.seed, f"{rows[i].where}\0{i}"))[:cap])
+    keep.update(sorted(idx, key=lambda i: unit_hash(cfg.seed, f"{rows[i].where}\0{i}"))[:cap])
   return [r for i, r in enumerate(rows) if i in keep], cap

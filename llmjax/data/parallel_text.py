@@ -23,7 +23,7 @@ import numpy as np
 from llmjax.config import DataConfig
 from llmjax.data.gettext_pairs import gettext_pairs, pairs_sha256
 from llmjax.data.sources import glob_files, require_fields, tfds_labelled_sources
-from llmjax.data.text import _unit_hash
+from llmjax.data.text import unit_hash
 from llmjax.errors import DataError
 
 __all__ = ["ParallelCorpus", "gettext_pairs", "load_parallel", "read_jsonl", "read_tsv",
@@ -204,7 +204,7 @@ def split_pairs(pairs: list[Pair], val_fraction: float, test_fraction: float,
                     f"{test_fraction} must be >= 0 with a sum below 1")
   out = ([], [], [])
   for pair in pairs:
-    u = _unit_hash(seed, pair[0])
+    u = unit_hash(seed, pair[0])
     out[0 if u >= val_fraction + test_fraction else 1 if u < val_fraction else 2].append(pair)
   return out
 

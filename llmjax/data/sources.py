@@ -38,7 +38,8 @@ def glob_files(pattern: str) -> list[pathlib.Path]:
   return files
 
 
-def _read_files(files: list[pathlib.Path], root: pathlib.Path | None) -> Iterator[tuple[str, str]]:
+def read_files(files: list[pathlib.Path], root: pathlib.Path | None) -> Iterator[tuple[str, str]]:
+  """(name, text) of each file, named relative to root when given."""
   for f in files:
     try:
       data = f.read_bytes()
@@ -110,7 +111,7 @@ def _read_tfds(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     yield str(i), text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
-def _take_bytes(docs: Iterable[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:
+def take_bytes(docs: Iterable[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:
   """Whole documents until max_bytes have been read (0: all); always at least one."""
   out, total = [], 0
   for name, text in docs:
@@ -125,11 +126,11 @@ def _take_bytes(docs: Iterable[tuple[str, str]], max_bytes: int) -> list[tuple[s
 def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
   """(doc_name, text) pairs from config.data.source, capped by config.data.max_bytes."""
   if cfg.source == "stdlib":
-    docs = _read_files(stdlib_files(), stdlib_root())
+    docs = read_files(stdlib_files(), stdlib_root())
   elif cfg.source == "files":
-    docs = _read_files(glob_files(cfg.files), None)
+    docs = read_files(glob_files(cfg.files), None)
   elif cfg.source == "tfds":
     docs = _read_tfds(cfg)
   else:
     raise DataError(f"config.data.source={cfg.source!r} is not one of stdlib, files, tfds")
-  return _take_bytes(docs, cfg.max_bytes)
+  return take_bytes(docs, cfg.max_bytes)

@@ -31,7 +31,8 @@ class Corpus:
   artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. tokenizer.json
 
 
-def _unit_hash(seed: int, name: str) -> float:
+def unit_hash(seed: int, name: str) -> float:
+  """A stable number in [0, 1) from (seed, name): which split a named example falls in."""
   digest = hashlib.sha256(f"{seed}\0{name}".encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
@@ -39,7 +40,7 @@ def _unit_hash(seed: int, name: str) -> float:
 def split_documents(docs: list[tuple[str, str]], val_fraction: float,
                     seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
   """(train, val) by a stable hash of (seed, doc name); both sides non-empty given >= 2 docs."""
-  u = np.array([_unit_hash(seed, name) for name, _ in docs])
+  u = np.array([unit_hash(seed, name) for name, _ in docs])
   is_val = u < val_fraction
   if len(docs) >= 2:
     # Tiny corpora can hash to one side; move the nearest document across so both exist.

@@ -33,18 +33,21 @@ import hashlib
 import os
 import pathlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from llmjax.config import DataConfig
-from llmjax.data import labelled
+from llmjax.data import image_files
 # Re-exported: the image task reaches augmentation through this module too.
 from llmjax.data.augment import (  # noqa: F401
     Normalize, RandomCropWithPadding, RandomHorizontalFlip, RandomResizedCrop, RandomRotation,
     apply_transforms, augment_transforms, augmenter, channel_stats, check_shapes, eval_transforms,
     resize, train_transforms)
-from llmjax.data.sources import require_fields
+from llmjax.data.image_split import Split, image_array, split_off
+from llmjax.data.labels import Row, id_mapper, resolve_names, tfds_label
+from llmjax.data.sources import require_fields, tfds_labelled_sources
 from llmjax.data.text import split_documents
 from llmjax.errors import ConfigError, DataError
 
@@ -67,20 +70,8 @@ class ImageSplits:
   description: dict = dataclasses.field(default_factory=dict)  # source, sizes, counts, sha256
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """A source's split before label ids: raw labels are class names (str) or integer ids."""
-  images: np.ndarray
-  labels: np.ndarray
-  where: Callable[[int], str]  # example i, for messages
-
-  def take(self, index: np.ndarray) -> Split:
-    return Split(self.images[index], self.labels[index], lambda i: self.where(int(index[i])))
-
-
 def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> ImageSplits:
   """The configured image splits; bad files, sizes, modes or labels raise a named UserError."""
-  from llmjax.data import image_files  # the file formats; kept apart to keep modules small
   readers = {"image_folder": _folder_splits, "idx": image_files.idx_splits,
              "mnist_digits": image_files.digits_splits, "tfds": _tfds_splits}
   if cfg.source not in readers:
@@ -117,7 +108,7 @@ def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> 
 def _names(cfg, given, dataset, train: Split) -> tuple[tuple[str, ...], str]:
   """`dataset`: (names, where they come from) when the source knows its classes, else None."""
   if given is not None or cfg.label_names:
-    return labelled._resolve_names(cfg, given, [], None)  # its checks of both, and their order
+    return resolve_names(cfg, given, [], None)  # its checks of both, and their order
   if dataset:
     return tuple(dataset[0]), dataset[1]
   if train.labels.dtype.kind not in "iu":  # names, e.g. a tfds string label
@@ -128,39 +119,13 @@ def _names(cfg, given, dataset, train: Split) -> tuple[tuple[str, ...], str]:
 
 def _label_ids(split: Split, names: tuple[str, ...], names_from: str) -> np.ndarray:
   """Raw labels -> int32 ids into `names`, by labelled's rules, once per distinct label."""
-  ids = labelled._id_mapper(names, names_from)
+  ids = id_mapper(names, names_from)
   values, first, inverse = np.unique(split.labels, return_index=True, return_inverse=True)
-  table = [ids(labelled._Row("", v.item(), split.where(int(i)))) for v, i in zip(values, first)]
+  table = [ids(Row("", v.item(), split.where(int(i)))) for v, i in zip(values, first)]
   return np.asarray(table, np.int32).reshape(-1)[inverse.reshape(-1)]
 
 
-def split_off(cfg: DataConfig, split: Split, what: str,
-              parts: tuple[str, ...] = ("val",)) -> dict[str, Split]:
-  """Training examples -> {"train", *parts}, each part about a val_fraction of them, chosen by
-  text.split_documents' stable hash of (seed + k, example index) from what earlier parts left."""
-  n, f = len(split.labels), cfg.val_fraction
-  if n < len(parts) + 1:
-    raise DataError(f"{what}: {n} training image(s); splitting off {' and '.join(parts)} needs "
-                    f"{len(parts) + 1}+")
-  if len(parts) * f >= 1:
-    raise ConfigError(f"config.data.val_fraction={f} must be below {1 / len(parts):g} to split "
-                      f"off {' and '.join(parts)}")
-  out, rest = {}, [(str(i), i) for i in range(n)]
-  for k, part in enumerate(parts):
-    # The k-th part is the val split (fraction f / (1 - k f)) of what the earlier parts left.
-    rest, taken = split_documents(rest, f / (1 - k * f), cfg.seed + k)
-    out[part] = split.take(np.asarray([i for _, i in taken], np.int64))
-  out["train"] = split.take(np.asarray([i for _, i in rest], np.int64))
-  return out
-
-
 # --- one set of images ----------------------------------------------------------------------------
-
-
-def image_array(image: np.ndarray, size: int) -> np.ndarray:
-  """An HxW or HxWxC uint8 image as [H, W, C], resized to size x size when size > 0."""
-  image = image[..., None] if image.ndim == 2 else image
-  return resize(image, size, size) if size > 0 else image
 
 
 def _mismatch(first: tuple, other: tuple) -> str:
@@ -193,7 +158,6 @@ def stack(items: Iterable[tuple[str, np.ndarray, str]], n: int,
 
 def decode_file(path: pathlib.Path, size: int) -> tuple[str, np.ndarray, str]:
   """An image file -> (path, uint8 [H, W, C], its stored mode); unreadable files raise."""
-  from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
       mode = im.mode
@@ -302,7 +266,6 @@ def _split_class_files(cfg, files, root):
 
 
 def _tfds_splits(cfg: DataConfig):
-  from llmjax.data.sources import tfds_labelled_sources
   what = f"tfds dataset {cfg.tfds_name!r}"
   names, sources = tfds_labelled_sources(cfg)
   splits, reference = {s: None for s in _SPLITS}, None
@@ -330,7 +293,7 @@ def _read_tfds_split(cfg, source, key: str, split: str, names, reference):
       if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise DataError(f"{where(i)}: field {cfg.tfds_image_key!r} is {image.dtype} "
                         f"{image.shape}, not a uint8 [H, W(, C)] image")
-      labels.append(labelled._tfds_label(where(i), np.asarray(record[cfg.label_key]), names, key))
+      labels.append(tfds_label(where(i), np.asarray(record[cfg.label_key]), names, key))
       image = image_array(image, cfg.image_size)
       yield where(i), image, _CHANNEL_MODES.get(image.shape[-1], f"{image.shape[-1]}-channel")
 
