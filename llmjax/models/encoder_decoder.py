@@ -44,7 +44,7 @@ class DecoderBlock(nn.Module):
     cross_attn = attention.CrossAttention(cfg, self.decode, peft, self.deterministic,
                                           name="cross_attn")
     mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
-    adapt = {s: (peftlib.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
+    adapt = {s: (layers.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
                  if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
     y_BTD = transformer.residual(
         cfg, y_BTD, lambda h: adapt["attn"](self_attn(h, mask_B1TT, positions_BT, cache_index)),

@@ -1,4 +1,4 @@
-"""Building blocks shared by every model: dense layers, norms, MLPs, rotary embeddings.
+"""Building blocks shared by every model: dense layers, norms, MLPs, adapters, rotary embeddings.
 
 Tensor-name letters: B batch, L length, S key length (or cache slots), D model width, F MLP width,
 N query heads, K key/value heads, H head dim, V vocabulary, C classes, P prompt length,
@@ -122,6 +122,19 @@ class Mlp(nn.Module):
     h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return dense(cfg, cfg.d_model, (axes.MLP, axes.EMBED), "wo",
                  std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **hooks)(h_BLF)
+
+
+class Adapter(nn.Module):
+  """A bottleneck adapter on a sublayer's output: h + up(act(down(h))), up zero-initialised."""
+  cfg: ModelConfig
+  dim: int
+
+  @nn.compact
+  def __call__(self, h_BLD):
+    cfg = self.cfg
+    z_BLA = dense(cfg, self.dim, (axes.EMBED, None), "down")(h_BLD)
+    z_BLA = ACTIVATIONS[cfg.mlp if cfg.mlp != "swiglu" else "gelu"](z_BLA)
+    return h_BLD + dense(cfg, cfg.d_model, (None, axes.EMBED), "up", std=0.0)(z_BLA)
 
 
 def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:

@@ -5,7 +5,7 @@ one of them lives in a new subtree next to the base's, whose paths and layouts n
 - LoRA / AdaLoRA: `<projection>/lora/{a, b}` (+ `e` for AdaLoRA's singular values) on each
   `DenseGeneral` whose module path full-matches `lora_targets` ("layer_0/attn/q"; scanned:
   "layers/attn/q", with the layer axis in front like the kernel's).
-- Bottleneck adapters: `<block>/adapter_attn/`, `<block>/adapter_mlp/`.
+- Bottleneck adapters: `<block>/adapter_attn/`, `<block>/adapter_mlp/` (layers.Adapter).
 - Prefix tuning: `<block>/attn/prefix/{k, v}` ([P, K, H] keys and values, never rotated).
 - Prompt tuning: `prompt` ([P, D] input vectors in front of the tokens; `encoder/prompt`).
 The update sides (LoRA's B, AdaLoRA's E, the adapters' up-projections) start at zero, so a
@@ -98,20 +98,6 @@ class LoraUpdate(nn.Module):
       h = h * e.astype(compute).reshape((1,) * (h.ndim - 1) + (r,))
     y = jax.lax.dot_general(h, b.astype(compute), (((h.ndim - 1,), (0,)), ((), ())))
     return y * jnp.asarray(p.lora_scale(), compute)
-
-
-class Adapter(nn.Module):
-  """A bottleneck adapter on a sublayer's output: h + up(act(down(h))), up zero-initialised."""
-  cfg: object
-  dim: int
-
-  @nn.compact
-  def __call__(self, h_BLD):
-    from llmjax.models import layers
-    cfg = self.cfg
-    z_BLA = layers.dense(cfg, self.dim, (axes.EMBED, None), "down")(h_BLD)
-    z_BLA = layers.ACTIVATIONS[cfg.mlp if cfg.mlp != "swiglu" else "gelu"](z_BLA)
-    return h_BLD + layers.dense(cfg, cfg.d_model, (None, axes.EMBED), "up", std=0.0)(z_BLA)
 
 
 class Prefix(nn.Module):

@@ -46,7 +46,7 @@ class Block(nn.Module):
     mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
     norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
     # Bottleneck adapters sit on each sublayer's output, before its residual add.
-    adapt = {s: (peftlib.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
+    adapt = {s: (layers.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
                  if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
     x_BLD = residual(cfg, x_BLD, lambda h: adapt["attn"](attn(h, mask_B1LS, positions_BL,
                                                               cache_index)), norm1, drop)
