@@ -33,6 +33,7 @@ from llmjax.config_tasks import TaskEntry
 from llmjax.errors import ConfigError
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, LossTerms, Outputs, SharesBatch,
                                Task, WritesFiles, declared, supports)
+from llmjax.tasks.registry import TASKS
 
 TASK_ID = "task_id"
 HEADS = "heads"
@@ -196,7 +197,6 @@ class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
 
   def __init__(self, exp: Experiment, info: dict | None = None):
     super().__init__(exp, info)
-    from llmjax.tasks import TASKS
     infos = self.info.get("tasks", {})
     self.entries = {e.head: e for e in exp.tasks}
     self.subs: dict[str, Task] = {}
