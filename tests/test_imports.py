@@ -70,10 +70,6 @@ KNOWN_CYCLE_EDGES = {
   ("llmjax.config_checks", "llmjax.config"): "config imports config_checks and back",
 }
 KNOWN_PRIVATE = {
-  ("llmjax.hf.peft_import", "llmjax.hf.api._abstract_flat"): "private helper of hf.api",
-  ("llmjax.hf.peft_layout", "llmjax.hf.api._arch_of"): "private helper of hf.api",
-  ("llmjax.tasks.image_classify", "llmjax.tasks.classify._recorded_labels"):
-    "private helper of classify",
 }
 KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules inside functions
   m: "dodged a cycle or an upward edge" for m in [

@@ -145,7 +145,7 @@ def load_params(path: str, abstract, shardings=None, *, architecture: str | None
   flat = mapping.flatten(abstract)
   scanned = any("layers" in p.split("/") for p in flat)
   arch, model = _build(path, "float32", scanned, architecture)
-  problems = mapping.tree_problems(_shapes(flat), _shapes(_abstract_flat(model)), "the checkpoint")
+  problems = mapping.tree_problems(_shapes(flat), _shapes(abstract_flat(model)), "the checkpoint")
   if problems:
     raise WeightsMismatchError(f"hf:{path} does not match the model's parameters: "
                                + capped(problems, sep="; "))
@@ -175,7 +175,8 @@ def _shapes(flat: dict) -> dict[str, tuple]:
   return {p: tuple(a.shape) for p, a in flat.items()}
 
 
-def _abstract_flat(model: nn.Module) -> dict:
+def abstract_flat(model: nn.Module) -> dict:
+  """The model's parameter shapes as a flat {"a/b/c": ShapeDtypeStruct} (no arrays made)."""
   return mapping.flatten(nn.unbox(abstract_params(model)))
 
 
@@ -232,7 +233,7 @@ def _put(x, where):
   return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
-def _arch_of(model: nn.Module) -> Architecture:
+def arch_of(model: nn.Module) -> Architecture:
   """The architecture that can express `model` exactly, or UnsupportedModelError saying why not."""
   why = []
   for arch in ARCHITECTURES.values():
@@ -287,9 +288,9 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
         f"the model has {'; '.join(added)}: a Hugging Face model directory has no place for them "
         "and would drop them; use `llmjax export --out=hf:PATH` (LoRA: a PEFT adapter, or the "
         "merged model with --merge; prompt tuning: PEFT prompt embeddings)")
-  arch = _arch_of(model)
+  arch = arch_of(model)
   flat = mapping.flatten(distributed.to_host(nn.unbox(params)))
-  problems = mapping.tree_problems(_shapes(_abstract_flat(model)), _shapes(flat), "params")
+  problems = mapping.tree_problems(_shapes(abstract_flat(model)), _shapes(flat), "params")
   if problems:
     raise WeightsMismatchError("params do not match the model: " + capped(problems, sep="; "))
   state_flat = _state_to_host(model, model_state)

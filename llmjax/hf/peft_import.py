@@ -122,7 +122,7 @@ def adapter_leaves(adapter_dir: str, model: nn.Module, base_flat: dict | None = 
   weights = _read_weights(adapter_dir)
   _, _, tensors = arch_tables(model)
   scanned, peft = model.cfg.scan_layers, model.peft
-  abstract = api._abstract_flat(model)
+  abstract = api.abstract_flat(model)
   used, factors = set(), {}
   for site in lora_sites(tensors, abstract, scanned):
     keys = [f"{PREFIX}{site.module}.lora_{x}.weight" for x in "AB"]
@@ -150,7 +150,7 @@ def load_adapter(adapter_dir: str, model: nn.Module, base_params) -> dict:
   triplets used."""
   flat = {p: x for p, x in mapping.flatten(nn.unbox(base_params)).items() if "/lora/" not in p}
   flat.update(adapter_leaves(adapter_dir, model, flat))
-  problems = mapping.tree_problems(_shapes(api._abstract_flat(model)), _shapes(flat),
+  problems = mapping.tree_problems(_shapes(api.abstract_flat(model)), _shapes(flat),
                                    "the parameters")
   if problems:
     raise AdapterError(f"{adapter_dir}: the base parameters do not fit the model: "
@@ -213,7 +213,7 @@ def peft_for_adapter(adapter_dir: str, model: nn.Module) -> Peft:
   weights = _read_weights(adapter_dir)
   _, base, tensors = arch_tables(model)
   targets, rank = [], 1
-  for site in lora_sites(tensors, api._abstract_flat(base), base.cfg.scan_layers, every=True):
+  for site in lora_sites(tensors, api.abstract_flat(base), base.cfg.scan_layers, every=True):
     key = f"{PREFIX}{site.module}.lora_"
     if key + "A.weight" not in weights or key + "B.weight" not in weights:
       continue
@@ -256,6 +256,6 @@ def model_like(cfg, shapes: dict[str, tuple]) -> nn.Module | None:
     candidates = [Transformer(cfg, peft)]
   want = {p: tuple(s) for p, s in shapes.items()}
   for model in candidates:
-    if _shapes(api._abstract_flat(model)) == want:
+    if _shapes(api.abstract_flat(model)) == want:
       return model
   return None

@@ -110,5 +110,5 @@ def lora_sites(tensors: list[Tensor], flat: dict, scanned: bool, every: bool = F
 
 def arch_tables(model: nn.Module):
   base = model.clone(peft=Peft())
-  arch = api._arch_of(base)  # UnsupportedModelError names why, for models HF cannot express
+  arch = api.arch_of(base)  # UnsupportedModelError names why, for models HF cannot express
   return arch, base, arch.tensors(base)

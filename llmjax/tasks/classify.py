@@ -26,7 +26,7 @@ from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Predict
 LABELS_FILE = "labels.json"
 
 
-def _recorded_labels(exp, workdir) -> tuple[str, ...] | None:
+def recorded_labels(exp, workdir) -> tuple[str, ...] | None:
   """The label set a run fixed: its workdir's labels.json, else config.data.label_names."""
   path = os.path.join(workdir, LABELS_FILE) if workdir else None
   if path and os.path.isfile(path):
@@ -125,7 +125,7 @@ class Classify(LabelTask):
     from llmjax.data import labelled
     exp = self.exp
     self.pooling()
-    splits = labelled.load_labelled(exp.data, _recorded_labels(exp, workdir), exp.task.num_classes)
+    splits = labelled.load_labelled(exp.data, recorded_labels(exp, workdir), exp.task.num_classes)
     tokenizer, artifacts = encoding.run_tokenizer(exp, workdir,
                                                   lambda: [t for t, _ in splits.train])
     specials = encoding.special_ids(tokenizer)

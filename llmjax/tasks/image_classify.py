@@ -21,7 +21,7 @@ from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError, capped
 from llmjax.tasks.base import (Data, apply_model, require_encoder_decoder, require_label_smoothing,
                                require_num_classes)
-from llmjax.tasks.classify import LABELS_FILE, LabelTask, _recorded_labels
+from llmjax.tasks.classify import LABELS_FILE, LabelTask, recorded_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ImageClassify(LabelTask):
   def data(self, workdir):
     from llmjax.data import vision
     exp = self.exp
-    splits = vision.load_images(exp.data, _recorded_labels(exp, workdir))
+    splits = vision.load_images(exp.data, recorded_labels(exp, workdir))
     names = list(splits.label_names)
     if exp.task.num_classes and exp.task.num_classes != len(names):
       raise ConfigError(f"config.task.num_classes={exp.task.num_classes} but the data has "
