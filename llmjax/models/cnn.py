@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax.config import ModelConfig
+from llmjax.models.apply import HEAD_INPUT
 from llmjax.models import resnet
 from llmjax.parallel import axes
 
@@ -34,6 +35,6 @@ class CNN(nn.Module):
       x_BHWC = nn.max_pool(x_BHWC, (2, 2), strides=(2, 2))
     x_BF = x_BHWC.reshape(x_BHWC.shape[0], -1)
     h_BF = nn.relu(resnet.dense(cfg, cfg.cnn_hidden, (axes.FEATURES, axes.HIDDEN), "hidden")(x_BF))
-    self.sow("intermediates", "head_input", h_BF)  # what the classifier reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, h_BF)  # what the classifier reads (distillation)
     logits_BC = resnet.dense(cfg, self.num_classes, (axes.HIDDEN, axes.CLASSES), "classifier")(h_BF)
     return logits_BC.astype(jnp.float32)

@@ -23,6 +23,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.models import attention, layers, transformer
 from llmjax.models import peft as peftlib
+from llmjax.models.apply import HEAD_INPUT
 from llmjax.parallel import axes
 
 _ACT = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
@@ -166,7 +167,7 @@ class EncoderDecoder(nn.Module):
                          source_segment_ids_BS, deterministic, decode)
     if return_hidden:
       return y_BTD
-    self.sow("intermediates", "head_input", y_BTD)  # what the output layer reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, y_BTD)  # what the output layer reads (distillation)
     logits_BTV = self.embed.attend(y_BTD) if self.cfg.tie_embeddings else self.lm_head(y_BTD)
     if self.cfg.final_logits_bias:
       logits_BTV = logits_BTV + self.final_logits_bias.astype(logits_BTV.dtype)[None, None]

@@ -15,6 +15,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.models import layers
 from llmjax.models import peft as peftlib
+from llmjax.models.apply import HEAD_INPUT
 from llmjax.models.transformer import Transformer
 from llmjax.parallel import axes
 
@@ -67,7 +68,7 @@ class MaskedLM(nn.Module):
     cfg = self.cfg
     encoder, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                                   deterministic)
-    self.sow("intermediates", "head_input", hidden_BLD)  # the encoder's output (distillation)
+    self.sow("intermediates", HEAD_INPUT, hidden_BLD)  # the encoder's output (distillation)
     h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
     h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
     dtype = layers.dtype_of(cfg.dtype)
@@ -99,7 +100,7 @@ class SequenceClassifier(nn.Module):
     _, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                             deterministic)
     pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
-    self.sow("intermediates", "head_input", pooled_BD)  # what the classifier reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, pooled_BD)  # what the classifier reads (distillation)
     pooled_BD = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled_BD)
     return layers.dense(cfg, self.num_labels, (axes.EMBED, None), "classifier")(pooled_BD)
 
@@ -124,5 +125,5 @@ class DecoderClassifier(nn.Module):
                               deterministic=deterministic, return_hidden=True)
     last_B = jnp.maximum(jnp.sum(segment_ids_BL != 0, axis=1) - 1, 0)
     last_BD = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
-    self.sow("intermediates", "head_input", last_BD)  # what the classifier reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, last_BD)  # what the classifier reads (distillation)
     return self.classifier(last_BD)

@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
+from llmjax.models.apply import HEAD_INPUT
 from llmjax.parallel import axes
 
 # Kaiming-normal over fan-out, as torchvision and HF initialise ResNet convolutions.
@@ -220,7 +221,7 @@ class ResNet(nn.Module):
     features_BC = jnp.mean(x_BHWC.astype(jnp.float32), axis=(1, 2))
     if not self.num_classes:
       return features_BC
-    self.sow("intermediates", "head_input", features_BC)  # what the classifier reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, features_BC)  # what the classifier reads (distillation)
     logits_BC = dense(cfg, self.num_classes, (axes.FEATURES, axes.CLASSES), "classifier")(
         features_BC)
     return logits_BC.astype(jnp.float32)  # the loss is taken in float32 whatever the compute

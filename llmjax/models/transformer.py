@@ -19,6 +19,7 @@ from llmjax.config import ModelConfig
 from llmjax.models import layers
 from llmjax.models import attention
 from llmjax.models import peft as peftlib
+from llmjax.models.apply import HEAD_INPUT
 from llmjax.parallel import axes
 
 REMAT_POLICIES = {
@@ -224,7 +225,7 @@ class Transformer(nn.Module):
       x_BLD = layers.norm(cfg, "final_norm")(x_BLD)
     if return_hidden:
       return x_BLD
-    self.sow("intermediates", "head_input", x_BLD)  # what the output layer reads (distillation)
+    self.sow("intermediates", HEAD_INPUT, x_BLD)  # what the output layer reads (distillation)
     if cfg.tie_embeddings:
       logits_BLV = token_embed.attend(x_BLD)
     else:

@@ -17,11 +17,11 @@ from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics
+from llmjax.models.apply import apply_model
 from llmjax.tasks import encoding
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
-                               SharesBatch, Task, WritesFiles, apply_model,
-                               require_encoder_decoder, require_label_smoothing,
-                               require_num_classes, token_batch)
+                               SharesBatch, Task, WritesFiles, require_encoder_decoder,
+                               require_label_smoothing, require_num_classes, token_batch)
 
 LABELS_FILE = "labels.json"
 

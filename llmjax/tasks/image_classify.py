@@ -19,7 +19,8 @@ import numpy as np
 from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError, capped
-from llmjax.tasks.base import (Data, apply_model, require_encoder_decoder, require_label_smoothing,
+from llmjax.models.apply import apply_model
+from llmjax.tasks.base import (Data, require_encoder_decoder, require_label_smoothing,
                                require_num_classes)
 from llmjax.tasks.classify import LABELS_FILE, LabelTask, recorded_labels
 

@@ -12,10 +12,11 @@ import numpy as np
 
 from llmjax import flops
 from llmjax.config import TaskConfig
+from llmjax.models.apply import apply_model
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Outputs, Prediction,
-                               Predicts, SharesBatch, Task, WritesFiles, apply_model,
-                               require_encoder_decoder, token_batch)
+                               Predicts, SharesBatch, Task, WritesFiles, require_encoder_decoder,
+                               token_batch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
+from llmjax.models.apply import apply_model
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks import encoding
-from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
-                               Task, apply_model, require_encoder_decoder, token_batch)
+from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts, Task,
+                               require_encoder_decoder, token_batch)
 
 
 @dataclasses.dataclass(frozen=True)

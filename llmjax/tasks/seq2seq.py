@@ -18,9 +18,10 @@ from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
 from llmjax.errors import ConfigError
+from llmjax.models.apply import apply_model
 from llmjax.objectives import seq2seq as objective
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms, Outputs,
-                               Prediction, Predicts, Task, Translates, WritesFiles, apply_model,
+                               Prediction, Predicts, Task, Translates, WritesFiles,
                                require_encoder_decoder, require_label_smoothing)
 
 CORPUS_FILE, TRANSLATIONS_FILE, SCORES_FILE = "corpus.json", "translations.txt", \
