@@ -24,6 +24,13 @@ import secrets
 import sys
 from collections.abc import Mapping
 
+import jax
+import numpy as np
+from jax._src import cloud_tpu_init
+from jax._src import clusters  # no public API exposes the detectors themselves
+from jax._src import distributed as jax_distributed  # the client has no public accessor
+from jax.experimental import multihost_utils
+
 from llmjax.errors import UserError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -155,8 +162,6 @@ def local_device_ids(local_rank: int | None, tasks_on_node: int | None,
 
 def _detected(init_timeout: int, env: Mapping[str, str]) -> Cluster | None:
   """jax's detectors (they read os.environ; the metadata server on TPU VMs)."""
-  from jax._src import clusters  # no public API exposes the detectors themselves
-  from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
   found = next((c for c in clusters.ClusterEnv._cluster_types
                 if not c.opt_in_only_method and c.is_env_present()), None)
   if found is None:
@@ -164,7 +169,7 @@ def _detected(init_timeout: int, env: Mapping[str, str]) -> Cluster | None:
   address = found.get_coordinator_address(timeout_secs=init_timeout,
                                           override_coordinator_port=env.get("JAX_COORDINATOR_PORT"))
   local = None
-  if not running_in_cloud_tpu_vm:  # TPU hosts always drive all their chips
+  if not cloud_tpu_init.running_in_cloud_tpu_vm:  # TPU hosts always drive all their chips
     local = local_device_ids(found.get_local_process_id(), _tasks_on_this_node(found.name, env),
                              env)
   return _checked(Cluster(found.name, found.get_process_count(), found.get_process_id(), address,
@@ -190,7 +195,6 @@ def join(cluster: Cluster, *, initialization_timeout: int = 300,
 
   Call before anything touches a jax backend. CPU processes exchange arrays over gloo.
   """
-  import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # read by the CPU backend only
   if cluster.num_processes > 1:
     try:
@@ -212,7 +216,6 @@ def join(cluster: Cluster, *, initialization_timeout: int = 300,
 
 def summary(cluster: Cluster) -> str:
   """The cluster and the devices it gave this process (after `join`)."""
-  import jax
   return (f"{cluster.describe()}; {jax.local_device_count()} local / {jax.device_count()} "
           f"global {jax.devices()[0].platform} devices")
 
@@ -230,8 +233,6 @@ def all_processes(value: str, *, timeout_s: int = 300) -> list[str]:
   Goes through the coordinator, not the devices, so it works where a collective would not (a
   process with another device count) and fails after `timeout_s` instead of hanging.
   """
-  import jax
-  from jax._src import distributed as jax_distributed  # the client has no public accessor
   if jax.process_count() == 1:
     return [value]
   client = jax_distributed.global_state.client
@@ -242,7 +243,6 @@ def all_processes(value: str, *, timeout_s: int = 300) -> list[str]:
 
 
 def _check_device_counts() -> None:
-  import jax
   counts = [int(c) for c in all_processes(str(jax.local_device_count()))]
   if len(set(counts)) > 1:
     listed = ", ".join(f"process {i}: {c}" for i, c in enumerate(counts))
@@ -257,7 +257,6 @@ def check_shared_directory(path: str) -> None:
   Process 0 writes a token there and the others look for it. A directory local to each host
   would leave each one part of every checkpoint (orbax #999); this finds it before training.
   """
-  import jax
   if jax.process_count() == 1:
     return
   path = os.path.abspath(path)
@@ -299,11 +298,9 @@ def to_host(tree):
   With several processes an array split across them is gathered: a collective, so every process
   must call this with the same tree.
   """
-  import jax
-  import numpy as np
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils
+
   def whole(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))

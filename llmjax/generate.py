@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from llmjax import beam_search
 from llmjax.errors import UserError
+from llmjax.models import encoder_decoder
 from llmjax.models.transformer import Transformer, init_cache
 
 
@@ -211,8 +213,7 @@ def translate(model, params, source_BS, *, source_mask_BS=None, max_new_tokens: 
   decoder step. `num_beams` 1 is greedy; more is beam search with transformers' semantics
   (`length_penalty`, `early_stopping` True, False or "never"; llmjax.beam_search).
   """
-  from llmjax.models.encoder_decoder import EncoderDecoder
-  if not isinstance(model, EncoderDecoder):
+  if not isinstance(model, encoder_decoder.EncoderDecoder):
     raise UserError(f"translate needs an encoder-decoder, got {type(model).__name__}")
   cfg = model.cfg
   source_BS = jnp.asarray(source_BS, jnp.int32)
@@ -247,8 +248,6 @@ def translate(model, params, source_BS, *, source_mask_BS=None, max_new_tokens: 
                                              "decoder_start_id", "pad_id"))
 def _translate(model, params, source_BS, mask_BS, eos_E, *, max_new_tokens, num_beams,
                length_penalty, early_stopping, decoder_start_id, pad_id):
-  from llmjax import beam_search
-  from llmjax.models.encoder_decoder import init_cache
   memory_BSD = model.apply({"params": params}, source_BS, source_segment_ids_BS=mask_BS,
                            method=model.encode)
   # Each row's beams are rows of their own: R = B * K decoder rows, beam k of row b at b * K + k.
@@ -261,7 +260,7 @@ def _translate(model, params, source_BS, mask_BS, eos_E, *, max_new_tokens, num_
         method=model.decode, mutable=["cache"])
     return logits_R1V[:, -1], variables["cache"]
 
-  cache = init_cache(model, rows, source_BS.shape[1], max_new_tokens)
+  cache = encoder_decoder.init_cache(model, rows, source_BS.shape[1], max_new_tokens)
   start_R = jnp.full((rows,), decoder_start_id, jnp.int32)
   logits_RV, cache = step(start_R, cache, memory_RSD)
   if num_beams == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import pathlib
@@ -75,8 +76,6 @@ def tfds_labelled_sources(cfg: DataConfig) -> tuple[tuple[str, ...] | None, dict
   """Labelled tfds data: (the label feature's ClassLabel names or None, {"train" | "val" |
   "test": (config key, tfds split, random-access source)} for each split the config names).
   The train split is opened first: its errors say what is missing and how to prepare it."""
-  import dataclasses
-
   import tensorflow_datasets as tfds  # Heavy import, only for source=tfds.
   train = _tfds_source(cfg)
   features = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None).info.features

@@ -13,10 +13,10 @@ import os
 import jax
 from flax import linen as nn
 
-from llmjax import tasks
+from llmjax import distributed, tasks
 from llmjax.errors import UserError
 from llmjax.parallel import sharding
-from llmjax.train import rundir, step as steplib
+from llmjax.train import loop, rundir, step as steplib
 
 
 def split_arrays(data: tasks.Data, split: str, workdir: str) -> dict:
@@ -39,10 +39,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
       state, batch, loss=steplib.bind_loss(task, run.model)))
   rules = sharding.rules_for("dp")
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
-    from llmjax.train import loop
     sums = loop.eval_sums(run.mesh, eval_fn, run.state, batches)
   report = {"step": run.step, "split": split, **task.report(sums)}
-  from llmjax import distributed
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
                                       split, limit=-1))

@@ -9,9 +9,9 @@ import numpy as np
 
 def confusion(confusion_CC: np.ndarray, names, out_png: str, title: str) -> None:
   """A confusion matrix with class names on both axes and the counts in the cells."""
-  import matplotlib
+  import matplotlib  # heavy: only when a plot is drawn
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  from matplotlib import pyplot as plt  # heavy, as above
 
   n = confusion_CC.shape[0]
   names = list(names) if names else [str(i) for i in range(n)]

@@ -11,7 +11,7 @@ import numpy as np
 
 from llmjax.config import Experiment
 from llmjax.errors import ConfigError
-from llmjax.finetune import partition, spec
+from llmjax.finetune import adalora, partition, spec
 
 PARAMS_FILE = "params.json"
 
@@ -32,7 +32,6 @@ def optimizer(exp: Experiment, tx, trainable):
   """The run's optimizer: `tx`, wrapped with AdaLoRA's rank budget for method="adalora"."""
   if exp.finetune.method != "adalora":
     return tx
-  from llmjax.finetune import adalora
   return adalora.with_budget(tx, exp.finetune, exp.train.steps)
 
 

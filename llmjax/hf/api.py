@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from llmjax import distributed
 from llmjax.config import ModelConfig
 from llmjax.errors import capped
 from llmjax.hf import bart, bert, files, gpt2, llama, mapping, marian, resnet
@@ -250,7 +251,7 @@ def arch_of(model: nn.Module) -> Architecture:
 
 def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
   """'' if cfg -> HF config -> cfg is lossless, else the fields HF cannot express."""
-  import transformers
+  import transformers  # heavy: only when a model meets Hugging Face
   try:
     hf = getattr(transformers, arch.config_class)(**arch.to_hf(cfg), **_NO_SPECIAL_TOKENS)
     back = _config(arch, hf, cfg.dtype, cfg.scan_layers)
@@ -279,9 +280,7 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
   In a multi-process run every process calls it (the parameters are gathered) and process 0
   writes.
   """
-  import transformers
-
-  from llmjax import distributed
+  import transformers  # heavy: only when a model meets Hugging Face
   added = _peft_parameters(getattr(model, "peft", None))
   if added:
     raise UnsupportedModelError(
@@ -312,7 +311,6 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
 
 def _state_to_host(model: nn.Module, model_state: dict | None) -> dict[str, dict]:
   """{collection: flat host arrays} of `model_state`, checked against the model's own state."""
-  from llmjax import distributed
   want = {c: _shapes(flat) for c, flat in _abstract_state_flat(model).items()}
   given = dict(model_state or {})
   if set(given) != set(want):

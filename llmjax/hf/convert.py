@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from llmjax import checkpoint
 from llmjax.config import ModelConfig
+from llmjax.data.tokenizers import get_tokenizer
 from llmjax.errors import UserError
 from llmjax.hf import api, tokens
 from llmjax.models import heads
@@ -170,7 +171,6 @@ def tokenizer_for(loaded: Loaded, spec: str | None):
   if spec:
     if spec.startswith("hf:"):
       return tokens.TextTokenizer(tokens.load_tokenizer(spec[3:]))
-    from llmjax.data.tokenizers import get_tokenizer
     return get_tokenizer(spec)
   if loaded.tokenizer_dir is None:
     raise UserError("the checkpoint has no tokenizer/; pass --tokenizer=byte or "

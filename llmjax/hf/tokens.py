@@ -10,7 +10,7 @@ from llmjax.hf.errors import HFError
 
 def load_tokenizer(path: str):
   """transformers' AutoTokenizer from `path` only: no download, no remote code."""
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # heavy: only when an HF tokenizer is used
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   except (OSError, ValueError, TypeError) as e:

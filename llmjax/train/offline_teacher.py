@@ -16,10 +16,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from llmjax import distributed
@@ -97,15 +99,12 @@ def _read(directory: str, manifest: dict) -> dict | None:
       print(f"{directory} was computed for another teacher, k or data: computing it again",
             file=sys.stderr)
       return None
-  import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as checkpointer:
     return jax.tree.map(np.asarray, checkpointer.restore(os.path.join(directory, "arrays")))
 
 
 def _write(directory: str, columns: dict, manifest: dict) -> None:
   """The arrays, then the manifest: a store without its manifest is never read."""
-  import orbax.checkpoint as ocp
-  import shutil
   if os.path.isdir(directory):
     shutil.rmtree(directory)
   os.makedirs(directory)

@@ -71,9 +71,9 @@ def truncate_after(path: str, step: int) -> None:
 
 def plot_loss(metrics_path: str, out_png: str, title: str) -> None:
   """Train and validation loss against step."""
-  import matplotlib
+  import matplotlib  # heavy: only when a plot is drawn
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  from matplotlib import pyplot as plt  # heavy, as above
 
   records = read_metrics(metrics_path)
   fig, ax = plt.subplots(figsize=(7, 4.5))
