@@ -30,6 +30,38 @@ def _gather(x_BK, index_BC):
                              axis=1)
 
 
+def _start(first_logits_RV, cache, batch: int, k: int, n: int, pad_id: int) -> dict:
+  """The loop state before the first step: beam 0 of each row live, nothing finished."""
+  return dict(
+      t=jnp.int32(0), logits_RV=first_logits_RV, cache=cache,
+      running_BKN=jnp.full((batch, k, n), pad_id, jnp.int32),
+      running_scores_BK=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG),
+      finished_BKN=jnp.full((batch, k, n), pad_id, jnp.int32),
+      finished_scores_BK=jnp.full((batch, k), _NEG, jnp.float32),
+      is_finished_BK=jnp.zeros((batch, k), bool),
+      improvable_B1=jnp.ones((batch, 1), bool), go=jnp.bool_(True))
+
+
+def _finished(s: dict, top_scores_BC, candidates_BCN, ended_BC, *, k: int, keep: int,
+              length_penalty: float, early_stopping: bool | str):
+  """Those of the first K candidates that ended, merged with the finished hypotheses: the best
+  K of both as (tokens [B, K, N], scores [B, K], is_finished [B, K])."""
+  t = s["t"]
+  just_ended_BC = ended_BC & (jnp.arange(keep) < k)[None]
+  final_BC = top_scores_BC / (t + 1).astype(jnp.float32) ** length_penalty
+  full_B1 = jnp.all(s["is_finished_BK"], axis=-1, keepdims=True) & (early_stopping is True)
+  final_BC += full_B1 * _NEG
+  final_BC += ~s["improvable_B1"] * _NEG
+  final_BC += ~just_ended_BC * _NEG
+  merged_scores = jnp.concatenate([s["finished_scores_BK"], final_BC], axis=1)
+  _, best_BK = jax.lax.top_k(merged_scores, k)
+  finished_BKN = _gather(jnp.concatenate([s["finished_BKN"], candidates_BCN], axis=1), best_BK)
+  finished_scores_BK = _gather(merged_scores, best_BK)
+  is_finished_BK = _gather(jnp.concatenate([s["is_finished_BK"], just_ended_BC], axis=1),
+                           best_BK)
+  return finished_BKN, finished_scores_BK, is_finished_BK
+
+
 def beam_search(first_logits_RV: jax.Array, cache, step: Callable, reorder: Callable, *,
                 num_beams: int, max_new_tokens: int, eos_E: jax.Array, pad_id: int,
                 length_penalty: float, early_stopping: bool | str) -> jax.Array:
@@ -43,15 +75,6 @@ def beam_search(first_logits_RV: jax.Array, cache, step: Callable, reorder: Call
   rows, vocab = first_logits_RV.shape
   batch, k, n = rows // num_beams, num_beams, max_new_tokens
   keep = max(2, 1 + eos_E.shape[0]) * k
-  top_k_mask_C = jnp.arange(keep) < k
-  state = dict(
-      t=jnp.int32(0), logits_RV=first_logits_RV, cache=cache,
-      running_BKN=jnp.full((batch, k, n), pad_id, jnp.int32),
-      running_scores_BK=jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(_NEG),
-      finished_BKN=jnp.full((batch, k, n), pad_id, jnp.int32),
-      finished_scores_BK=jnp.full((batch, k), _NEG, jnp.float32),
-      is_finished_BK=jnp.zeros((batch, k), bool),
-      improvable_B1=jnp.ones((batch, 1), bool), go=jnp.bool_(True))
 
   def body(s):
     t = s["t"]
@@ -69,19 +92,9 @@ def beam_search(first_logits_RV: jax.Array, cache, step: Callable, reorder: Call
     running_scores_BK = _gather(running_scores_BC, next_BK)
     parent_BK = _gather(parent_BC, next_BK)
 
-    # Those of the first K that ended compete with the finished hypotheses.
-    just_ended_BC = ended_BC & top_k_mask_C[None]
-    final_BC = top_scores_BC / (t + 1).astype(jnp.float32) ** length_penalty
-    full_B1 = jnp.all(s["is_finished_BK"], axis=-1, keepdims=True) & (early_stopping is True)
-    final_BC += full_B1 * _NEG
-    final_BC += ~s["improvable_B1"] * _NEG
-    final_BC += ~just_ended_BC * _NEG
-    merged_scores = jnp.concatenate([s["finished_scores_BK"], final_BC], axis=1)
-    _, best_BK = jax.lax.top_k(merged_scores, k)
-    finished_BKN = _gather(jnp.concatenate([s["finished_BKN"], candidates_BCN], axis=1), best_BK)
-    finished_scores_BK = _gather(merged_scores, best_BK)
-    is_finished_BK = _gather(jnp.concatenate([s["is_finished_BK"], just_ended_BC], axis=1),
-                             best_BK)
+    finished_BKN, finished_scores_BK, is_finished_BK = _finished(
+        s, top_scores_BC, candidates_BCN, ended_BC, k=k, keep=keep,
+        length_penalty=length_penalty, early_stopping=early_stopping)
 
     # Can a running beam still beat the worst finished one?
     best_length = n if (early_stopping == "never" and length_penalty > 0) else t + 1
@@ -102,5 +115,6 @@ def beam_search(first_logits_RV: jax.Array, cache, step: Callable, reorder: Call
                 finished_scores_BK=finished_scores_BK, is_finished_BK=is_finished_BK,
                 improvable_B1=improvable_B1, go=go)
 
-  state = jax.lax.while_loop(lambda s: s["go"], body, state)
+  state = jax.lax.while_loop(lambda s: s["go"], body, _start(first_logits_RV, cache, batch, k, n,
+                                                             pad_id))
   return state["finished_BKN"][:, 0]

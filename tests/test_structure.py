@@ -17,7 +17,6 @@ KNOWN_LONG_MODULES = {
   "llmjax/config.py": "being rewritten with the task config sections (issue 26 part 2)",
 }
 KNOWN_LONG_FUNCTIONS = {
-  "llmjax/beam_search.py:beam_search": "one long jitted search",
   "llmjax/config_checks.py:validate": "being rewritten with the task config sections",
 }
 
