@@ -25,7 +25,8 @@ from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import init, preemption, pretrained, reporting, rundir, setup
+from llmjax.train import init, offline_teacher, preemption, pretrained, reporting, rundir, setup
+from llmjax.train import teacher as teacher_lib
 
 
 def run(exp: Experiment, workdir: str) -> dict:
@@ -43,7 +44,6 @@ def run(exp: Experiment, workdir: str) -> dict:
   # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
   state, data_state = initial_state(s, ckpt)
   if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
-    from llmjax.train import offline_teacher
     s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
   base = _write_run_files(s, workdir, state)
   start = int(jax.device_get(state.step))
@@ -100,7 +100,6 @@ def with_teacher(s: setup.Setup, state):
     return state
   if s.exp.distill.top_k:
     return state.replace(teacher={})
-  from llmjax.train import teacher as teacher_lib
   return state.replace(teacher=teacher_lib.load(s.exp, s.teacher))
 
 
@@ -262,7 +261,7 @@ def _progress(t, start):
   """A progress bar on process 0 (None when config.train.progress is off)."""
   if not t.progress or jax.process_index() != 0:
     return None
-  from tqdm import tqdm
+  from tqdm import tqdm  # only with a progress bar
   return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
 
 

@@ -18,7 +18,9 @@ from llmjax.config import Experiment
 from llmjax.errors import ConfigError
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
+from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
 from llmjax.train import init, optim, pretrained, step
+from llmjax.train import teacher as teacher_lib
 
 
 @dataclasses.dataclass
@@ -93,8 +95,6 @@ def check_vocab(exp: Experiment, tokenizer) -> None:
 def distilled(exp: Experiment, task, model, data, mesh, rules):
   """(the task with config.distill's loss, the teacher, the data with what the run records of
   the distillation in its info): the teacher is checked against the student first."""
-  from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
-  from llmjax.train import teacher as teacher_lib
   if not tasks.supports(task, tasks.Predicts):
     raise ConfigError(f"config.distill.teacher={exp.distill.teacher!r}: the {task.name} task does "
                       "not expose its logits (it does not declare Predicts), which distillation "
