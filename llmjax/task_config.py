@@ -2,7 +2,7 @@
 
 `config.task.name` names a registered task; the rest of `config.task` are the options of that
 task, fields of a frozen dataclass the task's module defines (a subclass of `TaskConfig`) and
-registers here with `register_task` (llmjax/tasks/__init__.py registers the built-in ones when
+registers here with `register_task` (llmjax/tasks/registry.py registers the built-in ones when
 `llmjax.tasks` is imported, as the CLI and `llmjax.train` do). The options validate themselves
 (`TaskConfig.validate`), with the whole experiment in view.
 

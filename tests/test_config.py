@@ -2,6 +2,7 @@
 or file, no traceback, no workdir), and at the library boundary (`resolve` raises ConfigError)."""
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import subprocess
@@ -225,3 +226,21 @@ def test_main_reads_its_own_argv_and_parses_again_in_one_process():
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split("\n")[:4] == ["3 x", "4 x", "exit 2", "20 None False"], proc.stdout
   assert proc.stderr.strip() == "error: config.train.steps must be an int, got 'abc'"
+
+
+def test_a_config_json_with_every_tasks_options_still_loads():
+  """Runs written before tasks owned their config sections recorded every task's options in
+  config.task (a union): reading one back (resume, eval, export) keeps the named task's."""
+  d = base_dict()
+  d["task"] = {"name": "lm", "mask_prob": 0.15, "mask_token_ratio": 0.8,
+               "random_token_ratio": 0.1, "num_classes": 0, "pooling": "auto",
+               "label_smoothing": 0.1, "num_beams": 4, "length_penalty": 1.0,
+               "early_stopping": False, "max_new_tokens": 0, "bleu_examples": 256}
+  exp = config_lib.from_json(json.dumps(d))
+  assert exp.task == config_lib.registered()["lm"](name="lm")
+  with pytest.raises(ConfigError, match="config.task.label_smoothing=0.1 is an option of the "
+                                        "classify, image_classify, seq2seq task"):
+    config_lib.resolve(d)  # an experiment that sets another task's option is told so
+  d["task"].update(name="classify", pooling="last")
+  d["model"]["causal"] = True
+  assert config_lib.from_json(json.dumps(d)).task.label_smoothing == 0.1

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 import llmjax.train
 from llmjax import config as config_lib
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, UserError
 from llmjax.eval import evaluate
 from llmjax.parallel import sharding
 from llmjax.tasks import multitask
@@ -197,6 +197,10 @@ def test_resume_is_exact_and_metrics_and_eval_report_each_task(tmp_path):
   assert "--- classify" in evaluate.table(report)
   assert os.path.exists(os.path.join(workdir, "tasks", "lm", "samples.txt"))
   assert os.path.exists(os.path.join(workdir, "tasks", "classify", "labels.json"))
+  from llmjax.cli import export  # a multi-task run has one model per head: not Exportable
+  with pytest.raises(UserError, match="does not declare Exportable"):
+    export.export(workdir, str(tmp_path / "export"))
+  assert not os.path.exists(tmp_path / "export")
 
 
 # --- configuration and bad input ----------------------------------------------------------------

@@ -177,3 +177,8 @@ def test_a_task_defined_here_trains_evaluates_and_exports_through_the_cli(regist
   assert jax.tree.map(np.shape, loaded.params) == jax.tree.map(np.shape, run.params)
   for ours, theirs in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(run.params)):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+  # A capability it does not declare is refused by the verb that needs it, in one line.
+  translated = _cli("translate", f"--checkpoint={workdir}", "--text=123")
+  assert translated.returncode == 2 and "does not translate" in translated.stderr
+  assert "Traceback" not in translated.stderr
