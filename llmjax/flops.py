@@ -235,10 +235,13 @@ def image_forward_flops(cfg: ModelConfig, image_size: int, channels: int,
 
 
 def image_forward(cfg: ModelConfig, image_size: int, channels: int, num_classes: int) -> Forward:
-  """An image model's forward, every weight in one group (a frozen share by elements: an
-  approximation, convolutions differ in their use per weight)."""
+  """An image model's forward: the classifier exactly, the convolutions (and a CNN's hidden
+  layer) as one group whose frozen share is by elements (an approximation: a convolution's
+  weights are used once per output pixel, which differs by stage)."""
   total = float(image_forward_flops(cfg, image_size, channels, num_classes))
-  return Forward(total, ((r"(^|/)kernel$", total),))
+  body = float(image_forward_flops(cfg, image_size, channels, 0))
+  return Forward(total, ((r"^(?!(.*/)?classifier/).*kernel$", body),
+                         (r"(^|/)classifier/kernel$", total - body)))
 
 
 def image_train_flops_per_step(cfg: ModelConfig, batch_size: int, image_size: int, channels: int,

@@ -166,3 +166,18 @@ def test_a_distillation_teacher_counts_one_forward():
   teacher = flops.lm_forward(dataclasses.replace(TINY, causal=True, n_layers=2), 4)
   with_teacher = dataclasses.replace(student, no_grad=teacher.total)
   assert flops.train_flops(with_teacher) == 3 * student.total + teacher.total
+
+
+def test_an_image_model_with_a_frozen_backbone_counts_its_classifier_exactly():
+  import jax.numpy as jnp
+
+  from llmjax.models import cnn
+  cfg = ModelConfig(arch="cnn", cnn_widths="2", cnn_hidden=4)
+  # One 3x3 conv 1 -> 2 channels on 4x4 (2 x 16 x 9 x 1 x 2 = 576), pooled to 2x2, hidden
+  # 2 x (2 x 2 x 2) x 4 = 64, classifier 2 x 4 x 3 = 24.
+  forward = flops.image_forward(cfg, 4, 1, 3)
+  assert forward.total == 576 + 64 + 24
+  model = cnn.CNN(cfg, num_classes=3, in_channels=1, image_size=4)
+  params = _param_shapes(model, jnp.zeros((1, 4, 4, 1)), deterministic=True)
+  head = frozenset(p for p in params if p.startswith("classifier/"))
+  assert flops.train_flops(forward, params, head) == 3 * forward.total - 576 - 64
