@@ -73,16 +73,14 @@ KNOWN_CYCLE_EDGES = {
 KNOWN_PRIVATE = {
 }
 KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules inside functions
-  **{m: "tasks/* is being redesigned (issue 26 part 2): after that lands" for m in [
-    "llmjax.tasks.base", "llmjax.tasks.classify", "llmjax.tasks.distill", "llmjax.tasks.encoding",
-    "llmjax.tasks.image_classify", "llmjax.tasks.lm", "llmjax.tasks.mlm", "llmjax.tasks.seq2seq"]},
+  "llmjax.tasks.encoding": "its weights lookup (train.pretrained) is moving below the tasks "
+                           "(issue 26 part 3)",
   "llmjax.train.pretrained": "becoming the weights package (issue 26 part 3)",
   "llmjax.train.teacher": "moving to the weights sources (issue 26 part 3)",
 }
 KNOWN_LIGHT_DEFERRED = {  # importer -> why it imports a light or non-optional module in functions
   "llmjax.config": "being rewritten with the task config sections (issue 26 part 2)",
   "llmjax.data.tokenizers": "being made deterministic (issue 26 part 6)",
-  "llmjax.tasks.distill": "tasks/* is being redesigned (issue 26 part 2)",
 }
 # Modules whose function-level imports are the point, llmjax's own included: prefix -> why.
 DEFERRING = {

@@ -26,9 +26,10 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from llmjax import flops
+from llmjax import finetune, flops
 from llmjax.config import Experiment
 from llmjax.config_checks import require
+from llmjax.data import text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,6 @@ class Task:
 
   def peft(self):
     """What config.finetune adds to the model (LoRA, adapters, prompt, prefix; or nothing)."""
-    from llmjax import finetune
     return finetune.peft_for(self.exp)
 
   def example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -145,7 +145,6 @@ class Task:
   def eval_batches(self, arrays: dict, batch_size: int,
                    max_batches: int | None = None) -> list[dict]:
     """A split's fixed evaluation batches (the first, in order; the last padded with zero rows)."""
-    from llmjax.data import text
     return text.eval_batches(arrays, batch_size, max_batches)
 
   def split_records(self, split: str, report: dict) -> dict[str, dict]:

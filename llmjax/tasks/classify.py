@@ -15,8 +15,10 @@ import optax
 
 from llmjax import flops
 from llmjax.config import TaskConfig
+from llmjax.data import labelled
 from llmjax.errors import ConfigError
-from llmjax.eval import metrics
+from llmjax.eval import metrics, plots
+from llmjax.models import heads
 from llmjax.models.apply import apply_model
 from llmjax.tasks import encoding
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
@@ -107,7 +109,6 @@ class LabelTask(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Tas
             f"{report['f1_macro']:.4f}, loss {report['loss']:.4f}")
 
   def write_report(self, workdir, report, sums, tag):
-    from llmjax.eval import plots
     path = os.path.join(workdir, "plots", "confusion.png")
     plots.confusion(np.asarray(report["confusion"]), self.info.get("label_names"), path,
                     f"{self.exp.name} {tag}: accuracy {report['accuracy']:.2%}")
@@ -122,7 +123,6 @@ class Classify(LabelTask):
     return pooling_for(self.exp.task.pooling, self.exp.model.causal)
 
   def data(self, workdir):
-    from llmjax.data import labelled
     exp = self.exp
     self.pooling()
     splits = labelled.load_labelled(exp.data, recorded_labels(exp, workdir), exp.task.num_classes)
@@ -161,7 +161,6 @@ class Classify(LabelTask):
                                   pooled=self.pooling() == "cls")
 
   def model(self):
-    from llmjax.models import heads
     cls = heads.DecoderClassifier if self.pooling() == "last" else heads.SequenceClassifier
     if self.num_classes() < 2:
       raise ConfigError("config.task.num_classes is unknown before the data is read")

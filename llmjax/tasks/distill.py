@@ -23,9 +23,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from llmjax.objectives import distill as objective
 from llmjax.objectives.distill import TEACHER
+from llmjax.parallel import axes
 from llmjax.tasks.base import (CountsFlops, DecodedReport, LossTerms, Predicts, Task, WritesFiles,
                                supports)
 
@@ -91,8 +93,6 @@ class Distilled(DecodedReport, WritesFiles, CountsFlops, Task):
     variables = dict(self.student.init(model, rngs, batch))
     shape = self.info.get(PROJECTION_SHAPE)
     if shape:
-      from flax import linen as nn
-      from llmjax.parallel import axes
       d_student, d_teacher = shape
       kernel = jax.random.normal(jax.random.fold_in(rngs["params"], 17), (d_student, d_teacher))
       params = dict(variables["params"])

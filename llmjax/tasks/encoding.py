@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from llmjax.config import Experiment
+from llmjax.data import tokenizers
 from llmjax.errors import ConfigError
 
 _TRAINED = ("wordpiece:", "bpe:")
@@ -27,7 +28,6 @@ def run_tokenizer(exp: Experiment, workdir: str | None, training_texts):
   """(tokenizer, artifacts). A vocabulary to be trained gives way to the init_from checkpoint's:
   pretrained embeddings are indexed by that checkpoint's ids, a new vocabulary would scramble them.
   """
-  from llmjax.data import tokenizers
   spec = exp.data.tokenizer
   resumed = workdir and os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE))
   if spec.startswith(_TRAINED) and exp.train.init_from and not resumed:

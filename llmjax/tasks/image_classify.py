@@ -18,7 +18,9 @@ import numpy as np
 
 from llmjax import flops
 from llmjax.config import TaskConfig
+from llmjax.data import vision
 from llmjax.errors import ConfigError, capped
+from llmjax.models import vision as vision_models
 from llmjax.models.apply import apply_model
 from llmjax.tasks.base import (Data, require_encoder_decoder, require_label_smoothing,
                                require_num_classes)
@@ -42,7 +44,6 @@ class ImageClassify(LabelTask):
   name = "image_classify"
 
   def data(self, workdir):
-    from llmjax.data import vision
     exp = self.exp
     splits = vision.load_images(exp.data, recorded_labels(exp, workdir))
     names = list(splits.label_names)
@@ -65,7 +66,6 @@ class ImageClassify(LabelTask):
                 augment=vision.augmenter(exp.data, image_shape=images.shape[1:]))
 
   def model(self):
-    from llmjax.models import vision as vision_models
     if self.num_classes() < 2:
       raise ConfigError("config.task.num_classes is unknown before the data is read")
     height, _, channels = self.image_shape()

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax import flops
+from llmjax import flops, generate
 from llmjax.config import TaskConfig
+from llmjax.data import text
 from llmjax.models.apply import apply_model
+from llmjax.models.transformer import Transformer
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Outputs, Prediction,
                                Predicts, SharesBatch, Task, WritesFiles, require_encoder_decoder,
@@ -32,7 +34,6 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
   name = "lm"
 
   def data(self, workdir):
-    from llmjax.data import text  # the data stack loads only when data is needed
     corpus = text.load_corpus(self.exp.data, workdir)
     return Data(train=corpus.train, val=corpus.val, test=None, tokenizer=corpus.tokenizer,
                 info={"tokenizer": corpus.tokenizer.name,
@@ -40,7 +41,6 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
                 artifacts=corpus.artifacts)
 
   def model(self):
-    from llmjax.models.transformer import Transformer
     return Transformer(self.exp.model, self.peft())
 
   def example_batch(self, batch_size):
@@ -94,7 +94,6 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
 
 def write_samples(exp, model, params, data: Data, path: str) -> None:
   """Continue a few validation prompts and write prompt + continuation as text."""
-  from llmjax import generate
   t = exp.train
   n_new = min(t.sample_tokens, exp.model.max_len // 2)
   prompt_len = min(64, exp.model.max_len - n_new)

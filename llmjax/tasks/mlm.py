@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
+from llmjax.data import sources, text
 from llmjax.models.apply import apply_model
+from llmjax.models.heads import MaskedLM as MaskedLMHead
 from llmjax.objectives import lm as lm_objective
 from llmjax.tasks import encoding
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts, Task,
@@ -47,7 +49,6 @@ class MaskedLM(Predicts, CountsFlops, Exportable, Task):
   name = "mlm"
 
   def data(self, workdir):
-    from llmjax.data import sources, text
     exp = self.exp
     docs = sources.read_documents(exp.data)
     train_docs, val_docs = text.split_documents(docs, exp.data.val_fraction, exp.data.seed)
@@ -65,7 +66,6 @@ class MaskedLM(Predicts, CountsFlops, Exportable, Task):
                 info=info, artifacts=artifacts)
 
   def model(self):
-    from llmjax.models.heads import MaskedLM as MaskedLMHead
     return MaskedLMHead(self.exp.model, peft=self.peft())
 
   def example_batch(self, batch_size):

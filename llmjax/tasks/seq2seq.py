@@ -14,11 +14,15 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from llmjax import flops
+from llmjax import flops, generate
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
+from llmjax.data import parallel_text, seq2seq_rows, tokenizers
+from llmjax.data.seq2seq_rows import ROW_KEYS, SpecialIds
 from llmjax.errors import ConfigError
+from llmjax.eval import bleu, translation_baselines
 from llmjax.models.apply import apply_model
+from llmjax.models.encoder_decoder import EncoderDecoder
 from llmjax.objectives import seq2seq as objective
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms, Outputs,
                                Prediction, Predicts, Task, Translates, WritesFiles,
@@ -57,7 +61,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
   name = "seq2seq"
 
   def data(self, workdir):
-    from llmjax.data import parallel_text, seq2seq_rows, tokenizers
     d = self.exp.data
     corpus = parallel_text.load_parallel(d)
     # One joint vocabulary for both languages: the embeddings are shared by both stacks.
@@ -86,7 +89,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
                 texts={"train": corpus.train, "val": corpus.val, "test": corpus.test})
 
   def model(self):
-    from llmjax.models.encoder_decoder import EncoderDecoder
     peft = self.peft()
     if peft.prompt_length or peft.prefix_length:
       raise ConfigError(f"config.finetune.method={self.exp.finetune.method!r} is not supported "
@@ -94,7 +96,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
     return EncoderDecoder(self.exp.model, peft)
 
   def example_batch(self, batch_size):
-    from llmjax.data.seq2seq_rows import ROW_KEYS
     shape = (batch_size, self.exp.data.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in ROW_KEYS}
 
@@ -130,7 +131,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
     params = get_params()  # every process takes part in gathering; process 0 decodes
     if jax.process_index() != 0:
       return {}
-    from llmjax.eval import bleu
     hypotheses = self.translate(model, params, data.tokenizer, [s for s, _ in pairs])
     return {**bleu.corpus_scores(hypotheses, [t for _, t in pairs]), "translated": len(pairs)}
 
@@ -148,7 +148,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
 
   def special_ids(self):
     """pad, EOS and decoder start of the run's vocabulary (recorded in task_info.json)."""
-    from llmjax.data.seq2seq_rows import SpecialIds
     return SpecialIds(self.info["pad_id"], self.info["eos_id"], self.info["start_id"])
 
   def headline(self, report):
@@ -167,7 +166,6 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
   def finish(self, outputs: Outputs):
     """translations.txt and translation_scores.json on the test split (validation if none):
     the model's BLEU/chrF beside copy-the-source and nearest-neighbour retrieval."""
-    from llmjax.eval import bleu, translation_baselines
     texts = outputs.data.texts
     split = "test" if texts.get("test") else "val"
     pairs = texts.get(split) or []
@@ -195,8 +193,6 @@ def translate_texts(model, params, tokenizer, sources: list[str], *, width: int,
                     max_new_tokens: int, num_beams: int, length_penalty: float,
                     early_stopping, special) -> list[str]:
   """Texts -> decoded texts, DECODE_BATCH at a time (sources cut to `width` tokens)."""
-  from llmjax import generate
-  from llmjax.data import seq2seq_rows
   ids = seq2seq_rows.encode_source(tokenizer, sources, special.eos)
   out = []
   for start in range(0, len(ids), DECODE_BATCH):
