@@ -3,12 +3,8 @@ naming the key and what is allowed (device-dependent checks live in parallel.mes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from llmjax.config_sections import Experiment
 from llmjax.errors import ConfigError
-
-if TYPE_CHECKING:
-  from llmjax.config import Experiment
 
 
 def require(ok: bool, message: str) -> None:
@@ -34,20 +30,7 @@ def validate(exp: Experiment) -> None:
                      ("train.keep_checkpoints", t.keep_checkpoints),
                      ("train.max_nonfinite", t.max_nonfinite)):
     _require(value > 0, f"config.{key} must be positive, got {value}")
-  _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
-           f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
-           "(or set config.model.head_dim)")
-  _require(m.n_heads % m.kv_heads == 0,
-           f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
-  _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
-           f"rotary embeddings need an even head dim, got {m.dim_per_head}")
-  _require(m.pos_emb != "sinusoidal" or m.d_model % 2 == 0,
-           f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
-  _require(m.n_decoder_layers >= 0,
-           f"config.model.n_decoder_layers must be >= 0 (0: n_layers), got {m.n_decoder_layers}")
-  _require(data.seq_len <= m.max_len,
-           f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
-  _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")
+  _validate_model(exp)
   _require(0.0 < data.val_fraction < 1.0,
            f"config.data.val_fraction must be in (0, 1), got {data.val_fraction}")
   _require(t.batch_size % o.accum_steps == 0,
@@ -76,6 +59,30 @@ def validate(exp: Experiment) -> None:
   validate_distill(exp)
   validate_images(exp)
   exp.task.validate(exp)  # the task's own options, checked by the task (llmjax/task_config.py)
+  _validate_mesh(exp)
+
+
+def _validate_model(exp: Experiment) -> None:
+  """The model's shape against itself and against the sequence length."""
+  m, data = exp.model, exp.data
+  _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+           f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
+           "(or set config.model.head_dim)")
+  _require(m.n_heads % m.kv_heads == 0,
+           f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
+  _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
+           f"rotary embeddings need an even head dim, got {m.dim_per_head}")
+  _require(m.pos_emb != "sinusoidal" or m.d_model % 2 == 0,
+           f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
+  _require(m.n_decoder_layers >= 0,
+           f"config.model.n_decoder_layers must be >= 0 (0: n_layers), got {m.n_decoder_layers}")
+  _require(data.seq_len <= m.max_len,
+           f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
+  _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")
+
+
+def _validate_mesh(exp: Experiment) -> None:
+  """The mesh axes' sizes (whether they fit the devices is checked in parallel.mesh)."""
   for axis in ("data", "fsdp", "tensor"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")

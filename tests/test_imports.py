@@ -32,7 +32,7 @@ FLOORS = {
   "llmjax.eval.plots": 1, "llmjax.eval.translation_baselines": 1, "llmjax.models.presets": 1,
   # 2 the experiment config: ConfigDict -> validated frozen dataclasses
   "llmjax.config": 2, "llmjax.config_checks": 2, "llmjax.config_tasks": 2,
-  "llmjax.task_config": 2,
+  "llmjax.task_config": 2, "llmjax.config_sections": 2,
   # 3 devices and storage: logical axes, meshes, shardings, the cluster, checkpoints
   "llmjax.parallel": 3, "llmjax.distributed": 3, "llmjax.checkpoint": 3,
   # 4 models (pure flax modules) and their FLOP counts
@@ -68,7 +68,6 @@ KNOWN_UPWARD = {
   ("llmjax.tasks.encoding", "llmjax.train.pretrained"): "weights_source lives in train/",
 }
 KNOWN_CYCLE_EDGES = {
-  ("llmjax.config_checks", "llmjax.config"): "config imports config_checks and back",
 }
 KNOWN_PRIVATE = {
 }
@@ -79,7 +78,6 @@ KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules insi
   "llmjax.train.teacher": "moving to the weights sources (issue 26 part 3)",
 }
 KNOWN_LIGHT_DEFERRED = {  # importer -> why it imports a light or non-optional module in functions
-  "llmjax.config": "being rewritten with the task config sections (issue 26 part 2)",
   "llmjax.data.tokenizers": "being made deterministic (issue 26 part 6)",
 }
 # Modules whose function-level imports are the point, llmjax's own included: prefix -> why.

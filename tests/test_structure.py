@@ -15,10 +15,8 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 KNOWN_LONG_MODULES = {
-  "llmjax/config.py": "being rewritten with the task config sections (issue 26 part 2)",
 }
 KNOWN_LONG_FUNCTIONS = {
-  "llmjax/config_checks.py:validate": "being rewritten with the task config sections",
 }
 
 
