@@ -186,6 +186,9 @@ def test_preemption_signal_saves_the_step_and_resumes_after_it(chains, sig):
   after = h.train_records(later)
   assert {s: r for s, r in after.items() if s <= step} == before
   assert step + 1 in after
+  next_stderr = (chain.interruptions[index + 1].stderr if index + 1 < len(chain.interruptions)
+                 else chain.final[2])
+  assert f"at step {step} of {h.STEPS}" in next_stderr, next_stderr[-2000:]  # it says so
   assert max(_final_train(chain)) == h.STEPS
 
 
@@ -320,3 +323,35 @@ def test_data_iterator_state_round_trips_through_a_checkpoint(tmp_path):
   resumed.set_state(text.iterator_state(data_state["grain"], 4))
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["tokens"], want)
+
+
+# ---- running the same command again, in-process ----
+
+
+def test_a_run_run_again_says_where_it_resumes_and_writes_no_record_twice(tmp_path, capfd):
+  """Finished: "already finished", the final evaluation is not appended again. Extended: it
+  resumes at the step it had reached. No (step, split) record is ever written twice."""
+  import llmjax.train
+  from _task_helpers import experiment
+  exp = experiment("lm", tmp_path, train=dict(steps=4, log_every=1, eval_every=2,
+                                              checkpoint_every=2, sample_prompts=0))
+  workdir = str(tmp_path / "run")
+  first = llmjax.train.run(exp, workdir)
+  assert "resum" not in capfd.readouterr().err
+  written = h.read_records(workdir)
+  pairs = [(r["step"], r["split"]) for r in written]
+  assert len(pairs) == len(set(pairs)) and (4, "val") in pairs
+
+  again = llmjax.train.run(exp, workdir)
+  err = capfd.readouterr().err
+  assert f"{workdir} already finished at step 4 of 4" in err, err
+  assert h.read_records(workdir) == written  # nothing appended, nothing rewritten
+  assert again["loss"] == first["loss"] and again["step"] == 4
+
+  longer = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=6))
+  llmjax.train.run(longer, workdir)
+  assert f"resuming {workdir} at step 4 of 6" in capfd.readouterr().err
+  pairs = [(r["step"], r["split"]) for r in h.read_records(workdir)]
+  assert len(pairs) == len(set(pairs)), pairs
+  assert pairs[:len(written)] == [(r["step"], r["split"]) for r in written]
+  assert {(5, "train"), (6, "train"), (6, "val")} <= set(pairs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -47,6 +48,8 @@ def run(exp: Experiment, workdir: str) -> dict:
     s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
   base = _write_run_files(s, workdir, state)
   start = int(jax.device_get(state.step))
+  if data_state is not None and jax.process_index() == 0:  # restored: say where it goes on
+    print(_resume_line(workdir, start, t.steps), file=sys.stderr)
   writer = reporting.MetricWriter(workdir, is_main=jax.process_index() == 0)
   if jax.process_index() == 0:
     reporting.truncate_after(writer.path, start)
@@ -67,6 +70,13 @@ def run(exp: Experiment, workdir: str) -> dict:
     ckpt.close()
   _write_outputs(s, workdir, state, writer.path, final, sums, end)
   return {"step": end, "headline": s.task.headline(final), **final}
+
+
+def _resume_line(workdir: str, start: int, steps: int) -> str:
+  if start < steps:
+    return f"resuming {workdir} at step {start} of {steps}"
+  return (f"{workdir} already finished at step {start} of {steps} (config.train.steps): its "
+          "final evaluation runs again, its records in metrics.jsonl stay as they are")
 
 
 def initial_state(s: setup.Setup, ckpt: checkpoint.Checkpointer):
