@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @functools.cache
 def session_dir() -> str:
-  """One scratch directory per test session: the shared jit cache and the reference run."""
+  """One scratch directory per test process: the experiment file's copy and the reference run."""
   path = tempfile.mkdtemp(prefix="llmjax-ckpt-tests-")
   atexit.register(shutil.rmtree, path, ignore_errors=True)
   return path
@@ -44,11 +44,9 @@ EVERY_STEP = (f"--config.train.steps={STEPS}", "--config.train.log_every=1",
 
 
 def env(**extra) -> dict:
-  """One CPU device (the 8 simulated ones are for the in-process tests) and the shared jit cache."""
-  e = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-           JAX_COMPILATION_CACHE_DIR=os.path.join(session_dir(), "jax-cache"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  """One CPU device (the 8 simulated ones are for the in-process tests); the session's jit cache
+  comes with os.environ (conftest)."""
+  e = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   e.pop("LLMJAX_TEST_POISON_STEPS", None)
   e.update(extra)
   return e

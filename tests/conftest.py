@@ -1,7 +1,9 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported), strict numerics, one
-compilation cache per session, and the trained runs that several test files share."""
+compilation cache per session for every process, and the trained runs that several test files
+share."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -10,21 +12,32 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Most of the suite's time is XLA compiling the same tiny programs again: every run of the loop
+# jits its init and steps afresh, many tests run the same tiny experiment, and the CLI tests start
+# processes that compile what an earlier command of the same test compiled. One persistent cache,
+# new and empty for each session, is shared by every process of the session: the pytest-xdist
+# workers and every subprocess they start inherit it through the environment (set here, before
+# jax is imported). A hit cannot change a result: the key is the program itself with its compile
+# options, devices, XLA flags and jax/XLA versions, so a hit returns what compiling would. The
+# size limit only turns on jax's file lock, so no process reads an entry another is writing.
+_CACHE = os.environ.get("LLMJAX_TESTS_JIT_CACHE")
+if not _CACHE:  # the first process of the session (the xdist controller, or pytest alone)
+  _CACHE = tempfile.mkdtemp(prefix="llmjax-tests-jit-")
+  os.environ["LLMJAX_TESTS_JIT_CACHE"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+# XLA's backend (LLVM) optimisations cost a third of each compile of these tiny programs and buy
+# nothing at their size. They are off for the tests and the processes the tests start, never for
+# users; tests compare results within the session, or with other libraries within a tolerance.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if importlib.util.find_spec("filelock"):  # jax's lock needs it (torch and transformers bring it)
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(1 << 40)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-# Most of the suite's time is XLA compiling the same tiny programs again: every run of the loop
-# jits its init and steps afresh, and many tests run the same tiny experiment. A persistent
-# cache, new and empty for each session, hands back the executable compiled earlier in the
-# session for an identical program (the key is the program, its options and the devices). In
-# this process only: subprocesses compile as a user's would.
-_CACHE = tempfile.mkdtemp(prefix="llmjax-tests-jit-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +63,41 @@ def lm_run(tmp_path_factory):
   workdir = tmp / "run"
   llmjax.train.run(experiment("lm", tmp), str(workdir))
   return workdir
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2`). Each worker takes a whole group
+# of files at a time: one file (its module fixtures are built once), or files that share
+# something: the checkpoint tests share _ckpt_helpers' reference run, and the multi-process tests
+# (ports, timeouts) run one at a time. Groups are handed out longest first, so that no long one
+# starts last while the other worker idles (a stale order costs minutes, never a result).
+_GROUPS = {"test_resume.py": "checkpoints", "test_checkpoint.py": "checkpoints",
+           "test_clusters.py": "clusters", "test_launch_clusters.py": "clusters"}
+_LONGEST_FIRST = ("test_tasks.py", "checkpoints", "test_seq2seq.py", "test_finetune.py",
+                  "test_distill.py", "clusters", "test_image_task.py", "test_train.py",
+                  "test_multitask.py", "test_peft.py")
+
+
+def _group(nodeid: str) -> str:
+  name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+  return _GROUPS.get(name, name)
+
+
+def pytest_collection_modifyitems(config, items):
+  """The longest groups first (a stable sort: every file's tests keep their order)."""
+  rank = {group: i for i, group in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Under `-n N` (xdist's `--dist load`), whole groups per worker in collection order."""
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class Groups(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return _group(nodeid)
+
+  config.option.loadscopereorder = False  # the order is pytest_collection_modifyitems'
+  return Groups(config, log)

@@ -4,6 +4,7 @@ token-identical to transformers' generate, BLEU/chrF equal to sacrebleu's, the t
 loop and the CLI, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -225,9 +226,11 @@ def test_translate_refuses_bad_requests(marian):
 
 
 def _cli(*args):
+  """The CLI in a bare environment but for jax's settings (the session's compilation cache)."""
+  jax_env = {k: v for k, v in os.environ.items() if k.startswith("JAX_")}
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600,
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                        env={**jax_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                              "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
 
 

@@ -45,15 +45,18 @@ class CliRuns:
   overlap them (each command is mostly single-threaded compiles)."""
 
   def __init__(self, base: pathlib.Path):
-    self.first_dir, self.resumed_dir = base / "run", base / "resumed"
+    self.first_dir, self.resumed_dir, self.cache_dir = base / "run", base / "resumed", base / "jit"
     self._procs = []
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self.first = self._pool.submit(self._run, self.first_dir)
     self.resumed = self._pool.submit(self._resume)
 
   def _run(self, workdir, *flags):
+    # As a user runs it: XLA's full optimisations, and a compilation cache of their own, new and
+    # empty, so the first run compiles from scratch (the resumed run reads what it wrote).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
+               JAX_COMPILATION_CACHE_DIR=str(self.cache_dir))
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmjax.cli.main", "train", f"--config={EXPERIMENT}:smoke",
          f"--workdir={workdir}", *flags],
