@@ -117,9 +117,10 @@ def validate_finetune(exp: Experiment) -> None:
 def validate_distill(exp: Experiment) -> None:
   """The numbers of config.distill; the teacher itself is checked when it is loaded."""
   d = exp.distill
-  _require(d.teacher == "" or d.teacher.split(":", 1)[0] in ("hf", "workdir", "export"),
+  _require(d.teacher == "" or d.teacher.split(":", 1)[0] in ("hf", "workdir", "export",
+                                                               "experiment"),
            f"config.distill.teacher={d.teacher!r}: allowed '', 'workdir:PATH', 'export:PATH', "
-           "'hf:PATH'")
+           "'hf:PATH', 'experiment:FILE[:ARG]' (trained first in WORKDIR/teacher)")
   for key in ("alpha", "alpha_end"):
     _require(0.0 <= getattr(d, key) <= 1.0,
              f"config.distill.{key} must be in [0, 1], got {getattr(d, key)}")

@@ -204,7 +204,9 @@ class FinetuneConfig:
 class DistillConfig:
   """Knowledge distillation (llmjax/tasks/distill.py): the task's loss becomes
   alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * task loss, over the task's own positions."""
-  teacher: str = ""  # "" (no distillation) | workdir:PATH | export:PATH | hf:PATH
+  # "" (no distillation) | workdir:PATH | export:PATH | hf:PATH | experiment:FILE[:ARG] (that
+  # experiment, trained first in WORKDIR/teacher: llmjax/train/teacher_run.py)
+  teacher: str = ""
   alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the task's own loss
   temperature: float = 2.0  # both distributions are softened by it; the term is scaled by T^2
   # constant | linear: alpha and temperature move linearly from their value at step 0 to

@@ -2,17 +2,24 @@
 or file, no traceback, no workdir), and at the library boundary (`resolve` raises ConfigError)."""
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from flax import linen as nn
 
 import llmjax.tasks  # noqa: F401  registers the tasks' config sections, as the CLI does
 from llmjax import config as config_lib
 from llmjax.errors import ConfigError
+from llmjax.parallel import sharding
+from llmjax.train import loop, setup, teacher_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=experiments/lm/stdlib_gpt.py:smoke"
@@ -173,20 +180,97 @@ def test_experiment_configs_are_locked():
     c.train.stepz = 5
 
 
-# The finetune experiments take the method to compare as their argument; methods.py is the
-# settings they share, not an experiment.
-_EXPERIMENT_ARG = {"finetune": "lora"}
+EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/*.py")
+                     if "def get_config" in p.read_text())  # methods.py is settings, not one
+
+# What a smoke run is shortened to here: a step of the experiment's own smoke shapes.
+SHORT = dict(steps=1, log_every=1, eval_every=100, checkpoint_every=100, eval_batches=1,
+             sample_prompts=0, progress=False)
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT))
-                                        for p in (ROOT / "experiments").glob("*/*.py")
-                                        if "def get_config" in p.read_text()))
+@pytest.mark.parametrize("path", EXPERIMENTS)
 def test_every_experiment_file_resolves_as_is_and_as_smoke(path):
   module = config_lib.experiment_module(path, str(ROOT / "setup"))
-  arg = _EXPERIMENT_ARG.get(pathlib.Path(path).parent.name)
-  for variant in (arg, ",".join(filter(None, (arg, "smoke")))):
+  for variant in (None, "smoke"):
     exp = config_lib.resolve(module.get_config(variant))
     assert exp.name and exp.train.steps > 0
+
+
+def _offline_data(c, tmp_path, monkeypatch):
+  """The few experiments whose data a fresh machine lacks read what the data tests write:
+  Fashion-MNIST-shaped IDX files, a folder of images, tfds's mock CIFAR-10."""
+  if c.data.source == "idx":
+    from test_vision_data import _write_idx
+    rng = np.random.default_rng(0)
+    (tmp_path / "idx").mkdir()
+    for prefix, n in (("train", 40), ("t10k", 10)):
+      _write_idx(tmp_path / "idx" / f"{prefix}-images-idx3-ubyte",
+                 rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), False)
+      _write_idx(tmp_path / "idx" / f"{prefix}-labels-idx1-ubyte",
+                 (np.arange(n) % 10).astype(np.uint8), False)
+    c.data.idx_dir = str(tmp_path / "idx")
+  elif c.data.source == "image_folder":
+    from test_image_task import write_folder
+    c.data.image_folder = write_folder(tmp_path / "images", per_class=8)
+  elif c.data.source == "tfds":
+    import tensorflow_datasets as tfds
+    # mock_data leaves is_prepared alone, which the tfds source checks before reading.
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    return tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE)
+  return contextlib.nullcontext()
+
+
+@pytest.fixture
+def quick_compiles():
+  """XLA's cheapest compiles: these programs run once (the persistent cache keys them apart)."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS)
+def test_every_smoke_trains_on_a_fresh_clone(path, tmp_path, monkeypatch, quick_compiles):
+  """`FILE:smoke` needs no earlier run and no download: its data loads, its model initialises
+  and a train step runs (in-process, one device). A distilled student's smoke first trains its
+  teacher's smoke (shortened alike) in WORKDIR/teacher through the real loop."""
+  c = config_lib.experiment_module(path, str(ROOT / "setup")).get_config("smoke")
+  c.unlock()
+  c.train.update(SHORT)
+  original = teacher_run.teacher_experiment
+
+  def shortened_teacher(e):
+    t = original(e)
+    return t and dataclasses.replace(t, train=dataclasses.replace(t.train, **SHORT))
+  monkeypatch.setattr(teacher_run, "teacher_experiment", shortened_teacher)
+  with _offline_data(c, tmp_path, monkeypatch):
+    exp, stopped = teacher_run.train_first(config_lib.resolve(c), str(tmp_path), loop.run)
+    assert stopped is None
+    s = setup.prepare(exp, None, jax.devices()[:1])
+    state = loop.fresh_state(s)
+    batch = next(loop._data_iterator(s, None))
+  train_fn, _ = setup.compile_steps(s)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), metrics
+  if c.distill.teacher:
+    assert exp.distill.teacher == f"workdir:{tmp_path / 'teacher'}"
+    assert (tmp_path / "teacher" / "checkpoints").is_dir()
+    # Run again (a resumed student): the finished teacher is read, not trained again.
+    again, _ = teacher_run.train_first(config_lib.resolve(c), str(tmp_path),
+                                       lambda *_: pytest.fail("the teacher was trained again"))
+    assert again == exp
+
+
+def test_an_experiment_teacher_that_is_no_file_is_named(tmp_path):
+  c = config_lib.experiment_module("experiments/lm/stdlib_gpt.py", str(ROOT / "x")).get_config(
+      "smoke")
+  c.unlock()
+  c.distill.teacher = "experiment:experiments/lm/nope.py:smoke"
+  with pytest.raises(ConfigError, match="config.distill.teacher=.*no experiment file "
+                                        "experiments/lm/nope.py"):
+    teacher_run.train_first(config_lib.resolve(c), str(tmp_path), loop.run)
+  assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("inside", [False, True])

@@ -408,5 +408,9 @@ def test_every_method_of_the_comparison_experiments_resolves(name):
     smoke = config_lib.resolve(module.get_config(f"{method},smoke"))
     assert smoke.train.init_from == "" and smoke.train.steps == 20
     finetune.peft_for(exp)  # the prompt or prefix fits the positions left
-  with pytest.raises(ConfigError, match="name one method"):
-    module.get_config("smoke")
+  # `:smoke` alone (and no argument) is the default method's: lora
+  assert config_lib.resolve(module.get_config("smoke")) == config_lib.resolve(
+      module.get_config("lora,smoke"))
+  assert config_lib.resolve(module.get_config(None)).finetune.method == "lora"
+  with pytest.raises(ConfigError, match="at most one method"):
+    module.get_config("lora,full,smoke")

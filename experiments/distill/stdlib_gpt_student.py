@@ -4,6 +4,7 @@
   llmjax train --config=experiments/distill/stdlib_gpt_student.py --workdir=runs/student_kd
   llmjax train --config=experiments/distill/stdlib_gpt_student.py:scratch --workdir=runs/student
   llmjax train --config=experiments/distill/stdlib_gpt_student.py:layers --workdir=runs/student_kd_l
+  llmjax train --config=experiments/distill/stdlib_gpt_student.py:smoke --workdir=/tmp/student
 
 The student is experiments/lm/stdlib_gpt.py's Llama-shaped decoder at d_model 128 (d_ff 352,
 4 heads of 32) and 4 blocks, about a quarter of the teacher's parameters; `layers` keeps
@@ -12,12 +13,16 @@ the steps, the optimiser. Distilled: alpha = 0.5 of T^2 KL(teacher_T || student_
 half the next-byte cross-entropy; `:scratch` is the same student on the cross-entropy alone.
 The validation loss both report is the plain next-byte loss (nats/byte), so they compare
 directly (docs/distill.md has the table). The teacher runs in each step, in eval mode; set
-config.distill.top_k to store its top-k logits once instead.
+config.distill.top_k to store its top-k logits once instead. `:smoke` needs no earlier run: its
+teacher is the main job's `:smoke`, trained first in WORKDIR/teacher (`experiment:` teachers).
 """
+
+import pathlib
 
 from llmjax import config as config_lib
 
 TEACHER = "workdir:runs/stdlib_gpt"
+SMOKE_TEACHER = f"experiment:{pathlib.Path(__file__).resolve().parents[1]}/lm/stdlib_gpt.py:smoke"
 
 
 def get_config(arg=None):
@@ -30,7 +35,7 @@ def get_config(arg=None):
   else:
     c.model.d_model, c.model.d_ff = 128, 352
   if "scratch" not in args:
-    c.distill.teacher = TEACHER
+    c.distill.teacher = SMOKE_TEACHER if "smoke" in args else TEACHER
     c.distill.alpha = 0.5
     c.distill.temperature = 2.0
   c.train.sample_prompts = 2

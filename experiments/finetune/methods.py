@@ -1,12 +1,14 @@
 """The fine-tuning methods side by side: one setting per method, shared by the comparisons.
 
 Not an experiment itself: experiments/finetune/*.py take `METHOD` (and `smoke`) as their
-argument and apply `settings(METHOD)` on top of their task. Learning rates are the usual ones
+argument (`lora` when none is named, so `:smoke` alone is `:lora,smoke`) and apply the method's
+settings on top of their task. Learning rates are the usual ones
 for each method's kind of parameters (a new full set of weights wants the smallest, a prompt the
 largest); nothing here was tuned on the comparison's test data.
 """
 
 METHODS = ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt", "prefix")
+DEFAULT = "lora"  # the method of an argument that names none
 
 # method -> (config.finetune fields, learning rate)
 SETTINGS = {
@@ -23,13 +25,13 @@ SETTINGS = {
 
 
 def split_arg(arg, allowed=METHODS):
-  """'lora,smoke' -> ('lora', 'smoke' or None); the method must be named."""
+  """'lora,smoke' -> ('lora', 'smoke' or None); 'smoke' or none -> DEFAULT's."""
   args = [a for a in (arg or "").split(",") if a]
-  methods = [a for a in args if a in allowed]
+  methods = [a for a in args if a in allowed] or [DEFAULT]
   if len(methods) != 1:
     from llmjax.errors import ConfigError
-    raise ConfigError(f"config argument {arg!r}: name one method of {', '.join(allowed)} "
-                      "(optionally ',smoke')")
+    raise ConfigError(f"config argument {arg!r}: name at most one method of "
+                      f"{', '.join(allowed)} (optionally ',smoke')")
   rest = [a for a in args if a not in allowed]
   return methods[0], ",".join(rest) or None
 

@@ -3,7 +3,8 @@
   llmjax train --config=experiments/finetune/stdlib_classify.py:lora \
       --workdir=runs/ft_cls_lora --config.train.init_from=workdir:runs/stdlib_bert_mlm
   llmjax eval --workdir=runs/ft_cls_lora --split=test
-  (any of full, freeze, bitfit, lora, adalora, adapter, prompt, prefix; add ,smoke to try it)
+  (any of full, freeze, bitfit, lora, adalora, adapter, prompt, prefix; lora when none is
+  named; add ,smoke to try it: `:smoke` alone is `:lora,smoke`)
 
 The task, data and encoder of experiments/text/stdlib_classify.py (8 packages, split by file;
 `pooler/` and `classifier/` new and always trained), with rows of 112 tokens so a 16-vector
@@ -13,9 +14,6 @@ learning rate of 1e-4.
 """
 
 from llmjax import config as config_lib
-
-from llmjax import config as config_lib
-
 
 
 def get_config(arg=None):

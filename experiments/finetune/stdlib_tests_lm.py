@@ -2,7 +2,8 @@
 
   llmjax train --config=experiments/finetune/stdlib_tests_lm.py:lora \
       --workdir=runs/ft_lm_lora --config.train.init_from=workdir:runs/stdlib_gpt
-  (any of full, freeze, bitfit, lora, adalora, adapter, prompt, prefix; add ,smoke to try it)
+  (any of full, freeze, bitfit, lora, adalora, adapter, prompt, prefix; lora when none is
+  named; add ,smoke to try it: `:smoke` alone is `:lora,smoke`)
 
 The main job (experiments/lm/stdlib_gpt.py) never sees `test/` (llmjax/data/sources.py leaves
 it out), so its validation loss on these files is the starting point and each method's final

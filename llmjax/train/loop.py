@@ -26,7 +26,8 @@ from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import init, offline_teacher, preemption, pretrained, reporting, rundir, setup
+from llmjax.train import (init, offline_teacher, preemption, pretrained, reporting, rundir, setup,
+                          teacher_run)
 from llmjax.train import teacher as teacher_lib
 
 
@@ -34,7 +35,11 @@ def run(exp: Experiment, workdir: str) -> dict:
   """Train (or resume) `exp` in `workdir`; returns the final validation metrics.
 
   SIGTERM/SIGINT finish the current step, save it and return {"step", "preempted": True}.
+  A teacher named `experiment:FILE[:ARG]` is trained first, in WORKDIR/teacher.
   """
+  exp, stopped = teacher_run.train_first(exp, workdir, run)
+  if stopped:
+    return stopped
   s = setup.prepare(exp, workdir)
   exp = s.exp
   distributed.check_shared_directory(workdir)  # before a checkpoint is split across hosts
