@@ -156,6 +156,14 @@ def test_hf_tokenizer_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded.encode_batch(["x", s])[1], ids)
 
 
+@pytest.mark.parametrize("spec", ["wordpiece:64", "bpe:300"])
+def test_training_a_vocabulary_prints_nothing(spec, capfd):
+  """(The trainer's progress bars came out as blank lines in every run that trained one.)"""
+  tok = tokenizers.train_tokenizer(spec, ["def foo(bar):\n  return bar + 1\n"] * 20)
+  assert tok.vocab_size > 0
+  assert capfd.readouterr() == ("", "")
+
+
 def test_tokenizer_errors_name_the_problem(tmp_path):
   with pytest.raises(DataError, match="nope.*tokenizer.json"):
     tokenizers.get_tokenizer(f"hf:{tmp_path / 'nope'}")

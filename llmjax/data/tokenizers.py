@@ -88,13 +88,16 @@ def train_tokenizer(spec: str, texts: list[str]) -> HFTokenizer:
     # Case and punctuation carry meaning in code and prose alike: split, never lowercase.
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=int(size), special_tokens=list(TRAINED_SPECIALS))
+    # show_progress: its bars, drawn on a pipe or a log, are blank lines
+    trainer = trainers.WordPieceTrainer(vocab_size=int(size), special_tokens=list(TRAINED_SPECIALS),
+                                        show_progress=False)
   else:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=int(size), special_tokens=list(TRAINED_SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
   return HFTokenizer(spec, tok)
 
