@@ -74,7 +74,7 @@ _GROUPS = {"test_resume.py": "checkpoints", "test_checkpoint.py": "checkpoints",
            "test_clusters.py": "clusters", "test_launch_clusters.py": "clusters"}
 _LONGEST_FIRST = ("test_tasks.py", "checkpoints", "test_seq2seq.py", "test_finetune.py",
                   "test_distill.py", "clusters", "test_image_task.py", "test_train.py",
-                  "test_multitask.py", "test_peft.py")
+                  "test_reproducible.py", "test_multitask.py", "test_peft.py")
 
 
 def _group(nodeid: str) -> str:

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from llmjax.data import vocab_training
 from llmjax.errors import DataError
 
 
@@ -79,26 +80,33 @@ class HFTokenizer:
 
 
 def train_tokenizer(spec: str, texts: list[str]) -> HFTokenizer:
-  """A `wordpiece:N` or `bpe:N` vocabulary trained on `texts`; specials take ids 0-4."""
+  """A `wordpiece:N` or `bpe:N` vocabulary trained on `texts`; specials take ids 0-4.
+
+  The same texts give the same tokenizer.json in every process (llmjax.data.vocab_training).
+  """
   import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from tokenizers import decoders, models, pre_tokenizers
   kind, _, size = spec.partition(":")
   if kind == "wordpiece":
-    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # Case and punctuation carry meaning in code and prose alike: split, never lowercase.
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = vocab_training.word_counts(pre_tokenizer, texts, whitespace_first=True)
+    initial = vocab_training.initial_vocab(counts, TRAINED_SPECIALS, prefix="##")
+    vocab, _ = vocab_training.train(counts, initial, int(size), prefix="##")
+    tok = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)},
+                                                unk_token="[UNK]"))
     tok.decoder = decoders.WordPiece()
-    # show_progress: its bars, drawn on a pipe or a log, are blank lines
-    trainer = trainers.WordPieceTrainer(vocab_size=int(size), special_tokens=list(TRAINED_SPECIALS),
-                                        show_progress=False)
   else:
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    counts = vocab_training.word_counts(pre_tokenizer, texts)
+    initial = vocab_training.initial_vocab(counts, TRAINED_SPECIALS,
+                                           alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = vocab_training.train(counts, initial, int(size))
+    tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)},
+                                          [(vocab[a], vocab[b]) for a, b in merges]))
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=int(size), special_tokens=list(TRAINED_SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+  tok.pre_tokenizer = pre_tokenizer
+  tok.add_special_tokens(list(TRAINED_SPECIALS))
   return HFTokenizer(spec, tok)
 
 
