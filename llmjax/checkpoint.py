@@ -249,13 +249,24 @@ def _param_checksums(meta: dict, field: str = "params") -> dict:
           if p.startswith(field + "/")}
 
 
-def saved_param_shapes(directory: str) -> dict[str, tuple]:
-  """{param path: shape} of the newest step under `directory` (no arrays read)."""
+def saved_steps(directory: str) -> list[int]:
+  """The committed checkpoint steps under `directory`, oldest first."""
+  manager = Checkpointer(directory, keep=1_000_000)
+  try:
+    return manager.all_steps()
+  finally:
+    manager.close()
+
+
+def saved_param_shapes(directory: str, step: int | None = None) -> dict[str, tuple]:
+  """{param path: shape} of checkpoint `step` (default: the newest) under `directory` (no arrays
+  read)."""
   manager = Checkpointer(directory, keep=1_000_000)
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f"no checkpoint in {directory}")
-  return {p: tuple(v[2]) for p, v in _param_checksums(_step_meta(manager, steps[-1])).items()}
+  step = steps[-1] if step is None else step
+  return {p: tuple(v[2]) for p, v in _param_checksums(_step_meta(manager, step)).items()}
 
 
 def _only(want: dict, abstract) -> dict:
@@ -265,29 +276,38 @@ def _only(want: dict, abstract) -> dict:
 
 
 def restore_params(directory: str, abstract_params, shardings, *, partial: bool = False,
-                   field: str = "params"):
-  """Only the params of the newest verified step under `directory` (e.g. to initialise from).
+                   field: str = "params", step: int | None = None):
+  """Only the params of checkpoint `step` under `directory` (e.g. to initialise from); without
+  `step`, of the newest step that verifies.
 
   `partial`: `abstract_params` may be a subtree of the saved params; only it is read.
   `field`: another part of the saved train state instead (model_state: BatchNorm statistics).
   """
   manager = Checkpointer(directory, keep=1_000_000)
-  for step in reversed(manager.all_steps()):
-    want = _param_checksums(_step_meta(manager, step), field)
+  for candidate in reversed(manager.all_steps() if step is None else [step]):
+    want = _param_checksums(_step_meta(manager, candidate), field)
     if partial:
       want = _only(want, abstract_params)
-    check_structure(want, abstract_params, f"checkpoint step {step} in {directory}")
+    check_structure(want, abstract_params, f"checkpoint step {candidate} in {directory}")
     item = {field: _target(abstract_params, shardings)}
-    restored = manager._manager.restore(step, args=ocp.args.Composite(
+    restored = manager._manager.restore(candidate, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
     params = restored.state[field]
     got = checksums(params)
     if all(got.get(p, [None])[:2] == v[:2] for p, v in want.items()):
       return params
-    print(f"warning: checkpoint step {step} in {directory} fails its checksums; trying an "
+    if step is not None:
+      raise CheckpointError(f"checkpoint step {step} in {directory} fails its checksums")
+    print(f"warning: checkpoint step {candidate} in {directory} fails its checksums; trying an "
           "earlier one", file=sys.stderr)
   raise CheckpointError(f"no valid checkpoint in {directory}")
+
+
+def saved_param_checksums(directory: str, step: int) -> dict[str, list]:
+  """{param path: checksum} recorded with checkpoint `step` (no arrays read)."""
+  manager = Checkpointer(directory, keep=1_000_000)
+  return _param_checksums(_step_meta(manager, step))
 
 
 def export_params(params, model_config: dict, out_dir: str,

@@ -65,17 +65,12 @@ HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft
 
 # Today's offenders, each an expected failure until fixed (issue 26).
 KNOWN_UPWARD = {
-  ("llmjax.tasks.encoding", "llmjax.train.pretrained"): "weights_source lives in train/",
 }
 KNOWN_CYCLE_EDGES = {
 }
 KNOWN_PRIVATE = {
 }
 KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules inside functions
-  "llmjax.tasks.encoding": "its weights lookup (train.pretrained) is moving below the tasks "
-                           "(issue 26 part 3)",
-  "llmjax.train.pretrained": "becoming the weights package (issue 26 part 3)",
-  "llmjax.train.teacher": "moving to the weights sources (issue 26 part 3)",
 }
 KNOWN_LIGHT_DEFERRED = {  # importer -> why it imports a light or non-optional module in functions
   "llmjax.data.tokenizers": "being made deterministic (issue 26 part 6)",

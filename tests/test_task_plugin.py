@@ -172,7 +172,7 @@ def test_a_task_defined_here_trains_evaluates_and_exports_through_the_cli(regist
   assert exported.returncode == 0, exported.stderr[-3000:]
   from llmjax.hf import convert
   from llmjax.train import rundir
-  loaded, run = convert.load_any(str(out)), rundir.restore(str(workdir))
+  loaded, run = convert.load_export(str(out)), rundir.restore(str(workdir))
   assert type(loaded.model).__name__ == "Transformer"
   assert jax.tree.map(np.shape, loaded.params) == jax.tree.map(np.shape, run.params)
   for ours, theirs in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(run.params)):

@@ -321,8 +321,8 @@ def test_zero_and_few_shot_cli_report_what_the_library_computes(tmp_path):
   pytest.importorskip("torch")
   import _hf_helpers as H
 
+  from llmjax import weights
   from llmjax.eval import zeroshot
-  from llmjax.hf import convert
   H.make("gpt2_chars", tmp_path / "lm")
   H.save_char_tokenizer(tmp_path / "lm")
   rng = np.random.default_rng(0)
@@ -335,8 +335,8 @@ def test_zero_and_few_shot_cli_report_what_the_library_computes(tmp_path):
             "--labels=yes,no", "--template=q {text} a"]
   zero = _cli("eval", *common)
   few = _cli("eval", *common, "--shots=2", f"--shot_data={tmp_path / 'shots.jsonl'}")
-  loaded = convert.load_any(f"hf:{tmp_path / 'lm'}")
-  tokenizer = convert.tokenizer_for(loaded, None)
+  source = weights.parse(f"hf:{tmp_path / 'lm'}", "--checkpoint")
+  loaded, tokenizer = source.open(), source.tokenizer()
   examples = zeroshot.read_jsonl(str(tmp_path / "test.jsonl"))
   pool = zeroshot.read_jsonl(str(tmp_path / "shots.jsonl"))
   for proc, shots in ((zero, 0), (few, 2)):

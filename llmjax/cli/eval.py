@@ -1,8 +1,10 @@
 """llmjax eval --workdir=DIR [--step=N] [--split=val|test]: a run's checkpoint on a whole split.
 
 Also zero-/few-shot classification by LM scoring:
-  llmjax eval --checkpoint=hf:PATH|DIR --data=FILE.jsonl --labels=NAME,NAME,...
+  llmjax eval --checkpoint=SOURCE --data=FILE.jsonl --labels=NAME,NAME,...
       --template='...{text}...' [--shots=K --shot_data=FILE.jsonl] [--length_norm]
+SOURCE: workdir:PATH[@STEP], export:DIR, hf:PATH, peft:DIR, or a bare run or export directory;
+scored with the tokenizer the weights record unless --tokenizer is given.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).")
 _SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"], "Which split to evaluate.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Zero-/few-shot: an LM as hf:PATH or an llmjax export DIR.")
+                                  "Zero-/few-shot: an LM as workdir:PATH[@STEP], export:DIR, "
+                                  "hf:PATH, peft:DIR, or a bare run or export directory.")
 _DATA = flags.DEFINE_string("data", None, "Zero-/few-shot: JSONL file of examples to classify.")
 _LABELS = flags.DEFINE_string("labels", None,
                               "Zero-/few-shot: comma-separated label names (their verbalisations).")
@@ -38,7 +41,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Zero-/few-shot: byte or hf:
 def main(argv: list[str] | None = None) -> None:
   common.parse_flags(sys.argv if argv is None else argv)
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-    common.fail("give either --workdir=DIR (a training run) or --checkpoint=hf:PATH|DIR with "
+    common.fail("give either --workdir=DIR (a training run) or --checkpoint=SOURCE with "
                 "--data=FILE.jsonl --labels=A,B,... (zero-/few-shot scoring)")
   with common.user_errors():
     from llmjax.eval import evaluate  # heavy imports only after the flags are known to be good
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 def _zero_shot() -> dict:
   from llmjax.errors import UserError
   from llmjax.eval import zeroshot
-  from llmjax.hf import convert
+  from llmjax import weights
+  from llmjax.train import rundir
   if not _DATA.value or not _LABELS.value:
     raise UserError("--checkpoint needs --data=FILE.jsonl and --labels=NAME,NAME,...")
   if _SHOTS.value < 0 or (_SHOTS.value > 0 and not _SHOT_DATA.value):
@@ -63,8 +67,8 @@ def _zero_shot() -> dict:
   examples = zeroshot.read_jsonl(_DATA.value, _TEXT_KEY.value, _LABEL_KEY.value)
   pool = (zeroshot.read_jsonl(_SHOT_DATA.value, _TEXT_KEY.value, _LABEL_KEY.value)
           if _SHOTS.value else None)
-  loaded = convert.load_any(_CHECKPOINT.value)
-  tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
+  source, loaded = rundir.open_weights(_CHECKPOINT.value, "--checkpoint")
+  tokenizer = weights.tokenizer(source, _TOKENIZER.value)
   template = _TEMPLATE.value.replace("\\n", "\n")  # a typed \n is a newline
   result = zeroshot.classify(loaded.model, loaded.params, tokenizer, examples, labels, template,
                              shots=_SHOTS.value, shot_pool=pool,

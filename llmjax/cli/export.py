@@ -108,11 +108,14 @@ def _to_llmjax(run, workdir: str, dest: str) -> None:
   eos = special.pop("eos_token_id", None)
   described = {**convert.describe(model), **special,
                **({"eos_token_ids": [eos]} if eos is not None else {})}
-  extra = {convert.MODEL_FILE: json.dumps(described, indent=2)}
+  extra = {}
   tokenizer = os.path.join(workdir, "tokenizer.json")
   if os.path.isfile(tokenizer):
     with open(tokenizer) as f:
       extra[os.path.join(convert.TOKENIZER_DIR, "tokenizer.json")] = f.read()
+  elif run.task.info.get("tokenizer"):  # a vocabulary without files ("byte"): its name
+    described[convert.TOKENIZER_NAME] = run.task.info["tokenizer"]
+  extra[convert.MODEL_FILE] = json.dumps(described, indent=2)
   # BatchNorm statistics (if any) go beside params/ before the export takes its name.
   staged = dest + ".tmp-staged"
   shutil.rmtree(staged, ignore_errors=True)
@@ -178,8 +181,5 @@ def _to_hf(run, workdir: str, tmp: str, dest: str, merge: bool) -> None:
 
 def _hf_base(init_from: str) -> str | None:
   """The absolute HF directory a run's base came from (hf:PATH, or a PEFT adapter's base)."""
-  from llmjax.train import pretrained
-  if not init_from:
-    return None
-  kind, path = pretrained.weights_source(init_from)
-  return os.path.abspath(path) if kind == "hf" else None
+  from llmjax import weights
+  return weights.parse(init_from, "config.train.init_from").hf_dir() if init_from else None

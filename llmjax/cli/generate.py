@@ -1,4 +1,10 @@
-"""llmjax generate --checkpoint=DIR|hf:PATH --prompt="..." [--max_new_tokens --temperature ...]."""
+"""llmjax generate --checkpoint=SOURCE --prompt="..." [--max_new_tokens --temperature ...].
+
+SOURCE: a training run (workdir:PATH[@STEP], or its directory), an llmjax export (export:DIR or
+DIR), a Hugging Face directory (hf:PATH) or a PEFT adapter over one (peft:DIR). The tokenizer is
+the one the weights record (a run's vocabulary, an export's tokenizer/ or its tokenizer's name);
+--tokenizer overrides it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from absl import flags
 
 from llmjax.cli import common
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An llmjax export DIR or hf:PATH.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir:PATH[@STEP], export:DIR, hf:PATH, "
+                                  "peft:DIR, or a bare run or export directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Token budget (stops earlier at EOS).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -23,14 +30,15 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 def main(argv: list[str] | None = None) -> None:
   common.parse_flags(sys.argv if argv is None else argv)
   if not _CHECKPOINT.value or _PROMPT.value is None:
-    common.fail("--checkpoint=DIR|hf:PATH and --prompt=TEXT are required")
+    common.fail("--checkpoint=SOURCE (workdir:PATH[@STEP], export:DIR, hf:PATH, peft:DIR) and "
+                "--prompt=TEXT are required")
   with common.user_errors():
     import jax  # heavy imports only after the flags are known to be good
 
-    from llmjax import generate
-    from llmjax.hf import convert
-    loaded = convert.load_any(_CHECKPOINT.value, dtype=_DTYPE.value)
-    tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
+    from llmjax import generate, weights
+    from llmjax.train import rundir
+    source, loaded = rundir.open_weights(_CHECKPOINT.value, "--checkpoint", _DTYPE.value)
+    tokenizer = weights.tokenizer(source, _TOKENIZER.value)
     generate.stream(loaded.model, loaded.params, tokenizer, _PROMPT.value,
                     jax.random.PRNGKey(_SEED.value), write=_write,
                     max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,

@@ -1,8 +1,9 @@
-"""llmjax translate --checkpoint=WORKDIR|DIR|hf:PATH (--text="..." | --input=FILE [--output=FILE]).
+"""llmjax translate --checkpoint=SOURCE (--text="..." | --input=FILE [--output=FILE]).
 
-WORKDIR is a seq2seq run (its newest verified checkpoint, vocabulary and decoding settings),
-DIR an llmjax export, hf:PATH a Hugging Face encoder-decoder (Marian). --input has one source
-per line; translations go to --output (or stdout) one per line, in order.
+SOURCE is a seq2seq run (workdir:PATH[@STEP] or its directory: the newest verified checkpoint, or
+STEP, with the run's vocabulary and decoding settings), an llmjax export (export:DIR or DIR), or a
+Hugging Face encoder-decoder (hf:PATH: Marian, BART). --input has one source per line;
+translations go to --output (or stdout) one per line, in order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from absl import flags
 from llmjax.cli import common
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "A seq2seq run's WORKDIR, an llmjax export DIR or hf:PATH.")
+                                  "A seq2seq run (workdir:PATH[@STEP] or its directory), an llmjax "
+                                  "export (export:DIR or DIR) or hf:PATH.")
 _TEXT = flags.DEFINE_string("text", None, "One text to translate.")
 _INPUT = flags.DEFINE_string("input", None, "A file of texts to translate, one per line.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where --input's translations go (default stdout).")
@@ -27,15 +29,15 @@ _EARLY = flags.DEFINE_enum("early_stopping", None, ["true", "false", "never"],
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
                                 "Token budget per translation (default: the run's, else 128).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "hf:PATH; default: the checkpoint's own tokenizer.")
+                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 
 
 def main(argv: list[str] | None = None) -> None:
   common.parse_flags(sys.argv if argv is None else argv)
   if not _CHECKPOINT.value or (_TEXT.value is None) == (_INPUT.value is None):
-    common.fail("--checkpoint=WORKDIR|DIR|hf:PATH and exactly one of --text=TEXT or "
-                "--input=FILE are required")
+    common.fail("--checkpoint=SOURCE (workdir:PATH[@STEP], DIR, hf:PATH) and exactly one of "
+                "--text=TEXT or --input=FILE are required")
   if _BEAMS.value is not None and _BEAMS.value < 1:
     common.fail(f"--num_beams must be >= 1 (1 is greedy), got {_BEAMS.value}")
   texts = [_TEXT.value] if _TEXT.value is not None else _read_lines(_INPUT.value)
@@ -45,36 +47,32 @@ def main(argv: list[str] | None = None) -> None:
       ("early_stopping", None if _EARLY.value is None else
        {"true": True, "false": False, "never": "never"}[_EARLY.value])) if v is not None}
   with common.user_errors():
-    spec = _CHECKPOINT.value
-    is_run = not spec.startswith("hf:") and os.path.isdir(os.path.join(spec, "checkpoints"))
-    out = (_translate_with_run if is_run else _translate_with_model)(spec, texts, settings)
+    from llmjax import weights  # heavy imports only after the flags are known to be good
+    from llmjax.train import rundir
+    source, loaded = rundir.open_weights(_CHECKPOINT.value, "--checkpoint", _DTYPE.value)
+    tokenizer = weights.tokenizer(source, _TOKENIZER.value)
+    translate = _translate_with_run if loaded.task is not None else _translate_with_model
+    out = translate(source.spec, loaded, tokenizer, texts, settings)
   _write_lines(out, _OUTPUT.value)
 
 
-def _translate_with_run(workdir: str, texts: list[str], settings: dict) -> list[str]:
-  """A seq2seq run's newest checkpoint, vocabulary and decoding settings (`settings` win)."""
-  from llmjax.data import tokenizers
+def _translate_with_run(spec: str, loaded, tokenizer, texts: list[str],
+                        settings: dict) -> list[str]:
+  """A seq2seq run's checkpoint, vocabulary and decoding settings (`settings` win)."""
   from llmjax.errors import UserError
-  from llmjax.hf import convert
   from llmjax import tasks
-  from llmjax.train import rundir
-  run = rundir.restore(workdir)
-  if not tasks.supports(run.task, tasks.Translates):
-    raise UserError(f"{workdir} is a {run.task.name} run, whose task does not translate "
+  if not tasks.supports(loaded.task, tasks.Translates):
+    raise UserError(f"{spec} is a {loaded.task.name} run, whose task does not translate "
                     "(only tasks declaring Translates do: seq2seq)")
-  tokenizer = (convert.tokenizer_for(None, _TOKENIZER.value) if _TOKENIZER.value
-               else tokenizers.HFTokenizer(workdir))
-  return run.task.translate(run.model, run.params, tokenizer, texts, **settings)
+  return loaded.task.translate(loaded.model, loaded.params, tokenizer, texts, **settings)
 
 
-def _translate_with_model(spec: str, texts: list[str], settings: dict) -> list[str]:
+def _translate_with_model(spec: str, loaded, tokenizer, texts: list[str],
+                          settings: dict) -> list[str]:
   """An llmjax export or a Hugging Face directory, its special ids from its config."""
   from llmjax.data.seq2seq_rows import SpecialIds
   from llmjax.errors import UserError
-  from llmjax.hf import convert
   from llmjax.tasks.seq2seq import translate_texts
-  loaded = convert.load_any(spec, dtype=_DTYPE.value)
-  tokenizer = convert.tokenizer_for(loaded, _TOKENIZER.value)
   eos = loaded.eos_token_ids[0] if loaded.eos_token_ids else tokenizer.special_id("sep")
   pad = loaded.pad_token_id if loaded.pad_token_id is not None else tokenizer.special_id("pad")
   start = loaded.decoder_start_token_id if loaded.decoder_start_token_id is not None else pad

@@ -1,7 +1,8 @@
 """HF directories <-> llmjax exports (`DIR/params` orbax + `model_config.json`), and loading either.
 
 An export written here is the same directory `llmjax export` writes (llmjax.checkpoint), plus
-`model.json` (which module wraps the config: a BERT head, its label count; the special token ids)
+`model.json` (which module wraps the config: a BERT head, its label count; the special token ids;
+the name of a tokenizer without files, "byte")
 and `tokenizer/` (the HF tokenizer files), so `generate --checkpoint=DIR` needs nothing else.
 A model with state besides its parameters (a ResNet's BatchNorm statistics) has it in
 `model_state/`, an export of its own (orbax + checksums) beside `params/`.
@@ -19,7 +20,6 @@ from flax import linen as nn
 
 from llmjax import checkpoint
 from llmjax.config import ModelConfig
-from llmjax.data.tokenizers import get_tokenizer
 from llmjax.errors import UserError
 from llmjax.hf import api, tokens
 from llmjax.models import heads
@@ -29,6 +29,8 @@ from llmjax.models.resnet import ResNet
 from llmjax.models.transformer import Transformer
 
 MODEL_FILE, TOKENIZER_DIR, MODEL_STATE_DIR = "model.json", "tokenizer", "model_state"
+# model.json's key for a tokenizer that has no files ("byte"), so readers need no --tokenizer.
+TOKENIZER_NAME = "tokenizer"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                     "tokenizer.model", "spiece.model", "chat_template.jinja")
@@ -50,6 +52,7 @@ class Loaded:
   pad_token_id: int | None
   model_state: dict = dataclasses.field(default_factory=dict)  # {"batch_stats": ...} or {}
   decoder_start_token_id: int | None = None  # encoder-decoders: the decoder's first input
+  task: object = None  # a training run's task (its decoding settings); None for other weights
 
 
 def describe(model: nn.Module) -> dict:
@@ -64,7 +67,7 @@ def describe(model: nn.Module) -> dict:
 def rebuild(cfg: ModelConfig, description: dict) -> nn.Module:
   fields = dict(description)
   name = fields.pop("class", "Transformer")
-  for special in ("eos_token_ids", "pad_token_id", "decoder_start_token_id"):
+  for special in ("eos_token_ids", "pad_token_id", "decoder_start_token_id", TOKENIZER_NAME):
     fields.pop(special, None)
   if name not in _MODULES:
     raise UserError(f"{MODEL_FILE}: unknown model class {name!r}; known: {', '.join(_MODULES)}")
@@ -150,32 +153,21 @@ def read_model_state(export_dir: str, abstract_state: dict) -> dict:
   return checkpoint.load_exported(where, abstract_state)[1]
 
 
-def load_any(spec: str, *, dtype: str = "float32") -> Loaded:
-  """`hf:PATH` (a HF directory) or `DIR` (an llmjax export) -> Loaded."""
-  if spec.startswith("hf:"):
-    path = spec[3:]
-    model, params, model_state = api.load(path, dtype, with_model_state=True)
-    special = tokens.generation_defaults(path)
-    return Loaded(model, params, path, special["eos_token_ids"], special["pad_token_id"],
-                  model_state, special["decoder_start_token_id"])
-  loaded = load_export(spec)
+def load_hf(path: str, dtype: str = "float32") -> Loaded:
+  """A Hugging Face directory, its special ids from its (generation) config."""
+  model, params, model_state = api.load(path, dtype, with_model_state=True)
+  special = tokens.generation_defaults(path)
+  return Loaded(model, params, path, special["eos_token_ids"], special["pad_token_id"],
+                model_state, special["decoder_start_token_id"])
+
+
+def with_dtype(loaded: Loaded, dtype: str) -> Loaded:
+  """`loaded` with its parameters, and the computation, in `dtype`."""
   if dtype != loaded.model.cfg.param_dtype:
     cfg = dataclasses.replace(loaded.model.cfg, dtype=dtype, param_dtype=dtype)
     loaded.model = loaded.model.clone(cfg=cfg)
     loaded.params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
   return loaded
-
-
-def tokenizer_for(loaded: Loaded, spec: str | None):
-  """`spec` ('byte' or 'hf:PATH') if given, else the checkpoint's own tokenizer; never a guess."""
-  if spec:
-    if spec.startswith("hf:"):
-      return tokens.TextTokenizer(tokens.load_tokenizer(spec[3:]))
-    return get_tokenizer(spec)
-  if loaded.tokenizer_dir is None:
-    raise UserError("the checkpoint has no tokenizer/; pass --tokenizer=byte or "
-                    "--tokenizer=hf:PATH (the one it was trained with)")
-  return tokens.TextTokenizer(tokens.load_tokenizer(loaded.tokenizer_dir))
 
 
 def _copy_tokenizer(source: str, dest: str) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from llmjax import weights
 from llmjax.config import Experiment
 from llmjax.data import tokenizers
 from llmjax.errors import ConfigError
@@ -17,11 +18,8 @@ _TRAINED = ("wordpiece:", "bpe:")
 def _init_from_tokenizer_dir(spec: str) -> str | None:
   """The directory holding the tokenizer.json of an init_from checkpoint, if it has one (a PEFT
   adapter's: its base model's)."""
-  from llmjax.train import pretrained
-  kind, path = pretrained.weights_source(spec)
-  candidates = {"workdir": [path], "export": [os.path.join(path, "tokenizer"), path],
-                "hf": [path]}.get(kind, [])
-  return next((d for d in candidates if os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
+  found = weights.parse(spec, "config.train.init_from").tokenizer_dir()
+  return found if found and os.path.isfile(os.path.join(found, "tokenizer.json")) else None
 
 
 def run_tokenizer(exp: Experiment, workdir: str | None, training_texts):

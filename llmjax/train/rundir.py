@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from llmjax import checkpoint, config as config_lib, finetune, tasks
+from llmjax import checkpoint, config as config_lib, finetune, tasks, weights
 from llmjax.errors import UserError
 from llmjax.parallel import mesh as meshlib, sharding
 from llmjax.tasks import distill
@@ -84,3 +84,10 @@ def restore(workdir: str, step: int | None = None) -> Restored:
                                    shardings, trainable)
   state = state.replace(params=distill.without_projection(state.params))
   return Restored(exp, run_task, model, chosen, state, mesh)
+
+
+def open_weights(value: str, key: str, dtype: str = "float32"):
+  """(source, llmjax.hf.convert.Loaded) of a CLI --checkpoint: any weights source, ready to run;
+  a training run (workdir:PATH[@STEP] or its bare directory) reopened by `restore`."""
+  source = weights.parse_checkpoint(value, key)
+  return source, source.open(dtype, open_run=restore)

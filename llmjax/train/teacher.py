@@ -18,7 +18,8 @@ import os
 import jax
 from flax import linen as nn
 
-from llmjax import config as config_lib
+from llmjax import config as config_lib, weights
+from llmjax.data.tokenizers import TOKENIZER_FILE
 from llmjax.errors import ConfigError, capped
 from llmjax.hf.arch import RUNTIME_FIELDS
 from llmjax.parallel import sharding
@@ -35,25 +36,21 @@ class Teacher:
   shardings: dict
 
 
+def source(exp: config_lib.Experiment) -> weights.WeightsSource:
+  """The weights config.distill.teacher names (a PEFT adapter is no teacher)."""
+  return weights.parse(exp.distill.teacher, KEY, kinds=("workdir", "export", "hf"))
+
+
 def model_config(exp: config_lib.Experiment) -> config_lib.ModelConfig:
   """The teacher's ModelConfig: its checkpoint's shape, the student's numerics (dtype)."""
-  spec = exp.distill.teacher
-  kind, path = pretrained.weights_source(spec, KEY)
-  if kind == "hf":
-    from llmjax import hf
-    fields = dataclasses.asdict(hf.model_config(path))
-  else:
-    fields = pretrained.source_model_config(spec, KEY)
-  known = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
-  fields = {k: v for k, v in fields.items() if k in known}
   # How the teacher computes follows the run; its layout (scan_layers) follows its checkpoint.
   runtime = {k: getattr(exp.model, k) for k in RUNTIME_FIELDS if k != "scan_layers"}
-  return config_lib.ModelConfig(**{**fields, **runtime, "remat": "none", "dropout": 0.0})
+  return source(exp).model_config(**{**runtime, "remat": "none", "dropout": 0.0})
 
 
 def build(exp: config_lib.Experiment, student_task, student_data, mesh, rules) -> Teacher:
   """The teacher's task, model, abstract variables and shardings; checks it can teach."""
-  _check_recorded_info(exp.distill.teacher, student_data)
+  _check_recorded_info(exp, student_data)
   student_info = student_data.info
   teacher_exp = dataclasses.replace(
       exp, model=model_config(exp), finetune=config_lib.FinetuneConfig(),
@@ -99,35 +96,34 @@ def check_outputs(exp, teacher: Teacher, student_task, student_model) -> None:
 
 def load(exp, teacher: Teacher) -> dict:
   """The teacher's variables, verified and read straight into their shardings."""
-  spec = exp.distill.teacher
-  params = pretrained.load_all(spec, teacher.abstract["params"], teacher.shardings["params"], KEY)
+  weights_from = source(exp)
+  params = weights_from.load(teacher.abstract["params"], teacher.shardings["params"])
   state_abstract = {k: v for k, v in teacher.abstract.items() if k != "params"}
   model_state = {}
   if state_abstract:  # BatchNorm statistics come with the teacher's weights
     model_state = pretrained.load_model_state(
-        spec, state_abstract, {k: teacher.shardings[k] for k in state_abstract}, KEY)
+        weights_from, state_abstract, {k: teacher.shardings[k] for k in state_abstract})
   return {"params": params, **model_state}
 
 
-def _check_recorded_info(spec: str, student_data) -> None:
-  """A workdir teacher records its vocabulary (tokenizer.json, or the tokenizer's name) and
-  labels (task_info.json): they must be the student's."""
-  from llmjax.data.tokenizers import TOKENIZER_FILE
-  kind, path = pretrained.weights_source(spec, KEY)
-  file = os.path.join(path, "task_info.json")
-  if kind != "workdir" or not os.path.isfile(file):
+def _check_recorded_info(exp, student_data) -> None:
+  """A teacher run records its vocabulary (tokenizer.json, or the tokenizer's name) and labels
+  (task_info.json): they must be the student's."""
+  weights_from = source(exp)
+  spec = weights_from.spec
+  theirs = weights_from.task_info()
+  if not theirs:
     return
-  with open(file) as f:
-    theirs = json.load(f)
   ours = student_data.info
-  vocab_file = os.path.join(path, TOKENIZER_FILE)
-  if os.path.isfile(vocab_file) and TOKENIZER_FILE in student_data.artifacts:
+  vocab_dir = weights_from.tokenizer_dir()
+  vocab_file = os.path.join(vocab_dir, TOKENIZER_FILE) if vocab_dir else None
+  if vocab_file and os.path.isfile(vocab_file) and TOKENIZER_FILE in student_data.artifacts:
     with open(vocab_file) as f:  # trained vocabularies: the same tokens with the same ids
       same = _vocab(f.read()) == _vocab(student_data.artifacts[TOKENIZER_FILE])
     if not same:
       raise ConfigError(f"{KEY}={spec!r}: the teacher's vocabulary ({vocab_file}) is not the "
                         f"student's (config.data.tokenizer={ours.get('tokenizer')!r}); give the "
-                        f"student the teacher's: config.data.tokenizer='hf:{path}'")
+                        f"student the teacher's: config.data.tokenizer='hf:{vocab_dir}'")
   elif "tokenizer" in theirs and "tokenizer" in ours and theirs["tokenizer"] != ours["tokenizer"]:
     raise ConfigError(f"{KEY}={spec!r}: the teacher's tokenizer is {theirs['tokenizer']!r} but "
                       f"the student's is {ours['tokenizer']!r}; they must be the same")
