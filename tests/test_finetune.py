@@ -309,7 +309,7 @@ def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_
   run = llmjax.train.rundir.restore(workdir)
   # What started fresh is said at training and again on reopening, each time in a short line.
   said = [line for line in capfd.readouterr().err.splitlines()
-          if line.startswith(f"init_from workdir:{lm_run}: loaded")]
+          if line.startswith(f"init_from workdir:{lm_run}@4: loaded")]  # the step it started from
   assert len(said) == 2 and all(len(line) < 400 and "more)" in line for line in said), said
   assert {p.split("/")[-2] if "/lora/" in p else p
           for p, _ in partition.items(run.state.params)} == {
@@ -322,7 +322,7 @@ def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_
   assert set(run.params) == set(frozen) | {"classifier"}
   with open(os.path.join(workdir, finetune.PARAMS_FILE)) as f:
     report = json.load(f)
-  assert report["base"]["init_from"] == exp.train.init_from
+  assert report["base"]["init_from"] == f"{exp.train.init_from}@4"  # the step it started from
   assert report["trainable"] == partition.count(run.state.params)
 
 

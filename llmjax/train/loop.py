@@ -49,6 +49,8 @@ def run(exp: Experiment, workdir: str) -> dict:
                                  keep_best=t.keep_best, async_save=t.async_checkpoint)
   # Before any file is (re)written: a resume that cannot go on (another base) changes nothing.
   state, data_state = initial_state(s, ckpt)
+  # A resumed run keeps the base step it started from (config.json and the base identity say it).
+  s = dataclasses.replace(s, exp=pretrained.as_recorded(s.exp, data_state))
   if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
     s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
   base = _write_run_files(s, workdir, state)

@@ -43,7 +43,8 @@ class Setup:
 
 def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   """Validate against the devices and data; build task, model, optimiser and abstract state."""
-  exp = pretrained.resolve_model(exp)
+  resuming = bool(workdir) and os.path.isdir(os.path.join(workdir, "checkpoints"))
+  exp = pretrained.resolve_model(exp, pin=not resuming)  # a new run records the step it starts at
   task = tasks.build(exp)
   mesh = meshlib.make_mesh(exp.mesh, devices)
   rules = sharding.rules_for(exp.mesh.rules)
@@ -67,7 +68,6 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
     online = not exp.distill.top_k
     abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})
     state_shardings = state_shardings.replace(teacher=teacher.shardings if online else {})
-  resuming = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
   if exp.train.init_from and not resuming:
     full = finetune.merge(abstract_state.params, abstract_state.frozen)
     pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
