@@ -73,7 +73,6 @@ KNOWN_PRIVATE = {
 KNOWN_FUNCTION_LEVEL = {  # importer -> why it still imports llmjax modules inside functions
 }
 KNOWN_LIGHT_DEFERRED = {  # importer -> why it imports a light or non-optional module in functions
-  "llmjax.data.tokenizers": "being made deterministic (issue 26 part 6)",
 }
 # Modules whose function-level imports are the point, llmjax's own included: prefix -> why.
 DEFERRING = {

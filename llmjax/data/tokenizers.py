@@ -84,8 +84,8 @@ def train_tokenizer(spec: str, texts: list[str]) -> HFTokenizer:
 
   The same texts give the same tokenizer.json in every process (llmjax.data.vocab_training).
   """
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers
+  import tokenizers  # only when a vocabulary is trained: byte-level runs never load it
+  from tokenizers import decoders, models, pre_tokenizers  # the same
   kind, _, size = spec.partition(":")
   if kind == "wordpiece":
     # Case and punctuation carry meaning in code and prose alike: split, never lowercase.
