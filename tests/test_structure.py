@@ -14,10 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
-KNOWN_LONG_MODULES = {
-}
-KNOWN_LONG_FUNCTIONS = {
-}
+KNOWN_LONG_MODULES: dict = {}  # path -> why, each a strict expected failure (none today)
+KNOWN_LONG_FUNCTIONS: dict = {}  # "path:function" -> why (none today)
 
 
 @functools.cache
