@@ -72,9 +72,9 @@ def lm_run(tmp_path_factory):
 # starts last while the other worker idles (a stale order costs minutes, never a result).
 _GROUPS = {"test_resume.py": "checkpoints", "test_checkpoint.py": "checkpoints",
            "test_clusters.py": "clusters", "test_launch_clusters.py": "clusters"}
-_LONGEST_FIRST = ("test_tasks.py", "checkpoints", "test_seq2seq.py", "test_finetune.py",
-                  "test_distill.py", "clusters", "test_image_task.py", "test_train.py",
-                  "test_reproducible.py", "test_multitask.py", "test_peft.py")
+_LONGEST_FIRST = ("test_tasks.py", "test_config.py", "checkpoints", "test_seq2seq.py",
+                  "test_finetune.py", "test_distill.py", "test_reproducible.py", "clusters",
+                  "test_image_task.py", "test_train.py", "test_multitask.py", "test_peft.py")
 
 
 def _group(nodeid: str) -> str:
