@@ -2,10 +2,6 @@
 second): every module sits on a floor and imports only from its own floor or below, the import
 graph has no cycle, no module uses another module's `_private` names, and function-level imports
 are only for heavy optional dependencies. docs/architecture.md describes the floors.
-
-Where the code does not keep a rule yet, the offenders are listed below (KNOWN_*), each checked
-by its own strict expected failure: fixing one makes its entry pass, and the strict mark then
-fails until the entry is removed, so the lists only shrink. Anything not listed fails at once.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import collections
 import functools
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llmjax"
@@ -63,14 +58,6 @@ FLOORS = {
 HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft", "transformers",
                   "huggingface_hub", "matplotlib", "tqdm", "sacrebleu", "tokenizers"}
 
-# Offenders a change may leave for a later one, each a strict expected failure until fixed:
-# (importer, imported) -> why, (importer, "module._name") -> why, importer -> why. Empty since
-# issue 26: every rule holds.
-KNOWN_UPWARD: dict = {}
-KNOWN_CYCLE_EDGES: dict = {}
-KNOWN_PRIVATE: dict = {}
-KNOWN_FUNCTION_LEVEL: dict = {}  # importers of llmjax modules inside functions
-KNOWN_LIGHT_DEFERRED: dict = {}  # importers of light modules, or uncommented, inside functions
 # Modules whose function-level imports are the point, llmjax's own included: prefix -> why.
 DEFERRING = {
   "llmjax.cli": "a verb imports the library (and so jax) only once its flags are good, so "
@@ -322,13 +309,6 @@ def found(rule: str):
           "function_level": lambda: function_level(True), "light": light_deferred}[rule]()
 
 
-def _known(table):
-  """Parameters for the strict expected failures of a KNOWN_* table."""
-  return [pytest.param(key, marks=pytest.mark.xfail(strict=True, reason=why),
-                       id=key if isinstance(key, str) else "->".join(key))
-          for key, why in table.items()]
-
-
 def test_every_module_has_a_floor():
   missing = [m for m in MODULES if floor(m) is None]
   assert not missing, f"modules no FLOORS entry covers (place them in FLOORS above): {missing}"
@@ -341,61 +321,29 @@ def test_floors_name_existing_modules():
 
 
 def test_no_import_goes_up_a_floor():
-  new = [why for edge, why in found("upward").items() if edge not in KNOWN_UPWARD]
+  new = list(found("upward").values())
   assert not new, "imports from a higher floor:\n" + "\n".join(sorted(new))
 
 
-if KNOWN_UPWARD:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("edge", _known(KNOWN_UPWARD))
-  def test_known_upward_import_is_gone(edge):
-    assert edge not in found("upward")
-
-
 def test_no_import_cycle():
-  graph = {m: {t: line for t, line in ts.items() if (m, t) not in KNOWN_CYCLE_EDGES}
-           for m, ts in GRAPH.items()}
-  loops = cycles(graph)
+  loops = cycles(GRAPH)
   assert not loops, "import cycles:\n" + "\n".join(" -> ".join(loop) for loop in loops)
 
 
-if KNOWN_CYCLE_EDGES:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("edge", _known(KNOWN_CYCLE_EDGES))
-  def test_known_cycle_edge_is_gone(edge):
-    assert edge[1] not in GRAPH[edge[0]]
-
-
 def test_no_private_name_of_another_module():
-  new = [why for key, why in found("private").items() if key not in KNOWN_PRIVATE]
+  new = list(found("private").values())
   assert not new, "uses of another module's private names:\n" + "\n".join(sorted(new))
 
 
-if KNOWN_PRIVATE:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("use", _known(KNOWN_PRIVATE))
-  def test_known_private_use_is_gone(use):
-    assert use not in found("private")
-
-
 def test_no_function_level_llmjax_import():
-  new = {m: v for m, v in found("function_level").items() if m not in KNOWN_FUNCTION_LEVEL}
+  new = found("function_level")
   assert not new, f"llmjax modules imported inside functions (import them at the top): {new}"
 
 
-if KNOWN_FUNCTION_LEVEL:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("module", _known(KNOWN_FUNCTION_LEVEL))
-  def test_known_function_level_llmjax_import_is_gone(module):
-    assert module not in found("function_level"), found("function_level")[module]
-
-
 def test_function_level_imports_keep_heavy_dependencies_off_the_import_path():
-  new = {m: v for m, v in found("light").items() if m not in KNOWN_LIGHT_DEFERRED}
+  new = found("light")
   assert not new, ("function-level imports of light modules, or without a comment saying why "
                    f"(import them at the top, or add the dependency to HEAVY_OPTIONAL): {new}")
-
-
-if KNOWN_LIGHT_DEFERRED:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("module", _known(KNOWN_LIGHT_DEFERRED))
-  def test_known_light_deferred_import_is_gone(module):
-    assert module not in found("light"), found("light")[module]
 
 
 def test_the_reader_sees_every_kind_of_import():

@@ -1,6 +1,5 @@
 """The size rule of the house style, read from the source with ast: no module under llmjax/ over
-400 lines, no function (or method) over 60. Today's offenders are listed, each a strict expected
-failure, so the lists only shrink; anything not listed fails at once."""
+400 lines, no function (or method) over 60."""
 
 from __future__ import annotations
 
@@ -8,14 +7,10 @@ import ast
 import functools
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
-
-KNOWN_LONG_MODULES: dict = {}  # path -> why, each a strict expected failure (none today)
-KNOWN_LONG_FUNCTIONS: dict = {}  # "path:function" -> why (none today)
 
 
 @functools.cache
@@ -53,29 +48,12 @@ def long_functions() -> dict[str, int]:
   return out
 
 
-def _known(table):
-  """Parameters for the strict expected failures of a KNOWN_* table."""
-  return [pytest.param(key, marks=pytest.mark.xfail(strict=True, reason=why), id=key)
-          for key, why in table.items()]
-
-
 def test_modules_are_at_most_400_lines():
-  new = {m: n for m, n in long_modules().items() if m not in KNOWN_LONG_MODULES}
+  new = long_modules()
   assert not new, f"modules over {MAX_MODULE_LINES} lines (split them): {new}"
 
 
-if KNOWN_LONG_MODULES:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("module", _known(KNOWN_LONG_MODULES))
-  def test_known_long_module_is_split(module):
-    assert module not in long_modules(), f"{module}: {long_modules()[module]} lines"
-
-
 def test_functions_are_at_most_60_lines():
-  new = {f: n for f, n in long_functions().items() if f not in KNOWN_LONG_FUNCTIONS}
+  new = long_functions()
   assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split them): {new}"
 
-
-if KNOWN_LONG_FUNCTIONS:  # one strict expected failure per entry; none once the table is empty
-  @pytest.mark.parametrize("function", _known(KNOWN_LONG_FUNCTIONS))
-  def test_known_long_function_is_split(function):
-    assert function not in long_functions(), f"{function}: {long_functions()[function]} lines"
