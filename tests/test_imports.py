@@ -58,6 +58,13 @@ FLOORS = {
 HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft", "transformers",
                   "huggingface_hub", "matplotlib", "tqdm", "sacrebleu", "tokenizers"}
 
+# llmjax modules that bring heavy dependencies with them, deferred like those so that the
+# model-only path (the GPU benchmark image has jax, flax and optax but no grain, no
+# tensorflow-datasets, no orbax) imports without them (tests/test_benchmarks.py): prefix -> why.
+HEAVY_LLMJAX = {"llmjax.data": "grain and tensorflow-datasets",
+                "llmjax.weights": "orbax (through llmjax.checkpoint) and the data stack",
+                "llmjax.train.loop": "orbax and the data stack"}
+
 # Modules whose function-level imports are the point, llmjax's own included: prefix -> why.
 DEFERRING = {
   "llmjax.cli": "a verb imports the library (and so jax) only once its flags are good, so "
@@ -275,8 +282,20 @@ def function_level(llmjax_modules: bool) -> dict[str, list[str]]:
       continue
     for imp in imports:
       if imp.in_function and imp.target.startswith("llmjax") == llmjax_modules:
+        if llmjax_modules and _heavy_llmjax(imp.target) and _commented(m, imp):
+          continue
         out[m].append(f"{imp.line}: {imp.target}")
   return dict(out)
+
+
+def _heavy_llmjax(target: str) -> bool:
+  return any(target == p or target.startswith(p + ".") for p in HEAVY_LLMJAX)
+
+
+def _commented(module: str, imp: Import) -> bool:
+  """A comment on the import's line or the line above (saying why it is deferred)."""
+  lines = SOURCES[module]
+  return "#" in lines[imp.line - 1] or lines[imp.line - 2].strip().startswith("#")
 
 
 def _deferring(module: str) -> bool:
@@ -290,10 +309,9 @@ def light_deferred() -> dict[str, list[str]]:
   for m, imports in IMPORTS.items():
     if _deferring(m):
       continue
-    lines = SOURCES[m]
     for imp in imports:
       if imp.in_function and not imp.target.startswith("llmjax"):
-        commented = "#" in lines[imp.line - 1] or lines[imp.line - 2].strip().startswith("#")
+        commented = _commented(m, imp)
         if imp.target.split(".")[0] not in HEAVY_OPTIONAL or not commented:
           out[m].append(f"{imp.line}: {imp.target}" + ("" if commented else " (no comment)"))
   return dict(out)

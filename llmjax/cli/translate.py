@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     from llmjax import weights  # heavy imports only after the flags are known to be good
     from llmjax.train import rundir
     source, loaded = rundir.open_weights(_CHECKPOINT.value, "--checkpoint", _DTYPE.value)
+    if loaded.task is not None:  # before the tokenizer: a run that cannot translate says so
+      _require_translates(source.spec, loaded.task)
     tokenizer = weights.tokenizer(source, _TOKENIZER.value)
     translate = _translate_with_run if loaded.task is not None else _translate_with_model
     out = translate(source.spec, loaded, tokenizer, texts, settings)
@@ -59,12 +61,15 @@ def main(argv: list[str] | None = None) -> None:
 def _translate_with_run(spec: str, loaded, tokenizer, texts: list[str],
                         settings: dict) -> list[str]:
   """A seq2seq run's checkpoint, vocabulary and decoding settings (`settings` win)."""
+  return loaded.task.translate(loaded.model, loaded.params, tokenizer, texts, **settings)
+
+
+def _require_translates(spec: str, task) -> None:
   from llmjax.errors import UserError
   from llmjax import tasks
-  if not tasks.supports(loaded.task, tasks.Translates):
-    raise UserError(f"{spec} is a {loaded.task.name} run, whose task does not translate "
+  if not tasks.supports(task, tasks.Translates):
+    raise UserError(f"{spec} is a {task.name} run, whose task does not translate "
                     "(only tasks declaring Translates do: seq2seq)")
-  return loaded.task.translate(loaded.model, loaded.params, tokenizer, texts, **settings)
 
 
 def _translate_with_model(spec: str, loaded, tokenizer, texts: list[str],

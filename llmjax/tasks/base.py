@@ -29,7 +29,6 @@ from flax import linen as nn
 from llmjax import finetune, flops
 from llmjax.config import Experiment
 from llmjax.config_checks import require
-from llmjax.data import text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +144,8 @@ class Task:
   def eval_batches(self, arrays: dict, batch_size: int,
                    max_batches: int | None = None) -> list[dict]:
     """A split's fixed evaluation batches (the first, in order; the last padded with zero rows)."""
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import text
     return text.eval_batches(arrays, batch_size, max_batches)
 
   def split_records(self, split: str, report: dict) -> dict[str, dict]:

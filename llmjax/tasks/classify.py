@@ -15,7 +15,6 @@ import optax
 
 from llmjax import flops
 from llmjax.config import TaskConfig
-from llmjax.data import labelled
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics, plots
 from llmjax.models import heads
@@ -123,6 +122,8 @@ class Classify(LabelTask):
     return pooling_for(self.exp.task.pooling, self.exp.model.causal)
 
   def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import labelled
     exp = self.exp
     self.pooling()
     splits = labelled.load_labelled(exp.data, recorded_labels(exp, workdir), exp.task.num_classes)

@@ -7,9 +7,7 @@ import sys
 
 import numpy as np
 
-from llmjax import weights
 from llmjax.config import Experiment
-from llmjax.data import tokenizers
 from llmjax.errors import ConfigError
 
 _TRAINED = ("wordpiece:", "bpe:")
@@ -18,6 +16,8 @@ _TRAINED = ("wordpiece:", "bpe:")
 def _init_from_tokenizer_dir(spec: str) -> str | None:
   """The directory holding the tokenizer.json of an init_from checkpoint, if it has one (a PEFT
   adapter's: its base model's)."""
+  # deferred: grain, tensorflow-datasets and orbax stay off the model-only import path
+  from llmjax import weights
   found = weights.parse(spec, "config.train.init_from").tokenizer_dir()
   return found if found and os.path.isfile(os.path.join(found, "tokenizer.json")) else None
 
@@ -26,6 +26,8 @@ def run_tokenizer(exp: Experiment, workdir: str | None, training_texts):
   """(tokenizer, artifacts). A vocabulary to be trained gives way to the init_from checkpoint's:
   pretrained embeddings are indexed by that checkpoint's ids, a new vocabulary would scramble them.
   """
+  # deferred: grain, tensorflow-datasets and orbax stay off the model-only import path
+  from llmjax.data import tokenizers
   spec = exp.data.tokenizer
   resumed = workdir and os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE))
   if spec.startswith(_TRAINED) and exp.train.init_from and not resumed:

@@ -18,7 +18,6 @@ import numpy as np
 
 from llmjax import flops
 from llmjax.config import TaskConfig
-from llmjax.data import vision
 from llmjax.errors import ConfigError, capped
 from llmjax.models import vision as vision_models
 from llmjax.models.apply import apply_model
@@ -44,6 +43,8 @@ class ImageClassify(LabelTask):
   name = "image_classify"
 
   def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import vision
     exp = self.exp
     splits = vision.load_images(exp.data, recorded_labels(exp, workdir))
     names = list(splits.label_names)

@@ -12,7 +12,6 @@ import numpy as np
 
 from llmjax import flops, generate
 from llmjax.config import TaskConfig
-from llmjax.data import text
 from llmjax.models.apply import apply_model
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import lm as lm_objective
@@ -34,6 +33,8 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
   name = "lm"
 
   def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import text
     corpus = text.load_corpus(self.exp.data, workdir)
     return Data(train=corpus.train, val=corpus.val, test=None, tokenizer=corpus.tokenizer,
                 info={"tokenizer": corpus.tokenizer.name,

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
-from llmjax.data import sources, text
 from llmjax.models.apply import apply_model
 from llmjax.models.heads import MaskedLM as MaskedLMHead
 from llmjax.objectives import lm as lm_objective
@@ -49,6 +48,8 @@ class MaskedLM(Predicts, CountsFlops, Exportable, Task):
   name = "mlm"
 
   def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import sources, text
     exp = self.exp
     docs = sources.read_documents(exp.data)
     train_docs, val_docs = text.split_documents(docs, exp.data.val_fraction, exp.data.seed)

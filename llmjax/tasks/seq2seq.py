@@ -17,8 +17,6 @@ from flax import linen as nn
 from llmjax import flops, generate
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
-from llmjax.data import parallel_text, seq2seq_rows, tokenizers
-from llmjax.data.seq2seq_rows import ROW_KEYS, SpecialIds
 from llmjax.errors import ConfigError
 from llmjax.eval import bleu, translation_baselines
 from llmjax.models.apply import apply_model
@@ -61,6 +59,8 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
   name = "seq2seq"
 
   def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import parallel_text, seq2seq_rows, tokenizers
     d = self.exp.data
     corpus = parallel_text.load_parallel(d)
     # One joint vocabulary for both languages: the embeddings are shared by both stacks.
@@ -96,8 +96,10 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
     return EncoderDecoder(self.exp.model, peft)
 
   def example_batch(self, batch_size):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import seq2seq_rows
     shape = (batch_size, self.exp.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in ROW_KEYS}
+    return {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in seq2seq_rows.ROW_KEYS}
 
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["source"], batch["target_in"])
@@ -148,7 +150,9 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
 
   def special_ids(self):
     """pad, EOS and decoder start of the run's vocabulary (recorded in task_info.json)."""
-    return SpecialIds(self.info["pad_id"], self.info["eos_id"], self.info["start_id"])
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import seq2seq_rows
+    return seq2seq_rows.SpecialIds(self.info["pad_id"], self.info["eos_id"], self.info["start_id"])
 
   def headline(self, report):
     line = f"final validation loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}"
@@ -193,6 +197,8 @@ def translate_texts(model, params, tokenizer, sources: list[str], *, width: int,
                     max_new_tokens: int, num_beams: int, length_penalty: float,
                     early_stopping, special) -> list[str]:
   """Texts -> decoded texts, DECODE_BATCH at a time (sources cut to `width` tokens)."""
+  # deferred: grain and tensorflow-datasets stay off the model-only import path
+  from llmjax.data import seq2seq_rows
   ids = seq2seq_rows.encode_source(tokenizer, sources, special.eos)
   out = []
   for start in range(0, len(ids), DECODE_BATCH):
