@@ -10,6 +10,7 @@ spec. Reading a source's model fields, shapes or tokenizer reads no arrays.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable, ClassVar
 
@@ -45,6 +46,14 @@ class WeightsSource:
   def error(self, message: str) -> UserError:
     """A one-line UserError naming the key and spec."""
     return UserError(f"{self.key}={self.spec!r}: {message}")
+
+  def read_json(self, name: str, what: str) -> dict:
+    """The JSON file `name` of the source's directory; without it, the directory is not `what`."""
+    file = os.path.join(self.path, name)
+    if not os.path.isfile(file):
+      raise self.error(f"{self.path} is not {what} (no {name})")
+    with open(file) as f:
+      return json.load(f)
 
   # --- what the weights are -------------------------------------------------------------------
 

@@ -20,11 +20,7 @@ class ExportSource(WeightsSource):
     return is_dir(path, "model_config.json")
 
   def model_fields(self) -> dict:
-    file = os.path.join(self.path, "model_config.json")
-    if not os.path.isfile(file):
-      raise self.error(f"{self.path} is not an llmjax export (no model_config.json)")
-    with open(file) as f:
-      return json.load(f)
+    return self.read_json("model_config.json", "an llmjax export")
 
   def shapes(self, scanned: bool) -> dict[str, tuple]:
     return checkpoint.exported_shapes(self.path)

@@ -37,11 +37,7 @@ class WorkdirSource(WeightsSource):
     return is_dir(path, "config.json") and os.path.isdir(os.path.join(path, "checkpoints"))
 
   def _config(self) -> dict:
-    file = os.path.join(self.path, "config.json")
-    if not os.path.isfile(file):
-      raise self.error(f"{self.path} is not an llmjax run directory (no config.json)")
-    with open(file) as f:
-      return json.load(f)
+    return self.read_json("config.json", "an llmjax run directory")
 
   def _checkpoints(self) -> str:
     directory = os.path.join(self.path, "checkpoints")
