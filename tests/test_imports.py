@@ -22,9 +22,11 @@ PACKAGE = ROOT / "llmjax"
 FLOORS = {
   # 0 foundations: the error types and the parameter-tree path helpers
   "llmjax": 0, "llmjax.errors": 0, "llmjax.treepaths": 0,
-  # 1 pure functions and tables that need no config: losses, metric sums, presets, plots
+  # 1 pure functions and tables that need no config: losses, metric sums, presets, plots,
+  # clustering
   "llmjax.objectives": 1, "llmjax.eval.metrics": 1, "llmjax.eval.bleu": 1,
   "llmjax.eval.plots": 1, "llmjax.eval.translation_baselines": 1, "llmjax.models.presets": 1,
+  "llmjax.cluster": 1,
   # 2 the experiment config: ConfigDict -> validated frozen dataclasses
   "llmjax.config": 2, "llmjax.config_checks": 2, "llmjax.config_tasks": 2,
   "llmjax.task_config": 2, "llmjax.config_sections": 2,

@@ -21,6 +21,7 @@ VERBS = {
     "generate": "continue a prompt with an llmjax export or a Hugging Face model",
     "translate": "translate text with a seq2seq run, an llmjax export or a Hugging Face "
                  "encoder-decoder (greedy or beam search)",
+    "segment": "segment an image into regions by mean-shift clustering of (colour, position)",
 }
 
 
