@@ -48,6 +48,9 @@ def validate(exp: Experiment) -> None:
   _require(data.stdlib_classes >= 2,
            f"config.data.stdlib_classes must be >= 2, got {data.stdlib_classes}")
   _require(t.keep_best >= 0, f"config.train.keep_best must be >= 0, got {t.keep_best}")
+  _require(t.early_stop_patience >= 0 and t.early_stop_min_delta >= 0,
+           "config.train.early_stop_patience and early_stop_min_delta must be >= 0, got "
+           f"{t.early_stop_patience} and {t.early_stop_min_delta}")
   _require(t.init_from == "" or t.init_from.split(":", 1)[0] in ("hf", "workdir", "export",
                                                                   "peft"),
            f"config.train.init_from={t.init_from!r}: allowed '', 'hf:PATH', 'workdir:PATH', "

@@ -170,6 +170,14 @@ class TrainConfig:
   progress: bool = True
   init_from: str = ""  # "" (random init) | hf:PATH | workdir:PATH | export:PATH | peft:PATH
   init_new: str = ""  # regex of parameter paths initialised fresh despite init_from (new heads)
+  # Early stopping (llmjax/train/early_stop.py): stop at the evaluation after which the metric
+  # has not improved by more than min_delta for `patience` evaluations; with keep_best, the best
+  # evaluation's checkpoint is saved and kept, retention ranking by this metric.
+  early_stop_patience: int = 0  # 0: off
+  early_stop_metric: str = "loss"  # a validation metric the task reports (`<task>/<key>` in
+  #                                  config.tasks runs)
+  early_stop_mode: str = "min"  # min | max: which direction improves
+  early_stop_min_delta: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +268,7 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
     "optim.schedule": ("cosine", "constant", "step"),
+    "train.early_stop_mode": ("min", "max"),
     "optim.name": ("adamw", "sgd"),
     "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits", "gettext"),
     "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn"),

@@ -200,6 +200,10 @@ class DecodedReport(Capability):
     setting, -1: the whole split)."""
     raise NotImplementedError
 
+  def decoded_keys(self) -> tuple[str, ...]:
+    """The keys `decoded_report` adds to an evaluation with the run's settings."""
+    raise NotImplementedError
+
 
 class Translates(Capability):
   """Turns texts into texts with the run's model and decoding settings (`llmjax translate`)."""

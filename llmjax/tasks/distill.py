@@ -104,6 +104,9 @@ class Distilled(DecodedReport, WritesFiles, CountsFlops, Task):
   def decoded_report(self, model, get_params, data, split, limit=None):
     return self.student.decoded_report(model, get_params, data, split, limit)
 
+  def decoded_keys(self):
+    return self.student.decoded_keys()
+
   def headline(self, report):
     return self.student.headline(report) + f" (distilled: KL {report['distill_kl']:.4f})"
 

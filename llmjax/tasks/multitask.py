@@ -309,6 +309,10 @@ class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
       records[f"{split}/{head}"] = {**sub_report, **decoded}
     return records
 
+  def decoded_keys(self):
+    return tuple(f"{head}/{k}" for head, sub in self.subs.items()
+                 if supports(sub, DecodedReport) for k in sub.decoded_keys())
+
   def decoded_report(self, model, get_params, data, split, limit=None):
     cache = []
 

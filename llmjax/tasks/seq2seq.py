@@ -136,6 +136,9 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
     hypotheses = self.translate(model, params, data.tokenizer, [s for s, _ in pairs])
     return {**bleu.corpus_scores(hypotheses, [t for _, t in pairs]), "translated": len(pairs)}
 
+  def decoded_keys(self):
+    return ("bleu", "chrf", "translated") if self.exp.task.bleu_examples else ()
+
   def translate(self, model, params, tokenizer, sources: list[str], **settings) -> list[str]:
     """Texts -> translations with the run's decoding settings (config.task), `settings`
     (num_beams, length_penalty, early_stopping, max_new_tokens) overriding them."""

@@ -26,8 +26,8 @@ from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import (init, offline_teacher, preemption, pretrained, reporting, rundir, setup,
-                          teacher_run)
+from llmjax.train import (early_stop, init, offline_teacher, preemption, pretrained, reporting,
+                          rundir, setup, teacher_run)
 from llmjax.train import teacher as teacher_lib
 
 
@@ -55,31 +55,35 @@ def run(exp: Experiment, workdir: str) -> dict:
     s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
   base = _write_run_files(s, workdir, state)
   start = int(jax.device_get(state.step))
+  stopper = early_stop.EarlyStopping(t, data_state)
   if data_state is not None and jax.process_index() == 0:  # restored: say where it goes on
-    print(_resume_line(workdir, start, t.steps), file=sys.stderr)
+    print(_resume_line(workdir, start, t.steps, stopper), file=sys.stderr)
   writer = reporting.MetricWriter(workdir, is_main=jax.process_index() == 0)
   if jax.process_index() == 0:
     reporting.truncate_after(writer.path, start)
-  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base)
+  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base, stopper)
   try:
     with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
           preemption.Listener() as signals):
       state = loop.train(state, start, signals)
       if loop.preempted_at is not None:
         return {"step": loop.preempted_at, "preempted": True}
-      final, sums = loop.evaluate_with_sums(state)
       end = int(jax.device_get(state.step))
-      write_eval(writer, s.task, end, final)
+      final, sums = loop.final_evaluation(state, end)
       if end not in ckpt.all_steps():
-        loop.save(state, end, final["loss"])
+        loop.save(state, end)
   finally:  # pending async saves complete (or report their failure) on every exit path
     writer.close()
     ckpt.close()
   _write_outputs(s, workdir, state, writer.path, final, sums, end)
-  return {"step": end, "headline": s.task.headline(final), **final}
+  stopped = {"early_stopped": dataclasses.asdict(stopper.tracker)} if stopper.stopped else {}
+  return {"step": end, "headline": s.task.headline(final), **stopped, **final}
 
 
-def _resume_line(workdir: str, start: int, steps: int) -> str:
+def _resume_line(workdir: str, start: int, steps: int, stopper) -> str:
+  if stopper.stopped:
+    return (f"{workdir} stopped early at step {start} (best {stopper.best()}): its final "
+            "evaluation runs again; raise config.train.early_stop_patience to train on")
   if start < steps:
     return f"resuming {workdir} at step {start} of {steps}"
   return (f"{workdir} already finished at step {start} of {steps} (config.train.steps): its "
@@ -174,42 +178,49 @@ def _data_state(iterator) -> dict:
 class _Loop:
   """The step loop and its periodic work; step n-1's metrics are read after step n is dispatched."""
 
-  def __init__(self, s: setup.Setup, ckpt, writer, iterator, base: dict | None):
+  def __init__(self, s: setup.Setup, ckpt, writer, iterator, base: dict | None, stopper):
     self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
+    self.stopper = stopper  # early stopping (config.train.early_stop_*), off by default
     self.base = base  # the frozen parameters' identity, saved with every step
     self.train_fn, self.eval_fn = setup.compile_steps(s)
     self.val_batches = _process_slices(s.mesh, s.task.eval_batches(
         s.data.val, s.exp.train.batch_size, s.exp.train.eval_batches))
     self.throughput = _Throughput(s)
-    self.last_val_loss = None
+    self.last_rank = None  # what retention ranks the next checkpoint by (validation loss)
+    self.last_eval = None  # (step, report, sums) of the last periodic evaluation
     self.consecutive_nonfinite = 0
     self.preempted_at = None
 
   def evaluate_with_sums(self, state) -> tuple[dict, dict]:
     metrics, sums = evaluate(self.s, self.eval_fn, state, self.val_batches)
-    self.last_val_loss = metrics["loss"]
     if tasks.supports(self.s.task, tasks.DecodedReport):
       metrics.update(self.s.task.decoded_report(
           self.s.model, lambda: distributed.to_host(finetune.merge(state.params, state.frozen)),
           self.s.data, "val"))
+    self.last_rank = self.stopper.rank(self.s.task, metrics)
     return metrics, sums
 
-  def evaluate(self, state) -> dict:
-    return self.evaluate_with_sums(state)[0]
+  def final_evaluation(self, state, end: int) -> tuple[dict, dict]:
+    """The run's last evaluation, written; an early stop's own evaluation is not run again."""
+    if self.last_eval is not None and self.last_eval[0] == end:
+      return self.last_eval[1:]
+    final, sums = self.evaluate_with_sums(state)
+    write_eval(self.writer, self.s.task, end, final)
+    return final, sums
 
-  def save(self, state, step: int, metric=None) -> None:
-    data_state = _data_state(self.iterator)
+  def save(self, state, step: int) -> None:
+    data_state = self.stopper.saved(_data_state(self.iterator))
     if self.base is not None:
       data_state["base"] = self.base
     self.ckpt.save(step, state.checkpointed(), data_state,
                    json.loads(self.s.exp.to_json()),
-                   metric=self.last_val_loss if metric is None else metric)
+                   metric=self.last_rank)
 
   def train(self, state, start: int, signals):
     t = self.s.exp.train
     bar = _progress(t, start)
     pending, interval = None, []
-    for step_index in range(start, t.steps):
+    for step_index in range(start, t.steps if not self.stopper.stopped else start):
       batch = sharding.global_batch(next(self.iterator), self.s.mesh)
       state, metrics = self.train_fn(state, batch)
       self.throughput.steps += 1
@@ -217,30 +228,50 @@ class _Loop:
         interval.append(self._check_finite(jax.device_get(pending), step_index))
       pending, done = metrics, step_index + 1
       stop = signals.should_stop(self.ckpt, done)
-      if done % t.log_every == 0 or done == t.steps or stop:
+      # With early stopping every evaluation may end the run: the steps before it are logged.
+      if (done % t.log_every == 0 or done == t.steps or stop
+          or (self.stopper.on and self._eval_due(done))):
         interval.append(self._check_finite(jax.device_get(pending), done))
         pending = None
         self._log(done, interval, bar)
         interval = []
       if stop:
+        if self.stopper.on:  # the counter saved must include this step's evaluation, if due
+          self._evaluate_due(state, done)
         self.save(state, done)
         self.ckpt.wait()
         self.preempted_at = done
         break
-      self._periodic(state, done)
       if bar is not None:
         bar.update(1)
+      if self._periodic(state, done):
+        break
     if bar is not None:
       bar.close()
     return state
 
-  def _periodic(self, state, done: int) -> None:
+  def _periodic(self, state, done: int) -> bool:
+    """Evaluate and checkpoint when due; True when early stopping ends the run at `done`."""
     t = self.s.exp.train
-    if done % t.eval_every == 0 and done != t.steps:
-      write_eval(self.writer, self.s.task, done, self.evaluate(state))
-      self.throughput.reset()  # evaluation time is not training throughput
-    if done % t.checkpoint_every == 0 and done != t.steps:
+    best = self._evaluate_due(state, done)
+    # An early stop, and a new best that checkpoint retention is asked to keep, are saved.
+    if ((done % t.checkpoint_every == 0 and done != t.steps) or self.stopper.stopped
+        or (best and t.keep_best)):
       self.save(state, done)
+    return self.stopper.stopped
+
+  def _evaluate_due(self, state, done: int) -> bool:
+    """The periodic evaluation of step `done` if due; True when early stopping's new best."""
+    if not self._eval_due(done):
+      return False
+    self.last_eval = (done, *self.evaluate_with_sums(state))
+    write_eval(self.writer, self.s.task, done, self.last_eval[1])
+    self.throughput.reset()  # evaluation time is not training throughput
+    return self.stopper.observe(self.s.task, self.last_eval[1], done)
+
+  def _eval_due(self, done: int) -> bool:
+    t = self.s.exp.train
+    return done % t.eval_every == 0 and done != t.steps
 
   def _check_finite(self, metrics: dict, step: int) -> dict:
     """Count consecutive non-finite steps; past the limit, stop naming the step."""

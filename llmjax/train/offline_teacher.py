@@ -74,6 +74,16 @@ def compute(teacher, variables, rows: dict, k: int, mesh, batch_size: int) -> di
   return {TOPK_VALUES: np.concatenate(values), TOPK_IDS: np.concatenate(ids).astype(np.int32)}
 
 
+def example_columns(teacher, k: int, batch: dict) -> dict:
+  """`batch` (abstract) with the abstract top-k columns an offline teacher adds to its rows."""
+  logits = jax.eval_shape(lambda v, b: teacher.task.predict(teacher.model, v, b, rng=None,
+                                                            train=False).logits,
+                          teacher.abstract, batch)
+  shape = logits.shape[:-1] + (k,)
+  return {**batch, TOPK_VALUES: jax.ShapeDtypeStruct(shape, np.float32),
+          TOPK_IDS: jax.ShapeDtypeStruct(shape, np.int32)}
+
+
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)]) \
       if len(x) < size else x

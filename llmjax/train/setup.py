@@ -19,7 +19,7 @@ from llmjax.errors import ConfigError
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
-from llmjax.train import init, optim, pretrained, step
+from llmjax.train import early_stop, init, optim, pretrained, step
 from llmjax.train import teacher as teacher_lib
 
 
@@ -71,8 +71,10 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   if exp.train.init_from and not resuming:
     full = finetune.merge(abstract_state.params, abstract_state.frozen)
     pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
-  return Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables,
-               abstract_state, state_shardings, trainable, teacher)
+  s = Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables, abstract_state,
+            state_shardings, trainable, teacher)
+  early_stop.check(s)  # config.train.early_stop_metric is one this run reports
+  return s
 
 
 def check_batch(exp: Experiment, mesh) -> None:
