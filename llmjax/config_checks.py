@@ -79,9 +79,28 @@ def _validate_model(exp: Experiment) -> None:
            f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
   _require(m.n_decoder_layers >= 0,
            f"config.model.n_decoder_layers must be >= 0 (0: n_layers), got {m.n_decoder_layers}")
+  _require(m.n_decoder_heads >= 0 and m.d_ff_decoder >= 0,
+           f"config.model.n_decoder_heads={m.n_decoder_heads} and d_ff_decoder={m.d_ff_decoder} "
+           "must be >= 0 (0: the encoder's)")
+  dec = m.decoder_stack()
+  _require(m.head_dim > 0 or m.d_model % dec.n_heads == 0,
+           f"config.model.n_decoder_heads={m.n_decoder_heads} must divide config.model.d_model="
+           f"{m.d_model} (or set config.model.head_dim)")
+  _require(dec.n_heads % dec.kv_heads == 0,
+           f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_decoder_heads="
+           f"{dec.n_heads}")
   _require(data.seq_len <= m.max_len,
            f"config.data.seq_len={data.seq_len} is longer than config.model.max_len={m.max_len}")
   _require(0.0 <= m.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {m.dropout}")
+  _require(not m.norm_offset or m.norm == "rmsnorm",
+           f"config.model.norm_offset={m.norm_offset} needs config.model.norm='rmsnorm' (Gemma's "
+           f"1 + weight), got {m.norm!r}")
+  for key in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+    _require(getattr(m, key) >= 0, f"config.model.{key} must be >= 0 (0: off), got "
+             f"{getattr(m, key)}")
+  _require(not (m.attn_softcap and m.attention_impl == "cudnn"),
+           f"config.model.attention_impl='cudnn' cannot soft-cap attention scores "
+           f"(attn_softcap={m.attn_softcap}); allowed: 'auto', 'xla', 'blocked'")
 
 
 def _validate_mesh(exp: Experiment) -> None:

@@ -28,11 +28,13 @@ class ModelConfig:
   pos_emb: str = "learned"  # learned | rope | sinusoidal (Marian's: sin half, cos half) | none
   rope_theta: float = 10000.0
   norm: str = "layernorm"  # layernorm | rmsnorm
+  # RMSNorm multiplies by (norm_offset + scale): Gemma stores its scales around 0 (1.0 there).
+  norm_offset: float = 0.0
   norm_eps: float = 1e-5
   norm_position: str = "pre"  # pre (GPT/Llama) | post (BERT)
   embed_norm: bool = False  # normalise the summed embeddings (BERT)
   final_norm: bool = True  # a norm after the last block (pre-norm models)
-  mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | silu | swiglu
+  mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | silu | swiglu | geglu (gated tanh-GELU)
   use_bias: bool = True
   tie_embeddings: bool = True
   type_vocab_size: int = 0  # >0: token-type embeddings (BERT segment A/B)
@@ -48,8 +50,17 @@ class ModelConfig:
   # blocks, n_decoder_layers decoder blocks; embeddings shared by both stacks and, when
   # tie_embeddings, by the output projection.
   n_decoder_layers: int = 0  # 0: n_layers
+  n_decoder_heads: int = 0  # the decoder's attention heads (self and cross); 0: n_heads
+  d_ff_decoder: int = 0  # the decoder's MLP width; 0: d_ff
   embed_scale: bool = False  # token embeddings times sqrt(d_model) (Marian, the original paper)
   final_logits_bias: bool = False  # a bias over the vocabulary on the logits (Marian, BART)
+  # Gemma 2/3 (hf/gemma.py): scores scaled by query_pre_attn_scalar ** -0.5 (0: head_dim ** -0.5);
+  # soft-capping cap * tanh(x / cap) of the attention scores and of the logits (0: off); a norm
+  # on each sublayer's output before its residual add (post_norms).
+  query_pre_attn_scalar: int = 0
+  attn_softcap: float = 0.0
+  final_softcap: float = 0.0
+  post_norms: bool = False
   # Image models (presets resnet18 ... resnet152 and cnn; llmjax/models/resnet.py, cnn.py).
   arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn
   resnet_block: str = "bottleneck"  # basic | bottleneck
@@ -58,6 +69,8 @@ class ModelConfig:
   stem: str = "imagenet"  # imagenet (7x7/2 conv, 3x3/2 max-pool) | small (3x3/1 conv, no pool)
   stem_width: int = 64  # channels out of the stem (HF embedding_size)
   zero_init_residual: bool = False  # each block's last BatchNorm scale starts at 0
+  resnet_downsample_first: bool = False  # the first stage halves the resolution too
+  resnet_stride_1x1: bool = False  # a block's stride on its first conv (v1), not the 3x3 (v1.5)
   bn_momentum: float = 0.9  # running statistics: new = momentum * old + (1 - momentum) * batch
   bn_eps: float = 1e-5
   cnn_widths: str = "32,64"  # the small CNN: channels of its 3x3 conv layers (each 2x2-pooled)
@@ -70,6 +83,11 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  def decoder_stack(self) -> "ModelConfig":
+    """An encoder-decoder's decoder blocks: causal, with their own heads and MLP width."""
+    return dataclasses.replace(self, causal=True, n_heads=self.n_decoder_heads or self.n_heads,
+                               d_ff=self.d_ff_decoder or self.d_ff)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +279,7 @@ CHOICES = {
     "model.pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "model.mlp": ("gelu_tanh", "gelu", "relu", "silu", "swiglu"),
+    "model.mlp": ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),

@@ -19,7 +19,9 @@ Image models (models/resnet.py, models/cnn.py), forward FLOPs per image of side 
 BatchNorm, ReLU, pooling, the residual adds and biases are not counted (ResNet-50 at 224 px:
 4.1 G multiply-adds, the figure papers quote, so 8.2 GFLOPs). Embedding lookups, norms, softmax
 and elementwise work are not counted either, as is conventional for MFU; nor are LoRA factors'
-and adapters' own small matmuls.
+and adapters' own small matmuls. So Gemma 2's soft-capping (cap * tanh(x / cap) of every
+attention score and every logit) adds nothing to the count, and a gated MLP (SwiGLU, GeGLU)
+counts its three weight matrices.
 
 Training (`train_flops`): forward + backward, where the backward is an activation-gradient pass
 (each weight matmul once more, and attention's two products twice: both their operands are
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.models import resnet
+from llmjax.models import layers, resnet
 
 # Dense datasheet peaks in FLOP/s by dtype, keyed by a substring of jax's device_kind; the
 # first matching key wins, so more specific names come first.
@@ -95,7 +97,7 @@ def block_matmul_params(cfg: ModelConfig) -> int:
   """Weights multiplied against every token in one block (biases and norms excluded)."""
   d, h = cfg.d_model, cfg.dim_per_head
   attention = d * h * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o and k, v
-  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+  mlp = (3 if cfg.mlp in layers.GATED else 2) * d * cfg.d_ff  # gated: wg, wi, wo
   return attention + mlp
 
 
@@ -145,14 +147,14 @@ def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> float:
 def encoder_decoder_forward(cfg: ModelConfig, source_len: int, target_len: int) -> Forward:
   """One (source, target) pair through an encoder-decoder (formula above), by weight group."""
   s, t, d, h = source_len, target_len, cfg.d_model, cfg.dim_per_head
-  per_block = block_matmul_params(cfg)
-  n_dec = cfg.n_decoder_layers or cfg.n_layers
-  encoder_matmul = cfg.n_layers * 2.0 * s * per_block
+  dec = cfg.decoder_stack()  # its own heads and MLP width
+  n_dec, nh_dec = cfg.n_decoder_layers or cfg.n_layers, dec.n_heads * dec.dim_per_head
+  encoder_matmul = cfg.n_layers * 2.0 * s * block_matmul_params(cfg)
   encoder_attention = cfg.n_layers * 4.0 * s * s * cfg.n_heads * h
-  decoder_matmul = n_dec * 2.0 * t * per_block
-  decoder_attention = n_dec * (4.0 * t * t * cfg.n_heads * h / 2 + 4.0 * t * s * cfg.n_heads * h)
-  cross_qo = n_dec * 2.0 * t * 2 * d * cfg.n_heads * h
-  cross_kv = n_dec * 2.0 * s * 2 * d * cfg.kv_heads * h
+  decoder_matmul = n_dec * 2.0 * t * block_matmul_params(dec)
+  decoder_attention = n_dec * (4.0 * t * t * nh_dec / 2 + 4.0 * t * s * nh_dec)
+  cross_qo = n_dec * 2.0 * t * 2 * d * nh_dec
+  cross_kv = n_dec * 2.0 * s * 2 * d * dec.kv_heads * dec.dim_per_head
   logits = 2.0 * t * d * cfg.vocab_size
   weights = ((r"(^|/)encoder/" + _BLOCKS[len("(^|/)"):], encoder_matmul),
              (r"(^|/)decoder/" + _BLOCKS[len("(^|/)"):], decoder_matmul),

@@ -147,6 +147,12 @@ def test_base_config_resolves_and_round_trips_through_json():
     (lambda d: d["data"].update(seq_len=10_000), ["config.data.seq_len"]),
     (lambda d: d["optim"].update(accum_steps=5), ["config.optim.accum_steps"]),
     (lambda d: d["mesh"].update(data=-1, fsdp=-1), ["config.mesh"]),
+    (lambda d: d["model"].update(norm="layernorm", norm_offset=1.0),
+     ["config.model.norm_offset", "rmsnorm"]),
+    (lambda d: d["model"].update(attn_softcap=50.0, attention_impl="cudnn"),
+     ["config.model.attention_impl='cudnn'", "attn_softcap"]),
+    (lambda d: d["model"].update(final_softcap=-1.0), ["config.model.final_softcap"]),
+    (lambda d: d["model"].update(n_decoder_heads=3), ["config.model.n_decoder_heads"]),
 ])
 def test_resolve_rejects_naming_the_key(mutate, names):
   d = base_dict()

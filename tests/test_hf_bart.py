@@ -27,11 +27,12 @@ from llmjax.models.encoder_decoder import EncoderDecoder  # noqa: E402
 
 TOL = 1e-4
 # name -> BartConfig overrides: BART's own GELU, unscaled and tied; and the reverse of each, with
-# more decoder than encoder layers.
+# more decoder than encoder layers, and the decoder's own heads and MLP width.
 CONFIGS = {
     "gelu_unscaled_tied": dict(encoder_layers=2, decoder_layers=1),
     "relu_scaled_untied": dict(activation_function="relu", scale_embedding=True,
-                               encoder_layers=1, decoder_layers=2, tie_word_embeddings=False),
+                               encoder_layers=1, decoder_layers=2, tie_word_embeddings=False,
+                               decoder_attention_heads=2, decoder_ffn_dim=48),
 }
 POSITIONS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight")
 
@@ -124,8 +125,10 @@ def _bart_model(kind: str) -> EncoderDecoder:
   base = dict(vocab_size=H.VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=H.MAX_LEN)
   if kind == "preset":
     return EncoderDecoder(ModelConfig(**{**presets.get("bart"), **base}))
-  # untied, scaled, 2 encoder / 3 decoder layers, tanh-GELU, stacked layers
+  # untied, scaled, 2 encoder / 3 decoder layers (with their own heads and MLP width),
+  # tanh-GELU, stacked layers
   return EncoderDecoder(ModelConfig(**{**presets.get("bart"), **base, "n_decoder_layers": 3,
+                                       "n_decoder_heads": 2, "d_ff_decoder": 48,
                                        "tie_embeddings": False, "embed_scale": True,
                                        "mlp": "gelu_tanh", "scan_layers": True}))
 
@@ -254,8 +257,8 @@ BAD = {
                             r"architecture 'BartForSequenceClassification' is not supported; "
                             r"supported for bart: BartForConditionalGeneration$"),
     "pre_norm": (dict(normalize_before=True), r"bart normalize_before=true is not supported"),
-    "different_ffn": (dict(decoder_ffn_dim=32),
-                      r"bart with encoder_ffn_dim=64 != decoder_ffn_dim=32 is not supported"),
+    "heads_not_dividing": (dict(decoder_attention_heads=5),
+                           r"bart d_model=32 is not a multiple of 5 attention heads"),
 }
 
 

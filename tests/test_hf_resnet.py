@@ -17,13 +17,15 @@ from llmjax.hf import convert
 from llmjax.models.resnet import ResNet
 from llmjax.parallel import mesh as meshlib
 
-# name -> (HF class, ResNetConfig fields): unusual depths and widths, both blocks.
+# name -> (HF class, ResNetConfig fields): unusual depths and widths, both blocks; the
+# classifying bottleneck is ResNet v1 (stride on the first 1x1) and downsamples in every stage.
 CASES = {
     "basic": ("ResNetForImageClassification",
               dict(layer_type="basic", depths=[1, 2], hidden_sizes=[8, 16], num_labels=3)),
     "bottleneck": ("ResNetForImageClassification",
                    dict(layer_type="bottleneck", depths=[2, 1, 1], hidden_sizes=[16, 24, 32],
-                        num_labels=5)),
+                        num_labels=5, downsample_in_first_stage=True,
+                        downsample_in_bottleneck=True)),
     "base": ("ResNetModel", dict(layer_type="bottleneck", depths=[1, 1], hidden_sizes=[8, 16])),
 }
 SIZE = 32
@@ -179,8 +181,6 @@ def _edit_config(directory, **fields):
 
 
 @pytest.mark.parametrize("field,value", [("layer_type", "preactivation"),
-                                         ("downsample_in_first_stage", True),
-                                         ("downsample_in_bottleneck", True),
                                          ("hidden_act", "gelu")])
 def test_unsupported_settings_are_named(tmp_path, field, value):
   make("base", tmp_path)

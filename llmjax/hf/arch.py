@@ -21,7 +21,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_imp
                   "attention_block", "init_std")
 # Fields only image models read: a Transformer's HF config decides none of them.
 IMAGE_FIELDS = ("resnet_block", "resnet_depths", "resnet_widths", "stem", "stem_width",
-                "zero_init_residual", "bn_momentum", "bn_eps", "cnn_widths", "cnn_hidden")
+                "zero_init_residual", "bn_momentum", "bn_eps", "cnn_widths", "cnn_hidden",
+                "resnet_downsample_first", "resnet_stride_1x1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,10 +9,12 @@ from llmjax.models.transformer import Transformer
 
 def from_hf(c) -> dict:
   require(not c.add_cross_attention, "GPT-2 with add_cross_attention is not supported")
-  require(c.scale_attn_weights and not c.scale_attn_by_inverse_layer_idx,
-          "GPT-2 attention must be scaled by 1/sqrt(head_dim) only (scale_attn_weights=true, "
-          "scale_attn_by_inverse_layer_idx=false)")
+  # A scale that differs by layer would give each block of a stack its own constant.
+  require(not c.scale_attn_by_inverse_layer_idx, "GPT-2 scale_attn_by_inverse_layer_idx=true is "
+          "not supported (a per-layer score scale); supported: false")
   return dict(vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+              # unscaled scores (scale_attn_weights=false) are scores scaled by 1 ** -0.5
+              query_pre_attn_scalar=0 if c.scale_attn_weights else 1,
               d_ff=c.n_inner or 4 * c.n_embd, max_len=c.n_positions,
               norm_eps=c.layer_norm_epsilon, mlp=activation(c.activation_function, "gpt2"),
               dropout=c.resid_pdrop, tie_embeddings=c.tie_word_embeddings)
@@ -24,6 +26,7 @@ def to_hf(cfg) -> dict:
               layer_norm_epsilon=cfg.norm_eps,
               activation_function=HF_ACTIVATION.get(cfg.mlp, cfg.mlp),
               resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+              scale_attn_weights=cfg.query_pre_attn_scalar != 1,
               tie_word_embeddings=cfg.tie_embeddings)
 
 

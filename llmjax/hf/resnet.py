@@ -12,10 +12,9 @@ from llmjax.hf.arch import Architecture, require
 from llmjax.models import resnet
 from llmjax.models.resnet import ResNet
 
-# What HF's ResNet computes that models.resnet does not (v1.5 with the stride on the 3x3 conv,
-# the first stage at full resolution, ReLU); each named with the values llmjax supports.
-_FIXED = {"hidden_act": "relu", "downsample_in_first_stage": False,
-          "downsample_in_bottleneck": False}
+# What HF's ResNet can compute that models.resnet does not (another activation than ReLU),
+# named with the value llmjax supports.
+_FIXED = {"hidden_act": "relu"}
 _BN_EPS = 1e-5  # torch BatchNorm2d's default, which HF's ResNet never changes
 
 
@@ -30,7 +29,8 @@ def from_hf(c) -> dict:
   return dict(arch="resnet", resnet_block=c.layer_type, stem="imagenet",
               resnet_depths=",".join(map(str, c.depths)),
               resnet_widths=",".join(map(str, c.hidden_sizes)), stem_width=c.embedding_size,
-              bn_eps=_BN_EPS)
+              bn_eps=_BN_EPS, resnet_downsample_first=bool(c.downsample_in_first_stage),
+              resnet_stride_1x1=bool(c.downsample_in_bottleneck))
 
 
 def to_hf(cfg) -> dict:
@@ -38,7 +38,9 @@ def to_hf(cfg) -> dict:
           "stem is the 7x7/2 conv with a 3x3/2 max-pool: stem='imagenet')")
   return dict(layer_type=cfg.resnet_block, embedding_size=cfg.stem_width,
               depths=list(resnet.ints(cfg.resnet_depths, "resnet_depths")),
-              hidden_sizes=list(resnet.ints(cfg.resnet_widths, "resnet_widths")), **_FIXED)
+              hidden_sizes=list(resnet.ints(cfg.resnet_widths, "resnet_widths")),
+              downsample_in_first_stage=cfg.resnet_downsample_first,
+              downsample_in_bottleneck=cfg.resnet_stride_1x1, **_FIXED)
 
 
 def _conv_layer(hf: str, jx_conv: str, jx_bn: str, kernel: int, c_in: int,
@@ -95,4 +97,4 @@ ARCH = Architecture(
     # What a ResNet computes; the Transformer fields of its ModelConfig mean nothing to it, and
     # bn_momentum and zero_init_residual only shape training.
     config_fields=("arch", "resnet_block", "resnet_depths", "resnet_widths", "stem",
-                   "stem_width", "bn_eps"))
+                   "stem_width", "bn_eps", "resnet_downsample_first", "resnet_stride_1x1"))

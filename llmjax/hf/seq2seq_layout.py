@@ -9,24 +9,31 @@ from llmjax.hf.arch import HF_ACTIVATION, activation, require
 
 
 def from_hf(c, model_type: str) -> dict:
-  """ModelConfig fields of a BART-family config (one width for both stacks)."""
-  for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
-                   ("encoder_ffn_dim", "decoder_ffn_dim")):
-    require(getattr(c, enc) == getattr(c, dec), f"{model_type} with {enc}={getattr(c, enc)} != "
-            f"{dec}={getattr(c, dec)} is not supported (one width for both stacks)")
+  """ModelConfig fields of a BART-family config (the decoder's heads and MLP width its own)."""
+  for heads in (c.encoder_attention_heads, c.decoder_attention_heads):
+    require(c.d_model % heads == 0, f"{model_type} d_model={c.d_model} is not a multiple of "
+            f"{heads} attention heads")
   return dict(vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.encoder_layers,
               n_decoder_layers=c.decoder_layers, n_heads=c.encoder_attention_heads,
-              d_ff=c.encoder_ffn_dim, max_len=c.max_position_embeddings,
+              n_decoder_heads=_own(c.decoder_attention_heads, c.encoder_attention_heads),
+              d_ff=c.encoder_ffn_dim, d_ff_decoder=_own(c.decoder_ffn_dim, c.encoder_ffn_dim),
+              max_len=c.max_position_embeddings,
               mlp=activation(c.activation_function, model_type), dropout=c.dropout,
               embed_scale=bool(c.scale_embedding), tie_embeddings=c.tie_word_embeddings)
+
+
+def _own(decoder: int, encoder: int) -> int:
+  """A decoder setting as ModelConfig stores it: 0 when it is the encoder's."""
+  return 0 if decoder == encoder else decoder
 
 
 def to_hf(cfg) -> dict:
   """BART-family config fields of a ModelConfig (the inverse of `from_hf`)."""
   return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model,
               encoder_layers=cfg.n_layers, decoder_layers=cfg.n_decoder_layers or cfg.n_layers,
-              encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-              encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff,
+              encoder_attention_heads=cfg.n_heads,
+              decoder_attention_heads=cfg.n_decoder_heads or cfg.n_heads,
+              encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff_decoder or cfg.d_ff,
               max_position_embeddings=cfg.max_len,
               activation_function=HF_ACTIVATION.get(cfg.mlp, cfg.mlp), dropout=cfg.dropout,
               # llmjax drops out embeddings and sublayer outputs (HF's `dropout`) only, never
@@ -61,14 +68,15 @@ def layer(hf: str, jx: str, d: int, n: int, h: int, f: int, cross: bool) -> list
 def tensors(model) -> list[m.Tensor]:
   """The shared embedding, final_logits_bias ([1, V] buffer <-> [V]), every layer, and the output
   projection when untied: what every BART-family model has."""
-  cfg = model.cfg
+  cfg, dec = model.cfg, model.cfg.decoder_stack()
   d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.dim_per_head, cfg.d_ff, cfg.vocab_size
   out = [m.same(SHARED, "embed/embedding", (v, d)),
          m.reshaped("final_logits_bias", "final_logits_bias", (1, v), (v,))]
   for i in range(cfg.n_layers):
     out += layer(f"model.encoder.layers.{i}", f"encoder/layer_{i}", d, n, h, f, cross=False)
   for i in range(cfg.n_decoder_layers or cfg.n_layers):
-    out += layer(f"model.decoder.layers.{i}", f"decoder/layer_{i}", d, n, h, f, cross=True)
+    out += layer(f"model.decoder.layers.{i}", f"decoder/layer_{i}", d, dec.n_heads,
+                 dec.dim_per_head, dec.d_ff, cross=True)
   if not cfg.tie_embeddings:
     out.append(m.linear("lm_head.weight", "lm_head/kernel", v, d))
   return out

@@ -90,7 +90,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT, y_BTD, segment_ids_BT, memory_BSD, source_segment_ids_BS,
                deterministic: bool, decode: bool):
-    cfg = dataclasses.replace(self.cfg, causal=True)
+    cfg = self.cfg.decoder_stack()
     positions_BT = None if decode else transformer.positions_from_segments(segment_ids_BT)
     mask_B1TT, positions_BT, cache_index = transformer.Mask(decode, name="mask")(
         tokens_BT, segment_ids_BT, positions_BT)

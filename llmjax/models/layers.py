@@ -83,8 +83,33 @@ def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, 
       param_dtype=cfg.param_dtype, name=name, peft=peft, deterministic=deterministic)
 
 
+class OffsetRMSNorm(nn.Module):
+  """RMSNorm times (offset + scale), the scale starting at 0 (Gemma's `1 + weight`).
+
+  As transformers computes it: normalised and scaled in float32, then cast to the compute dtype
+  (flax's RMSNorm multiplies by the scale in the compute dtype)."""
+  offset: float
+  epsilon: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+
+
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
   """LayerNorm or RMSNorm by config; flax reduces in float32 and returns the compute dtype."""
+  if cfg.norm_offset:
+    if cfg.norm != "rmsnorm":
+      raise ConfigError(f"config.model.norm_offset={cfg.norm_offset} needs norm='rmsnorm', got "
+                        f"{cfg.norm!r}")
+    return OffsetRMSNorm(cfg.norm_offset, cfg.norm_eps, dtype_of(cfg.dtype),
+                         dtype_of(cfg.param_dtype), name=name)
   common = dict(epsilon=cfg.norm_eps, dtype=dtype_of(cfg.dtype),
                 param_dtype=dtype_of(cfg.param_dtype), name=name,
                 scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)))
@@ -100,11 +125,13 @@ ACTIVATIONS = {
     "relu": nn.relu,
     "silu": nn.silu,  # Marian's "swish"
     "swiglu": nn.silu,  # gate activation; the gate itself is the `wg` projection
+    "geglu": lambda x: nn.gelu(x, approximate=True),  # Gemma's gate (gelu_pytorch_tanh)
 }
+GATED = ("swiglu", "geglu")  # act(x Wg) * (x Wi): three weight matrices
 
 
 class Mlp(nn.Module):
-  """Position-wise MLP: act(x Wi) Wo, or SwiGLU silu(x Wg) * (x Wi) Wo."""
+  """Position-wise MLP: act(x Wi) Wo, or gated (SwiGLU, GeGLU) act(x Wg) * (x Wi) Wo."""
   cfg: ModelConfig
   peft: peftlib.Peft = peftlib.NONE
   deterministic: bool = True
@@ -115,7 +142,7 @@ class Mlp(nn.Module):
     act = ACTIVATIONS[cfg.mlp]
     hooks = dict(peft=self.peft, deterministic=self.deterministic)
     h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi", **hooks)(x_BLD)
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in GATED:
       h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg", **hooks)(x_BLD)) * h_BLF
     else:
       h_BLF = act(h_BLF)

@@ -12,6 +12,12 @@ PRESETS: dict[str, dict] = {
     "llama": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-5, norm_position="pre",
                   mlp="swiglu", use_bias=False, tie_embeddings=False, causal=True,
                   final_norm=True, embed_norm=False, type_vocab_size=0, rope_theta=10000.0),
+    # Gemma (Hugging Face GemmaForCausalLM): Llama's layout with RMSNorm times (1 + weight),
+    # embeddings scaled by sqrt(d_model), a GeGLU (tanh-GELU gated) MLP, tied embeddings.
+    "gemma": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_offset=1.0,
+                  norm_position="pre", mlp="geglu", use_bias=False, tie_embeddings=True,
+                  causal=True, final_norm=True, embed_norm=False, type_vocab_size=0,
+                  rope_theta=10000.0, embed_scale=True),
     # BERT: bidirectional, post-LayerNorm, exact GELU, token types, normalised embeddings.
     "bert": dict(pos_emb="learned", norm="layernorm", norm_eps=1e-12, norm_position="post",
                  mlp="gelu", use_bias=True, tie_embeddings=True, causal=False,

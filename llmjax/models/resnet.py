@@ -1,5 +1,5 @@
 """ResNet v1.5 (torchvision, timm, Hugging Face `microsoft/resnet-*`): NHWC, BatchNorm, basic or
-bottleneck blocks, the stride on the 3x3 conv.
+bottleneck blocks, the stride on the 3x3 conv (on the first 1x1, v1, with resnet_stride_1x1).
 
 Tensor-name letters: B batch, H height, W width, C channels (of a feature map, or the classes of
 logits). Convolutions pad k//2 on every side as torch does: 'SAME' pads asymmetrically at
@@ -62,12 +62,17 @@ STEMS = {"imagenet": (7, 2, True), "small": (3, 1, False)}
 def block_plan(cfg: ModelConfig) -> list[tuple[int, int, tuple, int]]:
   """Every block as (stage, index in the stage, convs, stride), in order: the one description the
   model, the FLOP count and the Hugging Face key map read. The first block of every stage but the
-  first halves the resolution (HF: downsample_in_first_stage=False)."""
+  first halves the resolution; with resnet_downsample_first the first stage's does too (HF:
+  downsample_in_first_stage). resnet_stride_1x1 puts a block's stride on its first conv (ResNet
+  v1; HF: downsample_in_bottleneck) instead of the bottleneck's 3x3."""
   plan = []
   for s, (depth, width) in enumerate(stages(cfg)):
     for b in range(depth):
-      stride = 2 if s > 0 and b == 0 else 1
-      plan.append((s, b, BLOCKS[cfg.resnet_block](width, stride), stride))
+      stride = 2 if b == 0 and (s > 0 or cfg.resnet_downsample_first) else 1
+      convs = BLOCKS[cfg.resnet_block](width, stride)
+      if cfg.resnet_stride_1x1:
+        convs = tuple((k, stride if i == 0 else 1, c) for i, (k, _, c) in enumerate(convs))
+      plan.append((s, b, convs, stride))
   return plan
 
 

@@ -46,12 +46,15 @@ class Block(nn.Module):
     attn = attention.Attention(cfg, self.decode, peft, self.deterministic, name="attn")
     mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
     norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
+    # Gemma 2's sandwich: each sublayer's output normalised before anything else sees it.
+    post = {s: layers.norm(cfg, f"post_norm{i}") if cfg.post_norms else (lambda h: h)
+            for i, s in ((1, "attn"), (2, "mlp"))}
     # Bottleneck adapters sit on each sublayer's output, before its residual add.
     adapt = {s: (layers.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
                  if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
-    x_BLD = residual(cfg, x_BLD, lambda h: adapt["attn"](attn(h, mask_B1LS, positions_BL,
-                                                              cache_index)), norm1, drop)
-    x_BLD = residual(cfg, x_BLD, lambda h: adapt["mlp"](mlp(h)), norm2, drop)
+    x_BLD = residual(cfg, x_BLD, lambda h: adapt["attn"](post["attn"](
+        attn(h, mask_B1LS, positions_BL, cache_index))), norm1, drop)
+    x_BLD = residual(cfg, x_BLD, lambda h: adapt["mlp"](post["mlp"](mlp(h))), norm2, drop)
     return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
 
 
@@ -202,8 +205,8 @@ class Transformer(nn.Module):
       x_BLD = jnp.concatenate([prompt_BPD, x_BLD], axis=1)
       if token_types_BL is not None:
         token_types_BL = jnp.pad(token_types_BL, ((0, 0), (prompt_length, 0)))
-    if cfg.embed_scale:
-      x_BLD *= cfg.d_model ** 0.5
+    if cfg.embed_scale:  # sqrt(d) rounded to float32, then to the compute dtype (as in HF Gemma)
+      x_BLD *= jnp.asarray(jnp.float32(cfg.d_model ** 0.5), x_BLD.dtype)
     x_BLD += position_embedding(cfg, positions_BL, x_BLD.dtype)
     if cfg.type_vocab_size:
       types_BL = jnp.zeros(x_BLD.shape[:2], jnp.int32) if token_types_BL is None else \
@@ -232,6 +235,8 @@ class Transformer(nn.Module):
       logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                             name="lm_head", kernel_init=layers.init_normal(
                                 cfg.init_std, (axes.EMBED, axes.VOCAB)))(x_BLD)
+    if cfg.final_softcap:  # Gemma 2: logits bounded to (-cap, cap), in the compute dtype
+      logits_BLV = cfg.final_softcap * jnp.tanh(logits_BLV / cfg.final_softcap)
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 
