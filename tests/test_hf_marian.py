@@ -34,8 +34,10 @@ CONFIGS = {
                               encoder_layers=2, decoder_layers=1, tie_word_embeddings=True),
     "gelu_unscaled_untied": dict(activation_function="gelu", scale_embedding=False,
                                  encoder_layers=1, decoder_layers=2, tie_word_embeddings=False),
+    # the decoder with heads and an MLP width of its own
     "relu_scaled_untied": dict(activation_function="relu", scale_embedding=True,
-                               encoder_layers=1, decoder_layers=1, tie_word_embeddings=False),
+                               encoder_layers=1, decoder_layers=1, tie_word_embeddings=False,
+                               decoder_attention_heads=2, decoder_ffn_dim=48),
 }
 MESHES = {"dp": dict(data=8), "fsdp": dict(data=1, fsdp=8), "tp": dict(data=4, tensor=2),
           "fsdp_tp": dict(data=1, fsdp=4, tensor=2)}
@@ -271,11 +273,10 @@ BAD = {
         lambda saved, dest: _copy_with(saved["swish_scaled_tied"][0], dest,
                                        share_encoder_decoder_embeddings=False),
         hf.UnsupportedModelError, r"share_encoder_decoder_embeddings=false.*not supported"),
-    "different_heads": (
+    "heads_not_dividing": (
         lambda saved, dest: _copy_with(saved["swish_scaled_tied"][0], dest,
-                                       decoder_attention_heads=2),
-        hf.UnsupportedModelError,
-        r"encoder_attention_heads=4 != decoder_attention_heads=2 is not supported"),
+                                       decoder_attention_heads=5),
+        hf.UnsupportedModelError, r"marian d_model=32 is not a multiple of 5 attention heads"),
     "separate_embeddings": (_separate_embeddings, hf.UnsupportedModelError,
                             r"model\.encoder\.embed_tokens\.weight differs from "
                             r"model\.shared\.weight"),

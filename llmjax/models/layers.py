@@ -99,7 +99,8 @@ class OffsetRMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+    factor = self.offset + scale.astype(jnp.float32)
+    return (y * factor.reshape((1,) * (y.ndim - 1) + factor.shape)).astype(self.dtype)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:

@@ -229,15 +229,21 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BLD
     self.sow("intermediates", HEAD_INPUT, x_BLD)  # what the output layer reads (distillation)
-    if cfg.tie_embeddings:
-      logits_BLV = token_embed.attend(x_BLD)
-    else:
-      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head", kernel_init=layers.init_normal(
-                                cfg.init_std, (axes.EMBED, axes.VOCAB)))(x_BLD)
-    if cfg.final_softcap:  # Gemma 2: logits bounded to (-cap, cap), in the compute dtype
-      logits_BLV = cfg.final_softcap * jnp.tanh(logits_BLV / cfg.final_softcap)
-    return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return output_logits(cfg, token_embed, x_BLD)
+
+
+def output_logits(cfg: ModelConfig, token_embed: nn.Embed, x_BLD) -> jax.Array:
+  """[B, L, V]: the tied embedding or `lm_head`, soft-capped where the config says (Gemma 2)."""
+  if cfg.tie_embeddings:
+    logits_BLV = token_embed.attend(x_BLD)
+  else:
+    logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=layers.dtype_of(cfg.dtype),
+                          param_dtype=layers.dtype_of(cfg.param_dtype), name="lm_head",
+                          kernel_init=layers.init_normal(cfg.init_std,
+                                                         (axes.EMBED, axes.VOCAB)))(x_BLD)
+  if cfg.final_softcap:  # logits bounded to (-cap, cap), in the compute dtype
+    logits_BLV = cfg.final_softcap * jnp.tanh(logits_BLV / cfg.final_softcap)
+  return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 
 def position_embedding(cfg: ModelConfig, positions_BL, dtype) -> jax.Array | float:
