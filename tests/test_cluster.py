@@ -46,9 +46,11 @@ def _assert_same(ours, theirs, atol=1e-4):
 def test_equals_sklearn_mean_shift():
   x_ND, _, _ = _blobs()
   x3_ND, _, _ = _blobs(n=90, d=3, std=1.0, seed=1)
+  x40_ND, _, _ = _blobs(n=60, d=40, std=1.0, seed=4)  # over 32 features: matmul distances
   cases = [(x_ND, dict(bandwidth=2.0)), (x_ND, dict(bandwidth=2.0, bin_seeding=True)),
            (x3_ND, dict(bandwidth=1.5, bin_seeding=True, min_bin_freq=2)),
-           (x3_ND, dict(bandwidth=1.2, cluster_all=False)), (x_ND, dict(bandwidth=None))]
+           (x3_ND, dict(bandwidth=1.2, cluster_all=False)), (x_ND, dict(bandwidth=None)),
+           (x40_ND, dict(bandwidth=7.0))]
   orphans = 0
   for points, options in cases:
     theirs = sk_cluster.MeanShift(**options).fit(points)

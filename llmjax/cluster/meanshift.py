@@ -30,6 +30,10 @@ KERNELS = ("flat", "gaussian")
 # The default block keeps a block's [B, N_local] float32 distances near 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
 _MIN_BLOCK, _MAX_BLOCK = 8, 1024
+# Distances from differences up to this many features, by matmul beyond (squared_distances).
+_DIFFERENCE_MAX_D = 32
+# Steps a block of climbing seeds takes before the seeds still climbing are gathered again.
+_ROUND_STEPS = 8
 
 
 class ClusterError(UserError, ValueError):
@@ -127,61 +131,92 @@ def _blocks(rows_RD: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
           valid_R.reshape(-1, block))
 
 
-def squared_distances(a_AD: jax.Array, b_BD: jax.Array) -> jax.Array:
-  """[A, B] squared Euclidean distances, from differences (no |a|^2 + |b|^2 - 2ab cancellation)."""
-  return jnp.sum(jnp.square(a_AD[:, None, :] - b_BD[None, :, :]), axis=-1)
+def squared_distances(a_AD: jax.Array, b_DB: jax.Array) -> jax.Array:
+  """[A, B] squared Euclidean distances between the rows of a and the columns of b_DB.
+
+  Up to _DIFFERENCE_MAX_D features: from differences, one feature at a time (exact as float32
+  goes, and XLA:CPU fuses it into one pass; a [A, B, D] broadcast ran ~8x slower). Beyond, the
+  matmul form |a|^2 + |b|^2 - 2ab, whose rounding grows with |a|^2 (the points are centered)."""
+  if a_AD.shape[1] <= _DIFFERENCE_MAX_D:
+    return sum(jnp.square(a_AD[:, d, None] - b_DB[d, None, :]) for d in range(a_AD.shape[1]))
+  ab_AB = jnp.dot(a_AD, b_DB, precision=jax.lax.Precision.HIGHEST)
+  d2_AB = jnp.sum(jnp.square(a_AD), axis=1)[:, None] + jnp.sum(jnp.square(b_DB), axis=0)[None, :]
+  return jnp.maximum(d2_AB - 2.0 * ab_AB, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# The climb (jitted; one program per mesh and kernel, shapes aside).
+# The climb (jitted; one program per mesh, kernel and block, shapes aside).
 
 
-def _window_sums(x_ND, w_N, mean_BD, bandwidth, kernel: str, axes):
-  """(kernel mass [B], kernel-weighted sum of points [B, D]) around each mean, over all devices."""
-  d2_BN = squared_distances(mean_BD, x_ND)
+def _window_sums(x_DN, xw_NE, mean_BD, bandwidth, kernel: str, axes):
+  """(kernel mass [B], kernel-weighted sum of points [B, D]) around each mean, over all devices.
+
+  xw_NE holds each point times its weight, then the weight (E = D + 1): one matmul gives both
+  sums, and padding (weight 0) adds nothing."""
+  d2_BN = squared_distances(mean_BD, x_DN)
   if kernel == "flat":
-    k_BN = jnp.where(d2_BN <= bandwidth * bandwidth, w_N[None, :], 0.0)
+    k_BN = (d2_BN <= bandwidth * bandwidth).astype(jnp.float32)
   else:
-    k_BN = w_N[None, :] * jnp.exp(d2_BN * (-0.5 / (bandwidth * bandwidth)))
-  sums = (jnp.sum(k_BN, axis=1), jnp.dot(k_BN, x_ND, precision=jax.lax.Precision.HIGHEST))
-  return jax.lax.psum(sums, axes)
+    k_BN = jnp.exp(d2_BN * (-0.5 / (bandwidth * bandwidth)))
+  sums_BE = jax.lax.psum(jnp.dot(k_BN, xw_NE, precision=jax.lax.Precision.HIGHEST), axes)
+  return sums_BE[:, -1], sums_BE[:, :-1]
 
 
-def _climb_block(x_ND, w_N, seeds_BD, valid_B, bandwidth, max_iter, *, kernel: str, axes):
-  """(means [B, D], mass [B]) of one block of seeds, each stopping on its own as sklearn's
-  `_mean_shift_single_seed` does; an empty window ends a seed with mass 0 (no center)."""
-  threshold = 1e-3 * bandwidth
+def _step(x_DN, xw_NE, seeds, bandwidth, max_iter, kernel: str, axes):
+  """One mean-shift step of a block of seeds (mean [B, D], mass [B], steps [B], done [B]), each
+  stopping on its own as sklearn's `_mean_shift_single_seed` does: after a move of at most
+  1e-3 * bandwidth, after `max_iter` moves, or at an empty window (mass 0: no center)."""
+  mean_BD, mass_B, steps_B, done_B = seeds
+  new_mass_B, sum_BD = _window_sums(x_DN, xw_NE, mean_BD, bandwidth, kernel, axes)
+  empty_B = new_mass_B <= 0
+  new_BD = sum_BD / jnp.where(empty_B, 1.0, new_mass_B)[:, None]
+  shift_B = jnp.sqrt(jnp.sum(jnp.square(new_BD - mean_BD), axis=-1))
+  stop_B = empty_B | (shift_B <= 1e-3 * bandwidth) | (steps_B >= max_iter)
+  active_B = ~done_B
+  mean_BD = jnp.where((active_B & ~empty_B)[:, None], new_BD, mean_BD)
+  mass_B = jnp.where(active_B, jnp.where(empty_B, 0.0, new_mass_B), mass_B)
+  steps_B = jnp.where(active_B & ~stop_B, steps_B + 1, steps_B)
+  return mean_BD, mass_B, steps_B, done_B | stop_B
 
-  def step(carry):
-    mean_BD, mass_B, steps_B, done_B = carry
-    new_mass_B, sum_BD = _window_sums(x_ND, w_N, mean_BD, bandwidth, kernel, axes)
-    empty_B = new_mass_B <= 0
-    new_BD = sum_BD / jnp.where(empty_B, 1.0, new_mass_B)[:, None]
-    shift_B = jnp.sqrt(jnp.sum(jnp.square(new_BD - mean_BD), axis=-1))
-    stop_B = empty_B | (shift_B <= threshold) | (steps_B >= max_iter)
-    active_B = ~done_B
-    mean_BD = jnp.where((active_B & ~empty_B)[:, None], new_BD, mean_BD)
-    mass_B = jnp.where(active_B, jnp.where(empty_B, 0.0, new_mass_B), mass_B)
-    steps_B = jnp.where(active_B & ~stop_B, steps_B + 1, steps_B)
-    return mean_BD, mass_B, steps_B, done_B | stop_B
 
-  start = (seeds_BD, jnp.zeros(valid_B.shape, jnp.float32), jnp.zeros(valid_B.shape, jnp.int32),
-           ~valid_B)
-  mean_BD, mass_B, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[3]), step, start)
-  return mean_BD, mass_B
+def _climb_all(x_ND, w_N, seeds_SD, valid_S, bandwidth, max_iter, *, block: int, kernel: str,
+               axes):
+  """(means [S], mass [S]) of every seed. In rounds: the seeds still climbing are sorted to the
+  front and only their blocks take up to `_ROUND_STEPS` steps, so a few seeds that need many
+  steps (flat-kernel means can cycle until max_iter) cost their own blocks only."""
+  xw_NE = jnp.concatenate([x_ND * w_N[:, None], w_N[:, None]], axis=1)
+  step = functools.partial(_step, x_ND.T, xw_NE, bandwidth=bandwidth, max_iter=max_iter,
+                           kernel=kernel, axes=axes)
+
+  def block_steps(j, seeds):
+    at = j * block
+    mine = tuple(jax.lax.dynamic_slice_in_dim(a, at, block) for a in seeds)
+    _, mine = jax.lax.while_loop(lambda c: (c[0] < _ROUND_STEPS) & ~jnp.all(c[1][3]),
+                                 lambda c: (c[0] + 1, step(c[1])), (0, mine))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(a, b, at, 0) for a, b in zip(seeds, mine))
+
+  def one_round(carry):
+    seeds, index_S = carry
+    order_S = jnp.argsort(seeds[3], stable=True)  # still climbing first
+    seeds, index_S = tuple(a[order_S] for a in seeds), index_S[order_S]
+    climbing = jnp.sum(~seeds[3])
+    return jax.lax.fori_loop(0, (climbing + block - 1) // block, block_steps, seeds), index_S
+
+  zeros_S = jnp.zeros(valid_S.shape, jnp.float32)
+  start = ((seeds_SD, zeros_S, zeros_S.astype(jnp.int32), ~valid_S),
+           jnp.arange(valid_S.shape[0]))
+  (mean_SD, mass_S, _, _), index_S = jax.lax.while_loop(lambda c: ~jnp.all(c[0][3]), one_round,
+                                                        start)
+  back_S = jnp.argsort(index_S)
+  return mean_SD[back_S], mass_S[back_S]
 
 
 @functools.lru_cache(maxsize=None)
-def _climb_fn(mesh: Mesh, kernel: str):
+def _climb_fn(mesh: Mesh, kernel: str, block: int):
   axes = mesh.axis_names
-
-  def per_device(x_ND, w_N, seeds_nBD, valid_nB, bandwidth, max_iter):
-    climb = functools.partial(_climb_block, x_ND, w_N, bandwidth=bandwidth, max_iter=max_iter,
-                              kernel=kernel, axes=axes)
-    return jax.lax.map(lambda blk: climb(*blk), (seeds_nBD, valid_nB))
-
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(),
-                                                                 P()), out_specs=(P(), P())))
+  climb = functools.partial(_climb_all, block=block, kernel=kernel, axes=axes)
+  return jax.jit(jax.shard_map(climb, mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(), P()),
+                               out_specs=(P(), P())))
 
 
 def _climb(x_ND, w_N, seeds_SD: np.ndarray, bandwidth: float, kernel: str, max_iter: int,
@@ -189,11 +224,10 @@ def _climb(x_ND, w_N, seeds_SD: np.ndarray, bandwidth: float, kernel: str, max_i
   """(means [S, D], mass [S]) of every seed; mass 0 where a seed's window held no point."""
   block = _block_size(block, x_ND.shape[0] // mesh.size, len(seeds_SD))
   seeds_nBD, valid_nB = _blocks(seeds_SD, block)
-  means_nBD, mass_nB = _climb_fn(mesh, kernel)(x_ND, w_N, seeds_nBD, valid_nB,
-                                               np.float32(bandwidth), np.int32(max_iter))
-  d = seeds_SD.shape[1]
-  return (np.asarray(means_nBD).reshape(-1, d)[:len(seeds_SD)],
-          np.asarray(mass_nB).reshape(-1)[:len(seeds_SD)])
+  means_SD, mass_S = _climb_fn(mesh, kernel, block)(
+      x_ND, w_N, seeds_nBD.reshape(-1, seeds_SD.shape[1]), valid_nB.reshape(-1),
+      np.float32(bandwidth), np.int32(max_iter))
+  return np.asarray(means_SD)[:len(seeds_SD)], np.asarray(mass_S)[:len(seeds_SD)]
 
 
 def unique_centers(means_SD: np.ndarray, mass_S: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -232,7 +266,7 @@ def _label_fn(mesh: Mesh):
     def nearer(carry, blk):
       best_d2_N, best_N = carry
       centers_BD, valid_B, first = blk
-      d2_NB = jnp.where(valid_B[None, :], squared_distances(x_ND, centers_BD), jnp.inf)
+      d2_NB = jnp.where(valid_B[None, :], squared_distances(x_ND, centers_BD.T), jnp.inf)
       d2_N, at_N = jnp.min(d2_NB, axis=1), jnp.argmin(d2_NB, axis=1).astype(jnp.int32)
       better_N = d2_N < best_d2_N  # ties keep the earlier (more intense) center
       return (jnp.where(better_N, d2_N, best_d2_N), jnp.where(better_N, first + at_N, best_N)), None
@@ -323,8 +357,10 @@ def estimate_bandwidth(points_ND, quantile: float = 0.3, n_samples: int | None =
 def _kth_fn(k: int):
   """Each query's distance to its k-th nearest point, a block of queries at a time."""
   def kth(x_ND, queries_nBD):
+    x_DN = x_ND.T
+
     def one(queries_BD):
-      d2_BN = squared_distances(queries_BD, x_ND)
+      d2_BN = squared_distances(queries_BD, x_DN)
       return jnp.sqrt(-jax.lax.top_k(-d2_BN, k)[0][:, k - 1])
     return jax.lax.map(one, queries_nBD)
   return jax.jit(kth)
