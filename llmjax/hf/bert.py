@@ -1,4 +1,5 @@
-"""BERT (`BertModel`, `BertForMaskedLM`, `BertForSequenceClassification`) <-> models.heads."""
+"""BERT (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`, `BertForSequenceClassification`)
+<-> models.heads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from llmjax.hf.arch import HF_ACTIVATION, Architecture, activation, require
 from llmjax.models import heads
 
 _CLASSES = {heads.Encoder: "BertModel", heads.MaskedLM: "BertForMaskedLM",
+            heads.PreTraining: "BertForPreTraining",
             heads.SequenceClassifier: "BertForSequenceClassification"}
+_MLM_HEAD = (heads.MaskedLM, heads.PreTraining)  # the models with cls.predictions
+_POOLED = (heads.SequenceClassifier, heads.PreTraining)  # the heads that read the pooler
 
 
 def from_hf(c) -> dict:
@@ -59,16 +63,19 @@ def tensors(model) -> list[m.Tensor]:
          *m.layernorm(f"{emb}.LayerNorm", "encoder/embed_norm", d)]
   for i in range(cfg.n_layers):
     out += _layer(f"{p}encoder.layer.{i}", f"encoder/layer_{i}", d, n, h, f)
-  if isinstance(model, heads.SequenceClassifier) or getattr(model, "pooler", False) is True:
+  if isinstance(model, _POOLED) or getattr(model, "pooler", False) is True:
     out += [m.linear(f"{p}pooler.dense.weight", "pooler/dense/kernel", d, d),
             m.same(f"{p}pooler.dense.bias", "pooler/dense/bias", (d,))]
-  if isinstance(model, heads.MaskedLM):
+  if isinstance(model, _MLM_HEAD):
     out += [m.linear("cls.predictions.transform.dense.weight", "transform/kernel", d, d),
             m.same("cls.predictions.transform.dense.bias", "transform/bias", (d,)),
             *m.layernorm("cls.predictions.transform.LayerNorm", "transform_norm", d),
             m.same("cls.predictions.bias", "bias", (v,))]
     if not cfg.tie_embeddings:
       out.append(m.linear("cls.predictions.decoder.weight", "decoder/kernel", v, d))
+  if isinstance(model, heads.PreTraining):
+    out += [m.linear("cls.seq_relationship.weight", "seq_relationship/kernel", 2, d),
+            m.same("cls.seq_relationship.bias", "seq_relationship/bias", (2,))]
   if isinstance(model, heads.SequenceClassifier):
     c = model.num_labels
     out += [m.linear("classifier.weight", "classifier/kernel", c, d),
@@ -78,11 +85,12 @@ def tensors(model) -> list[m.Tensor]:
 
 def ignored(model) -> tuple[str, ...]:
   """Buffers, tied copies, and the heads of the other BERT classes (as transformers skips them)."""
-  skip = [r"embeddings\.position_ids$", r"^cls\.predictions\.decoder\.bias$",
-          r"^cls\.seq_relationship\."]
+  skip = [r"embeddings\.position_ids$", r"^cls\.predictions\.decoder\.bias$"]
+  if not isinstance(model, heads.PreTraining):
+    skip.append(r"^cls\.seq_relationship\.")
   if model.cfg.tie_embeddings:
     skip.append(r"^cls\.predictions\.decoder\.weight$")
-  if not isinstance(model, heads.MaskedLM):
+  if not isinstance(model, _MLM_HEAD):
     skip.append(r"^cls\.predictions\.")
   if not isinstance(model, heads.SequenceClassifier):
     skip.append(r"^classifier\.")
@@ -99,6 +107,7 @@ ARCH = Architecture(
     model_type="bert", config_class="BertConfig", prefix="bert.", preset="bert",
     classes={"BertModel": lambda cfg, _: heads.Encoder(cfg),
              "BertForMaskedLM": lambda cfg, _: heads.MaskedLM(cfg),
+             "BertForPreTraining": lambda cfg, _: heads.PreTraining(cfg),
              "BertForSequenceClassification": _classifier},
     from_hf=from_hf, to_hf=to_hf,
     # BertModel always has a pooler: an encoder without one has no HF class to become.

@@ -35,7 +35,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
                     "tokenizer.model", "spiece.model", "chat_template.jinja")
 _MODULES = {"Transformer": Transformer, "Encoder": heads.Encoder, "MaskedLM": heads.MaskedLM,
-            "SequenceClassifier": heads.SequenceClassifier,
+            "PreTraining": heads.PreTraining, "SequenceClassifier": heads.SequenceClassifier,
             "DecoderClassifier": heads.DecoderClassifier, "ResNet": ResNet, "CNN": CNN,
             "EncoderDecoder": EncoderDecoder}
 # Module fields besides cfg that an export records (and `rebuild` passes back).

@@ -20,7 +20,7 @@ from llmjax.models.peft import Peft
 
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "LlamaForCausalLM": "CAUSAL_LM",
               "BertForSequenceClassification": "SEQ_CLS", "BertModel": "FEATURE_EXTRACTION",
-              "BertForMaskedLM": None}
+              "BertForMaskedLM": None, "BertForPreTraining": None}
 
 
 def _modules(tensors: list[Tensor]) -> set[str]:

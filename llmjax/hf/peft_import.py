@@ -250,7 +250,8 @@ def model_like(cfg, shapes: dict[str, tuple]) -> nn.Module | None:
   if "classifier/kernel" in shapes:
     candidates = [heads.SequenceClassifier(cfg, shapes["classifier/kernel"][-1], peft)]
   elif any(p.startswith("encoder/") for p in shapes):
-    candidates = [heads.MaskedLM(cfg, peft), heads.Encoder(cfg, True, peft),
+    candidates = [heads.MaskedLM(cfg, peft), heads.PreTraining(cfg, peft),
+                  heads.Encoder(cfg, True, peft),
                   heads.Encoder(cfg, False, peft)]
   else:
     candidates = [Transformer(cfg, peft)]

@@ -1,4 +1,5 @@
-"""BERT-style heads around the encoder form of the Transformer: pooler, masked-LM, classifier.
+"""BERT-style heads around the encoder form of the Transformer: pooler, masked-LM (alone or with
+the next-sentence / sentence-order head of BERT's pretraining), classifier.
 
 Each wraps `Transformer` (params under "encoder") rather than forking it, so the encoder's
 parameter tree, sharding and presets are the ones every other model uses. Attention follows
@@ -57,8 +58,44 @@ class Encoder(nn.Module):
     return hidden_BLD, pooled_BD
 
 
+def _masked_lm_logits(module: nn.Module, cfg: ModelConfig, encoder, hidden_BLD) -> jax.Array:
+  """BERT's masked-LM head in `module`'s scope: dense + act + LayerNorm, then the (tied) decoder
+  + bias -> logits [B, L, V]."""
+  h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
+  h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
+  dtype = layers.dtype_of(cfg.dtype)
+  if cfg.tie_embeddings:
+    table_VD = nn.unbox(encoder.variables["params"]["embed"]["embedding"])
+    logits_BLV = jnp.einsum("bld,vd->blv", h_BLD.astype(dtype), table_VD.astype(dtype))
+  else:
+    logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="decoder",
+                          param_dtype=layers.dtype_of(cfg.param_dtype),
+                          kernel_init=layers.init_normal(cfg.init_std,
+                                                         (axes.EMBED, axes.VOCAB)))(h_BLD)
+  bias_V = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (axes.VOCAB,)),
+                        (cfg.vocab_size,), layers.dtype_of(cfg.param_dtype))
+  logits_BLV = logits_BLV + bias_V.astype(dtype)[None, None]
+  return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+
 class MaskedLM(nn.Module):
   """Hugging Face `BertForMaskedLM`: dense + act + LayerNorm, then the (tied) decoder + bias."""
+  cfg: ModelConfig
+  peft: peftlib.Peft = peftlib.NONE
+
+  @nn.compact
+  def __call__(self, tokens_BL, *, attention_mask_BL=None, token_types_BL=None,
+               deterministic: bool = True):
+    encoder, hidden_BLD = _encode(self.cfg, self.peft, tokens_BL, attention_mask_BL,
+                                  token_types_BL, deterministic)
+    self.sow("intermediates", HEAD_INPUT, hidden_BLD)  # the encoder's output (distillation)
+    return _masked_lm_logits(self, self.cfg, encoder, hidden_BLD)
+
+
+class PreTraining(nn.Module):
+  """Hugging Face `BertForPreTraining`: the masked-LM head, and a pair head on the pooled [CLS]
+  vector (next-sentence or sentence-order prediction) -> (logits [B, L, V], pair logits [B, 2])."""
   cfg: ModelConfig
   peft: peftlib.Peft = peftlib.NONE
 
@@ -69,22 +106,10 @@ class MaskedLM(nn.Module):
     encoder, hidden_BLD = _encode(cfg, self.peft, tokens_BL, attention_mask_BL, token_types_BL,
                                   deterministic)
     self.sow("intermediates", HEAD_INPUT, hidden_BLD)  # the encoder's output (distillation)
-    h_BLD = layers.dense(cfg, cfg.d_model, (axes.EMBED, None), "transform")(hidden_BLD)
-    h_BLD = layers.norm(cfg, "transform_norm")(layers.ACTIVATIONS[cfg.mlp](h_BLD))
-    dtype = layers.dtype_of(cfg.dtype)
-    if cfg.tie_embeddings:
-      table_VD = nn.unbox(encoder.variables["params"]["embed"]["embedding"])
-      logits_BLV = jnp.einsum("bld,vd->blv", h_BLD.astype(dtype), table_VD.astype(dtype))
-    else:
-      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="decoder",
-                            param_dtype=layers.dtype_of(cfg.param_dtype),
-                            kernel_init=layers.init_normal(cfg.init_std,
-                                                           (axes.EMBED, axes.VOCAB)))(h_BLD)
-    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                             (axes.VOCAB,)),
-                        (cfg.vocab_size,), layers.dtype_of(cfg.param_dtype))
-    logits_BLV = logits_BLV + bias_V.astype(dtype)[None, None]
-    return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    logits_BLV = _masked_lm_logits(self, cfg, encoder, hidden_BLD)
+    pooled_BD = Pooler(cfg, name="pooler")(hidden_BLD)
+    pair_B2 = layers.dense(cfg, 2, (axes.EMBED, None), "seq_relationship")(pooled_BD)
+    return logits_BLV, pair_B2
 
 
 class SequenceClassifier(nn.Module):

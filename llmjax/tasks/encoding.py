@@ -74,3 +74,45 @@ def chunks(token_docs: list[np.ndarray], size: int, min_size: int = 2) -> list[n
   for doc in token_docs:
     out += [doc[i:i + size] for i in range(0, doc.size, size) if doc[i:i + size].size >= min_size]
   return out
+
+
+def pair_rows(token_docs: list[np.ndarray], seq_len: int, specials: dict, objective: str,
+              seed: int) -> dict[str, np.ndarray]:
+  """Segment pairs for BERT's second objective: [CLS] A [SEP] B [SEP], zero-padded.
+
+  Each document is cut into consecutive segments of up to (seq_len - 3) // 2 tokens, paired
+  (0, 1), (2, 3), ... Half the pairs, drawn with `seed`, are changed and labelled 1: `nsp`
+  replaces B by a random segment of another document of the corpus (of any other position when
+  there is one document), `sop` swaps A and B (ALBERT's sentence order); the rest, labelled 0, are
+  in order. {"tokens", "segment_ids" (1 on real tokens), "token_types" (0 for [CLS] A [SEP], 1 for
+  B [SEP]): [N, seq_len] int32, "pair_label": [N] int32} (Hugging Face's next_sentence_label).
+  """
+  segments, doc_of, pairs = [], [], []
+  for d, doc in enumerate(token_docs):
+    pieces = chunks([doc], (seq_len - 3) // 2)
+    pairs += [(len(segments) + j, len(segments) + j + 1) for j in range(0, len(pieces) - 1, 2)]
+    segments += pieces
+    doc_of += [d] * len(pieces)
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, len(pairs)).astype(np.int32)
+  one_doc = len(set(doc_of)) < 2
+  if objective == "nsp" and pairs and one_doc and len(segments) < 3:
+    raise ConfigError(f"config.task.pair_objective='nsp': a random segment needs a corpus of "
+                      f"more than {len(segments)} segments of {(seq_len - 3) // 2} tokens")
+  shape = (len(pairs), seq_len)
+  tokens = np.full(shape, specials.get("pad") or 0, np.int32)
+  segment_ids, token_types = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  for row, ((a, b), label) in enumerate(zip(pairs, labels)):
+    if label and objective == "sop":
+      a, b = b, a
+    elif label:  # a random segment of another document (BERT's NotNext)
+      r = int(rng.integers(len(segments)))
+      while (r == b or r == a) if one_doc else doc_of[r] == doc_of[a]:
+        r = int(rng.integers(len(segments)))
+      b = r
+    first = [specials["cls"], *segments[a], specials["sep"]]
+    ids = np.asarray(first + [*segments[b], specials["sep"]], np.int32)
+    tokens[row, :ids.size], segment_ids[row, :ids.size] = ids, 1
+    token_types[row, len(first):ids.size] = 1
+  return {"tokens": tokens, "segment_ids": segment_ids, "token_types": token_types,
+          "pair_label": labels}
