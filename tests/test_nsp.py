@@ -48,8 +48,12 @@ def test_pairs_are_consecutive_or_random_for_nsp_and_in_or_out_of_order_for_sop(
     a, b = _split(tokens, types)
     assert a[0] // 100 == b[0] // 100  # always one document
     assert (b[0] == a[-1] + 1) if label == 0 else (a[0] == b[-1] + 1)
-  with pytest.raises(ConfigError, match="pair_objective='nsp'"):  # no other segment to draw
-    encoding.pair_rows([np.arange(10, 22)], 16, SPECIALS, "nsp", seed=1)
+  # one document (a small validation split): a random B is any segment but the true next one
+  one = encoding.pair_rows([np.arange(10, 70)], 16, SPECIALS, "nsp", seed=0)
+  assert one["pair_label"].any()
+  for tokens, types, label in zip(one["tokens"], one["token_types"], one["pair_label"]):
+    a, b = _split(tokens, types)
+    assert (b[0] == a[-1] + 1) == (label == 0)
 
 
 @pytest.mark.parametrize("value, match", [

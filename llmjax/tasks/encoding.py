@@ -82,8 +82,8 @@ def pair_rows(token_docs: list[np.ndarray], seq_len: int, specials: dict, object
 
   Each document is cut into consecutive segments of up to (seq_len - 3) // 2 tokens, paired
   (0, 1), (2, 3), ... Half the pairs, drawn with `seed`, are changed and labelled 1: `nsp`
-  replaces B by a random segment of another document of the corpus (of any other position when
-  there is one document), `sop` swaps A and B (ALBERT's sentence order); the rest, labelled 0, are
+  replaces B by a random segment of another document of the corpus (when there is one document,
+  any segment but the true B: a small validation split), `sop` swaps A and B (ALBERT's sentence order); the rest, labelled 0, are
   in order. {"tokens", "segment_ids" (1 on real tokens), "token_types" (0 for [CLS] A [SEP], 1 for
   B [SEP]): [N, seq_len] int32, "pair_label": [N] int32} (Hugging Face's next_sentence_label).
   """
@@ -96,9 +96,6 @@ def pair_rows(token_docs: list[np.ndarray], seq_len: int, specials: dict, object
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, 2, len(pairs)).astype(np.int32)
   one_doc = len(set(doc_of)) < 2
-  if objective == "nsp" and pairs and one_doc and len(segments) < 3:
-    raise ConfigError(f"config.task.pair_objective='nsp': a random segment needs a corpus of "
-                      f"more than {len(segments)} segments of {(seq_len - 3) // 2} tokens")
   shape = (len(pairs), seq_len)
   tokens = np.full(shape, specials.get("pad") or 0, np.int32)
   segment_ids, token_types = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
@@ -107,7 +104,7 @@ def pair_rows(token_docs: list[np.ndarray], seq_len: int, specials: dict, object
       a, b = b, a
     elif label:  # a random segment of another document (BERT's NotNext)
       r = int(rng.integers(len(segments)))
-      while (r == b or r == a) if one_doc else doc_of[r] == doc_of[a]:
+      while r == b if one_doc else doc_of[r] == doc_of[a]:
         r = int(rng.integers(len(segments)))
       b = r
     first = [specials["cls"], *segments[a], specials["sep"]]
