@@ -52,6 +52,19 @@ def test_the_decision_stops_at_the_expected_evaluation_on_scripted_sequences():
   assert first_stop([2.0, 2.0], patience=1, mode="min", min_delta=0.0)[0] == 2
 
 
+def test_a_metric_is_a_key_of_the_val_record_or_task_slash_key_of_a_val_task_record():
+  class TwoTasks:  # a config.tasks run's records (llmjax/tasks/multitask.py)
+    def split_records(self, split, report):
+      return {split: {"loss": report["loss"]},
+              **{f"{split}/{head}": r for head, r in report["tasks"].items()}}
+  report = {"loss": 1.5, "tasks": {"cls": {"loss": 0.5, "accuracy": 0.75}, "mt": {"bleu": 9.0}}}
+  assert early_stop.lookup(TwoTasks(), report, "loss") == 1.5
+  assert early_stop.lookup(TwoTasks(), report, "cls/accuracy") == 0.75
+  assert early_stop.lookup(TwoTasks(), report, "mt/bleu") == 9.0
+  assert early_stop.lookup(TwoTasks(), report, "accuracy") is None
+  assert early_stop.lookup(TwoTasks(), report, "lm/loss") is None
+
+
 def _nsp_exp(tmp_path):
   """Masked LM + NSP stopping on nsp_accuracy with a min_delta no accuracy moves by: evaluation 1
   is the best and the run stops at evaluation 4 (patience 3), whatever the values are."""
