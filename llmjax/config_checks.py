@@ -101,6 +101,34 @@ def _validate_model(exp: Experiment) -> None:
   _require(not (m.attn_softcap and m.attention_impl == "cudnn"),
            f"config.model.attention_impl='cudnn' cannot soft-cap attention scores "
            f"(attn_softcap={m.attn_softcap}); allowed: 'auto', 'xla', 'blocked'")
+  validate_model_features(m)
+
+
+def validate_model_features(m) -> None:
+  """Rotary scaling, sliding windows: values the one Transformer can run (a ModelConfig `m`)."""
+  _require(m.rope_scaling == "none" or m.pos_emb == "rope",
+           f"config.model.rope_scaling={m.rope_scaling!r} needs config.model.pos_emb='rope', got "
+           f"{m.pos_emb!r}")
+  _require(m.rope_factor > 0, f"config.model.rope_factor must be positive, got {m.rope_factor}")
+  _require(m.rope_original_max_len >= 0, "config.model.rope_original_max_len must be >= 0 (0: "
+           f"max_len), got {m.rope_original_max_len}")
+  _require(m.rope_scaling != "llama3" or m.rope_low_freq_factor < m.rope_high_freq_factor,
+           f"config.model.rope_low_freq_factor={m.rope_low_freq_factor} must be below "
+           f"rope_high_freq_factor={m.rope_high_freq_factor}")
+  _require(m.rope_scaling != "dynamic" or m.dim_per_head > 2,
+           f"config.model.rope_scaling='dynamic' needs a head dim above 2, got {m.dim_per_head}")
+  _require(m.sliding_window >= 0,
+           f"config.model.sliding_window must be >= 0 (0: none), got {m.sliding_window}")
+  _require(set(m.layer_pattern) <= {"L", "G"},
+           f"config.model.layer_pattern={m.layer_pattern!r}: allowed letters L (local: within "
+           "sliding_window) and G (global), e.g. 'LG' or 'LLLLLG'")
+  _require(not m.layer_pattern or m.sliding_window > 0,
+           f"config.model.layer_pattern={m.layer_pattern!r} needs config.model.sliding_window > 0")
+  # A window is a causal decoder's: an encoder (or the encoder of an encoder-decoder) would
+  # have to look right as well, which no attention implementation here does.
+  _require(not m.sliding_window or (m.causal and m.arch == "transformer"),
+           f"config.model.sliding_window={m.sliding_window} needs a causal decoder (arch="
+           f"'transformer', causal=True); this model has arch={m.arch!r}, causal={m.causal}")
 
 
 def _validate_mesh(exp: Experiment) -> None:

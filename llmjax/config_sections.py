@@ -27,6 +27,17 @@ class ModelConfig:
   causal: bool = True  # False: bidirectional encoder.
   pos_emb: str = "learned"  # learned | rope | sinusoidal (Marian's: sin half, cos half) | none
   rope_theta: float = 10000.0
+  # Rotary scaling as transformers computes it (llmjax/models/rope.py): none | linear (positions
+  # / factor) | dynamic (NTK base grown with the input past max_len) | yarn | llama3.
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 0  # llama3, yarn: the pretraining context (0: max_len)
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_beta_fast: float = 32.0  # yarn
+  rope_beta_slow: float = 1.0  # yarn
+  rope_attention_factor: float = 0.0  # yarn: cos and sin scaled by it (0: 0.1 ln(factor) + 1)
+  rope_truncate: bool = True  # yarn: the correction range rounded outwards to whole dims
   norm: str = "layernorm"  # layernorm | rmsnorm
   # RMSNorm multiplies by (norm_offset + scale): Gemma stores its scales around 0 (1.0 there).
   norm_offset: float = 0.0
@@ -35,7 +46,17 @@ class ModelConfig:
   embed_norm: bool = False  # normalise the summed embeddings (BERT)
   final_norm: bool = True  # a norm after the last block (pre-norm models)
   mlp: str = "gelu_tanh"  # gelu_tanh | gelu | relu | silu | swiglu | geglu (gated tanh-GELU)
-  use_bias: bool = True
+  use_bias: bool = True  # a bias on every projection (attention, MLP, adapters)
+  # Biases on some projections only (with use_bias=False): q, k and v (Qwen2); o; the MLP's.
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False  # a norm (config.norm) over each query and key head before RoPE (Qwen3)
+  # Sliding-window attention: a local layer's query sees itself and the sliding_window - 1 keys
+  # before it (0: no window). layer_pattern: L (local) or G (global) per layer, repeated from
+  # layer 0 ("LG" alternates; "GGLL" for a 4-layer Qwen2 with max_window_layers=2); "": all L.
+  sliding_window: int = 0
+  layer_pattern: str = ""
   tie_embeddings: bool = True
   type_vocab_size: int = 0  # >0: token-type embeddings (BERT segment A/B)
   dropout: float = 0.0
@@ -88,6 +109,14 @@ class ModelConfig:
     """An encoder-decoder's decoder blocks: causal, with their own heads and MLP width."""
     return dataclasses.replace(self, causal=True, n_heads=self.n_decoder_heads or self.n_heads,
                                d_ff=self.d_ff_decoder or self.d_ff)
+
+  def local_layers(self, n_layers: int | None = None) -> tuple[bool, ...]:
+    """Per layer of a stack of `n_layers` (n_layers): whether it attends within the window."""
+    n = self.n_layers if n_layers is None else n_layers
+    if not self.sliding_window:
+      return (False,) * n
+    pattern = self.layer_pattern or "L"
+    return tuple(pattern[i % len(pattern)] == "L" for i in range(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +313,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
+    "model.rope_scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
     "optim.schedule": ("cosine", "constant", "step"),
     "train.early_stop_mode": ("min", "max"),

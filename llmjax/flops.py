@@ -2,7 +2,8 @@
 
 Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   2 * L * (matmul parameters in the blocks)               projections and MLP
-  + n_layers * 4 * L^2 * N * H * (1/2 if causal)          scores q.k and weighted sum p.v
+  + 4 * N * H * (L^2 per layer, 1/2 if causal; a local    scores q.k and weighted sum p.v
+      layer of window w < L: L^2 / 2 - (L - w)^2 / 2)
   + the task's head:
       lm        2 * L * D * V                             logits at every position
       mlm       2 * L * D * D + 2 * L * D * V             BERT's transform, then the logits
@@ -104,10 +105,19 @@ def block_matmul_params(cfg: ModelConfig) -> int:
 def backbone_forward(cfg: ModelConfig, seq_len: int) -> Forward:
   """A Transformer's blocks over one sequence: their weight matmuls and attention, no head."""
   matmul = 2.0 * seq_len * cfg.n_layers * block_matmul_params(cfg)
-  attention = cfg.n_layers * 4.0 * seq_len**2 * cfg.n_heads * cfg.dim_per_head
-  if cfg.causal:
-    attention /= 2
+  attention = 4.0 * cfg.n_heads * cfg.dim_per_head * sum(
+      attended_pairs(cfg, seq_len, local) for local in cfg.local_layers())
   return Forward(matmul + attention, ((_BLOCKS, matmul),))
+
+
+def attended_pairs(cfg: ModelConfig, seq_len: int, local: bool) -> float:
+  """(query, key) pairs one layer scores: L^2, half of it if causal, and in a local layer with
+  window w < L the causal half less the triangle left of the window, w L - w^2 / 2."""
+  full = float(seq_len) ** 2 / (2 if cfg.causal else 1)
+  w = cfg.sliding_window
+  if not local or w >= seq_len:
+    return full
+  return full - (seq_len - w) ** 2 / 2
 
 
 def dense_forward(pattern: str, flops: float) -> Forward:

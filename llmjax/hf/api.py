@@ -20,15 +20,17 @@ from jax.sharding import Mesh
 from llmjax import distributed
 from llmjax.config import ModelConfig
 from llmjax.errors import capped
-from llmjax.hf import bart, bert, files, gemma, gpt2, llama, mapping, marian, resnet
-from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture
+from llmjax.hf import (bart, bert, files, gemma, gpt2, llama, mapping, marian, mistral, qwen,
+                       resnet)
+from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture, canonical
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
 from llmjax.parallel import sharding
 
 # Order matters when saving: the first architecture that expresses a model exactly is used.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    gpt2.ARCH, llama.ARCH, bert.ARCH, marian.ARCH, bart.ARCH, resnet.ARCH, gemma.GEMMA)}
+    gpt2.ARCH, llama.ARCH, bert.ARCH, marian.ARCH, bart.ARCH, resnet.ARCH, gemma.GEMMA,
+    mistral.ARCH, qwen.QWEN2, qwen.QWEN3)}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -259,7 +261,7 @@ def _mismatch(arch: Architecture, cfg: ModelConfig) -> str:
   except (TypeError, ValueError) as e:  # the HF config class rejects a value outright
     return " ".join(str(e).split())[:200]
   def norm(c):
-    return dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
+    return dataclasses.replace(canonical(c), n_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
                                rope_theta=c.rope_theta if c.pos_emb == "rope" else 0.0,
                                n_decoder_layers=c.n_decoder_layers or c.n_layers,
                                n_decoder_heads=c.n_decoder_heads or c.n_heads,

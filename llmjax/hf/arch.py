@@ -10,6 +10,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.hf.errors import UnsupportedModelError
 from llmjax.hf.mapping import Tensor
+from llmjax.models import rope
 
 # HF activation names <-> ModelConfig.mlp (Llama's "silu" gate is our "swiglu").
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -59,3 +60,31 @@ def activation(name: str, model_type: str) -> str:
   require(name in ACTIVATIONS, f"{model_type} activation {name!r} is not supported; supported: "
           f"{', '.join(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+_ROPE_KEPT = {"none": (), "linear": ("rope_factor",), "dynamic": ("rope_factor",),
+              "llama3": ("rope_factor", "rope_original_max_len", "rope_low_freq_factor",
+                         "rope_high_freq_factor"),
+              "yarn": ("rope_factor", "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
+                       "rope_attention_factor", "rope_truncate")}
+
+
+def canonical(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with every way of writing the same model made one (what saving compares): biases as
+  per-projection switches, rope fields its scaling does not read at their defaults (and yarn's
+  derived attention factor and the original context written out), the window as one letter per
+  layer. use_bias=True and all three switches are one model here: HF configs have no adapters."""
+  qkv, o, mlp = (cfg.use_bias or cfg.qkv_bias, cfg.use_bias or cfg.o_bias,
+                 cfg.use_bias or cfg.mlp_bias)
+  fields = dict(use_bias=qkv and o and mlp, qkv_bias=qkv, o_bias=o, mlp_bias=mlp)
+  defaults, kept = ModelConfig(), _ROPE_KEPT.get(cfg.rope_scaling, ())
+  fields.update({name: getattr(defaults, name) for keep in _ROPE_KEPT.values() for name in keep
+                 if name not in kept})
+  if "rope_original_max_len" in kept:
+    fields["rope_original_max_len"] = cfg.rope_original_max_len or cfg.max_len
+  if cfg.rope_scaling == "yarn":
+    fields["rope_attention_factor"] = rope.yarn_attention_factor(cfg)
+  local = cfg.local_layers()
+  fields.update(sliding_window=cfg.sliding_window if any(local) else 0,
+                layer_pattern="".join("L" if x else "G" for x in local) if any(local) else "")
+  return dataclasses.replace(cfg, **fields)

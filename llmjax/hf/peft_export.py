@@ -19,6 +19,8 @@ from llmjax.models import heads
 from llmjax.models.peft import Peft
 
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "LlamaForCausalLM": "CAUSAL_LM",
+              "MistralForCausalLM": "CAUSAL_LM", "Qwen2ForCausalLM": "CAUSAL_LM",
+              "Qwen3ForCausalLM": "CAUSAL_LM",
               "BertForSequenceClassification": "SEQ_CLS", "BertModel": "FEATURE_EXTRACTION",
               "BertForMaskedLM": None, "BertForPreTraining": None}
 

@@ -4,15 +4,19 @@
 - "xla": `jax.nn.dot_product_attention`'s XLA path: full L x L scores, the causal half masked.
 - "blocked": causal attention by query blocks, each against only the keys at or before it, so
   the masked half is mostly never computed (`blocked_causal_attention`); the fastest on CPU
-  (benchmarks/RESULTS.md).
-- "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU, half dtypes).
+  (benchmarks/RESULTS.md). In a sliding-window layer it also skips the key blocks left of the
+  window.
+- "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU, half dtypes);
+  windows through cuDNN's own sliding-window mask.
 - "auto": cuDNN on GPU in half precision (XLA where cuDNN refuses the call: no cuDNN, an
   unsupported head size or mask), blocked for causal attention on CPU, XLA otherwise.
 Gemma 2's soft-capped scores (`attn_softcap`) run blocked or through `capped_attention` (XLA);
 cuDNN cannot cap them and is refused, never silently uncapped.
 Masks: causal by config; `segment_ids` keep packed documents (and padding, id 0) from attending
-across boundaries. With `decode=True` keys and values also go to a "cache" collection, so
-generation runs the prompt once and then one token per step against the cached prefix.
+across boundaries; a local layer (config.sliding_window, layer_pattern) lets the query in slot i
+see slots (i - window, i] only, as transformers' sliding-window mask does. With `decode=True`
+keys and values also go to a "cache" collection, so generation runs the prompt once and then one
+token per step against the cached prefix (the window is a mask over the cache's slots there).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.models import layers
 from llmjax.models import peft as peftlib
+from llmjax.models import rope
 from llmjax.parallel import axes
 
 _KV_CACHE = (axes.BATCH, None, axes.ACT_KV_HEADS, None)
@@ -49,6 +54,27 @@ def decode_mask(cached_segment_ids_BS: jax.Array, segment_ids_BL: jax.Array,
   return (same_BLS & causal_LS[None])[:, None]
 
 
+def window_mask(query_slot_L: jax.Array, size: int, window: int) -> jax.Array:
+  """[1, 1, L, S]: key slot s is within the window of the query in slot q (s > q - window)."""
+  return (jnp.arange(size)[None, :] > query_slot_L[:, None] - window)[None, None]
+
+
+def blocked_ranges(length: int, block: int, window: int = 0) -> list[tuple[int, int, int]]:
+  """(query start, query end, first key) of each query block of `blocked_causal_attention`:
+  keys from the start of the block holding the window's first key (0 without a window) to the
+  block's end. Their key blocks are the ones computed."""
+  out = []
+  for start in range(0, length, block):
+    first = max(0, start - window + 1) // block * block if window else 0
+    out.append((start, min(start + block, length), first))
+  return out
+
+
+def computed_key_blocks(length: int, block: int, window: int = 0) -> int:
+  """How many (query block, key block) score tiles blocked attention computes."""
+  return sum(-(-(end - first) // block) for _, end, first in blocked_ranges(length, block, window))
+
+
 def _attend(q_BQKGH, k_BSKH, v_BSKH, visible_B1QS, scale: float, softcap: float):
   """[B, Q, K, G, H]: softmax over the visible keys of the (soft-capped) scaled scores.
 
@@ -67,38 +93,46 @@ def _attend(q_BQKGH, k_BSKH, v_BSKH, visible_B1QS, scale: float, softcap: float)
 
 def blocked_causal_attention(q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array,
                              mask_B1LL: jax.Array | None, block: int, scale: float | None = None,
-                             softcap: float = 0.0) -> jax.Array:
-  """Causal attention, query block by query block, each against keys [0, end of the block).
+                             softcap: float = 0.0, window: int = 0) -> jax.Array:
+  """Causal attention, query block by query block, each against keys [first, end of the block).
 
   Exact (the softmax of each query row sees all of its unmasked keys at once), so unlike flash
   attention no running max/sum is needed; it only skips the key blocks above the diagonal,
-  about half the scores for long sequences. Key/value head k serves query heads
-  [k * G, (k + 1) * G), G = N / K; `scale` defaults to 1 / sqrt(H).
+  about half the scores for long sequences, and with a `window` those left of it (`first`, see
+  blocked_ranges). Key/value head k serves query heads [k * G, (k + 1) * G), G = N / K;
+  `scale` defaults to 1 / sqrt(H).
   """
   batch, length, n, h = q_BLNH.shape
   k = k_BLKH.shape[2]
   scale = h**-0.5 if scale is None else scale
   q_BLKGH = q_BLNH.reshape(batch, length, k, n // k, h)
   out = []
-  for start in range(0, length, block):
-    end = min(start + block, length)
-    visible_B1QS = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+  for start, end, first in blocked_ranges(length, block, window):
+    query_Q1, key_1S = jnp.arange(start, end)[:, None], jnp.arange(first, end)[None, :]
+    visible_QS = key_1S <= query_Q1
+    if window:
+      visible_QS = visible_QS & (key_1S > query_Q1 - window)
+    visible_B1QS = visible_QS[None, None]
     if mask_B1LL is not None:
-      visible_B1QS = visible_B1QS & mask_B1LL[:, :, start:end, :end]
-    out.append(_attend(q_BLKGH[:, start:end], k_BLKH[:, :end], v_BLKH[:, :end], visible_B1QS,
-                       scale, softcap))
+      visible_B1QS = visible_B1QS & mask_B1LL[:, :, start:end, first:end]
+    out.append(_attend(q_BLKGH[:, start:end], k_BLKH[:, first:end], v_BLKH[:, first:end],
+                       visible_B1QS, scale, softcap))
   return jnp.concatenate(out, axis=1).reshape(batch, length, n, h)
 
 
 def capped_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, causal: bool, scale: float,
-                     softcap: float) -> jax.Array:
+                     softcap: float, window: int = 0) -> jax.Array:
   """Attention with soft-capped scores, all L x S at once (what XLA runs for Gemma 2; neither
-  `jax.nn.dot_product_attention` nor cuDNN caps). A causal query i sees keys j <= i + S - L."""
+  `jax.nn.dot_product_attention` nor cuDNN caps). A causal query i sees keys j <= i + S - L
+  (and, with a `window`, j > i + S - L - window)."""
   batch, length, n, h = q_BLNH.shape
   size, k = k_BSKH.shape[1:3]
   visible_B1LS = mask_B1LS
   if causal:
-    causal_LS = jnp.arange(size)[None, :] <= jnp.arange(length)[:, None] + size - length
+    query_L1 = jnp.arange(length)[:, None] + size - length
+    causal_LS = jnp.arange(size)[None, :] <= query_L1
+    if window:
+      causal_LS = causal_LS & (jnp.arange(size)[None, :] > query_L1 - window)
     visible_B1LS = causal_LS[None, None] if mask_B1LS is None else mask_B1LS & causal_LS
   out = _attend(q_BLNH.reshape(batch, length, k, n // k, h), k_BSKH, v_BSKH, visible_B1LS,
                 scale, softcap)
@@ -122,10 +156,12 @@ def implementation(cfg: ModelConfig, length: int) -> str:
 
 
 def fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, causal: bool, impl: str,
-                    fallback: bool, scale: float | None = None) -> jax.Array:
+                    fallback: bool, scale: float | None = None, window: int = 0) -> jax.Array:
   """`jax.nn.dot_product_attention` with impl "xla" or "cudnn"; with `fallback`, a cuDNN call
-  that jax refuses while tracing (no cuDNN, unsupported shapes) runs through XLA instead."""
-  kwargs = dict(mask=mask_B1LS, is_causal=causal, scale=scale)
+  that jax refuses while tracing (no cuDNN, unsupported shapes) runs through XLA instead (the
+  window too: never full attention in its place)."""
+  kwargs = dict(mask=mask_B1LS, is_causal=causal, scale=scale,
+                local_window_size=(window - 1, 0) if window else None)
   if impl == "cudnn":
     try:
       return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, implementation="cudnn",
@@ -137,8 +173,24 @@ def fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, causal: bool, impl: str,
   return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, **kwargs)
 
 
+def _when(local, mask_11LS: jax.Array) -> jax.Array | None:
+  """The window mask where the layer is local: None for a static False, the mask for a static
+  True, and where a scanned layer's traced `local` is False, every slot."""
+  if isinstance(local, bool):
+    return mask_11LS if local else None
+  return mask_11LS | ~local
+
+
+def _and(mask_a, mask_b):
+  return mask_b if mask_a is None else mask_a if mask_b is None else mask_a & mask_b
+
+
 class Attention(nn.Module):
-  """Self-attention; K key/value heads shared by groups of N / K query heads."""
+  """Self-attention; K key/value heads shared by groups of N / K query heads.
+
+  `local`: whether this layer attends within config.sliding_window: a Python bool, or in a
+  scanned stack whose layers differ a traced one (each attention core then runs under
+  `lax.cond`, so the blocked and cuDNN cores still see a static window)."""
   cfg: ModelConfig
   decode: bool = False
   peft: peftlib.Peft = peftlib.NONE
@@ -146,49 +198,71 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array | None, positions_BL: jax.Array,
-               cache_index: jax.Array | None = None) -> jax.Array:
+               cache_index: jax.Array | None = None, local=False) -> jax.Array:
     cfg = self.cfg
     n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     hooks = dict(peft=self.peft, deterministic=self.deterministic)
+    qkv = dict(hooks, bias=cfg.use_bias or cfg.qkv_bias)
     q_BLNH = layers.dense(cfg, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), "q",
-                          **hooks)(x_BLD)
+                          **qkv)(x_BLD)
     k_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "k",
-                          **hooks)(x_BLD)
+                          **qkv)(x_BLD)
     v_BLKH = layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), "v",
-                          **hooks)(x_BLD)
+                          **qkv)(x_BLD)
+    if cfg.qk_norm:
+      q_BLNH = layers.norm(cfg, "q_norm")(q_BLNH)
+      k_BLKH = layers.norm(cfg, "k_norm")(k_BLKH)
     if cfg.pos_emb == "rope":
-      q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
-      k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
+      inv_freq_H, rope_scale = rope.frequencies(cfg, h, positions_BL)
+      q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta, inv_freq_H, rope_scale)
+      k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta, inv_freq_H, rope_scale)
     q_BLNH = nn.with_logical_constraint(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     k_BLKH = nn.with_logical_constraint(k_BLKH,
                                         (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
     # None: jax's own 1 / sqrt(H), so models without query_pre_attn_scalar keep their numerics.
     scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    length, window = x_BLD.shape[1], cfg.sliding_window
     if self.decode:
       # The decode mask already holds causality and padding; cuDNN's fused path takes neither.
       k_BSKH, v_BSKH = self._cached(k_BLKH, v_BLKH, cache_index)
+      if window:
+        mask_B1LS = _and(mask_B1LS, _when(local, window_mask(
+            cache_index + jnp.arange(length), k_BSKH.shape[1], window)))
       if self.peft.prefix_length:
-        k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BSKH, v_BSKH, mask_B1LS, False,
-                                                       x_BLD.shape[1])
+        k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BSKH, v_BSKH, mask_B1LS, False, length)
       out_BLNH = self._explicit(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, scale)
     elif self.peft.prefix_length:  # keys no longer line up with queries: an explicit mask
-      k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BLKH, v_BLKH, mask_B1LS, cfg.causal,
-                                                     x_BLD.shape[1])
+      if window:  # over the tokens' own slots; every query sees the whole prefix
+        mask_B1LS = _and(mask_B1LS, _when(local, window_mask(jnp.arange(length), length,
+                                                             window)))
+      k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BLKH, v_BLKH, mask_B1LS, cfg.causal, length)
       out_BLNH = self._explicit(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, scale)
-    elif (impl := implementation(cfg, x_BLD.shape[1])) == "blocked":
-      out_BLNH = blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block,
-                                          scale, cfg.attn_softcap)
-    elif cfg.attn_softcap:  # implementation() never picks cuDNN for capped scores
-      out_BLNH = capped_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.causal,
-                                  scale or cfg.dim_per_head**-0.5, cfg.attn_softcap)
     else:
-      out_BLNH = fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.causal, impl,
-                                 fallback=cfg.attention_impl == "auto", scale=scale)
+      out_BLNH = self._core(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, local, scale)
     out_BLNH = nn.with_logical_constraint(out_BLNH,
                                           (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     return layers.dense(cfg, cfg.d_model, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), "o",
                         axis=(-2, -1), std=cfg.init_std / (2 * cfg.n_layers) ** 0.5,
-                        **hooks)(out_BLNH)
+                        bias=cfg.use_bias or cfg.o_bias, **hooks)(out_BLNH)
+
+  def _core(self, q_BLNH, k_BLKH, v_BLKH, mask_B1LS, local, scale) -> jax.Array:
+    """The attention core of `implementation`, with this layer's window if it is local."""
+    cfg = self.cfg
+    impl = implementation(cfg, q_BLNH.shape[1])
+
+    def run(window: int) -> jax.Array:
+      if impl == "blocked":
+        return blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block,
+                                        scale, cfg.attn_softcap, window)
+      if cfg.attn_softcap:  # implementation() never picks cuDNN for capped scores
+        return capped_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.causal,
+                                scale or cfg.dim_per_head**-0.5, cfg.attn_softcap, window)
+      return fused_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.causal, impl,
+                             fallback=cfg.attention_impl == "auto", scale=scale, window=window)
+
+    if isinstance(local, bool) or not cfg.sliding_window:
+      return run(cfg.sliding_window if local is True else 0)
+    return jax.lax.cond(local, lambda: run(cfg.sliding_window), lambda: run(0))
 
   def _explicit(self, q_BLNH, k_BSKH, v_BSKH, mask_B1LS, scale):
     """Attention under an explicit mask that holds causality (decoding, prefix tuning)."""

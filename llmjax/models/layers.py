@@ -73,13 +73,15 @@ def _check_rank(rank: int, in_dims, out_dims, path) -> None:
 
 
 def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, *,
-          axis=-1, std: float | None = None, peft: peftlib.Peft = peftlib.NONE,
+          axis=-1, std: float | None = None, peft: peftlib.Peft = peftlib.NONE, bias=None,
           deterministic: bool = True) -> DenseGeneral:
-  """A DenseGeneral configured from the model's dtypes, bias choice and init scale."""
+  """A DenseGeneral configured from the model's dtypes, bias choice (`bias`, else use_bias) and
+  init scale."""
   return DenseGeneral(
       features=(features,) if isinstance(features, int) else tuple(features),
       logical_axes=logical_axes, axis=(axis,) if isinstance(axis, int) else tuple(axis),
-      use_bias=cfg.use_bias, std=cfg.init_std if std is None else std, dtype=cfg.dtype,
+      use_bias=cfg.use_bias if bias is None else bias,
+      std=cfg.init_std if std is None else std, dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, name=name, peft=peft, deterministic=deterministic)
 
 
@@ -141,7 +143,8 @@ class Mlp(nn.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.cfg
     act = ACTIVATIONS[cfg.mlp]
-    hooks = dict(peft=self.peft, deterministic=self.deterministic)
+    hooks = dict(peft=self.peft, deterministic=self.deterministic,
+                 bias=cfg.use_bias or cfg.mlp_bias)
     h_BLF = dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wi", **hooks)(x_BLD)
     if cfg.mlp in GATED:
       h_BLF = act(dense(cfg, cfg.d_ff, (axes.EMBED, axes.MLP), "wg", **hooks)(x_BLD)) * h_BLF
@@ -165,13 +168,18 @@ class Adapter(nn.Module):
     return h_BLD + dense(cfg, cfg.d_model, (None, axes.EMBED), "up", std=0.0)(z_BLA)
 
 
-def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, rotate-half convention (the one Llama checkpoints use)."""
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float,
+         inv_freq_H: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
+  """Rotary position embedding, rotate-half convention (the one Llama checkpoints use);
+  `inv_freq_H` and `scale` from models/rope.py for scaled kinds (None: theta's own)."""
   half = x_BLNH.shape[-1] // 2
-  inv_freq_H = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLNH.shape[-1])
+  if inv_freq_H is None:
+    inv_freq_H = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLNH.shape[-1])
   angle_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq_H[None, None]
   sin_BL1H = jnp.sin(angle_BLH)[:, :, None, :]
   cos_BL1H = jnp.cos(angle_BLH)[:, :, None, :]
+  if scale != 1.0:  # yarn's attention factor, on cos and sin as transformers applies it
+    sin_BL1H, cos_BL1H = sin_BL1H * scale, cos_BL1H * scale
   x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
   rotated = jnp.concatenate([x1 * cos_BL1H - x2 * sin_BL1H, x2 * cos_BL1H + x1 * sin_BL1H], -1)
   return rotated.astype(x_BLNH.dtype)

@@ -18,6 +18,21 @@ PRESETS: dict[str, dict] = {
                   norm_position="pre", mlp="geglu", use_bias=False, tie_embeddings=True,
                   causal=True, final_norm=True, embed_norm=False, type_vocab_size=0,
                   rope_theta=10000.0, embed_scale=True),
+    # Qwen2 / Qwen2.5: Llama with biases on q, k and v only, a large RoPE base.
+    "qwen2": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
+                  mlp="swiglu", use_bias=False, qkv_bias=True, o_bias=False, mlp_bias=False,
+                  qk_norm=False, tie_embeddings=False, causal=True, final_norm=True,
+                  embed_norm=False, type_vocab_size=0, rope_theta=1000000.0),
+    # Qwen3: Llama with an RMSNorm over each query and key head before RoPE, no biases.
+    "qwen3": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
+                  mlp="swiglu", use_bias=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+                  qk_norm=True, tie_embeddings=False, causal=True, final_norm=True,
+                  embed_norm=False, type_vocab_size=0, rope_theta=1000000.0),
+    # Mistral (7B v0.1): Llama whose every layer attends within a 4096-token sliding window.
+    "mistral": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-5, norm_position="pre",
+                    mlp="swiglu", use_bias=False, tie_embeddings=False, causal=True,
+                    final_norm=True, embed_norm=False, type_vocab_size=0, rope_theta=10000.0,
+                    sliding_window=4096, layer_pattern=""),
     # BERT: bidirectional, post-LayerNorm, exact GELU, token types, normalised embeddings.
     "bert": dict(pos_emb="learned", norm="layernorm", norm_eps=1e-12, norm_position="post",
                  mlp="gelu", use_bias=True, tie_embeddings=True, causal=False,

@@ -40,8 +40,12 @@ class Block(nn.Module):
   index: int | None = None  # the block's place in an unrolled stack (None when scanned)
 
   @nn.compact
-  def __call__(self, x_BLD, mask_B1LS, positions_BL, cache_index):
+  def __call__(self, x_BLD, mask_B1LS, positions_BL, cache_index, local=None):
+    """`local`: a scanned layer's traced sliding-window switch (stack passes it only when the
+    layers differ); otherwise the block's own, from config.layer_pattern."""
     cfg, peft = self.cfg, self.peft
+    if local is None:
+      local = layer_local(cfg, self.index)
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     attn = attention.Attention(cfg, self.decode, peft, self.deterministic, name="attn")
     mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
@@ -53,9 +57,16 @@ class Block(nn.Module):
     adapt = {s: (layers.Adapter(cfg, peft.adapter_dim, name=f"adapter_{s}")
                  if peft.adapter_on(s, self.index) else (lambda h: h)) for s in ("attn", "mlp")}
     x_BLD = residual(cfg, x_BLD, lambda h: adapt["attn"](post["attn"](
-        attn(h, mask_B1LS, positions_BL, cache_index))), norm1, drop)
+        attn(h, mask_B1LS, positions_BL, cache_index, local))), norm1, drop)
     x_BLD = residual(cfg, x_BLD, lambda h: adapt["mlp"](post["mlp"](mlp(h))), norm2, drop)
     return nn.with_logical_constraint(x_BLD, _ACT_BLD), None
+
+
+def layer_local(cfg: ModelConfig, index: int | None) -> bool:
+  """Whether block `index` attends within the window (a scanned block, index None, is given
+  its switch by `stack` unless every layer is alike)."""
+  local_layers = cfg.local_layers()
+  return local_layers[0] if index is None else local_layers[index]
 
 
 def residual(cfg: ModelConfig, x_BLD, sublayer, norm, drop):
@@ -86,14 +97,22 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
 def stack(block: type[nn.Module], n_layers: int, cfg: ModelConfig, peft: peftlib.Peft,
           deterministic: bool, decode: bool, x_BLD, *args):
   """`n_layers` blocks `block(cfg, deterministic, decode, peft, index)(x, *args) -> (x, None)`,
-  scanned (one compiled body, params with a leading layers axis) or unrolled."""
+  scanned (one compiled body, params with a leading layers axis) or unrolled.
+
+  A scanned stack whose layers differ in their window (config.layer_pattern) stays one scan: each
+  layer's switch is a scanned input, appended to `args` (the block branches on it)."""
   block = _block_class(block, cfg, decode)
   if cfg.scan_layers:
+    local_layers = cfg.local_layers(n_layers)
+    scanned_args = ()
+    if len(set(local_layers)) > 1:
+      scanned_args = (jnp.asarray(local_layers),)
     scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * len(args), length=n_layers,
-                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-    x_BLD, _ = scanned(cfg, deterministic, decode, peft, name="layers")(x_BLD, *args)
+                      in_axes=(nn.broadcast,) * len(args) + (0,) * len(scanned_args),
+                      length=n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+    x_BLD, _ = scanned(cfg, deterministic, decode, peft, name="layers")(x_BLD, *args,
+                                                                        *scanned_args)
     return x_BLD
   for i in range(n_layers):
     x_BLD, _ = block(cfg, deterministic, decode, peft, i, name=f"layer_{i}")(x_BLD, *args)
