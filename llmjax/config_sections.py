@@ -83,7 +83,7 @@ class ModelConfig:
   final_softcap: float = 0.0
   post_norms: bool = False
   # Image models (presets resnet18 ... resnet152 and cnn; llmjax/models/resnet.py, cnn.py).
-  arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn
+  arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn | gan (config.task)
   resnet_block: str = "bottleneck"  # basic | bottleneck
   resnet_depths: str = "3,4,6,3"  # blocks per stage
   resnet_widths: str = "256,512,1024,2048"  # output channels per stage (HF hidden_sizes)
@@ -319,7 +319,7 @@ CHOICES = {
     "train.early_stop_mode": ("min", "max"),
     "optim.name": ("adamw", "sgd"),
     "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits", "gettext"),
-    "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn"),
+    "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn", "gan"),
     "model.resnet_block": ("basic", "bottleneck"),
     "model.stem": ("imagenet", "small"),
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",

@@ -23,6 +23,7 @@ from llmjax.train import loop, setup, teacher_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=experiments/lm/stdlib_gpt.py:smoke"
+GAN_SMOKE = "--config=experiments/gan/mnist_dcgan.py:smoke"
 
 # name -> (flags, devices, strings the error line must contain)
 BAD_INPUTS = {
@@ -78,6 +79,10 @@ BAD_INPUTS = {
     "lora_rank_above_the_projection": ([SMOKE, "--config.finetune.method=lora",
                                         "--config.finetune.lora_rank=100"], 1,
                                        ["config.finetune.lora_rank=100", "[1, 64]"]),
+    "gan_image_size_the_generator_cannot_make": ([GAN_SMOKE, "--config.data.image_size=30"], 1,
+                                                 ["config.data.image_size", "multiple of 4"]),
+    "gan_on_a_text_source": ([GAN_SMOKE, "--config.data.source=stdlib"], 1,
+                             ["config.data.source='stdlib'", "mnist_digits"]),
 }
 
 

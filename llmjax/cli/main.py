@@ -22,6 +22,7 @@ VERBS = {
     "translate": "translate text with a seq2seq run, an llmjax export or a Hugging Face "
                  "encoder-decoder (greedy or beam search)",
     "segment": "segment an image into regions by mean-shift clustering of (colour, position)",
+    "sample": "draw new images from a trained GAN run as a PNG grid",
 }
 
 

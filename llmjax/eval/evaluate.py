@@ -44,6 +44,9 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
                                       split, limit=-1))
+  if tasks.supports(task, tasks.Samples):  # quality of new samples, as at training's evaluations
+    report.update(task.sample_report(run.model, distributed.to_host(
+        {"params": run.params, **run.state.model_state}), data))
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"step_{run.step}.json" if split == "val"

@@ -68,6 +68,8 @@ PRESETS: dict[str, dict] = {
                       resnet_widths="256,512,1024,2048", stem="imagenet", stem_width=64),
     # A LeNet-style CNN for 28-32 px images: 3x3 convs, each followed by a 2x2 max-pool.
     "cnn": dict(arch="cnn", cnn_widths="32,64", cnn_hidden=128),
+    # A generator and a discriminator (models/gan.py), shaped by the gan task's config.task.
+    "gan": dict(arch="gan"),
 }
 
 

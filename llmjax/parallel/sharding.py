@@ -52,7 +52,13 @@ def check_divisible(model: ModelConfig, mesh: Mesh, rules_name: str) -> None:
 def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules) -> object:
   """NamedShardings for a tree whose leaves carry logical names (nn.Partitioned boxes)."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  # A box around an empty subtree (optax's MaskedNode, where multi_transform leaves a parameter
+  # group out of another group's state) gets a sharding but unboxes to no arrays: keep the empty
+  # subtree, so the shardings have the structure of the unboxed tree they describe.
+  return jax.tree.map(lambda s, a: a if s is not None and not jax.tree.leaves(a) else s,
+                      shardings, nn.unbox(abstract_boxed_tree),
+                      is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from llmjax.config import Experiment, TaskConfig
 from llmjax.errors import ConfigError
 from llmjax.tasks.base import (CAPABILITIES, Capability, CountsFlops, Data, DecodedReport,
-                               Exportable, LossTerms, Outputs, Prediction, Predicts, SharesBatch,
-                               Task, Translates, WritesFiles, declared, supports)
+                               Exportable, LossTerms, Outputs, ParamGroups, Prediction, Predicts,
+                               Samples, SharesBatch, Task, Translates, WritesFiles, declared,
+                               supports)
 from llmjax.tasks.multitask import MultiTask
 from llmjax.tasks.registry import TASKS, register, unregister
 
@@ -35,6 +36,7 @@ def setup(exp: Experiment, workdir: str | None) -> tuple[Task, Data]:
 
 
 __all__ = ["CAPABILITIES", "TASKS", "Capability", "CountsFlops", "Data", "DecodedReport",
-           "Exportable", "LossTerms", "Outputs", "Prediction", "Predicts", "SharesBatch", "Task",
+           "Exportable", "LossTerms", "Outputs", "ParamGroups", "Prediction", "Predicts", "Samples",
+           "SharesBatch", "Task",
            "TaskConfig", "Translates", "WritesFiles", "build", "declared", "register", "setup",
            "supports", "unregister"]

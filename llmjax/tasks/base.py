@@ -3,7 +3,8 @@
 The core every task has (`Task`): its data, model, example batch, init, loss and report. The loop,
 the steps, abstract init, checkpoints, preemption and the CLI call only these. Everything only
 some tasks can do is a *capability*: a small mixin class below (`SharesBatch`, `Predicts`,
-`DecodedReport`, `Translates`, `WritesFiles`, `CountsFlops`, `Exportable`) that a task declares by
+`DecodedReport`, `Translates`, `WritesFiles`, `CountsFlops`, `Exportable`, `ParamGroups`,
+`Samples`) that a task declares by
 subclassing it; callers ask `supports(task, Capability)`, never for the task's class and never by
 comparing methods. A task that wraps others (multi-task, distillation) declares what it forwards
 by overriding `capabilities`.
@@ -244,8 +245,40 @@ class CountsFlops(Capability):
     return flops.train_flops(self.forward_flops_per_example(), params, trainable)
 
 
+class ParamGroups(Capability):
+  """Trains groups of its parameters with their own optimiser settings (a GAN's generator and
+  discriminator), combined with optax.multi_transform by llmjax.train.optim."""
+
+  def param_groups(self) -> dict[str, Any]:
+    """Group name -> the group's config.OptimConfig."""
+    raise NotImplementedError
+
+  def param_group(self, path: str) -> str:
+    """The group of the parameter at `path` ('generator/out/kernel')."""
+    raise NotImplementedError
+
+
+class Samples(Capability):
+  """Draws new examples from noise (a GAN's generator): reports on them and writes them at every
+  evaluation, and `llmjax sample` draws more. `variables` are host arrays: {"params", ...the
+  model's other collections (BatchNorm statistics)}."""
+
+  def sample(self, model: nn.Module, variables: dict, n: int, seed: int) -> np.ndarray:
+    """n new examples (images: uint8 [n, H, W, C]) from the latents that `seed` draws."""
+    raise NotImplementedError
+
+  def sample_report(self, model: nn.Module, variables: dict, data: Data) -> dict:
+    """Scalar metrics of the model's samples, merged into each evaluation's report (every
+    process calls it)."""
+    return {}
+
+  def sample_files(self, workdir: str, model: nn.Module, variables: dict, tag: str) -> list[str]:
+    """Files of the model's samples at an evaluation (process 0 only); returns the paths."""
+    return []
+
+
 CAPABILITIES = (Exportable, SharesBatch, Predicts, DecodedReport, Translates, WritesFiles,
-                CountsFlops)
+                CountsFlops, ParamGroups, Samples)
 
 
 def declared(cls: type) -> frozenset[type]:

@@ -12,6 +12,7 @@ from llmjax import config as config_lib
 from llmjax.config import TaskConfig
 from llmjax.tasks.base import Task
 from llmjax.tasks.classify import Classify, ClassifyConfig
+from llmjax.tasks.gan import Gan, GanConfig
 from llmjax.tasks.image_classify import ImageClassify, ImageClassifyConfig
 from llmjax.tasks.lm import LM, LMConfig
 from llmjax.tasks.mlm import MaskedLM, MaskedLMConfig
@@ -39,5 +40,5 @@ def unregister(name: str) -> None:
 for _name, _task, _options in (("lm", LM, LMConfig), ("mlm", MaskedLM, MaskedLMConfig),
                                ("classify", Classify, ClassifyConfig),
                                ("image_classify", ImageClassify, ImageClassifyConfig),
-                               ("seq2seq", Seq2Seq, Seq2SeqConfig)):
+                               ("seq2seq", Seq2Seq, Seq2SeqConfig), ("gan", Gan, GanConfig)):
   register(_name, _task, _options)

@@ -61,7 +61,7 @@ def run(exp: Experiment, workdir: str) -> dict:
   writer = reporting.MetricWriter(workdir, is_main=jax.process_index() == 0)
   if jax.process_index() == 0:
     reporting.truncate_after(writer.path, start)
-  loop = _Loop(s, ckpt, writer, _data_iterator(s, data_state), base, stopper)
+  loop = _Loop(s, workdir, ckpt, writer, _data_iterator(s, data_state), base, stopper)
   try:
     with (jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules),
           preemption.Listener() as signals):
@@ -178,8 +178,10 @@ def _data_state(iterator) -> dict:
 class _Loop:
   """The step loop and its periodic work; step n-1's metrics are read after step n is dispatched."""
 
-  def __init__(self, s: setup.Setup, ckpt, writer, iterator, base: dict | None, stopper):
-    self.s, self.ckpt, self.writer, self.iterator = s, ckpt, writer, iterator
+  def __init__(self, s: setup.Setup, workdir: str, ckpt, writer, iterator, base: dict | None,
+               stopper):
+    self.s, self.workdir, self.ckpt, self.writer = s, workdir, ckpt, writer
+    self.iterator = iterator
     self.stopper = stopper  # early stopping (config.train.early_stop_*), off by default
     self.base = base  # the frozen parameters' identity, saved with every step
     self.train_fn, self.eval_fn = setup.compile_steps(s)
@@ -197,6 +199,8 @@ class _Loop:
       metrics.update(self.s.task.decoded_report(
           self.s.model, lambda: distributed.to_host(finetune.merge(state.params, state.frozen)),
           self.s.data, "val"))
+    if tasks.supports(self.s.task, tasks.Samples):
+      metrics.update(self._samples(state))
     self.last_rank = self.stopper.rank(self.s.task, metrics)
     return metrics, sums
 
@@ -207,6 +211,16 @@ class _Loop:
     final, sums = self.evaluate_with_sums(state)
     write_eval(self.writer, self.s.task, end, final)
     return final, sums
+
+  def _samples(self, state) -> dict:
+    """The task's report on its samples, and their files (plots/samples_step_N.png)."""
+    task, model = self.s.task, self.s.model
+    variables = distributed.to_host({"params": finetune.merge(state.params, state.frozen),
+                                     **state.model_state})
+    report = task.sample_report(model, variables, self.s.data)
+    if jax.process_index() == 0:
+      task.sample_files(self.workdir, model, variables, f"step_{int(jax.device_get(state.step))}")
+    return report
 
   def save(self, state, step: int) -> None:
     data_state = self.stopper.saved(_data_state(self.iterator))

@@ -1,14 +1,16 @@
 """Optimiser from OptimConfig: AdamW or SGD (momentum, Nesterov), warmup then cosine / constant /
 step decay, clipping, a weight-decay mask (no decay for norms, biases, embeddings), and a
-non-finite guard."""
+non-finite guard; per parameter group settings for a task that declares ParamGroups."""
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import jax
 import optax
 
+from llmjax import tasks
 from llmjax.config import OptimConfig
 from llmjax.treepaths import path_str
 
@@ -44,8 +46,8 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW or SGD; decay masked off norms/biases/embeddings; non-finite updates skipped."""
+def _transform(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """Clipping, then AdamW or SGD with cfg's schedule; decay masked off norms/biases/embeddings."""
   schedule = learning_rate_schedule(cfg, total_steps)
   decay_mask = lambda params: regex_mask(params, NO_DECAY, match_means=False)
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
@@ -55,5 +57,31 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   else:
     chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*chain)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   groups: tuple[dict, Callable[[str], str]] | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW or SGD; decay masked off norms/biases/embeddings; non-finite updates skipped.
+
+  `groups` ({name: OptimConfig}, path -> name): each group of parameters gets its own settings
+  (optax.multi_transform; clipping is per group), as a task that declares ParamGroups asks.
+  """
+  if groups is None:
+    inner = _transform(cfg, total_steps)
+  else:
+    settings, group_of = groups
+    labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: group_of(path_str(path)), params)
+    inner = optax.multi_transform(
+        {name: _transform(c, total_steps) for name, c in settings.items()}, labels)
   # A non-finite step leaves params and moments untouched; the loop decides when to give up.
-  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
+  return optax.apply_if_finite(inner, max_consecutive_errors=2**30)
+
+
+def param_groups(task) -> tuple[dict, Callable[[str], str]] | None:
+  """`make_optimizer`'s groups for a task that declares ParamGroups; None for any other."""
+  if not tasks.supports(task, tasks.ParamGroups):
+    return None
+  return task.param_groups(), task.param_group

@@ -65,7 +65,8 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   saved_task = distill.as_trained(run_task)
   init_variables = init.variables_init(saved_task, model, run_task.example_batch(1))
   trainable = finetune.plan(exp, init.param_shapes(init_variables))
-  tx = finetune.optimizer(exp, optim.make_optimizer(exp.optim, exp.train.steps), trainable)
+  tx = finetune.optimizer(exp, optim.make_optimizer(exp.optim, exp.train.steps,
+                                                     optim.param_groups(run_task)), trainable)
   abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules, trainable)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
   try:

@@ -57,7 +57,7 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   teacher = None
   if exp.distill.teacher:  # the task's loss becomes the distilled one; the state gains a teacher
     task, teacher, data = distilled(exp, task, model, data, mesh, rules)
-  tx = optim.make_optimizer(exp.optim, exp.train.steps)
+  tx = optim.make_optimizer(exp.optim, exp.train.steps, optim.param_groups(task))
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
   trainable = finetune.plan(exp, init.param_shapes(init_variables))
