@@ -240,13 +240,15 @@ def test_blocked_sliding_window_equals_xla_and_computes_fewer_blocks():
   segments[1, 20:] = 0  # padding
   mask = attention.segment_mask(jnp.asarray(segments))
   window, block = 6, 4
-  xla = attention.fused_attention(q, k, v, mask, True, "xla", False, window=window)
-  blocked = attention.blocked_causal_attention(q, k, v, mask, block, window=window)
+  xla = jax.jit(lambda *a: attention.fused_attention(*a, True, "xla", False, window=window))(
+      q, k, v, mask)  # jitted: one compile each, not one per eager op
+  blocked = jax.jit(lambda *a: attention.blocked_causal_attention(*a, block, window=window))(
+      q, k, v, mask)
   np.testing.assert_allclose(np.asarray(blocked), np.asarray(xla), atol=1e-5)
   # against the definition: query i sees keys (i - window, i] of its segment
   i, j = np.arange(24)[:, None], np.arange(24)[None, :]
   explicit = mask & jnp.asarray((j <= i) & (j > i - window))[None, None]
-  reference = jax.nn.dot_product_attention(q, k, v, mask=explicit)
+  reference = jax.jit(jax.nn.dot_product_attention)(q, k, v, mask=explicit)
   np.testing.assert_allclose(np.asarray(blocked), np.asarray(reference), atol=1e-5)
   # the tiles: 6 query blocks; each needs at most 3 key blocks, full causal needs up to 6
   assert attention.computed_key_blocks(24, block, window) == 1 + 2 + 3 + 3 + 3 + 3
