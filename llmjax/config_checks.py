@@ -95,7 +95,7 @@ def _validate_model(exp: Experiment) -> None:
   _require(not m.norm_offset or m.norm == "rmsnorm",
            f"config.model.norm_offset={m.norm_offset} needs config.model.norm='rmsnorm' (Gemma's "
            f"1 + weight), got {m.norm!r}")
-  for key in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+  for key in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
     _require(getattr(m, key) >= 0, f"config.model.{key} must be >= 0 (0: off), got "
              f"{getattr(m, key)}")
   _require(not (m.attn_softcap and m.attention_impl == "cudnn"),

@@ -79,6 +79,8 @@ class ModelConfig:
   # soft-capping cap * tanh(x / cap) of the attention scores and of the logits (0: off); a norm
   # on each sublayer's output before its residual add (post_norms).
   query_pre_attn_scalar: int = 0
+  # Gemma 3: the RoPE base of local (sliding-window) layers, unscaled; 0: as the global layers.
+  rope_local_theta: float = 0.0
   attn_softcap: float = 0.0
   final_softcap: float = 0.0
   post_norms: bool = False

@@ -4,12 +4,14 @@ generation, save -> transformers, scanned == unrolled, a sharded load, and the r
 Tiny random models with unusual settings (head_dim not d_model / heads, grouped-query attention,
 norm weights far from 0, a rope base other than the default), fp32."""
 
+import dataclasses
 import json
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,12 +30,26 @@ _COMMON = dict(vocab_size=H.VOCAB, hidden_size=32, intermediate_size=48, num_hid
 
 
 def _configs() -> dict:
-  """name -> (transformers config, causal-LM class)."""
+  """name -> (transformers config, causal-LM class). Windows of 4 and 5 tokens, shorter than
+  the inputs; soft-caps small enough to bite; Gemma 3's 2:1 local/global unit with a local rope
+  base of its own and linear rope scaling on the global layers."""
   return {
       "gemma": (transformers.GemmaConfig(**_COMMON, tie_word_embeddings=False,
                                          rope_parameters={"rope_type": "default",
                                                           "rope_theta": 500.0}),
                 "GemmaForCausalLM"),
+      "gemma2": (transformers.Gemma2Config(**dict(_COMMON, num_hidden_layers=4),
+                                           sliding_window=4, query_pre_attn_scalar=20,
+                                           attn_logit_softcapping=3.0,
+                                           final_logit_softcapping=2.0),
+                 "Gemma2ForCausalLM"),
+      "gemma3": (transformers.Gemma3TextConfig(
+          **dict(_COMMON, num_hidden_layers=3), sliding_window=5, query_pre_attn_scalar=16,
+          layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                              "rope_theta": 1000.0},
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+                 "Gemma3ForCausalLM"),
   }
 
 
@@ -80,6 +96,16 @@ def test_logits_generation_and_save_match_transformers(saved, name, tmp_path):
   model, params = hf.load(directory)
   ours = _logits(model, params, tokens, mask)
   assert _real_diff(ours, ref, mask) <= TOL
+  cfg = model.cfg
+  if cfg.final_softcap:
+    assert np.abs(ours).max() < cfg.final_softcap < np.abs(ours).max() * 1.5  # capped, and bites
+  if cfg.sliding_window:  # the window changes the result: the parity above tests it
+    unwindowed = model.clone(cfg=dataclasses.replace(cfg, sliding_window=0, layer_pattern=""))
+    assert _real_diff(_logits(unwindowed, params, tokens, mask), ours, mask) > 1e-3
+    # Blocked attention (small query blocks, so key blocks left of the window are skipped).
+    blocked = model.clone(cfg=dataclasses.replace(cfg, attention_impl="blocked",
+                                                  attention_block=4))
+    np.testing.assert_allclose(_logits(blocked, params, tokens, mask), ours, atol=1e-5)
   # Scanned layers compute the same function.
   scanned, scanned_params = hf.load(directory, scan_layers=True)
   np.testing.assert_allclose(_logits(scanned, scanned_params, tokens, mask), ours, atol=1e-5)
@@ -121,14 +147,23 @@ def _edited(directory, tmp_path, **fields) -> str:
   return str(out)
 
 
-@pytest.mark.parametrize("fields, named", [
-    (dict(attention_bias=True), "gemma attention_bias=true"),
-    (dict(hidden_act="relu"), "gemma hidden activation 'relu'"),
-    (dict(use_bidirectional_attention=True), "gemma use_bidirectional_attention"),
+@pytest.mark.parametrize("name, fields, error, named", [
+    ("gemma", dict(hidden_act="relu"), hf.UnsupportedModelError,
+     "gemma hidden activation 'relu' is not supported"),
+    ("gemma", dict(use_bidirectional_attention=True), hf.UnsupportedModelError,
+     "gemma use_bidirectional_attention=true is not supported"),
+    ("gemma2", dict(layer_types=["chunked_attention"] * 4), hf.UnsupportedModelError,
+     r"gemma2 layer_types \['chunked_attention'\] are not supported"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     hf.UnsupportedModelError, "gemma3_text sliding_attention rope_type 'linear'"),
+    # the config says q/k/v/o biases, the file has none: each named with its shape
+    ("gemma", dict(attention_bias=True), hf.WeightsMismatchError,
+     r"missing model\.layers\.0\.self_attn\.q_proj\.bias \(expected shape \[48\]\)"),
 ])
-def test_inexpressible_settings_are_refused_by_name(saved, tmp_path, fields, named):
-  with pytest.raises(hf.UnsupportedModelError, match=named):
-    hf.load(_edited(saved["gemma"][0], tmp_path, **fields))
+def test_bad_directories_are_refused_by_name(saved, tmp_path, name, fields, error, named):
+  with pytest.raises(error, match=named):
+    hf.load(_edited(saved[name][0], tmp_path, **fields))
 
 
 # --- settings of other architectures that used to be refused (issue 28, item 4) -----------------
@@ -149,3 +184,46 @@ def test_gpt2_without_score_scaling_matches_transformers(tmp_path):
   assert _real_diff(_logits(model, params, tokens, mask), ref, mask) <= TOL
   hf.save(model, params, str(tmp_path / "back"))
   assert json.loads((tmp_path / "back" / "config.json").read_text())["scale_attn_weights"] is False
+
+
+def test_lora_adapter_loads_in_peft_with_equal_logits(saved, tmp_path):
+  """A LoRA on every projection of Gemma 2 (soft-capped, windowed) -> a PEFT adapter over the
+  HF directory: PEFT's module names, transformers' logits; and back into llmjax exactly."""
+  import peft
+  from llmjax.hf import mapping
+  from llmjax.models.peft import Peft
+  directory, _ = saved["gemma2"]
+  base, base_params = hf.load(directory)
+  lora = Peft(lora_targets=r"(.*/)?(attn/(q|k|v|o)|mlp/(wi|wg|wo))", lora_rank=4,
+              lora_alpha=8.0)
+  model, rng = base.clone(peft=lora), np.random.default_rng(0)
+  known = mapping.flatten(base_params)
+  params = mapping.unflatten({
+      path: known[path] if path in known else jnp.asarray(rng.normal(0.0, 0.2, a.shape), a.dtype)
+      for path, a in mapping.flatten(nn.unbox(hf.abstract_params(model))).items()})
+  hf.save_adapter(model, params, lora, str(tmp_path), base_model_path=directory)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                      "up_proj", "v_proj"]
+  assert config["task_type"] == "CAUSAL_LM"
+  ref = peft.PeftModel.from_pretrained(
+      transformers.Gemma2ForCausalLM.from_pretrained(directory).eval(), str(tmp_path)).eval()
+  tokens, mask = H.padded_batch(seed=4)
+  mask[2] = 1  # PEFT runs with transformers' own positions: right padding only
+  ours = _logits(model, params, tokens, mask)
+  theirs = H.torch_out(ref, tokens, mask).logits.numpy()
+  assert _real_diff(ours, theirs, mask) <= TOL
+  again_model, again = hf.load_peft(str(tmp_path))
+  assert _real_diff(_logits(again_model, again, tokens, mask), ours, mask) <= 1e-5
+
+
+def test_flops_count_the_gated_mlp_and_nothing_for_soft_capping():
+  from llmjax import flops
+  from llmjax.config import ModelConfig
+  from llmjax.models import presets
+  cfg = ModelConfig(**{**presets.get("gemma2"), "d_model": 32, "n_heads": 4, "n_kv_heads": 2,
+                       "head_dim": 12, "d_ff": 48, "sliding_window": 0, "layer_pattern": ""})
+  # q, o: 4 heads of 12; k, v: 2 heads of 12; wg, wi, wo: 32 x 48 each
+  assert flops.block_matmul_params(cfg) == 32 * 12 * (2 * 4 + 2 * 2) + 3 * 32 * 48
+  uncapped = dataclasses.replace(cfg, attn_softcap=0.0, final_softcap=0.0)
+  assert flops.lm_forward(cfg, 16).total == flops.lm_forward(uncapped, 16).total

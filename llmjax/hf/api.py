@@ -30,7 +30,7 @@ from llmjax.parallel import sharding
 # Order matters when saving: the first architecture that expresses a model exactly is used.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     gpt2.ARCH, llama.ARCH, bert.ARCH, marian.ARCH, bart.ARCH, resnet.ARCH, gemma.GEMMA,
-    mistral.ARCH, qwen.QWEN2, qwen.QWEN3)}
+    gemma.GEMMA2, gemma.GEMMA3, mistral.ARCH, qwen.QWEN2, qwen.QWEN3)}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.

@@ -4,7 +4,9 @@ table is Llama's."""
 
 from __future__ import annotations
 
-from llmjax.hf import llama
+import types
+
+from llmjax.hf import llama, qwen
 from llmjax.hf import mapping as m
 from llmjax.hf.arch import Architecture, require
 from llmjax.models.transformer import Transformer
@@ -21,21 +23,14 @@ def _gate(name: str, family: str) -> str:
   return GATES[name]
 
 
-def _rope(rope: dict, family: str) -> dict:
-  """ModelConfig rope fields of one HF rope_parameters entry."""
-  kind = rope.get("rope_type", "default")
-  require(kind == "default", f"{family} rope_type {kind!r} is not supported; supported: default")
-  return dict(rope_theta=float(rope.get("rope_theta", 10000.0)))
-
-
-def _rope_to_hf(cfg) -> dict:
-  return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+def _rope(c, rope: dict, family: str) -> dict:
+  """ModelConfig rope fields of one HF rope_parameters entry (Llama's reading of it)."""
+  return llama.rope_fields(types.SimpleNamespace(
+      rope_parameters=rope, max_position_embeddings=c.max_position_embeddings), family)
 
 
 def common_from_hf(c, family: str, activation: str, rope: dict) -> dict:
-  """The fields every Gemma generation shares (attention without biases, causal)."""
-  require(not c.attention_bias, f"{family} attention_bias=true is not supported (llmjax has one "
-          "bias switch for attention and MLP; Gemma's MLP has none)")
+  """The fields every Gemma generation shares (causal; attention_bias on q, k, v and o)."""
   require(not getattr(c, "use_bidirectional_attention", None),
           f"{family} use_bidirectional_attention=true is not supported; supported: false")
   heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
@@ -44,9 +39,11 @@ def common_from_hf(c, family: str, activation: str, rope: dict) -> dict:
               n_heads=heads, n_kv_heads=0 if kv == heads else kv,
               head_dim=0 if head_dim * heads == c.hidden_size else head_dim,
               d_ff=c.intermediate_size, max_len=c.max_position_embeddings,
-              **_rope(rope, family), norm_eps=c.rms_norm_eps, norm_offset=1.0,
+              **_rope(c, rope, family), norm_eps=c.rms_norm_eps, norm_offset=1.0,
               mlp=_gate(activation, family), embed_scale=True, dropout=c.attention_dropout,
-              use_bias=False, tie_embeddings=c.tie_word_embeddings)
+              use_bias=False, qkv_bias=bool(c.attention_bias), o_bias=bool(c.attention_bias),
+              mlp_bias=False, qk_norm=False, sliding_window=0, layer_pattern="",
+              tie_embeddings=c.tie_word_embeddings)
 
 
 def common_to_hf(cfg) -> dict:
@@ -54,9 +51,10 @@ def common_to_hf(cfg) -> dict:
               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
               num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
               intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
-              rope_parameters=_rope_to_hf(cfg),
+              rope_parameters=llama.rope_parameters(cfg),
               rms_norm_eps=cfg.norm_eps, attention_dropout=cfg.dropout,
-              attention_bias=cfg.use_bias, tie_word_embeddings=cfg.tie_embeddings)
+              attention_bias=(cfg.use_bias or cfg.qkv_bias) and (cfg.use_bias or cfg.o_bias),
+              tie_word_embeddings=cfg.tie_embeddings)
 
 
 def _gemma_from_hf(c) -> dict:
@@ -69,26 +67,6 @@ def _gemma_to_hf(cfg) -> dict:
 
 # --- Gemma 2 and 3 -------------------------------------------------------------------------------
 
-_KINDS = {"sliding_attention": "L", "full_attention": "G"}
-
-
-def _pattern(c, family: str) -> dict:
-  """layer_types -> (sliding_window, layer_pattern): the shortest repeating unit ("LG" for
-  Gemma 2, "LLLLLG" for Gemma 3); a model without local layers has no window."""
-  types = list(c.layer_types)
-  unknown = sorted(set(types) - set(_KINDS))
-  require(not unknown, f"{family} layer_types {unknown} are not supported; supported: "
-          f"{', '.join(_KINDS)}")
-  letters = "".join(_KINDS[t] for t in types)
-  if "L" not in letters:
-    return dict(sliding_window=0, layer_pattern="")
-  require(bool(c.sliding_window), f"{family} has sliding_attention layers but sliding_window="
-          f"{c.sliding_window!r}")
-  unit = next(letters[:n] for n in range(1, len(letters) + 1)
-              if all(x == letters[i % n] for i, x in enumerate(letters)))
-  return dict(sliding_window=int(c.sliding_window), layer_pattern="" if unit == "L" else unit)
-
-
 def _pattern_to_hf(cfg) -> dict:
   # transformers' Gemma 2/3 always build a sliding mask, so a model without local layers still
   # names a window (which no layer reads).
@@ -100,7 +78,7 @@ def _pattern_to_hf(cfg) -> dict:
 def _gemma2_from_hf(c) -> dict:
   head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
   return dict(common_from_hf(c, "gemma2", c.hidden_activation, c.rope_parameters),
-              **_pattern(c, "gemma2"),
+              **qwen.window_fields(c, "gemma2"),
               post_norms=True, attn_softcap=float(c.attn_logit_softcapping or 0.0),
               final_softcap=float(c.final_logit_softcapping or 0.0),
               query_pre_attn_scalar=_scalar(c.query_pre_attn_scalar, head_dim))
@@ -128,9 +106,11 @@ def _gemma3_from_hf(c) -> dict:
   kind = local.get("rope_type", "default")
   require(kind == "default", f"gemma3_text sliding_attention rope_type {kind!r} is not "
           "supported; supported: default")
-  return dict(common_from_hf(c, "gemma3_text", c.hidden_activation, rope["full_attention"]),
-              **_pattern(c, "gemma3_text"),
-              rope_local_theta=float(local.get("rope_theta", 10000.0)),
+  fields = common_from_hf(c, "gemma3_text", c.hidden_activation, rope["full_attention"])
+  local_theta = float(local.get("rope_theta", 10000.0))
+  if local_theta == fields["rope_theta"] and fields["rope_scaling"] == "none":
+    local_theta = 0.0  # every layer rotates alike: what llmjax does without rope_local_theta
+  return dict(fields, **qwen.window_fields(c, "gemma3_text"), rope_local_theta=local_theta,
               post_norms=True, qk_norm=True,
               final_softcap=float(c.final_logit_softcapping or 0.0),
               query_pre_attn_scalar=_scalar(c.query_pre_attn_scalar, head_dim))

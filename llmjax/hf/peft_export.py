@@ -20,7 +20,8 @@ from llmjax.models.peft import Peft
 
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "LlamaForCausalLM": "CAUSAL_LM",
               "MistralForCausalLM": "CAUSAL_LM", "Qwen2ForCausalLM": "CAUSAL_LM",
-              "Qwen3ForCausalLM": "CAUSAL_LM",
+              "Qwen3ForCausalLM": "CAUSAL_LM", "GemmaForCausalLM": "CAUSAL_LM",
+              "Gemma2ForCausalLM": "CAUSAL_LM", "Gemma3ForCausalLM": "CAUSAL_LM",
               "BertForSequenceClassification": "SEQ_CLS", "BertModel": "FEATURE_EXTRACTION",
               "BertForMaskedLM": None, "BertForPreTraining": None}
 

@@ -133,7 +133,8 @@ def capped_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, causal: bool, scale: flo
     causal_LS = jnp.arange(size)[None, :] <= query_L1
     if window:
       causal_LS = causal_LS & (jnp.arange(size)[None, :] > query_L1 - window)
-    visible_B1LS = causal_LS[None, None] if mask_B1LS is None else mask_B1LS & causal_LS
+    visible_B1LS = causal_LS[None, None] if mask_B1LS is None else (mask_B1LS
+                                                                    & causal_LS[None, None])
   out = _attend(q_BLNH.reshape(batch, length, k, n // k, h), k_BSKH, v_BSKH, visible_B1LS,
                 scale, softcap)
   return out.reshape(batch, length, n, h)
@@ -185,6 +186,17 @@ def _and(mask_a, mask_b):
   return mask_b if mask_a is None else mask_a if mask_b is None else mask_a & mask_b
 
 
+def rotary(cfg: ModelConfig, x_BLNH: jax.Array, positions_BL: jax.Array, local) -> jax.Array:
+  """RoPE with config.rope_scaling's frequencies, or in a local layer of a model with its own
+  local base (Gemma 3's rope_local_theta) that base's, unscaled. `local` as in Attention."""
+  inv_freq_H, scale = rope.frequencies(cfg, x_BLNH.shape[-1], positions_BL)
+  out_BLNH = layers.rope(x_BLNH, positions_BL, cfg.rope_theta, inv_freq_H, scale)
+  if not cfg.rope_local_theta or local is False:
+    return out_BLNH
+  local_BLNH = layers.rope(x_BLNH, positions_BL, cfg.rope_local_theta)
+  return local_BLNH if local is True else jnp.where(local, local_BLNH, out_BLNH)
+
+
 class Attention(nn.Module):
   """Self-attention; K key/value heads shared by groups of N / K query heads.
 
@@ -213,9 +225,7 @@ class Attention(nn.Module):
       q_BLNH = layers.norm(cfg, "q_norm")(q_BLNH)
       k_BLKH = layers.norm(cfg, "k_norm")(k_BLKH)
     if cfg.pos_emb == "rope":
-      inv_freq_H, rope_scale = rope.frequencies(cfg, h, positions_BL)
-      q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta, inv_freq_H, rope_scale)
-      k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta, inv_freq_H, rope_scale)
+      q_BLNH, k_BLKH = (rotary(cfg, x, positions_BL, local) for x in (q_BLNH, k_BLKH))
     q_BLNH = nn.with_logical_constraint(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     k_BLKH = nn.with_logical_constraint(k_BLKH,
                                         (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))

@@ -33,6 +33,21 @@ PRESETS: dict[str, dict] = {
                     mlp="swiglu", use_bias=False, tie_embeddings=False, causal=True,
                     final_norm=True, embed_norm=False, type_vocab_size=0, rope_theta=10000.0,
                     sliding_window=4096, layer_pattern=""),
+    # Gemma 2 (Gemma2ForCausalLM): Gemma with a norm on each sublayer's output too, soft-capped
+    # attention scores (50) and logits (30), local (4096-token window) and global layers
+    # alternating.
+    "gemma2": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_offset=1.0,
+                   norm_position="pre", mlp="geglu", use_bias=False, tie_embeddings=True,
+                   causal=True, final_norm=True, embed_norm=False, type_vocab_size=0,
+                   rope_theta=10000.0, embed_scale=True, post_norms=True, attn_softcap=50.0,
+                   final_softcap=30.0, sliding_window=4096, layer_pattern="LG"),
+    # Gemma 3 (Gemma3ForCausalLM, text): Gemma 2 without soft-capping, with q/k norms, five
+    # local layers (1024-token window, RoPE base 10k) per global one (base 1M).
+    "gemma3": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_offset=1.0,
+                   norm_position="pre", mlp="geglu", use_bias=False, tie_embeddings=True,
+                   causal=True, final_norm=True, embed_norm=False, type_vocab_size=0,
+                   rope_theta=1000000.0, rope_local_theta=10000.0, embed_scale=True,
+                   post_norms=True, qk_norm=True, sliding_window=1024, layer_pattern="LLLLLG"),
     # BERT: bidirectional, post-LayerNorm, exact GELU, token types, normalised embeddings.
     "bert": dict(pos_emb="learned", norm="layernorm", norm_eps=1e-12, norm_position="post",
                  mlp="gelu", use_bias=True, tie_embeddings=True, causal=False,
