@@ -169,21 +169,31 @@ def test_bad_directories_are_refused_by_name(saved, tmp_path, name, fields, erro
 # --- settings of other architectures that used to be refused (issue 28, item 4) -----------------
 
 
-def test_gpt2_without_score_scaling_matches_transformers(tmp_path):
+@pytest.mark.parametrize("name", ["gpt2_unscaled", "llama_geglu"])
+def test_settings_once_refused_match_transformers(name, tmp_path):
+  """GPT-2 without score scaling (scale_attn_weights=false -> query_pre_attn_scalar=1) and a
+  Llama whose gate is tanh-GELU (hidden_act gelu_pytorch_tanh -> mlp geglu), both ways."""
   import torch
-  config = transformers.GPT2Config(vocab_size=H.VOCAB, n_positions=H.MAX_LEN, n_embd=32,
-                                   n_layer=1, n_head=4, scale_attn_weights=False,
-                                   initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+  ids = dict(vocab_size=H.VOCAB, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
   torch.manual_seed(0)
-  ref_model = transformers.GPT2LMHeadModel(config).eval()
-  ref_model.save_pretrained(str(tmp_path / "hf"))
+  if name == "gpt2_unscaled":
+    ref_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        **ids, n_positions=H.MAX_LEN, n_embd=32, n_layer=1, n_head=4, scale_attn_weights=False))
+    field, value = "scale_attn_weights", False
+  else:
+    ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **ids, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=H.MAX_LEN, hidden_act="gelu_pytorch_tanh"))
+    field, value = "hidden_act", "gelu_pytorch_tanh"
+  ref_model.eval().save_pretrained(str(tmp_path / "hf"))
   model, params = hf.load(str(tmp_path / "hf"))
-  assert model.cfg.query_pre_attn_scalar == 1
+  assert (model.cfg.query_pre_attn_scalar, model.cfg.mlp) == (
+      (1, "gelu_tanh") if name == "gpt2_unscaled" else (0, "geglu"))
   tokens, mask = H.padded_batch(seed=3)
   ref = H.torch_out(ref_model, tokens, mask, position_ids=H.hf_positions(mask)).logits.numpy()
   assert _real_diff(_logits(model, params, tokens, mask), ref, mask) <= TOL
   hf.save(model, params, str(tmp_path / "back"))
-  assert json.loads((tmp_path / "back" / "config.json").read_text())["scale_attn_weights"] is False
+  assert json.loads((tmp_path / "back" / "config.json").read_text())[field] == value
 
 
 def test_lora_adapter_loads_in_peft_with_equal_logits(saved, tmp_path):

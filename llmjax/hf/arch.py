@@ -16,6 +16,10 @@ from llmjax.models import rope
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                "relu": "relu", "swish": "silu", "silu": "silu"}
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "swish"}
+# The gate activation of a gated MLP (Llama's, Gemma's: act(gate_proj x) * up_proj x) <->
+# ModelConfig.mlp; gelu_new is the same tanh approximation as gelu_pytorch_tanh.
+GATED_ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
+HF_GATED = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 # Fields HF configs do not carry: how llmjax runs a model, not what the model computes.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl",
@@ -54,6 +58,12 @@ class Architecture:
 def require(ok: bool, message: str) -> None:
   if not ok:
     raise UnsupportedModelError(message)
+
+
+def gated_activation(name: str, family: str) -> str:
+  require(name in GATED_ACTIVATIONS, f"{family} hidden activation {name!r} is not supported; "
+          f"supported: {', '.join(GATED_ACTIVATIONS)}")
+  return GATED_ACTIVATIONS[name]
 
 
 def activation(name: str, model_type: str) -> str:

@@ -8,20 +8,8 @@ import types
 
 from llmjax.hf import llama, qwen
 from llmjax.hf import mapping as m
-from llmjax.hf.arch import Architecture, require
+from llmjax.hf.arch import HF_GATED, Architecture, gated_activation, require
 from llmjax.models.transformer import Transformer
-
-# HF gated-MLP activations <-> ModelConfig.mlp (transformers turns Gemma's legacy "gelu" into
-# gelu_pytorch_tanh; gelu_new is the same tanh approximation).
-GATES = {"gelu_pytorch_tanh": "geglu", "gelu_new": "geglu", "silu": "swiglu"}
-HF_GATE = {"geglu": "gelu_pytorch_tanh", "swiglu": "silu"}
-
-
-def _gate(name: str, family: str) -> str:
-  require(name in GATES, f"{family} hidden activation {name!r} is not supported; supported: "
-          f"{', '.join(GATES)}")
-  return GATES[name]
-
 
 def _rope(c, rope: dict, family: str) -> dict:
   """ModelConfig rope fields of one HF rope_parameters entry (Llama's reading of it)."""
@@ -40,7 +28,7 @@ def common_from_hf(c, family: str, activation: str, rope: dict) -> dict:
               head_dim=0 if head_dim * heads == c.hidden_size else head_dim,
               d_ff=c.intermediate_size, max_len=c.max_position_embeddings,
               **_rope(c, rope, family), norm_eps=c.rms_norm_eps, norm_offset=1.0,
-              mlp=_gate(activation, family), embed_scale=True, dropout=c.attention_dropout,
+              mlp=gated_activation(activation, family), embed_scale=True, dropout=c.attention_dropout,
               use_bias=False, qkv_bias=bool(c.attention_bias), o_bias=bool(c.attention_bias),
               mlp_bias=False, qk_norm=False, sliding_window=0, layer_pattern="",
               tie_embeddings=c.tie_word_embeddings)
@@ -62,7 +50,7 @@ def _gemma_from_hf(c) -> dict:
 
 
 def _gemma_to_hf(cfg) -> dict:
-  return dict(common_to_hf(cfg), hidden_act=HF_GATE.get(cfg.mlp, cfg.mlp))
+  return dict(common_to_hf(cfg), hidden_act=HF_GATED.get(cfg.mlp, cfg.mlp))
 
 
 # --- Gemma 2 and 3 -------------------------------------------------------------------------------
@@ -91,7 +79,7 @@ def _scalar(value, head_dim: int) -> int:
 
 def _gemma2_to_hf(cfg) -> dict:
   return dict(common_to_hf(cfg), **_pattern_to_hf(cfg),
-              hidden_activation=HF_GATE.get(cfg.mlp, cfg.mlp),
+              hidden_activation=HF_GATED.get(cfg.mlp, cfg.mlp),
               attn_logit_softcapping=cfg.attn_softcap or None,
               final_logit_softcapping=cfg.final_softcap or None,
               query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head)
@@ -118,7 +106,7 @@ def _gemma3_from_hf(c) -> dict:
 
 def _gemma3_to_hf(cfg) -> dict:
   fields = dict(common_to_hf(cfg), **_pattern_to_hf(cfg),
-                hidden_activation=HF_GATE.get(cfg.mlp, cfg.mlp),
+                hidden_activation=HF_GATED.get(cfg.mlp, cfg.mlp),
                 final_logit_softcapping=cfg.final_softcap or None,
                 attn_logit_softcapping=None,
                 query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head)

@@ -12,7 +12,7 @@ import math
 
 from llmjax.config import ModelConfig
 from llmjax.hf import mapping as m
-from llmjax.hf.arch import Architecture, require
+from llmjax.hf.arch import HF_GATED, Architecture, gated_activation, require
 from llmjax.models.transformer import Transformer
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -82,15 +82,14 @@ def rope_parameters(cfg: ModelConfig) -> dict:
 
 def decoder_fields(c, family: str) -> dict:
   """The fields every Llama-shaped decoder's config decides (features off unless set after)."""
-  require(c.hidden_act == "silu", f"{family} hidden_act {c.hidden_act!r} is not supported; "
-          "supported: silu")
   heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
   return dict(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
               n_heads=heads, n_kv_heads=0 if kv == heads else kv,
               head_dim=0 if head_dim * heads == c.hidden_size else head_dim,
               d_ff=c.intermediate_size, max_len=c.max_position_embeddings,
-              norm_eps=c.rms_norm_eps, dropout=c.attention_dropout,
+              mlp=gated_activation(c.hidden_act, family), norm_eps=c.rms_norm_eps,
+              dropout=c.attention_dropout,
               tie_embeddings=c.tie_word_embeddings, use_bias=False, qkv_bias=False,
               o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=0, layer_pattern="",
               **rope_fields(c, family))
@@ -104,7 +103,7 @@ def decoder_hf(cfg: ModelConfig) -> dict:
               intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
               rope_parameters=rope_parameters(cfg), rms_norm_eps=cfg.norm_eps,
               attention_dropout=cfg.dropout,
-              hidden_act="silu" if cfg.mlp == "swiglu" else cfg.mlp,
+              hidden_act=HF_GATED.get(cfg.mlp, cfg.mlp),
               tie_word_embeddings=cfg.tie_embeddings)
 
 
