@@ -3,8 +3,9 @@ naming the key and what is allowed (device-dependent checks live in parallel.mes
 
 from __future__ import annotations
 
-from llmjax.config_sections import Experiment
+from llmjax.config_sections import Experiment, ModelConfig
 from llmjax.errors import ConfigError
+from llmjax.models.presets import RNN_IGNORED
 
 
 def require(ok: bool, message: str) -> None:
@@ -61,6 +62,7 @@ def validate(exp: Experiment) -> None:
   validate_finetune(exp)
   validate_distill(exp)
   validate_images(exp)
+  validate_rnn(exp)
   exp.task.validate(exp)  # the task's own options, checked by the task (llmjax/task_config.py)
   _validate_mesh(exp)
 
@@ -68,12 +70,13 @@ def validate(exp: Experiment) -> None:
 def _validate_model(exp: Experiment) -> None:
   """The model's shape against itself and against the sequence length."""
   m, data = exp.model, exp.data
-  _require(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+  heads = m.arch != "rnn"  # an RNN has no attention heads (validate_rnn checks its fields)
+  _require(not heads or m.head_dim > 0 or m.d_model % m.n_heads == 0,
            f"config.model.n_heads={m.n_heads} must divide config.model.d_model={m.d_model} "
            "(or set config.model.head_dim)")
   _require(m.n_heads % m.kv_heads == 0,
            f"config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}")
-  _require(m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
+  _require(not heads or m.pos_emb != "rope" or m.dim_per_head % 2 == 0,
            f"rotary embeddings need an even head dim, got {m.dim_per_head}")
   _require(m.pos_emb != "sinusoidal" or m.d_model % 2 == 0,
            f"sinusoidal positions need an even config.model.d_model, got {m.d_model}")
@@ -183,6 +186,36 @@ def validate_distill(exp: Experiment) -> None:
   _require(not (d.hidden_weight and d.top_k),
            f"config.distill.hidden_weight={d.hidden_weight} needs the online teacher (top_k=0): "
            "an offline teacher stores logits only")
+
+
+# The options of recurrent networks, and the fine-tuning methods that fit them (the others add
+# to Transformer blocks, attention or input positions, which an RNN has none of).
+RNN_FIELDS = ("rnn_cell", "rnn_layers", "rnn_hidden", "bidirectional")
+RNN_METHODS = ("full", "freeze", "bitfit", "lora", "adalora")
+
+
+def validate_rnn(exp: Experiment) -> None:
+  """RNN options only on arch='rnn', and the Transformer's never on it."""
+  m, default = exp.model, ModelConfig()
+  if m.arch != "rnn":
+    for key in RNN_FIELDS:
+      _require(getattr(m, key) == getattr(default, key),
+               f"config.model.{key}={getattr(m, key)!r} is an option of recurrent networks "
+               f"(config.model.arch='rnn'), not of arch {m.arch!r}; leave it at "
+               f"{getattr(default, key)!r}")
+    return
+  for key, neutral in RNN_IGNORED.items():
+    hint = {"n_layers": "; set config.model.rnn_layers",
+            "causal": "; set config.model.bidirectional"}.get(key, "")
+    _require(getattr(m, key) == neutral,
+             f"config.model.{key}={getattr(m, key)!r} is a Transformer option that "
+             f"config.model.arch='rnn' does not read; leave it at {neutral!r}{hint}")
+  for key in ("rnn_layers", "rnn_hidden"):
+    _require(getattr(m, key) > 0, f"config.model.{key} must be positive, got {getattr(m, key)}")
+  _require(exp.finetune.method in RNN_METHODS,
+           f"config.finetune.method={exp.finetune.method!r} does not fit a recurrent network "
+           f"(it adds to Transformer blocks); allowed with config.model.arch='rnn': "
+           f"{', '.join(RNN_METHODS)}")
 
 
 def _int_list(key: str, text: str) -> list[int]:

@@ -85,7 +85,7 @@ class ModelConfig:
   final_softcap: float = 0.0
   post_norms: bool = False
   # Image models (presets resnet18 ... resnet152 and cnn; llmjax/models/resnet.py, cnn.py).
-  arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn | gan (config.task)
+  arch: str = "transformer"  # transformer | encoder_decoder | resnet | cnn | rnn | gan (config.task)
   resnet_block: str = "bottleneck"  # basic | bottleneck
   resnet_depths: str = "3,4,6,3"  # blocks per stage
   resnet_widths: str = "256,512,1024,2048"  # output channels per stage (HF hidden_sizes)
@@ -98,6 +98,13 @@ class ModelConfig:
   bn_eps: float = 1e-5
   cnn_widths: str = "32,64"  # the small CNN: channels of its 3x3 conv layers (each 2x2-pooled)
   cnn_hidden: int = 128  # the small CNN: width of its hidden dense layer
+  # Recurrent networks (arch="rnn", preset rnn; llmjax/models/rnn.py): an embedding of width
+  # d_model, rnn_layers recurrent layers of rnn_hidden units each (`dropout` between them, as
+  # torch's nn.LSTM applies it), a dense head. Tasks lm (unidirectional) and classify.
+  rnn_cell: str = "lstm"  # lstm (OptimizedLSTMCell) | gru (GRUCell) | simple (tanh SimpleCell)
+  rnn_layers: int = 1
+  rnn_hidden: int = 256
+  bidirectional: bool = False  # each layer reads the sequence both ways (nn.Bidirectional)
 
   @property
   def kv_heads(self) -> int:
@@ -321,7 +328,8 @@ CHOICES = {
     "train.early_stop_mode": ("min", "max"),
     "optim.name": ("adamw", "sgd"),
     "data.source": ("stdlib", "files", "tfds", "image_folder", "idx", "mnist_digits", "gettext"),
-    "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn", "gan"),
+    "model.arch": ("transformer", "encoder_decoder", "resnet", "cnn", "rnn", "gan"),
+    "model.rnn_cell": ("lstm", "gru", "simple"),
     "model.resnet_block": ("basic", "bottleneck"),
     "model.stem": ("imagenet", "small"),
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",

@@ -9,6 +9,9 @@ Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
       mlm       2 * L * D * D + 2 * L * D * V             BERT's transform, then the logits
       classify  2 * D * D (pooled [CLS]: BERT's pooler) + 2 * D * C   one vector per sequence;
                 a decoder read at its last token: 2 * D * C only. No LM logits: none computed.
+Recurrent networks (models/rnn.py; embedding width D, H units, G gates: 4 LSTM, 3 GRU, 1 simple):
+  each layer and direction 2 * L * G * (in + H) * H   (in: D for the first layer, H or 2H after)
+  + the head over the last layer's width E (H, or 2H both ways) in place of D; no attention.
 Encoder-decoders, source length S and target length T: the encoder as above (bidirectional)
 over S; each decoder block as above over T (causal), plus cross-attention: q and o projections
 2 * T * 2 * D * N * H, k and v of the memory 2 * S * 2 * D * K * H, scores and sum 4 * T * S * N * H;
@@ -103,7 +106,11 @@ def block_matmul_params(cfg: ModelConfig) -> int:
 
 
 def backbone_forward(cfg: ModelConfig, seq_len: int) -> Forward:
-  """A Transformer's blocks over one sequence: their weight matmuls and attention, no head."""
+  """A text model's body over one sequence (its weight matmuls and attention), no head."""
+  return _BACKBONES.get(cfg.arch, _transformer_forward)(cfg, seq_len)
+
+
+def _transformer_forward(cfg: ModelConfig, seq_len: int) -> Forward:
   matmul = 2.0 * seq_len * cfg.n_layers * block_matmul_params(cfg)
   attention = 4.0 * cfg.n_heads * cfg.dim_per_head * sum(
       attended_pairs(cfg, seq_len, local) for local in cfg.local_layers())
@@ -120,6 +127,29 @@ def attended_pairs(cfg: ModelConfig, seq_len: int, local: bool) -> float:
   return full - (seq_len - w) ** 2 / 2
 
 
+_RNN_GATES = {"lstm": 4, "gru": 3, "simple": 1}
+
+
+def _rnn_forward(cfg: ModelConfig, seq_len: int) -> Forward:
+  """The recurrent stack: every layer and direction's input and recurrent kernels, per token."""
+  directions, hidden = (2 if cfg.bidirectional else 1), cfg.rnn_hidden
+  total, width = 0.0, cfg.d_model
+  for _ in range(cfg.rnn_layers):
+    total += directions * 2.0 * seq_len * _RNN_GATES[cfg.rnn_cell] * (width + hidden) * hidden
+    width = directions * hidden
+  return Forward(total, ((r"(^|/)rnn/layer_\d+/.*kernel$", total),))
+
+
+# The text bodies by config.model.arch (every other arch: the Transformer), and the width their
+# heads read.
+_BACKBONES = {"rnn": _rnn_forward}
+_HEAD_WIDTH = {"rnn": lambda cfg: cfg.rnn_hidden * (2 if cfg.bidirectional else 1)}
+
+
+def head_width(cfg: ModelConfig) -> int:
+  return _HEAD_WIDTH.get(cfg.arch, lambda c: c.d_model)(cfg)
+
+
 def dense_forward(pattern: str, flops: float) -> Forward:
   """A weight matmul of `flops` FLOPs against the parameters `pattern` finds."""
   return Forward(flops, ((pattern, flops),))
@@ -127,7 +157,7 @@ def dense_forward(pattern: str, flops: float) -> Forward:
 
 def lm_forward(cfg: ModelConfig, seq_len: int) -> Forward:
   """A decoder with logits at every position (task lm)."""
-  logits = 2.0 * seq_len * cfg.d_model * cfg.vocab_size
+  logits = 2.0 * seq_len * head_width(cfg) * cfg.vocab_size
   return backbone_forward(cfg, seq_len).plus(dense_forward(_logits_weights(cfg, "lm_head"),
                                                            logits))
 
@@ -145,7 +175,7 @@ def classify_forward(cfg: ModelConfig, seq_len: int, num_classes: int, pooled: b
   decoder's last token otherwise) -> C logits; no LM logits."""
   d = cfg.d_model
   out = backbone_forward(cfg, seq_len).plus(
-      dense_forward(r"(^|/)classifier/kernel$", 2.0 * d * num_classes))
+      dense_forward(r"(^|/)classifier/kernel$", 2.0 * head_width(cfg) * num_classes))
   return out.plus(dense_forward(r"(^|/)pooler/dense/kernel$", 2.0 * d * d)) if pooled else out
 
 

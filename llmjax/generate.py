@@ -1,7 +1,8 @@
-"""Text generation from a decoder with a KV cache, inside one compiled loop; `translate` for
-encoder-decoders (greedy or beam search).
+"""Text generation from a decoder with a KV cache (a Transformer) or a recurrent state (an
+`RNNLM`), inside one compiled loop; `translate` for encoder-decoders (greedy or beam search).
 
-The prompt runs once (prefill) and fills the cache; then a `lax.while_loop` feeds one token per
+Both decoders keep what the next token needs in their "cache" collection and take the same call
+keywords, so one loop serves both. The prompt runs once (prefill) and fills the cache; then a `lax.while_loop` feeds one token per
 step until every row has produced an EOS or the token budget is spent. Greedy, temperature,
 top-k and top-p sampling; the RNG is explicit (step i uses `fold_in(rng, i)`, so a key gives the
 same tokens every time). Batches of different-length prompts are left-padded: every row's last
@@ -23,6 +24,7 @@ from jax.experimental import io_callback
 from llmjax import beam_search
 from llmjax.errors import UserError
 from llmjax.models import encoder_decoder
+from llmjax.models.rnn import RNNLM
 from llmjax.models.transformer import Transformer, init_cache
 
 
@@ -88,9 +90,10 @@ def generate(model, params, prompt_BP, rng: jax.Array | None = None, *, prompt_m
   `on_token(step, tokens_B)` (optional) is called on the host as each step's tokens are chosen,
   from inside the compiled loop, for streaming.
   """
-  if not isinstance(model, Transformer) or not model.cfg.causal:
-    raise UserError(f"generation needs a causal decoder Transformer, got {type(model).__name__}"
-                    + ("" if not hasattr(model, "cfg") or model.cfg.causal else " (bidirectional)"))
+  if not causal_decoder(model):
+    raise UserError(f"generation needs a causal decoder (a Transformer or an RNNLM), got "
+                    f"{type(model).__name__}" + ("" if not hasattr(model, "cfg") or
+                                                 model.cfg.causal else " (bidirectional)"))
   cfg = model.cfg
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   batch, prompt_len = prompt_BP.shape
@@ -111,6 +114,14 @@ def generate(model, params, prompt_BP, rng: jax.Array | None = None, *, prompt_m
   eos_E = jnp.asarray([int(e) for e in eos_ids] or [-1], jnp.int32)  # -1: never produced
   return _generate(model, params, prompt_BP, mask_BP, rng, eos_E, max_new_tokens=max_new_tokens,
                    sampling=sampling, pad_id=int(pad_id), on_token=on_token)
+
+
+def causal_decoder(model) -> bool:
+  """Whether `generate` can run `model`: a causal Transformer, or a recurrent LM (never
+  bidirectional: config checks refuse that for the lm task)."""
+  if isinstance(model, RNNLM):
+    return not model.cfg.bidirectional
+  return isinstance(model, Transformer) and model.cfg.causal
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "pad_id",

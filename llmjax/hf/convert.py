@@ -26,6 +26,7 @@ from llmjax.models import heads
 from llmjax.models.cnn import CNN
 from llmjax.models.encoder_decoder import EncoderDecoder
 from llmjax.models.resnet import ResNet
+from llmjax.models.rnn import RNNClassifier, RNNLM
 from llmjax.models.transformer import Transformer
 
 MODEL_FILE, TOKENIZER_DIR, MODEL_STATE_DIR = "model.json", "tokenizer", "model_state"
@@ -37,9 +38,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 _MODULES = {"Transformer": Transformer, "Encoder": heads.Encoder, "MaskedLM": heads.MaskedLM,
             "PreTraining": heads.PreTraining, "SequenceClassifier": heads.SequenceClassifier,
             "DecoderClassifier": heads.DecoderClassifier, "ResNet": ResNet, "CNN": CNN,
-            "EncoderDecoder": EncoderDecoder}
+            "EncoderDecoder": EncoderDecoder, "RNNLM": RNNLM, "RNNClassifier": RNNClassifier}
 # Module fields besides cfg that an export records (and `rebuild` passes back).
-_MODULE_FIELDS = ("num_labels", "pooler", "num_classes", "in_channels", "image_size")
+_MODULE_FIELDS = ("num_labels", "pooler", "num_classes", "in_channels", "image_size", "pooling")
 
 
 @dataclasses.dataclass

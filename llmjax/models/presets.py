@@ -85,7 +85,17 @@ PRESETS: dict[str, dict] = {
     "cnn": dict(arch="cnn", cnn_widths="32,64", cnn_hidden=128),
     # A generator and a discriminator (models/gan.py), shaped by the gan task's config.task.
     "gan": dict(arch="gan"),
+    # A recurrent network (models/rnn.py): embedding, LSTM layers, an untied dense head; no
+    # positions (the recurrence orders the tokens).
+    "rnn": dict(arch="rnn", rnn_cell="lstm", rnn_layers=2, rnn_hidden=256, bidirectional=False,
+                pos_emb="none", tie_embeddings=False, use_bias=True),
 }
+
+# The Transformer fields a recurrent network does not read, at the values an RNN config must
+# hold them (ModelConfig's defaults): config_checks refuses any other value, so a setting is
+# never silently ignored, and `:smoke` puts back what it shrinks for Transformers.
+RNN_IGNORED = dict(n_layers=4, n_heads=4, n_kv_heads=0, head_dim=0, d_ff=1024, causal=True,
+                   scan_layers=False, remat="none", n_decoder_layers=0, type_vocab_size=0)
 
 
 def _image_smoke(model) -> dict:
@@ -96,8 +106,14 @@ def _image_smoke(model) -> dict:
               cnn_widths="8,16", cnn_hidden=32)
 
 
+def _rnn_smoke(model) -> dict:
+  """Recurrent networks: cell, depth (at most 2) and direction kept, 64 units; the Transformer
+  sizes `:smoke` set are put back (an RNN config must leave them alone)."""
+  return dict(RNN_IGNORED, rnn_hidden=64, rnn_layers=min(model["rnn_layers"], 2))
+
+
 # What `:smoke` changes besides the Transformer sizes, by config.model.arch.
-SMOKE = {"resnet": _image_smoke, "cnn": _image_smoke}
+SMOKE = {"resnet": _image_smoke, "cnn": _image_smoke, "rnn": _rnn_smoke}
 
 
 def smoke_overrides(model) -> dict:

@@ -29,3 +29,10 @@ CONV_OUT = "conv_out"
 FEATURES = "features"  # the input of a dense layer over image features (pooled or flattened)
 HIDDEN = "hidden"  # the small CNN's hidden dense layer
 CLASSES = "classes"
+
+# Recurrent networks (models/rnn.py): a cell's input kernels [in, hidden], recurrent kernels
+# [state, hidden] and biases [hidden]; the head reads [rnn_out, ...].
+RNN_IN = "rnn_in"
+RNN_STATE = "rnn_state"
+RNN_HIDDEN = "rnn_hidden"
+RNN_OUT = "rnn_out"

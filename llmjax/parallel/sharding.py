@@ -23,6 +23,10 @@ _FSDP = ((axes.EMBED, "fsdp"),)
 # still splits over data x fsdp, so fsdp acts as data parallelism for these models.
 _IMAGE = tuple((name, None) for name in (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT,
                                          axes.FEATURES, axes.HIDDEN, axes.CLASSES))
+# Recurrent weights stay replicated too: every time step reads all of them, so sharding them
+# would gather them again at each of the L steps (the embedding still shards under fsdp).
+_IMAGE += tuple((name, None) for name in (axes.RNN_IN, axes.RNN_STATE, axes.RNN_HIDDEN,
+                                          axes.RNN_OUT))
 
 RULES = {
     "dp": _ACTIVATIONS + _IMAGE,

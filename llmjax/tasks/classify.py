@@ -17,7 +17,7 @@ from llmjax import flops
 from llmjax.config import TaskConfig
 from llmjax.errors import ConfigError
 from llmjax.eval import metrics, plots
-from llmjax.models import heads
+from llmjax.models import heads, rnn
 from llmjax.models.apply import apply_model
 from llmjax.tasks import encoding
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Prediction, Predicts,
@@ -41,19 +41,31 @@ def recorded_labels(exp, workdir) -> tuple[str, ...] | None:
 class ClassifyConfig(TaskConfig):
   """config.task of `classify`."""
   num_classes: int = 0  # 0 takes the number of labels in the data
-  # auto (cls for encoders, last for decoders) | cls | last
-  pooling: str = dataclasses.field(default="auto", metadata={"choices": ("auto", "cls", "last")})
+  # auto (cls for encoders, last for decoders, mean for RNNs) | cls | last | mean (RNNs)
+  pooling: str = dataclasses.field(default="auto",
+                                   metadata={"choices": ("auto", "cls", "last", "mean")})
   label_smoothing: float = 0.0
 
   def validate(self, exp):
     require_encoder_decoder(exp, False)
     require_num_classes(self.num_classes)
     require_label_smoothing(self.label_smoothing)
-    pooling_for(self.pooling, exp.model.causal)
+    pooling_for(self.pooling, exp.model)
 
 
-def pooling_for(pooling: str, causal: bool) -> str:
-  """config.task.pooling resolved for the model: cls for encoders, last for decoders."""
+def pooling_for(pooling: str, model) -> str:
+  """config.task.pooling resolved for the model (a ModelConfig): cls for encoders, last for
+  decoders; a recurrent network pools the mean of its outputs, or reads its last states."""
+  if model.arch == "rnn":
+    if pooling not in ("auto", "mean", "last"):
+      raise ConfigError(f"config.task.pooling={pooling!r} does not fit a recurrent network "
+                        "(config.model.arch='rnn'); allowed: mean, last or auto (mean)")
+    return "mean" if pooling == "auto" else pooling
+  causal = model.causal
+  if pooling == "mean":
+    raise ConfigError("config.task.pooling='mean' is the recurrent networks' "
+                      f"(config.model.arch='rnn'); allowed for a Transformer: "
+                      f"{'last' if causal else 'cls'} or auto")
   if pooling == "auto":
     return "last" if causal else "cls"
   if (pooling == "cls") == causal:
@@ -119,7 +131,7 @@ class Classify(LabelTask):
   name = "classify"
 
   def pooling(self) -> str:
-    return pooling_for(self.exp.task.pooling, self.exp.model.causal)
+    return pooling_for(self.exp.task.pooling, self.exp.model)
 
   def data(self, workdir):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
@@ -162,9 +174,12 @@ class Classify(LabelTask):
                                   pooled=self.pooling() == "cls")
 
   def model(self):
-    cls = heads.DecoderClassifier if self.pooling() == "last" else heads.SequenceClassifier
     if self.num_classes() < 2:
       raise ConfigError("config.task.num_classes is unknown before the data is read")
+    if self.exp.model.arch == "rnn":  # reads segment_ids_BL or attention_mask_BL alike
+      return rnn.RNNClassifier(self.exp.model, num_labels=self.num_classes(),
+                               pooling=self.pooling(), peft=self.peft())
+    cls = heads.DecoderClassifier if self.pooling() == "last" else heads.SequenceClassifier
     return cls(self.exp.model, num_labels=self.num_classes(), peft=self.peft())
 
   def example_batch(self, batch_size):

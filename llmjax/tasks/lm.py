@@ -13,8 +13,10 @@ import numpy as np
 from llmjax import flops, generate
 from llmjax.config import TaskConfig
 from llmjax.models.apply import apply_model
+from llmjax.models.rnn import RNNLM
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import lm as lm_objective
+from llmjax.config_checks import require
 from llmjax.tasks.base import (CountsFlops, Data, Exportable, LossTerms, Outputs, Prediction,
                                Predicts, SharesBatch, Task, WritesFiles, require_encoder_decoder,
                                token_batch)
@@ -26,10 +28,18 @@ class LMConfig(TaskConfig):
 
   def validate(self, exp):
     require_encoder_decoder(exp, False)
+    require(not exp.model.bidirectional,
+            "config.model.bidirectional=True cannot train a causal language model (task lm): "
+            "the backward direction would read the tokens it predicts; allowed: False")
+
+
+# The decoder each config.model.arch names (a Transformer for every other text arch).
+DECODERS = {"rnn": RNNLM}
 
 
 class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
-  """A decoder Transformer trained to predict each next token; reports loss, perplexity, bits/byte."""
+  """A decoder (Transformer or RNN) trained to predict each next token; reports loss, perplexity,
+  bits/byte."""
   name = "lm"
 
   def data(self, workdir):
@@ -42,7 +52,7 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
                 artifacts=corpus.artifacts)
 
   def model(self):
-    return Transformer(self.exp.model, self.peft())
+    return DECODERS.get(self.exp.model.arch, Transformer)(self.exp.model, self.peft())
 
   def example_batch(self, batch_size):
     return token_batch(batch_size, self.exp.data.seq_len)

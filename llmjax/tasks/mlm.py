@@ -51,6 +51,8 @@ class MaskedLMConfig(TaskConfig):
     require(self.pair_objective == "none" or exp.data.seq_len >= 7,
             f"config.task.pair_objective={self.pair_objective!r}: config.data.seq_len must be >= 7 "
             f"([CLS] A [SEP] B [SEP] with two tokens each), got {exp.data.seq_len}")
+    require(exp.model.arch != "rnn", "config.model.arch='rnn' cannot run task mlm (BERT's "
+            "heads sit on a Transformer encoder); recurrent networks run tasks lm and classify")
     require(0.0 < self.mask_prob < 1.0,
             f"config.task.mask_prob must be in (0, 1), got {self.mask_prob}")
     require(self.mask_token_ratio >= 0 and self.random_token_ratio >= 0
