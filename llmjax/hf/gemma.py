@@ -1,6 +1,10 @@
-"""Gemma (`GemmaForCausalLM`): Llama's decoder with RMSNorm times (1 + weight), embeddings scaled
-by sqrt(hidden_size), a GeGLU MLP and tied embeddings. The tensor names are Llama's, so the
-table is Llama's."""
+"""Gemma 1/2/3 (`GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`: text) as data on
+the one Transformer. Gemma is Llama's decoder with RMSNorm times (1 + weight), embeddings scaled
+by sqrt(hidden_size) and a GeGLU MLP, so its table is Llama's. Gemma 2 adds a norm on each
+sublayer's output, soft-capped attention scores and logits, query_pre_attn_scalar and
+alternating local/global layers; Gemma 3 drops the caps and adds q/k norms and a RoPE base of its
+own for local layers.
+"""
 
 from __future__ import annotations
 
