@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+import _xla
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,7 +48,7 @@ EVERY_STEP = (f"--config.train.steps={STEPS}", "--config.train.log_every=1",
 def env(**extra) -> dict:
   """One CPU device (the 8 simulated ones are for the in-process tests); the session's jit cache
   comes with os.environ (conftest)."""
-  e = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  e = dict(os.environ, XLA_FLAGS=_xla.xla_flags(), JAX_PLATFORMS="cpu")
   e.pop("LLMJAX_TEST_POISON_STEPS", None)
   e.update(extra)
   return e

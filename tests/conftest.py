@@ -8,8 +8,10 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+import _xla
+
+# 8 simulated devices, and XLA flags that halve each compile (tests/_xla.py says why).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_xla.xla_flags(devices=8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Most of the suite's time is XLA compiling the same tiny programs again: every run of the loop

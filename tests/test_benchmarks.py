@@ -12,6 +12,8 @@ import sys
 import jax
 import pytest
 
+import _xla
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -30,7 +32,7 @@ def _positive(value) -> bool:
 
 def _python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   """`python -c code BENCHMARKS args...` in a fresh process on the CPU with no XLA flags."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
   return subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+import _xla
 import _ckpt_helpers as h
 import llmjax.train
 from llmjax import config as config_lib
@@ -40,7 +41,7 @@ def _cluster_env(tmp, **extra) -> dict:
   with open(wrapper, "w") as f:
     f.write(f'#!/bin/sh\nexec "{sys.executable}" "{h.__file__}" "$@"\n')
   os.chmod(wrapper, 0o755)
-  return h.env(XLA_FLAGS="--xla_force_host_platform_device_count=4", LLMJAX=wrapper,
+  return h.env(XLA_FLAGS=_xla.xla_flags(devices=4), LLMJAX=wrapper,
                PATH=f"{FAKE}:{os.environ['PATH']}", **extra)
 
 

@@ -21,6 +21,8 @@ from llmjax.errors import ConfigError
 from llmjax.parallel import sharding
 from llmjax.train import loop, setup, teacher_run
 
+import _xla
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "--config=experiments/lm/stdlib_gpt.py:smoke"
 GAN_SMOKE = "--config=experiments/gan/mnist_dcgan.py:smoke"
@@ -87,7 +89,7 @@ BAD_INPUTS = {
 
 
 def run_train(workdir, flags, devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(devices),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", "train", *flags,
                          f"--workdir={workdir}"],

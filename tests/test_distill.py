@@ -167,8 +167,8 @@ def test_the_teacher_is_never_differentiated(tmp_path):
     v = {**variables, "params": student_params,
          TEACHER: {"variables": teacher_variables, "step": 0}}
     return task.loss(s.model, v, batch, rng=None, train=False).loss_sum
-  grad_student, grad_teacher = jax.grad(loss, argnums=(0, 1))(student,
-                                                             variables[TEACHER]["variables"])
+  grad_student, grad_teacher = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      student, variables[TEACHER]["variables"])
   assert not any(np.asarray(g).any() for g in jax.tree.leaves(grad_teacher))
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grad_student)) > 0
 
@@ -248,11 +248,11 @@ def test_offline_top_k_of_the_whole_vocabulary_equals_the_online_teacher(lm_teac
     columns = offline_teacher.compute(online.teacher, state.teacher, rows, 256, online.mesh, 8)
   assert columns[TOPK_VALUES].shape == (8, 32, 256)
   variables = {"params": state.params, TEACHER: {"variables": state.teacher, "step": 0}}
-  want = online.task.loss(online.model, variables, jax.tree.map(jnp.asarray, rows), rng=None,
-                          train=False)
-  got = offline.task.loss(offline.model, {"params": state.params,
-                                          TEACHER: {"variables": {}, "step": 0}},
-                          jax.tree.map(jnp.asarray, {**rows, **columns}), rng=None, train=False)
+  want = jax.jit(lambda v, b: online.task.loss(online.model, v, b, rng=None, train=False))(
+      variables, jax.tree.map(jnp.asarray, rows))
+  got = jax.jit(lambda v, b: offline.task.loss(offline.model, v, b, rng=None, train=False))(
+      {"params": state.params, TEACHER: {"variables": {}, "step": 0}},
+      jax.tree.map(jnp.asarray, {**rows, **columns}))
   np.testing.assert_allclose(float(got.sums["distill_sum"]), float(want.sums["distill_sum"]),
                              rtol=1e-5)
   np.testing.assert_allclose(float(got.loss_sum), float(want.loss_sum), rtol=1e-5)

@@ -163,8 +163,8 @@ def test_frozen_parameters_stay_bitwise_and_only_the_method_trains(method, tmp_p
   if method in ZERO_INIT:  # at step 0 the model computes exactly what its base does
     tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
     params = finetune.merge(before.params, before.frozen)
-    ours = s.model.apply({"params": params}, tokens_BL)
-    base = Transformer(s.exp.model).apply({"params": before.frozen}, tokens_BL)
+    ours = jax.jit(s.model.apply)({"params": params}, tokens_BL)
+    base = jax.jit(Transformer(s.exp.model).apply)({"params": before.frozen}, tokens_BL)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
 
 
@@ -176,7 +176,7 @@ def _random_lora(tmp_path, scan=False):
   peft = Peft(lora_targets=finetune.spec.LORA_TARGETS["all_linear"], lora_rank=4)
   model = Transformer(exp.model, peft)
   tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens_BL)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens_BL)["params"])
   rng = np.random.default_rng(1)  # B starts at zero; make every update count
   params = partition.nest({p: (rng.normal(0, 0.05, v.shape).astype(np.float32)
                                if p.endswith("lora/b") else v)
@@ -198,15 +198,16 @@ def _stacked(params):
 
 def test_merged_lora_equals_unmerged_and_scanned_equals_unrolled(tmp_path):
   exp, peft, model, params, tokens_BL = _random_lora(tmp_path)
-  unmerged = model.apply({"params": params}, tokens_BL)
-  base = Transformer(exp.model).apply({"params": params}, tokens_BL)
+  # Jitted forwards: one compile each instead of one per operation.
+  unmerged = jax.jit(model.apply)({"params": params}, tokens_BL)
+  base = jax.jit(Transformer(exp.model).apply)({"params": params}, tokens_BL)
   assert float(jnp.abs(unmerged - base).max()) > 1e-3  # the updates matter
   merged = lora.merged(params, peft)
   assert not any("/lora/" in p for p, _ in partition.items(merged))
-  np.testing.assert_allclose(Transformer(exp.model).apply({"params": merged}, tokens_BL),
+  np.testing.assert_allclose(jax.jit(Transformer(exp.model).apply)({"params": merged}, tokens_BL),
                              unmerged, atol=1e-5)
   scanned_cfg = dataclasses.replace(exp.model, scan_layers=True)
-  scanned = Transformer(scanned_cfg, peft).apply({"params": _stacked(params)}, tokens_BL)
+  scanned = jax.jit(Transformer(scanned_cfg, peft).apply)({"params": _stacked(params)}, tokens_BL)
   np.testing.assert_allclose(scanned, unmerged, atol=1e-5)
   # Merging a scanned stack is merging each layer.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
@@ -335,12 +336,12 @@ def test_generation_after_prompt_or_prefix_tuning_equals_full_recomputation(peft
   exp = experiment("lm", tmp_path)
   model = Transformer(exp.model, peft)
   prompt_BP = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)))
-  params = nn.unbox(model.init(jax.random.PRNGKey(3), prompt_BP)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(3), prompt_BP)["params"])
   new_BN = generate(model, params, prompt_BP, max_new_tokens=6)
   # Greedy decoding with the cache == argmax of one full forward over prompt + new tokens at
   # every position that chose a token (causal: position t sees tokens <= t only).
   tokens_BL = jnp.concatenate([prompt_BP, new_BN], axis=1)
-  logits_BLV = model.apply({"params": params}, tokens_BL)
+  logits_BLV = jax.jit(model.apply)({"params": params}, tokens_BL)
   chosen_BN = jnp.argmax(logits_BLV[:, 4:-1], axis=-1)
   np.testing.assert_array_equal(np.asarray(new_BN), np.asarray(chosen_BN))
 
@@ -349,13 +350,14 @@ def test_prefix_and_prompt_change_the_output_and_prompt_keeps_one_output_per_tok
   exp = experiment("lm", tmp_path)
   tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 7)))
   base = Transformer(exp.model)
-  params = nn.unbox(base.init(jax.random.PRNGKey(0), tokens_BL)["params"])
-  reference = base.apply({"params": params}, tokens_BL)
+  params = nn.unbox(jax.jit(base.init)(jax.random.PRNGKey(0), tokens_BL)["params"])
+  reference = jax.jit(base.apply)({"params": params}, tokens_BL)
   for peft in (Peft(prefix_length=2), Peft(prompt_length=2)):
     model = Transformer(exp.model, peft)
-    extra = nn.unbox(model.init(jax.random.PRNGKey(1), tokens_BL)["params"])
+    extra = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens_BL)["params"])
     added = {p: v for p, v in partition.items(extra) if p not in dict(partition.items(params))}
-    out = model.apply({"params": partition.merge(partition.nest(added), params)}, tokens_BL)
+    out = jax.jit(model.apply)({"params": partition.merge(partition.nest(added), params)},
+                               tokens_BL)
     assert out.shape == reference.shape
     assert float(jnp.abs(out - reference).max()) > 1e-4
 

@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import _hf_helpers as H  # noqa: E402
+import _xla  # noqa: E402
 from llmjax import generate as G  # noqa: E402
 from llmjax import hf  # noqa: E402
 from llmjax.config import ModelConfig  # noqa: E402
@@ -65,7 +66,7 @@ def test_kv_cache_decoding_equals_full_recomputation(saved):
   # Scanned layers: the cache gets a leading layer axis like the params.
   model, params = hf.load(saved["llama_gqa_untied"][0], scan_layers=True)
   tokens = jnp.asarray(H.padded_batch(seed=4)[0], jnp.int32)
-  full = model.apply({"params": params}, tokens)
+  full = jax.jit(model.apply)({"params": params}, tokens)
   step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, decode=True,
                                           mutable=["cache"]))
   logits, variables = step(init_cache(model, tokens.shape[0], 16), tokens[:, :7])
@@ -127,7 +128,7 @@ def test_training_loop_sample_api_and_bad_requests(saved):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], capture_output=True,
                         text=True, env=env, timeout=300)
 

@@ -11,6 +11,8 @@ import sys
 import jax
 import pytest
 
+import _xla
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -58,7 +60,7 @@ def test_generate_benchmark_llmjax_only_runs_without_torch_or_the_data_stack(tmp
   absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
             "llmjax.data"]
   out = tmp_path / "g.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
   code = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
           "sys.path.insert(0, sys.argv[1]); import generate; "
           "generate.main(['--tiny', '--llmjax_only', '--dtype=bfloat16', '--json=' + sys.argv[3]])")

@@ -48,8 +48,8 @@ def _decoder_parity(directory, ref_model, **load_kwargs):
   tokens, mask = H.padded_batch(seed=1)
   positions = H.hf_positions(mask)
   ref = H.torch_out(ref_model, tokens, mask, position_ids=positions).logits.numpy()
-  ours = model.apply({"params": params}, jnp.asarray(tokens), segment_ids_BL=jnp.asarray(mask),
-                     positions_BL=jnp.asarray(positions))
+  ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
+                              segment_ids_BL=jnp.asarray(mask), positions_BL=jnp.asarray(positions))
   assert np.abs(ref).max() > 0.5  # the comparison means something
   return model, params, _max_diff_on_real(ours, ref, mask)
 
@@ -68,7 +68,7 @@ def test_bert_hidden_pooled_mlm_and_classifier_match_transformers(saved):
     directory, ref_model = saved[name]
     model, params = hf.load(directory)
     ref = H.torch_out(ref_model, tokens, mask, token_type_ids=types)
-    ours = model.apply({"params": params}, jnp.asarray(tokens), **inputs)
+    ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens), **inputs)
     if name == "bert":
       assert isinstance(model, heads.Encoder)
       assert _max_diff_on_real(ours[0], ref.last_hidden_state.numpy(), mask) <= TOL
@@ -296,8 +296,8 @@ def test_llmjax_llama_with_biases_exports_with_parity(kind, tmp_path):
   tokens, mask = H.padded_batch(seed=4)  # ids < H.VOCAB, within every model's vocabulary
   positions = H.hf_positions(mask)
   ref = H.torch_out(ref_model.eval(), tokens, mask, position_ids=positions).logits.numpy()
-  ours = model.apply({"params": params}, jnp.asarray(tokens), segment_ids_BL=jnp.asarray(mask),
-                     positions_BL=jnp.asarray(positions))
+  ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
+                              segment_ids_BL=jnp.asarray(mask), positions_BL=jnp.asarray(positions))
   assert np.abs(ref).max() > 0.5
   assert _max_diff_on_real(ours, ref, mask) <= TOL
   again_model, again = hf.load(str(tmp_path))

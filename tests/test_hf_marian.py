@@ -55,8 +55,9 @@ def saved(tmp_path_factory):
 
 def _logits(model, params, batch):
   source, source_mask, target, target_mask = map(jnp.asarray, batch)
-  return np.asarray(model.apply({"params": params}, source, target, source_mask_BS=source_mask,
-                                target_mask_BT=target_mask))
+  # Jitted: one compile, not one per operation (the sharded loads would compile each op anew).
+  return np.asarray(jax.jit(model.apply)({"params": params}, source, target,
+                                         source_mask_BS=source_mask, target_mask_BT=target_mask))
 
 
 def _max_diff_on_real(ours, ref, target_mask) -> float:

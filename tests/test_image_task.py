@@ -21,6 +21,7 @@ from llmjax.train import loop
 from llmjax.train import setup as setuplib
 from llmjax.treepaths import path_str
 
+import _xla
 from _task_helpers import with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,8 +226,8 @@ def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_p
   export.export(workdir, f"hf:{tmp_path / 'hf'}")
   images = np.random.default_rng(0).integers(0, 255, (4, 12, 12, 3), np.uint8)
   x_BHWC = run.task._normalised(jnp.asarray(images))
-  ours = run.model.apply({"params": run.params, **run.state.model_state}, x_BHWC,
-                         deterministic=True)
+  ours = jax.jit(run.model.apply, static_argnames="deterministic")(
+      {"params": run.params, **run.state.model_state}, x_BHWC, deterministic=True)
   hf_model = transformers.ResNetForImageClassification.from_pretrained(str(tmp_path / "hf"))
   with torch.no_grad():
     theirs = hf_model.eval()(torch.from_numpy(np.asarray(x_BHWC).transpose(0, 3, 1, 2))).logits
@@ -251,7 +252,7 @@ def test_bad_image_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_path,
        f"--config={ROOT}/experiments/vision/mnist_cnn.py:smoke", f"--workdir={workdir}",
        "--config.data.source=image_folder", f"--config.data.image_folder={data}", *args],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+      env=dict(os.environ, XLA_FLAGS=_xla.xla_flags(), JAX_PLATFORMS="cpu"))
   lines = done.stderr.strip().splitlines()
   assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
   assert ("empty" in lines[0]) if problem == "empty_class" else ("grey.png" in lines[0]), lines

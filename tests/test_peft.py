@@ -72,9 +72,11 @@ def _batch():
 
 def _ours(model, params, tokens, mask):
   if isinstance(model, heads.SequenceClassifier):
-    out = model.apply({"params": params}, jnp.asarray(tokens), attention_mask_BL=jnp.asarray(mask))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
+                               attention_mask_BL=jnp.asarray(mask))
   else:
-    out = model.apply({"params": params}, jnp.asarray(tokens), segment_ids_BL=jnp.asarray(mask))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
+                               segment_ids_BL=jnp.asarray(mask))
   return np.asarray(out)
 
 

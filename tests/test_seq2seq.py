@@ -37,7 +37,8 @@ def _cfg(preset="marian", **overrides) -> ModelConfig:
 
 def _init(cfg, source_BS, target_BT):
   model = EncoderDecoder(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), source_BS, target_BT)["params"])
+  # Jitted: one compile instead of one per operation (eager init and apply compile each op).
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), source_BS, target_BT)["params"])
   # Marian's logits bias starts at zero; make it matter.
   if cfg.final_logits_bias:
     params["final_logits_bias"] = jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size,))
@@ -51,15 +52,20 @@ def test_cached_decoding_equals_full_recomputation(preset, scan):
   target_BT = jnp.asarray(rng.integers(1, V, (2, 6)))
   mask_BS = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3])
   model, params = _init(_cfg(preset, scan_layers=scan), source_BS, target_BT)
-  full_BTV = model.apply({"params": params}, source_BS, target_BT, source_mask_BS=mask_BS)
-  memory_BSD = model.apply({"params": params}, source_BS, source_segment_ids_BS=mask_BS,
-                           method=model.encode)
+  full_BTV = jax.jit(lambda p: model.apply({"params": p}, source_BS, target_BT,
+                                           source_mask_BS=mask_BS))(params)
+  memory_BSD = jax.jit(lambda p: model.apply({"params": p}, source_BS,
+                                             source_segment_ids_BS=mask_BS,
+                                             method=model.encode))(params)
+
+  @jax.jit
+  def decode(cache, token_B1, memory_BSD):
+    return model.apply({"params": params, "cache": cache}, token_B1, memory_BSD, mask_BS,
+                       decode=True, method=model.decode, mutable=["cache"])
+
   cache, steps = init_cache(model, 2, 7, 6), []
   for t in range(6):
-    logits_B1V, variables = model.apply(
-        {"params": params, "cache": cache}, target_BT[:, t:t + 1],
-        memory_BSD if t == 0 else None, mask_BS, decode=True, method=model.decode,
-        mutable=["cache"])
+    logits_B1V, variables = decode(cache, target_BT[:, t:t + 1], memory_BSD if t == 0 else None)
     cache = variables["cache"]
     steps.append(logits_B1V)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_BTV, atol=1e-5)
@@ -78,7 +84,7 @@ def _hidden_grads(source_BS, target_BT, source_ids_BS, target_ids_BT, position: 
                              source_segment_ids_BS=source_ids_BS,
                              target_segment_ids_BT=target_ids_BT, return_hidden=True)
     return jnp.sum(hidden_BTD[0, position] * probe_D)
-  grad_VD = jax.grad(hidden_at)(params["embed"]["embedding"])
+  grad_VD = jax.jit(jax.grad(hidden_at))(params["embed"]["embedding"])
   return np.abs(np.asarray(grad_VD)).sum(-1)
 
 
@@ -110,8 +116,8 @@ def task_and_params(tmp_path_factory):
   data = task.data(None)
   task = task.with_info(data.info)
   model = task.model()
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32),
-                               jnp.zeros((1, 32), jnp.int32))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32),
+                                        jnp.zeros((1, 32), jnp.int32))["params"])
   return task, data, model, params
 
 
@@ -124,8 +130,8 @@ def test_packed_pairs_give_the_loss_of_the_same_pairs_unpacked(task_and_params):
   packed, _ = seq2seq_rows.to_rows(sources, targets, 32, special, pack=True)
   single, _ = seq2seq_rows.to_rows(sources, targets, 32, special, pack=False)
   assert len(packed["source"]) < len(single["source"]) == 12
-  sums = [task.loss(model, {"params": params}, jax.tree.map(jnp.asarray, rows), rng=None,
-                    train=False) for rows in (packed, single)]
+  loss = jax.jit(lambda rows: task.loss(model, {"params": params}, rows, rng=None, train=False))
+  sums = [loss(jax.tree.map(jnp.asarray, rows)) for rows in (packed, single)]
   assert float(sums[0].weight) == float(sums[1].weight) == sum(len(t) + 1 for t in targets)
   np.testing.assert_allclose(float(sums[0].loss_sum), float(sums[1].loss_sum), rtol=1e-5)
   np.testing.assert_allclose(float(sums[0].sums["nll_sum"]), float(sums[1].sums["nll_sum"]),

@@ -134,13 +134,13 @@ def test_mlm_loss_counts_only_the_chosen_positions(tmp_path):
   task = _mlm_task(tmp_path)
   tokens, segment_ids = _framed_batch(np.random.default_rng(1), batch=8)
   model = _Logits()
-  variables = model.init(jax.random.PRNGKey(0), tokens, attention_mask_BL=segment_ids,
-                         deterministic=True)
+  variables = jax.jit(model.init, static_argnames="deterministic")(
+      jax.random.PRNGKey(0), tokens, attention_mask_BL=segment_ids, deterministic=True)
   rng = jax.random.PRNGKey(5)
   loss = lambda v: task.loss(model, v, {"tokens": tokens, "segment_ids": segment_ids}, rng=rng,
                              train=True)
-  terms = loss(variables)
-  grads = jax.grad(lambda v: loss(v).loss_sum)(variables)["params"]["logits"]
+  terms = jax.jit(loss)(variables)
+  grads = jax.jit(jax.grad(lambda v: loss(v).loss_sum))(variables)["params"]["logits"]
   _, chosen = task.corrupt(tokens, segment_ids, jax.random.split(rng)[0])
   chosen = np.asarray(chosen).astype(bool)
   assert chosen.any() and float(terms.weight) == chosen.sum()
@@ -215,8 +215,8 @@ def test_mlm_export_loads_in_transformers_as_bert_for_masked_lm(mlm_run, tmp_pat
   hf_model = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "hf")).eval()
   tokens = np.random.default_rng(0).integers(5, 256, (2, 16))
   mask = np.ones_like(tokens)
-  ours = loaded.model.apply({"params": loaded.params}, jnp.asarray(tokens),
-                            attention_mask_BL=jnp.asarray(mask))
+  ours = jax.jit(loaded.model.apply)({"params": loaded.params}, jnp.asarray(tokens),
+                                     attention_mask_BL=jnp.asarray(mask))
   with torch.no_grad():
     theirs = hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
   np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
@@ -307,10 +307,11 @@ def test_a_decoder_classifier_loads_an_lm_run_with_only_the_classifier_new(lm_ru
   # The pooled position is each row's last real token: padding after it changes nothing.
   batch = next(loop._data_iterator(s, None))
   variables = {"params": params}
-  logits = s.model.apply(variables, batch["tokens"], segment_ids_BL=batch["segment_ids"])
+  forward = jax.jit(s.model.apply)
+  logits = forward(variables, batch["tokens"], segment_ids_BL=batch["segment_ids"])
   tokens = np.asarray(batch["tokens"]).copy()
   tokens[np.asarray(batch["segment_ids"]) == 0] = 7
-  again = s.model.apply(variables, tokens, segment_ids_BL=batch["segment_ids"])
+  again = forward(variables, tokens, segment_ids_BL=batch["segment_ids"])
   np.testing.assert_allclose(np.asarray(logits), np.asarray(again), atol=1e-6)
 
 

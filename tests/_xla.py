@@ -1,0 +1,20 @@
+"""The XLA flags of the suite, for conftest and for the processes tests start with their own
+device count.
+
+XLA:CPU's newer fusion emitters (an MLIR pipeline per fusion) and its concurrency-minded scheduler
+make each compile of the suite's tiny programs two to three times slower than the classic LLVM
+emitters and scheduler (a tiny LM train step on 8 devices: 3.4 s -> 1.1 s to compile), and
+compiling is most of the suite's time. The tests and every process they start use the classic
+ones; users keep XLA's defaults. Results are compared within the session (or with other
+libraries within a tolerance), so every process of a session compiling the same way is what
+matters.
+"""
+
+COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+                 "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a process of the suite with `devices` simulated CPU devices."""
+  count = (f"--xla_force_host_platform_device_count={devices}",) if devices > 1 else ()
+  return " ".join(count + COMPILE_FLAGS)
