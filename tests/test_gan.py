@@ -28,6 +28,7 @@ from llmjax.train import loop, rundir
 from llmjax.train import setup as setuplib
 from llmjax.treepaths import items
 
+import _xla
 from _task_helpers import with_mesh
 from test_image_task import experiment as image_experiment
 from test_image_task import write_folder
@@ -167,7 +168,7 @@ def test_llmjax_sample_writes_the_grid_of_the_latents_its_seed_draws(straight, t
   proc = subprocess.run([sys.executable, "-m", "llmjax.cli.main", "sample",
                          f"--workdir={straight}", "--n=5", f"--out={out}", "--seed=3"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                        env=dict(os.environ, XLA_FLAGS=_xla.xla_flags()))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"wrote 5 samples to {out}" in proc.stdout
   run = rundir.restore(straight)

@@ -23,6 +23,8 @@ import time
 import pytest
 import yaml
 
+import _xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 FAKE = os.path.join(ROOT, "tests", "fake_cluster")
@@ -209,7 +211,7 @@ def test_kubernetes_manifest_wires_one_jax_cluster(pods_of):
   port = port if _port_free(int(port)) else str(_free_port())
   done = _run_all([([sys.executable, "-m", "llmjax.distributed"],
                     _env(**{**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))
+                            "XLA_FLAGS": _xla.xla_flags(4)}))
                    for env in envs])
   for i, d in enumerate(done):
     assert d.returncode == 0, d.stderr[-3000:]
@@ -230,7 +232,7 @@ def fake_gcloud(tmp_path):
   sudo.chmod(0o755)
   log = tmp_path / "gcloud.jsonl"
   env = _env(PATH=f"{FAKE}:{bin_dir}:{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log),
-             FAKE_TPU_WORKERS="2", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             FAKE_TPU_WORKERS="2", XLA_FLAGS=_xla.xla_flags(4))
   for name in ("TPU_NAME", "TPU_ZONE", "TPU_TYPE", "TPU_VERSION", "TPU_PROJECT", "TPU_QUEUED",
                "TPU_SPOT", "TPU_REPO_DIR"):
     env.pop(name, None)

@@ -23,6 +23,7 @@ from llmjax.tasks import multitask
 from llmjax.train import init, loop, reporting, rundir, step
 from llmjax.train import setup as setuplib
 
+import _xla
 from _task_helpers import ROOT, with_mesh, write_corpus, write_labelled
 
 
@@ -270,7 +271,7 @@ def test_tasks_that_cannot_share_a_batch_or_a_vocabulary_are_refused(tmp_path):
 
 def test_the_cli_refuses_a_mixture_of_zero_weights_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-m", "llmjax.cli.main", "train",

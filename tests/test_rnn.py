@@ -27,6 +27,7 @@ from llmjax import finetune as finetune_lib
 from llmjax.train import init, loop, rundir
 from llmjax.train import setup as setuplib
 
+import _xla
 from _task_helpers import ROOT, with_mesh, write_corpus, write_labelled
 
 
@@ -287,7 +288,7 @@ def test_bidirectional_lm_is_one_line_exit_2_and_writes_nothing(tmp_path):
        f"--config={ROOT}/experiments/rnn/stdlib_lstm_lm.py:smoke", f"--workdir={workdir}",
        "--config.model.bidirectional=True"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+      env=dict(os.environ, XLA_FLAGS=_xla.xla_flags(), JAX_PLATFORMS="cpu"))
   lines = done.stderr.strip().splitlines()
   assert done.returncode == 2 and len(lines) == 1, done.stderr
   assert "config.model.bidirectional=True" in lines[0] and "task lm" in lines[0], lines

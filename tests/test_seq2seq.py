@@ -15,6 +15,7 @@ import pytest
 from flax import linen as nn
 
 import llmjax.train
+import _xla
 from _task_helpers import ROOT, experiment
 from llmjax import config as config_lib
 from llmjax import generate
@@ -236,7 +237,7 @@ def _cli(*args):
   jax_env = {k: v for k, v in os.environ.items() if k.startswith("JAX_")}
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600,
-                        env={**jax_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                        env={**jax_env, "XLA_FLAGS": _xla.xla_flags(),
                              "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
 
 

@@ -25,6 +25,8 @@ from llmjax import config as config_lib, tasks
 from llmjax.config_checks import require
 from llmjax.errors import ConfigError
 
+import _xla
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -116,7 +118,7 @@ def _cli(*args):
   """`llmjax ARGS` in a fresh process that registers the task first."""
   boot = ("import sys, test_task_plugin; test_task_plugin.register(); "
           "from llmjax.cli.main import main; main(sys.argv[1:])")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags(),
              PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT),
                                          os.environ.get("PYTHONPATH", "")]))
   return subprocess.run([sys.executable, "-c", boot, "llmjax", *args], cwd=ROOT, env=env,

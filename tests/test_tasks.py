@@ -28,6 +28,7 @@ from llmjax.train import init, loop, optim, pretrained, step
 from llmjax.train import setup as setuplib
 from llmjax.train.state import TrainState
 
+import _xla
 from _task_helpers import (ROOT, WORDS, experiment, with_mesh, write_corpus,  # noqa: F401
                            write_labelled)
 
@@ -253,7 +254,7 @@ def test_every_task_on_eight_devices_matches_one(task_name, tmp_path):
 
 
 def _cli(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(devices),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)

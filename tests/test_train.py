@@ -26,6 +26,8 @@ from llmjax.tasks.lm import LM
 from llmjax.train import optim, reporting, step
 from llmjax.train.state import TrainState
 
+import _xla
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/lm/stdlib_gpt.py"
 
@@ -54,7 +56,7 @@ class CliRuns:
   def _run(self, workdir, *flags):
     # As a user runs it: XLA's full optimisations, and a compilation cache of their own, new and
     # empty, so the first run compiles from scratch (the resumed run reads what it wrote).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(),
                JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
                JAX_COMPILATION_CACHE_DIR=str(self.cache_dir))
     proc = subprocess.Popen(

@@ -17,6 +17,7 @@ from llmjax import checkpoint, weights
 from llmjax.checkpoint import CheckpointError
 from llmjax.errors import UserError
 
+import _xla
 from _task_helpers import experiment
 
 
@@ -25,7 +26,7 @@ def _with_train(exp, **train):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
   return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], capture_output=True,
                         text=True, env=env, timeout=300)
 
