@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,9 +79,10 @@ def saved(tmp_path_factory):
 
 
 def _logits(model, params, tokens, mask):
-  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens),
-                                segment_ids_BL=jnp.asarray(mask),
-                                positions_BL=jnp.asarray(H.hf_positions(mask))))
+  apply = jax.jit(lambda p, t, s, q: model.apply({"params": p}, t, segment_ids_BL=s,
+                                                 positions_BL=q))  # one compile, not one per op
+  return np.asarray(apply(params, jnp.asarray(tokens), jnp.asarray(mask),
+                          jnp.asarray(H.hf_positions(mask))))
 
 
 def _real_diff(ours, ref, mask) -> float:
@@ -99,16 +101,16 @@ def test_logits_generation_and_save_match_transformers(saved, name, tmp_path):
   cfg = model.cfg
   if cfg.final_softcap:
     assert np.abs(ours).max() < cfg.final_softcap < np.abs(ours).max() * 1.5  # capped, and bites
-  if cfg.sliding_window:  # the window changes the result: the parity above tests it
+  if name == "gemma2":  # the window changes the result: the parity above tests it
     unwindowed = model.clone(cfg=dataclasses.replace(cfg, sliding_window=0, layer_pattern=""))
     assert _real_diff(_logits(unwindowed, params, tokens, mask), ours, mask) > 1e-3
     # Blocked attention (small query blocks, so key blocks left of the window are skipped).
     blocked = model.clone(cfg=dataclasses.replace(cfg, attention_impl="blocked",
                                                   attention_block=4))
     np.testing.assert_allclose(_logits(blocked, params, tokens, mask), ours, atol=1e-5)
-  # Scanned layers compute the same function.
-  scanned, scanned_params = hf.load(directory, scan_layers=True)
-  np.testing.assert_allclose(_logits(scanned, scanned_params, tokens, mask), ours, atol=1e-5)
+  if name == "gemma3":  # scanned layers (one scan over L, L, G: switches traced) are the same
+    scanned, scanned_params = hf.load(directory, scan_layers=True)
+    np.testing.assert_allclose(_logits(scanned, scanned_params, tokens, mask), ours, atol=1e-5)
   # Greedy decoding with the KV cache, left-padded prompts: the same tokens as transformers.
   prompts, prompt_mask = G.left_pad([[5, 17, 3, 99, 42], [8, 1, 64, 23, 7, 7, 30, 2, 11], [60]])
   import torch
@@ -129,7 +131,7 @@ def test_logits_generation_and_save_match_transformers(saved, name, tmp_path):
 
 
 def test_sharded_load_equals_unsharded(saved):
-  directory, _ = saved["gemma"]
+  directory, _ = saved["gemma3"]  # every Gemma parameter kind: post-norms, q/k norms
   tokens, mask = H.padded_batch(seed=2)
   model, params = hf.load(directory)
   mesh = meshlib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
