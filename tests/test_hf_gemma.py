@@ -173,14 +173,16 @@ def test_bad_directories_are_refused_by_name(saved, tmp_path, name, fields, erro
 
 @pytest.mark.parametrize("name", ["gpt2_unscaled", "llama_geglu"])
 def test_settings_once_refused_match_transformers(name, tmp_path):
-  """GPT-2 without score scaling (scale_attn_weights=false -> query_pre_attn_scalar=1) and a
-  Llama whose gate is tanh-GELU (hidden_act gelu_pytorch_tanh -> mlp geglu), both ways."""
+  """GPT-2 without score scaling (scale_attn_weights=false -> query_pre_attn_scalar=1) and with
+  gelu_fast (another name of tanh-GELU), and a Llama whose gate is tanh-GELU (hidden_act
+  gelu_pytorch_tanh -> mlp geglu): equal logits, and saved back with the setting."""
   import torch
   ids = dict(vocab_size=H.VOCAB, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
   torch.manual_seed(0)
   if name == "gpt2_unscaled":
     ref_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        **ids, n_positions=H.MAX_LEN, n_embd=32, n_layer=1, n_head=4, scale_attn_weights=False))
+        **ids, n_positions=H.MAX_LEN, n_embd=32, n_layer=1, n_head=4, scale_attn_weights=False,
+        activation_function="gelu_fast"))
     field, value = "scale_attn_weights", False
   else:
     ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -14,7 +14,9 @@ from llmjax.models import rope
 
 # HF activation names <-> ModelConfig.mlp (Llama's "silu" gate is our "swiglu").
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu", "swish": "silu", "silu": "silu"}
+               "relu": "relu", "swish": "silu", "silu": "silu",
+               # transformers' other spellings of the same two GELUs
+               "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "gelu_python": "gelu"}
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "swish"}
 # The gate activation of a gated MLP (Llama's, Gemma's: act(gate_proj x) * up_proj x) <->
 # ModelConfig.mlp; gelu_new is the same tanh approximation as gelu_pytorch_tanh.
