@@ -215,6 +215,19 @@ def test_quality_of_real_images_is_zero_against_themselves(folder, judge):
   assert abs(report["fd"]) < tolerance and report["classes_present"] >= 1
 
 
+def test_a_folder_of_one_class_is_enough(tmp_path):
+  """Labels are unused: a folder of one kind of image trains a GAN (a classifier needs 2)."""
+  root = tmp_path / "faces"
+  write_folder(root, per_class=4)
+  for name in ("cross", "square"):
+    for file in (root / name).iterdir():
+      file.unlink()
+    (root / name).rmdir()
+  data = Gan(gan_experiment(str(root)), {}).data(None)
+  assert len(data.train["images"]) + len(data.val["images"]) == 4
+  assert data.val["z"].shape == (len(data.val["images"]), 8)
+
+
 def test_bad_gan_input_names_the_key_and_writes_nothing(folder, tmp_path):
   with pytest.raises(ConfigError, match=r"config\.data\.image_size.*multiple of 4"):
     _with(folder, data={"image_size": 30})

@@ -70,8 +70,10 @@ class ImageSplits:
   description: dict = dataclasses.field(default_factory=dict)  # source, sizes, counts, sha256
 
 
-def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> ImageSplits:
-  """The configured image splits; bad files, sizes, modes or labels raise a named UserError."""
+def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None, *,
+                min_classes: int = 2) -> ImageSplits:
+  """The configured image splits; bad files, sizes, modes or labels raise a named UserError.
+  `min_classes`: how many classes the training split needs (a classifier 2, a GAN 1)."""
   readers = {"image_folder": _folder_splits, "idx": image_files.idx_splits,
              "mnist_digits": image_files.digits_splits, "tfds": _tfds_splits}
   if cfg.source not in readers:
@@ -85,7 +87,7 @@ def load_images(cfg: DataConfig, label_names: tuple[str, ...] | None = None) -> 
                                         "labels": _label_ids(split, names, names_from)}
          for s, split in splits.items()}
   present = np.unique(out["train"]["labels"])
-  if len(present) < 2:
+  if len(present) < min_classes:
     got = f"the single class {names[present[0]]!r}" if len(present) else "no images"
     raise DataError(f"{description['data']}: the training split has {got}; a classifier needs "
                     "2 or more classes")

@@ -155,7 +155,7 @@ class Gan(ParamGroups, Samples, Task):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
     from llmjax.data import vision
     exp = self.exp
-    splits = vision.load_images(exp.data)
+    splits = vision.load_images(exp.data, min_classes=1)  # labels unused: one class will do
     shape = tuple(int(d) for d in splits.train["images"].shape[1:])
     spec = exp.task.spec(shape)
     check_size(spec, f"the images of config.data.source={exp.data.source!r}")
