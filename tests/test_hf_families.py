@@ -334,3 +334,23 @@ def test_the_directorys_own_tokenizer_eos_ids_and_chat_template(saved, tmp_path)
   assert hf.load_tokenizer(str(tmp_path / "again")).chat_template == template
   with open(tmp_path / "again" / "config.json") as f:
     assert json.load(f)["eos_token_id"] == [1, 2]
+
+
+def test_prefix_tuning_keeps_the_window_with_and_without_the_cache():
+  """Prefix tuning's explicit masks (no cache; the cache's slots when decoding) hold the window
+  of the local layers, and every query still sees the whole prefix."""
+  from llmjax.models.transformer import Transformer, init_cache
+  cfg = ModelConfig(**dict(presets.get("mistral"), vocab_size=VOCAB, d_model=32, n_layers=2,
+                           n_heads=4, n_kv_heads=2, d_ff=48, max_len=32, sliding_window=3,
+                           layer_pattern="LG"))
+  model = Transformer(cfg, Peft(prefix_length=2))
+  tokens = jnp.asarray(np.random.default_rng(4).integers(1, VOCAB, (2, 12)), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  full = jax.jit(model.apply)({"params": params}, tokens)
+  cached, _ = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True,
+                                                 prefill=True, mutable=["cache"]))(
+      params, init_cache(model, 2, 12), tokens)
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5)
+  unwindowed = model.clone(cfg=dataclasses.replace(cfg, sliding_window=0, layer_pattern=""))
+  assert np.abs(np.asarray(unwindowed.apply({"params": params}, tokens)) -
+                np.asarray(full))[:, 3:].max() > 1e-3  # the window changes later positions

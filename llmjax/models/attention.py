@@ -245,6 +245,8 @@ class Attention(nn.Module):
       if window:  # over the tokens' own slots; every query sees the whole prefix
         mask_B1LS = _and(mask_B1LS, _when(local, window_mask(jnp.arange(length), length,
                                                              window)))
+        if mask_B1LS is not None:  # the prefix's columns are per row
+          mask_B1LS = jnp.broadcast_to(mask_B1LS, (x_BLD.shape[0],) + mask_B1LS.shape[1:])
       k_BSKH, v_BSKH, mask_B1LS = self._prefixed(k_BLKH, v_BLKH, mask_B1LS, cfg.causal, length)
       out_BLNH = self._explicit(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, scale)
     else:
