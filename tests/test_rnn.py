@@ -157,29 +157,6 @@ def test_lm_is_causal_by_gradients():
   assert (reach[np.triu_indices(6, 1)] == 0).all() and (np.diag(reach) > 0).all()
 
 
-def _first_step(exp, devices=None):
-  """(loss, params after one step) of a fresh state on exp's mesh."""
-  s = setuplib.prepare(exp, None, devices)
-  state = loop.fresh_state(s)
-  batch = next(loop._data_iterator(s, None))
-  train_fn, _ = setuplib.compile_steps(s)
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    new_state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
-  return float(metrics["loss"]), jax.device_get(new_state.params)
-
-
-def test_eight_devices_equal_one_under_dp_and_fsdp(tmp_path):
-  exp = experiment(tmp_path)
-  loss1, params1 = _first_step(with_mesh(exp, 1, 1, "dp"), jax.devices()[:1])
-  for data, fsdp, rules in ((8, 1, "dp"), (1, 8, "fsdp")):
-    loss, params = _first_step(with_mesh(exp, data, fsdp, rules))
-    np.testing.assert_allclose(loss, loss1, rtol=1e-6)
-    # sums reduce in another order; Adam's first step divides by |g|, so tiny gradients' last
-    # bits move an update by up to lr * a few ulps' worth
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 params, params1)
-
-
 def test_resume_is_exact(lm_run, tmp_path):
   exp, straight = lm_run
   resumed = str(tmp_path / "resumed")
@@ -191,7 +168,8 @@ def test_resume_is_exact(lm_run, tmp_path):
                rundir.restore(straight).params)
 
 
-def test_generation_carries_the_state_and_equals_recomputation(lm_run):
+def test_generation_carries_the_state_and_equals_recomputation(lm_run, tmp_path):
+  from llmjax.cli import export
   _, workdir = lm_run
   assert os.path.getsize(os.path.join(workdir, "samples.txt")) > 0
   _, loaded = rundir.open_weights(f"workdir:{workdir}", "--checkpoint")  # `llmjax generate`'s
@@ -207,6 +185,10 @@ def test_generation_carries_the_state_and_equals_recomputation(lm_run):
     seq = jnp.asarray([list(prompt) + [int(t) for t in row]], jnp.int32)
     logits = model.apply({"params": params}, seq)[0, len(prompt) - 1:-1]
     np.testing.assert_array_equal(np.argmax(np.asarray(logits), axis=-1), row)
+  export.export(workdir, str(tmp_path / "export"))  # `llmjax export`: the same module comes back
+  _, exported = rundir.open_weights(f"export:{tmp_path / 'export'}", "--checkpoint")
+  assert exported.model == model
+  jax.tree.map(np.testing.assert_array_equal, exported.params, jax.device_get(params))
 
 
 def test_finetuning_methods_train_what_they_name(lm_run):
@@ -245,8 +227,31 @@ def test_finetuning_methods_train_what_they_name(lm_run):
   assert (np.asarray(new_state.params["lm_head"]["lora"]["b"]) != 0).any()  # B starts at zero
 
 
+def _first_step(exp, devices=None):
+  """(loss, params after one step) of a fresh state on exp's mesh."""
+  s = setuplib.prepare(exp, None, devices)
+  state = loop.fresh_state(s)
+  batch = next(loop._data_iterator(s, None))
+  train_fn, _ = setuplib.compile_steps(s)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    new_state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
+  return float(metrics["loss"]), jax.device_get(new_state.params)
+
+
+def test_eight_devices_equal_one_under_dp_and_fsdp(tmp_path):
+  exp = experiment(tmp_path)
+  loss1, params1 = _first_step(with_mesh(exp, 1, 1, "dp"), jax.devices()[:1])
+  for data, fsdp, rules in ((8, 1, "dp"), (1, 8, "fsdp")):
+    loss, params = _first_step(with_mesh(exp, data, fsdp, rules))
+    np.testing.assert_allclose(loss, loss1, rtol=1e-6)
+    # sums reduce in another order; Adam's first step divides by |g|, so tiny gradients' last
+    # bits move an update by up to lr * a few ulps' worth
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 params, params1)
+
+
 def test_bidirectional_classifier_trains_in_the_loop(tmp_path):
-  exp = experiment(tmp_path, "classify")
+  exp = experiment(tmp_path, "classify", train=dict(checkpoint_every=4))
   report = llmjax.train.run(exp, str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     evals = [r for r in map(json.loads, f) if r["split"] == "val"]
