@@ -41,6 +41,11 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Experiments name their task by name, and the registry fills when llmjax.tasks is imported (the
+# CLI imports it); tests resolve experiments directly, so every test file, run alone or after any
+# other, finds the built-in tasks registered.
+import llmjax.tasks  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def lora_lm_run(tmp_path_factory):
