@@ -14,11 +14,15 @@ from absl import flags
 
 from llmjax.cli import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A gan training run's directory.")
+# --workdir, --out, --seed and --step are also other verbs' flags: a process runs one verb, but a
+# program (or a test) that imports several verbs' modules must not fail on the second definition.
+_WORKDIR = flags.DEFINE_string("workdir", None, "A gan training run's directory.",
+                               allow_override=True)
 _N = flags.DEFINE_integer("n", 64, "How many images to draw.")
-_OUT = flags.DEFINE_string("out", None, "The PNG file to write the grid to.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the latents.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).")
+_OUT = flags.DEFINE_string("out", None, "The PNG file to write the grid to.", allow_override=True)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the latents.", allow_override=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).",
+                             allow_override=True)
 
 
 def main(argv: list[str] | None = None) -> None:
