@@ -63,6 +63,7 @@ def validate(exp: Experiment) -> None:
   validate_distill(exp)
   validate_images(exp)
   validate_rnn(exp)
+  validate_moe(exp)
   exp.task.validate(exp)  # the task's own options, checked by the task (llmjax/task_config.py)
   _validate_mesh(exp)
 
@@ -136,11 +137,16 @@ def validate_model_features(m) -> None:
 
 def _validate_mesh(exp: Experiment) -> None:
   """The mesh axes' sizes (whether they fit the devices is checked in parallel.mesh)."""
-  for axis in ("data", "fsdp", "tensor"):
+  for axis in ("data", "fsdp", "tensor", "expert"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
-  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor].count(-1) <= 1,
-           "at most one of config.mesh.data/fsdp/tensor may be -1")
+  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, exp.mesh.expert].count(-1) <= 1,
+           "at most one of config.mesh.data/fsdp/tensor/expert may be -1")
+  n_experts, expert = exp.model.n_experts, exp.mesh.expert
+  _require(not exp.mesh.rules.endswith("ep") or expert == -1 or
+           (n_experts > 0 and n_experts % expert == 0),
+           f"config.mesh.expert={expert} must divide config.model.n_experts={n_experts} under "
+           f"config.mesh.rules={exp.mesh.rules!r}")
 
 
 def validate_finetune(exp: Experiment) -> None:
@@ -255,3 +261,46 @@ def validate_images(exp: Experiment) -> None:
   _require(ok, f"config.optim.step_boundaries={o.step_boundaries!r} must be comma-separated "
            "fractions of the run in (0, 1)")
   _require(o.momentum >= 0.0, f"config.optim.momentum must be >= 0, got {o.momentum}")
+
+
+MOE_FIELDS = ("n_experts", "experts_per_token", "moe_d_ff", "decoder_sparse_step",
+              "mlp_only_layers", "n_shared_experts", "shared_d_ff", "shared_expert_gate",
+              "norm_topk_prob", "router_jitter", "moe_capacity_factor", "moe_aux_loss_weight",
+              "moe_z_loss_weight")
+
+
+def validate_moe(exp: Experiment) -> None:
+  """Mixture-of-experts options: only on the Transformer (decoder or encoder), and consistent."""
+  m, default = exp.model, ModelConfig()
+  _require(m.n_experts >= 0, f"config.model.n_experts must be >= 0 (0: dense MLPs), got "
+           f"{m.n_experts}")
+  if m.arch != "transformer":
+    for key in MOE_FIELDS:
+      _require(getattr(m, key) == getattr(default, key),
+               f"config.model.{key}={getattr(m, key)!r} is a mixture-of-experts option of "
+               f"config.model.arch='transformer', not of arch {m.arch!r}; leave it at "
+               f"{getattr(default, key)!r}")
+  if m.n_experts == 0:
+    return
+  _require(1 <= m.experts_per_token <= m.n_experts,
+           f"config.model.experts_per_token={m.experts_per_token} must be in [1, n_experts="
+           f"{m.n_experts}]")
+  _require(m.moe_capacity_factor >= 0, f"config.model.moe_capacity_factor="
+           f"{m.moe_capacity_factor}: allowed 0 (dropless) or a positive factor")
+  for key in ("moe_d_ff", "shared_d_ff", "n_shared_experts", "router_jitter",
+              "moe_aux_loss_weight", "moe_z_loss_weight"):
+    _require(getattr(m, key) >= 0, f"config.model.{key} must be >= 0, got {getattr(m, key)}")
+  _require(m.router_jitter < 1, f"config.model.router_jitter must be in [0, 1), got "
+           f"{m.router_jitter}")
+  _require(m.decoder_sparse_step >= 1, f"config.model.decoder_sparse_step must be >= 1, got "
+           f"{m.decoder_sparse_step}")
+  items = [t.strip() for t in m.mlp_only_layers.split(",") if t.strip()]
+  _require(all(t.isdigit() and int(t) < m.n_layers for t in items),
+           f"config.model.mlp_only_layers={m.mlp_only_layers!r} must be comma-separated layer "
+           f"indices in [0, {m.n_layers})")
+  _require(not m.shared_expert_gate or m.shared_width > 0, "config.model.shared_expert_gate "
+           "needs a shared expert (config.model.n_shared_experts or shared_d_ff > 0)")
+  _require(not m.scan_layers or len(set(m.moe_layers())) == 1,
+           f"config.model.scan_layers=True needs every layer alike, but the MoE layer pattern "
+           f"(decoder_sparse_step={m.decoder_sparse_step}, mlp_only_layers="
+           f"{m.mlp_only_layers!r}) mixes dense and sparse layers; set scan_layers=False")

@@ -105,6 +105,29 @@ class ModelConfig:
   rnn_layers: int = 1
   rnn_hidden: int = 256
   bidirectional: bool = False  # each layer reads the sequence both ways (nn.Bidirectional)
+  # Mixture of experts (llmjax/models/moe.py, docs/moe.md). n_experts > 0: the MLP of each sparse
+  # layer routes every token to experts_per_token of n_experts MLPs (config.mlp, width moe_d_ff;
+  # 0: d_ff). Layer i is sparse unless i is in mlp_only_layers ("0,3") or (i + 1) %
+  # decoder_sparse_step != 0 (as transformers' Qwen2-MoE). A shared MLP of width shared_d_ff (0:
+  # n_shared_experts * the expert width) sees every token, scaled by sigmoid(x w) with
+  # shared_expert_gate. Routing: softmax in float32 over the router logits, top-k, renormalised
+  # when norm_topk_prob (Mixtral, Qwen3-MoE; not Qwen2-MoE). moe_capacity_factor 0: dropless
+  # (grouped matmul); > 0: each expert takes ceil(factor * L * k / E) tokens of a row, the rest
+  # are dropped. The load-balancing (Switch) and router z-losses enter the training loss times
+  # their weights. router_jitter: multiplicative uniform noise on the router input while training.
+  n_experts: int = 0
+  experts_per_token: int = 2
+  moe_d_ff: int = 0
+  decoder_sparse_step: int = 1
+  mlp_only_layers: str = ""
+  n_shared_experts: int = 0
+  shared_d_ff: int = 0
+  shared_expert_gate: bool = False
+  norm_topk_prob: bool = True
+  router_jitter: float = 0.0
+  moe_capacity_factor: float = 0.0
+  moe_aux_loss_weight: float = 0.01
+  moe_z_loss_weight: float = 0.0
 
   @property
   def kv_heads(self) -> int:
@@ -119,6 +142,22 @@ class ModelConfig:
     return dataclasses.replace(self, causal=True, n_heads=self.n_decoder_heads or self.n_heads,
                                d_ff=self.d_ff_decoder or self.d_ff)
 
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe_d_ff or self.d_ff
+
+  @property
+  def shared_width(self) -> int:
+    """The shared experts' MLP width (0: none)."""
+    return self.shared_d_ff or self.n_shared_experts * self.expert_d_ff
+
+  def moe_layers(self, n_layers: int | None = None) -> tuple[bool, ...]:
+    """Per layer of a stack of `n_layers` (n_layers): whether its MLP is a mixture of experts."""
+    n = self.n_layers if n_layers is None else n_layers
+    dense = {int(t) for t in self.mlp_only_layers.split(",") if t.strip().isdigit()}
+    step = max(self.decoder_sparse_step, 1)
+    return tuple(self.n_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(n))
+
   def local_layers(self, n_layers: int | None = None) -> tuple[bool, ...]:
     """Per layer of a stack of `n_layers` (n_layers): whether it attends within the window."""
     n = self.n_layers if n_layers is None else n_layers
@@ -130,11 +169,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (data, fsdp, tensor) and the logical->mesh rules preset; -1 fills the rest."""
+  """Device mesh (data, fsdp, expert, tensor) and the logical->mesh rules preset; -1 fills the
+  rest."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
-  rules: str = "dp"  # dp | fsdp | tp | fsdp_tp
+  expert: int = 1  # expert parallelism (rules ep, fsdp_ep, fsdp_tp_ep); elsewhere data parallel
+  rules: str = "dp"  # dp | fsdp | tp | fsdp_tp | ep | fsdp_ep | fsdp_tp_ep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +364,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
     "model.rope_scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
-    "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp"),
+    "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp", "ep", "fsdp_ep", "fsdp_tp_ep"),
     "optim.schedule": ("cosine", "constant", "step"),
     "train.early_stop_mode": ("min", "max"),
     "optim.name": ("adamw", "sgd"),

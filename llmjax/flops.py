@@ -2,6 +2,8 @@
 
 Forward FLOPs per sequence of length L (multiply-add = 2 FLOPs):
   2 * L * (matmul parameters in the blocks)               projections and MLP
+  (a mixture-of-experts layer: the router D * E, the shared gate D, the k routed experts and
+   the shared experts: the parameters one token multiplies, not the E experts it skips)
   + 4 * N * H * (L^2 per layer, 1/2 if causal; a local    scores q.k and weighted sum p.v
       layer of window w < L: L^2 / 2 - (L - w)^2 / 2)
   + the task's head:
@@ -89,6 +91,8 @@ class Forward:
 # Weight groups of the Transformer family (paths of models/transformer.py, heads.py,
 # encoder_decoder.py; searched, so an `encoder/` or `heads/<task>/` prefix still matches).
 _BLOCKS = r"(^|/)(layer_\d+|layers)/(attn|mlp)/\w+/kernel$"
+_EXPERTS = r"(^|/)(layer_\d+|layers)/mlp/experts/w[igo]$"  # models/moe.py
+_SHARED = r"(^|/)(layer_\d+|layers)/mlp/shared/\w+/kernel$"
 _CROSS_QO = r"(^|/)(layer_\d+|layers)/cross_attn/[qo]/kernel$"
 _CROSS_KV = r"(^|/)(layer_\d+|layers)/cross_attn/[kv]/kernel$"
 
@@ -98,11 +102,30 @@ def _logits_weights(cfg: ModelConfig, untied: str) -> str:
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
-  """Weights multiplied against every token in one block (biases and norms excluded)."""
+  """Weights multiplied against every token in one dense block (biases and norms excluded)."""
   d, h = cfg.d_model, cfg.dim_per_head
   attention = d * h * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o and k, v
   mlp = (3 if cfg.mlp in layers.GATED else 2) * d * cfg.d_ff  # gated: wg, wi, wo
   return attention + mlp
+
+
+def moe_matmul_params(cfg: ModelConfig) -> tuple[int, int, int]:
+  """Weights one token multiplies in a sparse MLP: (router and shared gate, its k experts, the
+  shared experts)."""
+  d, per = cfg.d_model, 3 if cfg.mlp in layers.GATED else 2
+  router = d * cfg.n_experts + (d if cfg.shared_expert_gate else 0)
+  return router, cfg.experts_per_token * per * d * cfg.expert_d_ff, per * d * cfg.shared_width
+
+
+def active_params(cfg: ModelConfig, params: dict) -> int:
+  """Parameters one token uses: all of them but the (E - k) / E of every expert kernel it skips.
+
+  `params`: parameter path -> shape (anything with .shape)."""
+  experts = sum(_size(shape) for path, shape in params.items() if re.search(_EXPERTS, path))
+  total = sum(_size(shape) for shape in params.values())
+  if not cfg.n_experts:
+    return total
+  return total - experts * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
 
 
 def backbone_forward(cfg: ModelConfig, seq_len: int) -> Forward:
@@ -111,10 +134,19 @@ def backbone_forward(cfg: ModelConfig, seq_len: int) -> Forward:
 
 
 def _transformer_forward(cfg: ModelConfig, seq_len: int) -> Forward:
-  matmul = 2.0 * seq_len * cfg.n_layers * block_matmul_params(cfg)
   attention = 4.0 * cfg.n_heads * cfg.dim_per_head * sum(
       attended_pairs(cfg, seq_len, local) for local in cfg.local_layers())
-  return Forward(matmul + attention, ((_BLOCKS, matmul),))
+  n_sparse = sum(cfg.moe_layers())
+  if not n_sparse:
+    matmul = 2.0 * seq_len * cfg.n_layers * block_matmul_params(cfg)
+    return Forward(matmul + attention, ((_BLOCKS, matmul),))
+  # Sparse layers: attention, the router and the k experts and shared ones a token reaches.
+  dense_mlp = (3 if cfg.mlp in layers.GATED else 2) * cfg.d_model * cfg.d_ff
+  router, experts, shared = (2.0 * seq_len * n_sparse * n for n in moe_matmul_params(cfg))
+  blocks = 2.0 * seq_len * (cfg.n_layers * block_matmul_params(cfg) - n_sparse * dense_mlp)
+  weights = ((_BLOCKS, blocks + router), (_EXPERTS, experts), (_SHARED, shared))
+  return Forward(blocks + router + experts + shared + attention,
+                 tuple(w for w in weights if w[1]))
 
 
 def attended_pairs(cfg: ModelConfig, seq_len: int, local: bool) -> float:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax import flops, treepaths
 from llmjax.config import Experiment
 from llmjax.errors import ConfigError
 from llmjax.finetune import adalora, partition, spec
@@ -71,6 +72,11 @@ def params_report(exp: Experiment, state, base: dict | None) -> dict:
   report = {"total": trainable + frozen, "trainable": trainable, "frozen": frozen,
             "optimizer_state_bytes": partition.nbytes(state.opt_state),
             "method": exp.finetune.method}
+  if exp.model.n_experts:  # a token reaches k of the E experts: the count FLOPs see
+    shapes = dict(treepaths.items(state.params)) | dict(treepaths.items(state.frozen))
+    report["active"] = flops.active_params(exp.model, shapes)
+    print(f"params: {report['active']:,} active per token of {report['total']:,} (mixture of "
+          f"experts, {exp.model.experts_per_token} of {exp.model.n_experts})", file=sys.stderr)
   if base is not None:
     report["base"] = base
   print(f"params: {report['total']:,} total, {trainable:,} trainable "

@@ -18,6 +18,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.models import layers
 from llmjax.models import attention
+from llmjax.models import moe
 from llmjax.models import peft as peftlib
 from llmjax.models.apply import HEAD_INPUT
 from llmjax.parallel import axes
@@ -48,7 +49,8 @@ class Block(nn.Module):
       local = layer_local(cfg, self.index)
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     attn = attention.Attention(cfg, self.decode, peft, self.deterministic, name="attn")
-    mlp = layers.Mlp(cfg, peft, self.deterministic, name="mlp")
+    sparse = layer_sparse(cfg, self.index)
+    mlp = (moe.MoeMlp if sparse else layers.Mlp)(cfg, peft, self.deterministic, name="mlp")
     norm1, norm2 = layers.norm(cfg, "norm1"), layers.norm(cfg, "norm2")
     # Gemma 2's sandwich: each sublayer's output normalised before anything else sees it.
     post = {s: layers.norm(cfg, f"post_norm{i}") if cfg.post_norms else (lambda h: h)
@@ -67,6 +69,13 @@ def layer_local(cfg: ModelConfig, index: int | None) -> bool:
   its switch by `stack` unless every layer is alike)."""
   local_layers = cfg.local_layers()
   return local_layers[0] if index is None else local_layers[index]
+
+
+def layer_sparse(cfg: ModelConfig, index: int | None) -> bool:
+  """Whether block `index`'s MLP is a mixture of experts (a scanned stack is uniform: checked)."""
+  if index is None:
+    return any(cfg.moe_layers())
+  return cfg.moe_layers(index + 1)[index]
 
 
 def residual(cfg: ModelConfig, x_BLD, sublayer, norm, drop):
@@ -107,7 +116,7 @@ def stack(block: type[nn.Module], n_layers: int, cfg: ModelConfig, peft: peftlib
     scanned_args = ()
     if len(set(local_layers)) > 1:
       scanned_args = (jnp.asarray(local_layers),)
-    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0, moe.AUX: 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(args) + (0,) * len(scanned_args),
                       length=n_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})

@@ -11,6 +11,7 @@ LAYERS = "layers"
 NORM = "norm"
 POSITIONS = "positions"
 TYPES = "types"
+EXPERT = "expert"  # the expert dim of mixture-of-experts kernels (models/moe.py)
 
 # Activation axes.
 BATCH = "batch"
@@ -20,6 +21,8 @@ ACT_MLP = "act_mlp"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_VOCAB = "act_vocab"
+ACT_EXPERT = "act_expert"  # tokens dispatched to experts: [B, E, C, D]
+EXPERT_BATCH = "expert_batch"  # ... their batch dim (the batch axes less the expert axis)
 
 # Image models (models/resnet.py, models/cnn.py). Conv kernels are [H, W, in, out] (HWIO).
 CONV_H = "conv_height"

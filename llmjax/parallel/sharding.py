@@ -17,6 +17,13 @@ _TENSOR = ((axes.VOCAB, "tensor"), (axes.MLP, "tensor"), (axes.HEADS, "tensor"),
            (axes.KV_HEADS, "tensor"), (axes.ACT_MLP, "tensor"), (axes.ACT_HEADS, "tensor"),
            (axes.ACT_KV_HEADS, "tensor"), (axes.ACT_VOCAB, "tensor"))
 _FSDP = ((axes.EMBED, "fsdp"),)
+# Mixture of experts: without expert parallelism every device holds every expert and the tokens
+# in expert slots split over the batch axes like any activation; with it (the *_ep presets) the
+# expert dim of the kernels and of the slotted tokens splits over `expert`, and the batch of the
+# slotted tokens over the remaining batch axes: moving tokens there is an all-to-all.
+_NO_EP = ((axes.EXPERT, None), (axes.ACT_EXPERT, None), (axes.EXPERT_BATCH, BATCH_AXES))
+_EP = ((axes.EXPERT, "expert"), (axes.ACT_EXPERT, "expert"),
+       (axes.EXPERT_BATCH, tuple(a for a in BATCH_AXES if a != "expert")))
 # Image-model parameters stay replicated under every preset. jit rejects a dimension that does
 # not divide its mesh axis, and static rules cannot shard only the kernels whose channels divide
 # the fsdp size; a ResNet-152 (60M parameters) fits every device anyway. Under fsdp the batch
@@ -29,10 +36,13 @@ _IMAGE += tuple((name, None) for name in (axes.RNN_IN, axes.RNN_STATE, axes.RNN_
                                           axes.RNN_OUT))
 
 RULES = {
-    "dp": _ACTIVATIONS + _IMAGE,
-    "fsdp": _ACTIVATIONS + _FSDP + _IMAGE,
-    "tp": _ACTIVATIONS + _TENSOR + _IMAGE,
-    "fsdp_tp": _ACTIVATIONS + _FSDP + _TENSOR + _IMAGE,
+    "dp": _ACTIVATIONS + _IMAGE + _NO_EP,
+    "fsdp": _ACTIVATIONS + _FSDP + _IMAGE + _NO_EP,
+    "tp": _ACTIVATIONS + _TENSOR + _IMAGE + _NO_EP,
+    "fsdp_tp": _ACTIVATIONS + _FSDP + _TENSOR + _IMAGE + _NO_EP,
+    "ep": _ACTIVATIONS + _IMAGE + _EP,
+    "fsdp_ep": _ACTIVATIONS + _FSDP + _IMAGE + _EP,
+    "fsdp_tp_ep": _ACTIVATIONS + _FSDP + _TENSOR + _IMAGE + _EP,
 }
 
 
@@ -45,7 +55,8 @@ def rules_for(name: str):
 def check_divisible(model: ModelConfig, mesh: Mesh, rules_name: str) -> None:
   """Every sharded dimension must split evenly over its mesh axis; name the one that does not."""
   sizes = {axes.EMBED: model.d_model, axes.MLP: model.d_ff, axes.HEADS: model.n_heads,
-           axes.KV_HEADS: model.kv_heads, axes.VOCAB: model.vocab_size}
+           axes.KV_HEADS: model.kv_heads, axes.VOCAB: model.vocab_size,
+           axes.EXPERT: model.n_experts}
   for logical, mesh_axis in rules_for(rules_name):
     if logical in sizes and mesh_axis and sizes[logical] % mesh.shape[mesh_axis]:
       raise ConfigError(f"model dimension {logical}={sizes[logical]} is not divisible by mesh "

@@ -58,7 +58,8 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   exp = experiment(workdir)
   run_task = task(workdir, exp)
   model = run_task.model()
-  mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, rules="dp"))
+  mesh = meshlib.make_mesh(dataclasses.replace(exp.mesh, data=-1, fsdp=1, tensor=1, expert=1,
+                                                 rules="dp"))
   rules = sharding.rules_for("dp")
   # The checkpoint's tree (with a distillation's projection, if it trained one), restored and
   # then narrowed to the model's own parameters.

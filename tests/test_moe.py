@@ -1,0 +1,192 @@
+"""Mixture of experts (models/moe.py): routing and combining equal numpy, dropless equals every
+expert on every token weighted, the capacity rule, the auxiliary losses, scanned == unrolled,
+active-parameter FLOPs, and each bad option refused naming its key."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llmjax import config as config_lib
+from llmjax import flops
+from llmjax.config import ModelConfig
+from llmjax.errors import ConfigError
+from llmjax.models import moe
+from llmjax.models.transformer import Transformer
+
+D, E, K, F, B, L = 16, 4, 2, 24, 2, 8
+CFG = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=32, moe_d_ff=F,
+                  max_len=16, mlp="swiglu", norm="rmsnorm", use_bias=False, pos_emb="rope",
+                  n_experts=E, experts_per_token=K)
+
+
+def np_softmax(x):
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def np_silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def mlp_apply(cfg, x_BLD, seed=0):
+  """(params, output, sown statistics) of one MoeMlp on x."""
+  layer = moe.MoeMlp(cfg)
+  params = nn.unbox(layer.init(jax.random.PRNGKey(seed), x_BLD))["params"]
+  y, sown = layer.apply({"params": params}, x_BLD, mutable=[moe.AUX])
+  return jax.device_get(params), np.asarray(y), jax.device_get(sown[moe.AUX])
+
+
+def np_routes(params, x_TD, norm_topk):
+  """numpy routing: (logits, probabilities, top-k weights, top-k experts)."""
+  logits = x_TD.astype(np.float64) @ params["router"]["kernel"]
+  probs = np_softmax(logits)
+  experts = np.argsort(-probs, axis=-1, kind="stable")[:, :K]
+  weights = np.take_along_axis(probs, experts, -1)
+  if norm_topk:
+    weights = weights / weights.sum(-1, keepdims=True)
+  return logits, probs, weights, experts
+
+
+def np_every_expert(params, x_TD):
+  """[T, E, D]: every expert's SwiGLU output on every token."""
+  ex = {k: np.asarray(v, np.float64) for k, v in params["experts"].items()}
+  gate = np.einsum("td,edf->tef", x_TD, ex["wg"])
+  up = np.einsum("td,edf->tef", x_TD, ex["wi"])
+  return np.einsum("tef,efd->ted", np_silu(gate) * up, ex["wo"])
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_dropless_routing_combine_and_losses_equal_numpy(norm_topk):
+  cfg = dataclasses.replace(CFG, norm_topk_prob=norm_topk)
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (B, L, D)))
+  params, y, sown = mlp_apply(cfg, jnp.asarray(x))
+  x_TD = x.reshape(-1, D).astype(np.float64)
+  logits, probs, weights, experts = np_routes(params, x_TD, norm_topk)
+  # jax's routing itself.
+  w, i, p = moe.route(jnp.asarray(logits, jnp.float32), K, norm_topk)
+  np.testing.assert_array_equal(np.asarray(i), experts)
+  np.testing.assert_allclose(np.asarray(w), weights, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(p), probs, rtol=1e-5)
+  # Dense reference: every expert on every token, weighted by its routing weight (0 unpicked).
+  dense_TE = np.zeros_like(probs)
+  np.put_along_axis(dense_TE, experts, weights, -1)
+  want = np.einsum("ted,te->td", np_every_expert(params, x_TD), dense_TE)
+  np.testing.assert_allclose(y.reshape(-1, D), want, rtol=1e-5, atol=1e-6)
+  # Switch load balancing: E * sum_e (picks of e / T) * mean probability of e; z: mean lse^2.
+  picks = np.bincount(experts.ravel(), minlength=E) / x_TD.shape[0]
+  np.testing.assert_allclose(sown["aux_loss"][0], E * np.sum(picks * probs.mean(0)), rtol=1e-5)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(sown["z_loss"][0], np.mean(lse ** 2), rtol=1e-5)
+  np.testing.assert_allclose(sown["load"][0], picks / K, rtol=1e-6)
+  assert sown["dropped"][0] == 0.0
+
+
+def np_capacity_keep(experts_BLK, slots):
+  """The rule, by hand: within a row each expert takes first choices in token order, then second
+  choices, up to `slots`; -> kept [B, L, K]."""
+  kept = np.zeros(experts_BLK.shape, bool)
+  for b in range(experts_BLK.shape[0]):
+    taken = np.zeros(E, int)
+    for j in range(K):
+      for t in range(experts_BLK.shape[1]):
+        e = experts_BLK[b, t, j]
+        if taken[e] < slots:
+          kept[b, t, j], taken[e] = True, taken[e] + 1
+  return kept
+
+
+def test_capacity_large_equals_dropless_and_small_drops_by_the_rule():
+  x = jnp.asarray(jax.random.normal(jax.random.PRNGKey(2), (B, L, D)))
+  params, dropless, _ = mlp_apply(CFG, x)
+  big = dataclasses.replace(CFG, moe_capacity_factor=float(E))  # a slot for every pick
+  _, y_big, sown_big = mlp_apply(big, x)
+  np.testing.assert_allclose(y_big, dropless, rtol=1e-5, atol=1e-6)
+  assert sown_big["dropped"][0] == 0.0
+  small = dataclasses.replace(CFG, moe_capacity_factor=0.5)
+  slots = moe.capacity(0.5, L, K, E)
+  assert slots == math.ceil(0.5 * L * K / E) == 2
+  _, y_small, sown_small = mlp_apply(small, x)
+  x_TD = np.asarray(x).reshape(-1, D).astype(np.float64)
+  _, _, weights, experts = np_routes(params, x_TD, True)
+  kept = np_capacity_keep(experts.reshape(B, L, K), slots).reshape(-1, K)
+  assert 0 < kept.sum() < kept.size  # some picks dropped, some kept: the rule is exercised
+  dense_TE = np.zeros((x_TD.shape[0], E))
+  np.put_along_axis(dense_TE, experts, weights * kept, -1)  # a dropped pick adds nothing
+  want = np.einsum("ted,te->td", np_every_expert(params, x_TD), dense_TE)
+  np.testing.assert_allclose(y_small.reshape(-1, D), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sown_small["dropped"][0], 1 - kept.mean(), rtol=1e-6)
+
+
+def test_scanned_equals_unrolled_with_shared_gated_expert():
+  cfg = dataclasses.replace(CFG, n_shared_experts=1, shared_expert_gate=True,
+                            moe_capacity_factor=1.0)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (B, L), 0, 32)
+  unrolled = Transformer(cfg)
+  params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), tokens))["params"]
+  layer_keys = [f"layer_{i}" for i in range(cfg.n_layers)]
+  stacked = {k: v for k, v in params.items() if k not in layer_keys}
+  stacked["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in layer_keys])
+  assert stacked["layers"]["mlp"]["shared_gate"]["kernel"].shape == (2, D, 1)
+  y, sown = unrolled.apply({"params": params}, tokens, mutable=[moe.AUX])
+  scanned = Transformer(dataclasses.replace(cfg, scan_layers=True))
+  y_scan, sown_scan = scanned.apply({"params": stacked}, tokens, mutable=[moe.AUX])
+  np.testing.assert_allclose(np.asarray(y_scan), np.asarray(y), rtol=1e-5, atol=1e-5)
+  a, b = moe.aux_stats(sown[moe.AUX]), moe.aux_stats(sown_scan[moe.AUX])
+  assert a["load"].shape == (E,)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5), a, b)
+
+
+def test_sparse_layer_pattern_and_active_flops():
+  cfg = dataclasses.replace(CFG, n_layers=4, decoder_sparse_step=2, mlp_only_layers="3",
+                            n_shared_experts=1)
+  assert cfg.moe_layers() == (False, True, False, False)  # (i + 1) % 2 == 0, layer 3 dense
+  tokens = jnp.zeros((1, L), jnp.int32)
+  params = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), tokens)["params"]
+  shapes = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.value.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                params, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  assert shapes["layer_1/mlp/experts/wi"] == (E, D, F)
+  assert shapes["layer_1/mlp/router/kernel"] == (D, E)
+  assert shapes["layer_0/mlp/wi/kernel"] == (D, 32) and "layer_3/mlp/wi/kernel" in shapes
+  total = sum(math.prod(s) for s in shapes.values())
+  experts = 3 * E * D * F
+  assert flops.active_params(cfg, shapes) == total - experts * (E - K) // E
+  # Forward: dense layers as before; the sparse one counts router, k experts and the shared one.
+  dense = dataclasses.replace(cfg, n_experts=0)
+  sparse_mlp = D * E + K * 3 * D * F + 3 * D * F
+  got = flops.backbone_forward(cfg, L).total - flops.backbone_forward(dense, L).total
+  assert got == 2 * L * (sparse_mlp - 3 * D * cfg.d_ff)
+
+
+def resolve(model=None, mesh=None):
+  c = config_lib.base_config()
+  c.model = config_lib.model_section("llama", **(model or {})).to_dict()
+  c.mesh.update(mesh or {})
+  return config_lib.resolve(c)
+
+
+@pytest.mark.parametrize("model,mesh,words", [
+    (dict(n_experts=4, experts_per_token=5), {}, "experts_per_token=5"),
+    (dict(n_experts=4, experts_per_token=0), {}, "experts_per_token=0"),
+    (dict(n_experts=4, moe_capacity_factor=-1.0), {}, "moe_capacity_factor=-1.0"),
+    (dict(n_experts=6), dict(data=1, expert=4, rules="fsdp_ep"), "config.mesh.expert=4"),
+    (dict(n_experts=4, n_layers=2, decoder_sparse_step=2, scan_layers=True), {},
+     "scan_layers"),
+    (dict(n_experts=4, mlp_only_layers="9"), {}, "mlp_only_layers"),
+])
+def test_bad_moe_options_name_the_key(model, mesh, words):
+  with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("=", "=")):
+    resolve(model, mesh)
+
+
+def test_moe_options_on_rnn_or_resnet_are_refused():
+  for preset in ("rnn", "resnet18"):
+    c = config_lib.base_config()
+    c.model = config_lib.model_section(preset, n_experts=4).to_dict()
+    with pytest.raises(ConfigError, match="config.model.n_experts=4 is a mixture-of-experts"):
+      config_lib.resolve(c)
