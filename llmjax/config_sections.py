@@ -245,6 +245,12 @@ class DataConfig:
   locale_dir: str = "/usr/share/locale"
   test_fraction: float = 0.0  # parallel text: held out as the test split when no test files
   pack: bool = True  # seq2seq: several short pairs share a row (segment ids keep them apart)
+  # Conversations (task sft; llmjax/data/chat.py, docs/instruct.md): "" the chat template of
+  # tokenizer=hf:PATH, a built-in (byte, chatml) or a jinja file; which tokens the loss counts
+  # (assistant | last_assistant | all); a conversation longer than seq_len: cut | drop.
+  chat_template: str = ""
+  train_on: str = "assistant"
+  too_long: str = "cut"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +382,8 @@ CHOICES = {
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
                         "prefix"),
     "distill.schedule": ("constant", "linear"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.too_long": ("cut", "drop"),
     "finetune.adapter_placement": ("attn", "mlp", "both"),
     "finetune.prompt_init": ("random", "vocab", "labels"),
 }
