@@ -91,7 +91,7 @@ class Forward:
 # Weight groups of the Transformer family (paths of models/transformer.py, heads.py,
 # encoder_decoder.py; searched, so an `encoder/` or `heads/<task>/` prefix still matches).
 _BLOCKS = r"(^|/)(layer_\d+|layers)/(attn|mlp)/\w+/kernel$"
-_EXPERTS = r"(^|/)(layer_\d+|layers)/mlp/experts/w[igo]$"  # models/moe.py
+_EXPERTS = r"(^|/)(layer_\d+|layers)/mlp/experts/(lora/)?w[igo](_[ab])?$"  # models/moe.py (+ LoRA)
 _SHARED = r"(^|/)(layer_\d+|layers)/mlp/shared/\w+/kernel$"
 _CROSS_QO = r"(^|/)(layer_\d+|layers)/cross_attn/[qo]/kernel$"
 _CROSS_KV = r"(^|/)(layer_\d+|layers)/cross_attn/[kv]/kernel$"

@@ -21,7 +21,13 @@ LORA_TARGETS = {
     "qv": r"(.*/)?attn/(q|v)",
     "attention": r"(.*/)?attn/(q|k|v|o)",
     "mlp": r"(.*/)?mlp/(wi|wg|wo)",
-    "all_linear": r"(.*/)?(attn/(q|k|v|o)|mlp/(wi|wg|wo))",
+    "all_linear": r"(.*/)?(attn/(q|k|v|o)|mlp/(shared/)?(wi|wg|wo))",
+    # Mixtures of experts (models/moe.py): each expert's projections (stacked: one LoRA per
+    # expert), the shared experts', the router's. No other preset reaches the router.
+    "experts": r"(.*/)?mlp/experts/(wi|wg|wo)",
+    "shared_experts": r"(.*/)?mlp/shared/(wi|wg|wo)",
+    "router": r"(.*/)?mlp/router",
+    "all_linear_experts": r"(.*/)?(attn/(q|k|v|o)|mlp/((shared|experts)/)?(wi|wg|wo))",
 }
 
 # The parameters each method adds (and trains).
@@ -44,6 +50,10 @@ PRESETS = {
     "attention": _BLOCK + r"attn/.*",
     "norms": r"(.*/)?[a-z_]*norm[0-9]*/.*",
     "embeddings": r"(.*/)?(embed|pos_embed|type_embed)/.*",
+    # Mixtures of experts: the router alone, the shared experts (and their gate), the experts.
+    "router": _BLOCK + r"mlp/router/.*",
+    "shared_experts": _BLOCK + r"mlp/(shared|shared_gate)/.*",
+    "experts": _BLOCK + r"mlp/experts/.*",
     "bitfit": r"(.*/)?bias",
 }
 

@@ -2,7 +2,8 @@
 and PEFT adapters (`save_adapter`, `load_adapter`, `load_peft`, `save_prompt`).
 
 Reads local directories only (config.json + safetensors; never pickles, never remote code).
-Supported: GPT-2, Llama (rope scaling), Gemma 1/2/3 (text), Qwen2, Qwen3, Mistral, BERT (base, masked-LM,
+Supported: GPT-2, Llama (rope scaling), Gemma 1/2/3 (text), Qwen2, Qwen3, Mistral, the mixtures of
+experts Mixtral, Qwen2-MoE and Qwen3-MoE, BERT (base, masked-LM,
 sequence classification), the encoder-decoders
 Marian (`MarianMTModel`) and BART (`BartForConditionalGeneration`), ResNet (base and image
 classification; BatchNorm statistics through `load(..., with_model_state=True)` and

@@ -20,8 +20,8 @@ from jax.sharding import Mesh
 from llmjax import distributed
 from llmjax.config import ModelConfig
 from llmjax.errors import capped
-from llmjax.hf import (bart, bert, files, gemma, gpt2, llama, mapping, marian, mistral, qwen,
-                       resnet)
+from llmjax.hf import (bart, bert, experts, files, gemma, gpt2, llama, mapping, marian,
+                       mistral, moe, qwen, resnet)
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture, canonical
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
 from llmjax.models import presets
@@ -30,7 +30,8 @@ from llmjax.parallel import sharding
 # Order matters when saving: the first architecture that expresses a model exactly is used.
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     gpt2.ARCH, llama.ARCH, bert.ARCH, marian.ARCH, bart.ARCH, resnet.ARCH, gemma.GEMMA,
-    gemma.GEMMA2, gemma.GEMMA3, mistral.ARCH, qwen.QWEN2, qwen.QWEN3)}
+    gemma.GEMMA2, gemma.GEMMA3, mistral.ARCH, qwen.QWEN2, qwen.QWEN3, moe.MIXTRAL,
+    moe.QWEN2_MOE, moe.QWEN3_MOE)}
 
 
 # HF config classes default to their original vocabulary's ids (GPT-2: 50256); ours are unknown.
@@ -201,6 +202,8 @@ def _read(path: str, arch: Architecture, model: nn.Module, abstract: dict, shard
   """{collection: tree} for the collections of `abstract` ({collection: abstract tree});
   every tensor of the file is checked, whichever collections are read."""
   index = files.WeightIndex(path)
+  if arch.experts_scheme:  # per-expert tensors on disk, fused ones in the table
+    index = experts.DiskView(index, arch.experts_scheme)
   tensors, scanned = arch.tensors(model), model.cfg.scan_layers
   available = {k: e.shape for k, e in index.entries.items()}
   found = mapping.resolve_keys(tensors, available, _aliases(arch), arch.ignored(model), path)
@@ -308,6 +311,8 @@ def save(model: nn.Module, params, path: str, *, config_overrides: dict | None =
     tensors = mapping.collect(arch.tensors(model), flat, model.cfg.scan_layers, state_flat)
     tensors.update({copy: tensors[source]
                     for copy, source in arch.written_copies(model).items()})
+    if arch.experts_scheme:  # the per-expert layout transformers' save_pretrained writes
+      tensors = experts.to_disk(tensors, arch.experts_scheme)
     files.write(path, tensors, config)
   except OSError as e:
     raise HFError(f"cannot write {path}: {e}") from e

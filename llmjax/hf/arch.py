@@ -25,7 +25,10 @@ HF_GATED = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 # Fields HF configs do not carry: how llmjax runs a model, not what the model computes.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl",
-                  "attention_block", "init_std")
+                  "attention_block", "init_std",
+                  # how a mixture of experts trains: jitter, dispatch, auxiliary-loss weights
+                  "router_jitter", "moe_capacity_factor", "moe_aux_loss_weight",
+                  "moe_z_loss_weight")
 # Fields only image models read: a Transformer's HF config decides none of them.
 IMAGE_FIELDS = ("resnet_block", "resnet_depths", "resnet_widths", "stem", "stem_width",
                 "zero_init_residual", "bn_momentum", "bn_eps", "cnn_widths", "cnn_hidden",
@@ -55,6 +58,8 @@ class Architecture:
   # a file holds must equal its source on load; `written_copies` are the ones save writes.
   copies: Callable[[nn.Module], dict[str, str]] = lambda model: {}
   written_copies: Callable[[nn.Module], dict[str, str]] = lambda model: {}
+  # How files name the experts when not fused (hf/experts.py: "mixtral", "qwen"); None: no MoE.
+  experts_scheme: str | None = None
 
 
 def require(ok: bool, message: str) -> None:
@@ -72,6 +77,26 @@ def activation(name: str, model_type: str) -> str:
   require(name in ACTIVATIONS, f"{model_type} activation {name!r} is not supported; supported: "
           f"{', '.join(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+# The MoE fields of a model without experts (what saving compares them as).
+DENSE_MOE = dict(n_experts=0, moe_d_ff=0, decoder_sparse_step=1, mlp_only_layers="",
+                 n_shared_experts=0, shared_d_ff=0, shared_expert_gate=False)
+
+
+def canonical_moe(cfg: ModelConfig) -> dict:
+  """The MoE fields of `cfg` written one way (what saving compares): dense layers as a list, the
+  expert width in moe_d_ff when some layer is dense (else d_ff, which nothing else reads), the
+  shared experts as one of their total width."""
+  if not cfg.n_experts:
+    return dict(DENSE_MOE, experts_per_token=2, norm_topk_prob=True)
+  dense = [i for i, s in enumerate(cfg.moe_layers()) if not s]
+  width = cfg.expert_d_ff
+  out = dict(mlp_only_layers=",".join(map(str, dense)), decoder_sparse_step=1,
+             d_ff=cfg.d_ff if dense else width, moe_d_ff=width if dense else 0,
+             n_shared_experts=1 if cfg.shared_width else 0, shared_d_ff=cfg.shared_width,
+             shared_expert_gate=bool(cfg.shared_width) and cfg.shared_expert_gate)
+  return out
 
 
 _ROPE_KEPT = {"none": (), "linear": ("rope_factor",), "dynamic": ("rope_factor",),
@@ -99,4 +124,4 @@ def canonical(cfg: ModelConfig) -> ModelConfig:
   local = cfg.local_layers()
   fields.update(sliding_window=cfg.sliding_window if any(local) else 0,
                 layer_pattern="".join("L" if x else "G" for x in local) if any(local) else "")
-  return dataclasses.replace(cfg, **fields)
+  return dataclasses.replace(cfg, **fields, **canonical_moe(cfg))

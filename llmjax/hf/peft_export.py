@@ -10,7 +10,7 @@ import re
 import numpy as np
 from flax import linen as nn
 
-from llmjax.hf import mapping
+from llmjax.hf import mapping, peft_experts
 from llmjax.hf.files import save_safetensors
 from llmjax.hf.mapping import Tensor
 from llmjax.hf.peft_layout import (CONFIG, PREFIX, WEIGHTS, AdapterError, Site, arch_tables,
@@ -21,6 +21,8 @@ from llmjax.models.peft import Peft
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "LlamaForCausalLM": "CAUSAL_LM",
               "MistralForCausalLM": "CAUSAL_LM", "Qwen2ForCausalLM": "CAUSAL_LM",
               "Qwen3ForCausalLM": "CAUSAL_LM", "GemmaForCausalLM": "CAUSAL_LM",
+              "MixtralForCausalLM": "CAUSAL_LM", "Qwen2MoeForCausalLM": "CAUSAL_LM",
+              "Qwen3MoeForCausalLM": "CAUSAL_LM",
               "Gemma2ForCausalLM": "CAUSAL_LM", "Gemma3ForCausalLM": "CAUSAL_LM",
               "BertForSequenceClassification": "SEQ_CLS", "BertModel": "FEATURE_EXTRACTION",
               "BertForMaskedLM": None, "BertForPreTraining": None}
@@ -108,30 +110,43 @@ def save_adapter(model: nn.Module, params, peft: Peft, out_dir: str, *,
   arch, base, tensors = arch_tables(model)
   flat, scanned = mapping.flatten(nn.unbox(params)), model.cfg.scan_layers
   sites = lora_sites(tensors, flat, scanned)
+  experts = peft_experts.sites(tensors, flat, scanned) if arch.experts_scheme else []
   saved = _saved_modules(model, tensors, _scanned_names(modules_to_save, scanned,
                                                         model.cfg.n_layers))
-  _check_expressible(model, tensors, sites, saved)
-  weights, ranks = {}, {}
+  _check_expressible(model, tensors, sites, saved, bool(experts))
+  weights, ranks, params = {}, {}, set()  # params: HF parameters PEFT targets as parameters
   for site in sites:
     A, B = _export_site(site, flat, scanned)
     weights[f"{PREFIX}{site.module}.lora_A.weight"] = A
     weights[f"{PREFIX}{site.module}.lora_B.weight"] = B
-    ranks[site.module] = A.shape[0]
+    router = arch.experts_scheme and site.module.endswith(peft_experts.ROUTER)
+    ranks[site.module + ".weight" if router else site.module] = A.shape[0]
+    if router:
+      params.add(site.module + ".weight")
+  where = peft_experts.weight_keys(experts)
+  for site in experts:
+    A, B = peft_experts.export(site, flat, scanned)
+    weights[f"{PREFIX}{where[site.key]}.lora_A.weight"] = A
+    weights[f"{PREFIX}{where[site.key]}.lora_B.weight"] = B
+    ranks[site.key] = A.shape[0] // unscanned(flat, site.parts[0], scanned).shape[0]  # E*R / E
+    params.add(site.key)
   for t in tensors:
     if t.hf_key.rsplit(".", 1)[0] in saved:
       weights[PREFIX + t.hf_key] = mapping.collect([t], flat, scanned)[t.hf_key]
   all_modules = _modules(tensors)
   config = {"peft_type": "LORA", "task_type": TASK_TYPES.get(arch.class_of(base)),
             "base_model_name_or_path": base_model_path or None, **_ranks(peft, ranks),
-            "target_modules": _short_names(set(ranks), all_modules),
-            "fan_in_fan_out": sites[0].layout.conv1d, "bias": "none",
+            "target_modules": _short_names(set(ranks) - params, all_modules),
+            "fan_in_fan_out": bool(sites) and sites[0].layout.conv1d, "bias": "none",
             "lora_dropout": peft.lora_dropout, "init_lora_weights": True, "use_dora": False,
             "modules_to_save": _short_names(saved, all_modules) or None, "inference_mode": True}
+  if params:
+    config["target_parameters"] = _short_names(params, {t.hf_key for t in tensors})
   _write(out_dir, weights, config)
 
 
-def _check_expressible(model, tensors, sites, saved) -> None:
-  if not sites:
+def _check_expressible(model, tensors, sites, saved, experts: bool = False) -> None:
+  if not sites and not experts:
     raise AdapterError("the parameters hold no LoRA factors (no .../lora/a): nothing to export "
                        "as a PEFT LoRA adapter")
   if len({s.layout.conv1d for s in sites}) > 1:

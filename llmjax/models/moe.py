@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax.config import ModelConfig
-from llmjax.models import layers
+from llmjax.models import layers, moe_lora
 from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
@@ -79,8 +79,10 @@ def capacity_slots(experts_BLK: jax.Array, n_experts: int, slots: int):
 
 
 class Experts(nn.Module):
-  """E expert MLPs as stacked kernels; applied grouped (dropless) or on capacity slots."""
+  """E expert MLPs as stacked kernels; applied grouped (dropless) or on capacity slots; LoRA on
+  the projections `peft` targets (models/moe_lora.py)."""
   cfg: ModelConfig
+  peft: peftlib.Peft = peftlib.NONE
 
   def setup(self):
     cfg = self.cfg
@@ -92,6 +94,13 @@ class Experts(nn.Module):
       self.wg = self.param("wg", layers.init_normal(cfg.init_std, in_axes), (e, d, f), dtype)
     std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     self.wo = self.param("wo", layers.init_normal(std, out_axes), (e, f, d), dtype)
+    shapes = {"wi": (e, d, f), "wg": (e, d, f), "wo": (e, f, d)}
+    names = moe_lora.targets(self.peft, self.path, [n for n in shapes if hasattr(self, n)])
+    self.lora_on = names
+    if names:
+      self.lora = moe_lora.ExpertsLora(
+          self.peft, {n: shapes[n] for n in names},
+          {n: out_axes if n == "wo" else in_axes for n in names}, cfg.param_dtype, name="lora")
 
   def _kernels(self):
     compute = layers.dtype_of(self.cfg.dtype)
@@ -106,18 +115,26 @@ class Experts(nn.Module):
     """Rows sorted by expert, `sizes_E` of them per expert -> each row through its expert."""
     wi, wg, wo = self._kernels()
     x_ND = x_ND.astype(wi.dtype)
-    gate_NF = jax.lax.ragged_dot(x_ND, wg, sizes_E) if wg is not None else None
-    h_NF = self._hidden(jax.lax.ragged_dot(x_ND, wi, sizes_E), gate_NF)
-    return jax.lax.ragged_dot(h_NF, wo, sizes_E)
+
+    def project(name, x, kernel):
+      y = jax.lax.ragged_dot(x, kernel, sizes_E)
+      return y + self.lora.grouped(name, x, sizes_E) if name in self.lora_on else y
+    gate_NF = project("wg", x_ND, wg) if wg is not None else None
+    h_NF = self._hidden(project("wi", x_ND, wi), gate_NF)
+    return project("wo", h_NF, wo)
 
   def slotted(self, x_BECD: jax.Array) -> jax.Array:
     """Each expert's capacity slots [B, E, C, D] through that expert."""
     wi, wg, wo = self._kernels()
     x_BECD = x_BECD.astype(wi.dtype)
-    gate_BECF = jnp.einsum("BECD,EDF->BECF", x_BECD, wg) if wg is not None else None
-    h_BECF = self._hidden(jnp.einsum("BECD,EDF->BECF", x_BECD, wi), gate_BECF)
+
+    def project(name, x, kernel):
+      y = jnp.einsum("BECI,EIO->BECO", x, kernel)
+      return y + self.lora.slotted(name, x) if name in self.lora_on else y
+    gate_BECF = project("wg", x_BECD, wg) if wg is not None else None
+    h_BECF = self._hidden(project("wi", x_BECD, wi), gate_BECF)
     h_BECF = nn.with_logical_constraint(h_BECF, _SLOTS[:3] + (axes.ACT_MLP,))
-    return jnp.einsum("BECF,EFD->BECD", h_BECF, wo)
+    return project("wo", h_BECF, wo)
 
   def __call__(self, x_ND, sizes_E):
     return self.grouped(x_ND, sizes_E)
@@ -167,11 +184,11 @@ class MoeMlp(nn.Module):
       noise = jax.random.uniform(self.make_rng("dropout"), x_BLD.shape, jnp.float32,
                                  1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
       router_in_BLD = (x_BLD * noise).astype(x_BLD.dtype)
-    logits_BLE = layers.dense(cfg, n_experts, (axes.EMBED, None), "router", bias=False)(
-        router_in_BLD)
+    logits_BLE = layers.dense(cfg, n_experts, (axes.EMBED, None), "router", bias=False,
+                              peft=self.peft, deterministic=self.deterministic)(router_in_BLD)
     logits_TE = logits_BLE.reshape(batch * length, n_experts)
     weights_TK, experts_TK, probs_TE = route(logits_TE, k, cfg.norm_topk_prob)
-    experts = Experts(cfg, name="experts")
+    experts = Experts(cfg, self.peft, name="experts")
     if cfg.moe_capacity_factor > 0:
       slots = capacity(cfg.moe_capacity_factor, length, k, n_experts)
       y_BLD, kept_BLK = with_capacity(experts, x_BLD, experts_TK.reshape(batch, length, k),

@@ -33,6 +33,30 @@ PRESETS: dict[str, dict] = {
                     mlp="swiglu", use_bias=False, tie_embeddings=False, causal=True,
                     final_norm=True, embed_norm=False, type_vocab_size=0, rope_theta=10000.0,
                     sliding_window=4096, layer_pattern=""),
+    # Mixtral (MixtralForCausalLM): Mistral whose every MLP routes each token to 2 of 8 SwiGLU
+    # experts (top-2 renormalised); no window from v0.1's 8x7B on.
+    "mixtral": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-5, norm_position="pre",
+                    mlp="swiglu", use_bias=False, tie_embeddings=False, causal=True,
+                    final_norm=True, embed_norm=False, type_vocab_size=0, rope_theta=1000000.0,
+                    sliding_window=0, layer_pattern="", n_experts=8, experts_per_token=2,
+                    norm_topk_prob=True, n_shared_experts=0, shared_d_ff=0,
+                    shared_expert_gate=False),
+    # Qwen2-MoE (Qwen2MoeForCausalLM, Qwen1.5-MoE-A2.7B): Qwen2 with 60 experts, top-4 not
+    # renormalised, plus a shared expert (4x an expert's width) behind a sigmoid gate.
+    "qwen2_moe": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
+                      mlp="swiglu", use_bias=False, qkv_bias=True, o_bias=False, mlp_bias=False,
+                      qk_norm=False, tie_embeddings=False, causal=True, final_norm=True,
+                      embed_norm=False, type_vocab_size=0, rope_theta=1000000.0, n_experts=60,
+                      experts_per_token=4, norm_topk_prob=False, n_shared_experts=4,
+                      shared_expert_gate=True),
+    # Qwen3-MoE (Qwen3MoeForCausalLM): Qwen3 with 128 experts, top-8 renormalised, no shared
+    # expert.
+    "qwen3_moe": dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
+                      mlp="swiglu", use_bias=False, qkv_bias=False, o_bias=False,
+                      mlp_bias=False, qk_norm=True, tie_embeddings=False, causal=True,
+                      final_norm=True, embed_norm=False, type_vocab_size=0,
+                      rope_theta=1000000.0, n_experts=128, experts_per_token=8,
+                      norm_topk_prob=True, n_shared_experts=0, shared_expert_gate=False),
     # Gemma 2 (Gemma2ForCausalLM): Gemma with a norm on each sublayer's output too, soft-capped
     # attention scores (50) and logits (30), local (4096-token window) and global layers
     # alternating.
