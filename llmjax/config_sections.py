@@ -65,8 +65,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"  # none | full | dots | dots_no_batch
-  attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see models/attention.py)
+  attention_impl: str = "auto"  # auto | xla | blocked | cudnn | splash (models/attention.py)
   attention_block: int = 64  # query block of attention_impl="blocked"
+  # splash (TPU, models/splash.py): query / key tile sizes, multiples of 128 dividing the
+  # sequence length; 0: the largest of 512, 256, 128 that divides it.
+  splash_block_q: int = 0
+  splash_block_kv: int = 0
   # Encoder-decoders (arch="encoder_decoder", llmjax/models/encoder_decoder.py): n_layers encoder
   # blocks, n_decoder_layers decoder blocks; embeddings shared by both stacks and, when
   # tie_embeddings, by the output projection.
@@ -245,6 +249,12 @@ class DataConfig:
   locale_dir: str = "/usr/share/locale"
   test_fraction: float = 0.0  # parallel text: held out as the test split when no test files
   pack: bool = True  # seq2seq: several short pairs share a row (segment ids keep them apart)
+  # Conversations (task sft; llmjax/data/chat.py, docs/instruct.md): "" the chat template of
+  # tokenizer=hf:PATH, a built-in (byte, chatml) or a jinja file; which tokens the loss counts
+  # (assistant | last_assistant | all); a conversation longer than seq_len: cut | drop.
+  chat_template: str = ""
+  train_on: str = "assistant"
+  too_long: str = "cut"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +372,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention_impl": ("auto", "xla", "blocked", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "splash"),
     "model.rope_scaling": ("none", "linear", "dynamic", "yarn", "llama3"),
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp", "ep", "fsdp_ep", "fsdp_tp_ep"),
     "optim.schedule": ("cosine", "constant", "step"),
@@ -376,6 +386,8 @@ CHOICES = {
     "finetune.method": ("full", "freeze", "bitfit", "lora", "adalora", "adapter", "prompt",
                         "prefix"),
     "distill.schedule": ("constant", "linear"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.too_long": ("cut", "drop"),
     "finetune.adapter_placement": ("attn", "mlp", "both"),
     "finetune.prompt_init": ("random", "vocab", "labels"),
 }

@@ -26,6 +26,12 @@ class ByteTokenizer:
   def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
     return [self.encode(t) for t in texts]
 
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T], the [start, end) character span [T, 2] each byte belongs to)."""
+    widths = [len(c.encode("utf-8")) for c in text]
+    chars_T = np.repeat(np.arange(len(text), dtype=np.int64), widths)
+    return self.encode(text), np.stack([chars_T, chars_T + 1], axis=1)
+
   def decode(self, ids) -> str:
     # Sampled ids may split a multi-byte character; show it rather than fail.
     return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
@@ -63,6 +69,13 @@ class HFTokenizer:
     # The Rust library tokenizes a batch on all cores; a corpus is thousands of documents.
     return [np.asarray(e.ids, dtype=np.int32)
             for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T], character spans [T, 2]) with no special tokens added (chat templates write
+    their own)."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return (np.asarray(encoding.ids, np.int32),
+            np.asarray(encoding.offsets, np.int64).reshape(-1, 2))
 
   def decode(self, ids) -> str:
     return self._tok.decode(np.asarray(ids).tolist())

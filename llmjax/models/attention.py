@@ -8,10 +8,13 @@
   window.
 - "cudnn": cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU, half dtypes);
   windows through cuDNN's own sliding-window mask.
+- "splash": jax's Pallas splash-attention kernel for TPU (models/splash.py): O(L) memory, masked
+  tiles skipped; lengths a multiple of 128. On CPU only in Pallas interpret mode (tests).
 - "auto": cuDNN on GPU in half precision (XLA where cuDNN refuses the call: no cuDNN, an
-  unsupported head size or mask), blocked for causal attention on CPU, XLA otherwise.
-Gemma 2's soft-capped scores (`attn_softcap`) run blocked or through `capped_attention` (XLA);
-cuDNN cannot cap them and is refused, never silently uncapped.
+  unsupported head size or mask), splash on TPU (XLA for a length splash cannot tile), blocked
+  for causal attention on CPU, XLA otherwise.
+Gemma 2's soft-capped scores (`attn_softcap`) run blocked, splash or through `capped_attention`
+(XLA); cuDNN cannot cap them and is refused, never silently uncapped.
 Masks: causal by config; `segment_ids` keep packed documents (and padding, id 0) from attending
 across boundaries; a local layer (config.sliding_window, layer_pattern) lets the query in slot i
 see slots (i - window, i] only, as transformers' sliding-window mask does. With `decode=True`
@@ -32,6 +35,7 @@ from llmjax.errors import ConfigError
 from llmjax.models import layers
 from llmjax.models import peft as peftlib
 from llmjax.models import rope
+from llmjax.models import splash
 from llmjax.parallel import axes
 
 _KV_CACHE = (axes.BATCH, None, axes.ACT_KV_HEADS, None)
@@ -150,6 +154,8 @@ def implementation(cfg: ModelConfig, length: int) -> str:
     platform = jax.default_backend()
     if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") and not cfg.attn_softcap:
       return "cudnn"
+    if platform == "tpu" and length % splash.LANES == 0:
+      return "splash"
     impl = "blocked" if platform == "cpu" else "xla"
   if impl == "blocked" and not (cfg.causal and length > cfg.attention_block):
     return "xla"  # nothing above a diagonal to skip
@@ -261,8 +267,18 @@ class Attention(nn.Module):
     """The attention core of `implementation`, with this layer's window if it is local."""
     cfg = self.cfg
     impl = implementation(cfg, q_BLNH.shape[1])
+    if impl == "splash" and self.peft.prompt_length:
+      # The prompt's columns make the mask more than same-segment, which is all splash takes.
+      if cfg.attention_impl == "auto":
+        impl = "xla"
+      else:
+        raise ConfigError("config.model.attention_impl='splash' cannot run prompt tuning's mask "
+                          "(config.finetune.method='prompt'); use 'xla' or 'blocked'")
 
     def run(window: int) -> jax.Array:
+      if impl == "splash":
+        return splash.splash_attention(cfg, q_BLNH, k_BLKH, v_BLKH, mask_B1LS,
+                                       scale or cfg.dim_per_head**-0.5, window)
       if impl == "blocked":
         return blocked_causal_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LS, cfg.attention_block,
                                         scale, cfg.attn_softcap, window)
