@@ -1,5 +1,6 @@
 # The two set-up commands: `make train` (main job) and `make test` (whole suite).
-# Both create .venv if missing and install llmjax with pinned versions (constraints.txt).
+# Both create .venv if missing and install llmjax with pinned versions (constraints.txt), with the
+# test and tpu extras (libtpu: `llmjax compile` and its tests; CPU runs never start it).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

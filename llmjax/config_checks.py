@@ -147,6 +147,7 @@ def _validate_mesh(exp: Experiment) -> None:
            (n_experts > 0 and n_experts % expert == 0),
            f"config.mesh.expert={expert} must divide config.model.n_experts={n_experts} under "
            f"config.mesh.rules={exp.mesh.rules!r}")
+  _require(exp.mesh.dcn > 0, f"config.mesh.dcn must be positive, got {exp.mesh.dcn}")
 
 
 def validate_finetune(exp: Experiment) -> None:

@@ -173,8 +173,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (data, fsdp, expert, tensor) and the logical->mesh rules preset; -1 fills the
-  rest."""
+  """Device mesh (dcn, data, fsdp, expert, tensor) and the logical->mesh rules preset; -1 fills
+  the rest of a slice; dcn counts TPU slices (the batch splits over them too)."""
+  dcn: int = 1
   data: int = -1
   fsdp: int = 1
   tensor: int = 1

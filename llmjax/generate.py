@@ -124,18 +124,26 @@ def causal_decoder(model) -> bool:
   return isinstance(model, Transformer) and model.cfg.causal
 
 
+def cached_forward(model, params, tokens_BL, positions_BL, segment_ids_BL, cache,
+                   prefill=False):
+  """One decoding forward through the KV cache: (last position's logits [B, V], new cache).
+
+  `prefill=True` writes a whole prompt; otherwise `tokens_BL` is the next token of each row.
+  """
+  logits_B1V, variables = model.apply(
+      {"params": params, "cache": cache}, tokens_BL, positions_BL=positions_BL,
+      segment_ids_BL=segment_ids_BL, decode=True, last_only=True, prefill=prefill,
+      mutable=["cache"])
+  return logits_B1V[:, -1], variables["cache"]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "pad_id",
                                              "on_token"))
 def _generate(model, params, prompt_BP, mask_BP, rng, eos_E, *, max_new_tokens, sampling, pad_id,
               on_token):
   batch, prompt_len = prompt_BP.shape
 
-  def forward(tokens_BL, positions_BL, segment_ids_BL, cache, prefill=False):
-    logits_B1V, variables = model.apply(
-        {"params": params, "cache": cache}, tokens_BL, positions_BL=positions_BL,
-        segment_ids_BL=segment_ids_BL, decode=True, last_only=True, prefill=prefill,
-        mutable=["cache"])
-    return logits_B1V[:, -1], variables["cache"]
+  forward = functools.partial(cached_forward, model, params)
 
   def choose(step, logits_BV, done_B):
     token_B, done_B = _next_or_pad(logits_BV, jax.random.fold_in(rng, step), sampling, done_B,

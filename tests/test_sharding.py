@@ -196,7 +196,7 @@ def test_mesh_that_does_not_fit_the_devices_names_config_mesh(mesh):
 
 def test_mesh_minus_one_fills_the_devices():
   mesh = meshlib.make_mesh(config_lib.MeshConfig(data=-1, tensor=2))
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+  assert dict(mesh.shape) == {"dcn": 1, "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
   assert meshlib.batch_parallelism(mesh) == 4
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import inspect
 import os
 import re
@@ -30,6 +32,7 @@ def parse_flags(argv: list[str], module: types.ModuleType | None = None) -> None
   With -h/--help anywhere among the flags, print the verb's help instead (`verb_help(module)`;
   module defaults to the calling verb's module) and exit 0.
   """
+  keep_off_absent_tpu()
   if wants_help(argv):
     if module is None:
       module = sys.modules[sys._getframe(1).f_globals["__name__"]]
@@ -53,6 +56,17 @@ def parse_flags(argv: list[str], module: types.ModuleType | None = None) -> None
     error = getattr(flag.value, "_error", None)
     if isinstance(error, OSError):
       fail(_unreadable_config(error))
+
+
+def keep_off_absent_tpu() -> None:
+  """With libtpu installed (the `tpu` extra, for `llmjax compile`) on a host with no TPU
+  attached, jax would try a TPU backend first: libtpu logs errors and takes its lock file before
+  jax falls back. Unless JAX_PLATFORMS is set, such a host uses its GPUs or its CPU directly."""
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):  # a TPU VM's chips
+    return
+  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
 
 
 def _forget_earlier_parse() -> None:

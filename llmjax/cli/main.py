@@ -23,6 +23,8 @@ VERBS = {
                  "encoder-decoder (greedy or beam search)",
     "segment": "segment an image into regions by mean-shift clustering of (colour, position)",
     "sample": "draw new images from a trained GAN run as a PNG grid",
+    "compile": "compile an experiment's steps for a TPU topology (v5e-16, v5p-8, ...) and report "
+               "per-device memory, fit, cost and collectives, without a TPU",
 }
 
 

@@ -1,0 +1,197 @@
+"""What a compiled step says about itself on a TPU: per-device memory against the chip's HBM, the
+compiler's cost model against the chip's roofline, and the collectives in its HLO.
+
+Everything here reads a compiled executable (or the compiler's out-of-memory refusal) and the
+chip table of `llmjax.parallel.topology`; nothing runs a step.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+import jax
+import numpy as np
+
+from llmjax.parallel.topology import GIB, Chip
+
+# Collective ops by kind; an async pair (-start/-done) counts once, at its start.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "ragged-all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES)
+                 + r")(-start)?\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation|"
+                    r"branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def memory(stats, hbm_bytes: int) -> dict:
+  """Per-device bytes from `memory_analysis()`; peak = arguments + outputs - aliased +
+  temporaries + generated code (what must sit in HBM at once)."""
+  out = {"arguments": int(stats.argument_size_in_bytes),
+         "outputs": int(stats.output_size_in_bytes),
+         "aliased": int(stats.alias_size_in_bytes),
+         "temporaries": int(stats.temp_size_in_bytes),
+         "generated_code": int(stats.generated_code_size_in_bytes)}
+  out["peak"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+                 + out["generated_code"])
+  out["hbm"] = hbm_bytes
+  return out
+
+
+_SIZE = r"([0-9.]+)\s*([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(number: str, unit: str) -> int:
+  return int(float(number) * _UNITS[unit])
+
+
+def exhausted(message: str, hbm_bytes: int) -> dict | None:
+  """The numbers in the compiler's RESOURCE_EXHAUSTED refusal (None for any other error)."""
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  text = " ".join(message.split())
+  out = {"hbm": hbm_bytes, "error": text[:600]}
+  used = re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", text)
+  over = re.search(r"\(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)", text)
+  found = used or over
+  if found:
+    out["peak"] = _bytes(*found.group(1, 2))
+    out["available"] = _bytes(*found.group(3, 4))
+  total = re.search(r"Total hbm usage >= " + _SIZE, text)
+  if total:
+    out["peak"] = max(out.get("peak", 0), _bytes(*total.group(1, 2)))
+  for name in ("arguments", "temporaries", "program", "reserved", "outputs"):
+    part = re.search(r"\b" + name + r":?\s+" + _SIZE, text)
+    if part:
+      out[name] = _bytes(*part.group(1, 2))
+  return out
+
+
+def cost(compiled) -> dict:
+  """The compiler's cost model of the partitioned (per-device) program."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  out = {"flops": float(analysis.get("flops", 0.0)),
+         "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
+  optimal = analysis.get("optimal_seconds")
+  if optimal is not None and optimal > 0:  # the TPU model reports a negative value when unsure
+    out["optimal_seconds"] = float(optimal)
+  return out
+
+
+def roofline(costs: dict, chip: Chip, model_flops: float | None) -> dict:
+  """Lower bounds on a step's time from FLOPs and HBM traffic, and the MFU they cap.
+
+  MFU counts the model's FLOPs (per device); the compiler's count includes recomputation
+  (remat), so the bound is model FLOPs / (peak x the slower of the two times).
+  """
+  compute_s = costs["flops"] / chip.bf16_flops
+  memory_s = costs["bytes_accessed"] / chip.hbm_bytes_per_s
+  out = {"compute_s": compute_s, "memory_s": memory_s,
+         "bound": "compute" if compute_s >= memory_s else "memory"}
+  step_s = max(compute_s, memory_s, costs.get("optimal_seconds", 0.0))
+  out["step_s_lower_bound"] = step_s
+  flops = model_flops if model_flops is not None else costs["flops"]
+  out["mfu_upper_bound"] = min(1.0, flops / (chip.bf16_flops * step_s)) if step_s > 0 else None
+  return out
+
+
+def _shape_bytes(text: str) -> float:
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(text):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _result_bytes(shape: str, kind: str, is_start: bool) -> float:
+  """Bytes a collective produces; an async start's tuple holds its operand(s) first."""
+  if is_start and kind in ("all-gather", "collective-permute") and shape.startswith("("):
+    arrays = [m.group(0) for m in _ARRAY.finditer(shape) if m.group(1) in _DTYPE_BYTES]
+    half = [a for a in arrays if a.split("[")[1] != "]"]  # drop scalar sync flags
+    return _shape_bytes(" ".join(half[len(half) // 2:]))
+  return _shape_bytes(shape)
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {"count", "bytes"}} per step: ops inside a loop body count once per iteration."""
+  computations, current = collections.defaultdict(list), "?"
+  edges, entry = collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      entry = current if line.startswith("ENTRY") else entry
+      continue
+    op = _OP.match(line)
+    if op:
+      computations[current].append((op.group(2), _result_bytes(op.group(1), op.group(2),
+                                                                bool(op.group(3)))))
+    trips = _TRIP.search(line)
+    for called in _CALLS.finditer(line):
+      repeat = int(trips.group(1)) if trips and called.group(1) == "body" else 1
+      for name in (called.group(2) or called.group(3)).split(","):
+        edges[current].append((name.strip().lstrip("%"), repeat))
+  times = _multipliers(edges, entry)
+  out = {}
+  for name, ops in computations.items():
+    for kind, size in ops:
+      entry_ = out.setdefault(kind, {"count": 0, "bytes": 0})
+      entry_["count"] += times.get(name, 1)
+      entry_["bytes"] += int(size * times.get(name, 1))
+  return out
+
+
+def _multipliers(edges: dict, entry: str | None) -> dict:
+  """How many times each computation runs per call of the entry (loop trip counts multiplied)."""
+  times = {entry: 1} if entry else {}
+  stack = [entry] if entry else []
+  while stack:
+    name = stack.pop()
+    for callee, repeat in edges.get(name, ()):
+      count = times[name] * repeat
+      if times.get(callee, 0) < count:
+        times[callee] = count
+        stack.append(callee)
+  return times
+
+
+def state_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a sharded tree (the largest shard of each leaf)."""
+  leaves = jax.tree.leaves(jax.tree.map(
+      lambda a, s: int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize,
+      abstract_tree, shardings))
+  return int(sum(leaves))
+
+
+def gib(n: float | None) -> str:
+  return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def table(report: dict) -> str:
+  """The report as a fixed-width table: one row per compiled step."""
+  head = (f"{'step':8} {'fits':4} {'peak GiB':>9} {'HBM GiB':>8} {'args':>7} {'temps':>7} "
+          f"{'compile s':>9} {'TFLOP/dev':>9} {'bound':>7} {'MFU<=':>6} {'coll. GiB':>9}")
+  lines = [f"{report['topology']} ({report['devices']} devices, chip {report['chip']}, "
+           f"mesh {report['mesh']}, rules {report['rules']})", head]
+  for name, step in report["steps"].items():
+    mem, roof = step["memory"], step.get("roofline", {})
+    mfu = roof.get("mfu_upper_bound")
+    coll = sum(c["bytes"] for c in step.get("collectives", {}).values())
+    lines.append(
+        f"{name:8} {'yes' if step['fits'] else 'NO':4} {gib(mem.get('peak')):>9} "
+        f"{gib(mem['hbm']):>8} {gib(mem.get('arguments')):>7} {gib(mem.get('temporaries')):>7} "
+        f"{step['compile_s']:>9.1f} {step.get('cost', {}).get('flops', 0) / 1e12:>9.3f} "
+        f"{roof.get('bound', '-'):>7} {'-' if mfu is None else f'{mfu:.1%}':>6} "
+        f"{gib(coll) if 'collectives' in step else '-':>9}")
+  return "\n".join(lines)
