@@ -19,6 +19,7 @@ VERBS = {
               "Face / PEFT",
     "convert": "convert an llmjax export to or from a Hugging Face model directory",
     "generate": "continue a prompt with an llmjax export or a Hugging Face model",
+    "chat": "talk to a model through its chat template (one --message, or turns from stdin)",
     "translate": "translate text with a seq2seq run, an llmjax export or a Hugging Face "
                  "encoder-decoder (greedy or beam search)",
     "segment": "segment an image into regions by mean-shift clustering of (colour, position)",

@@ -17,6 +17,7 @@ from llmjax.tasks.image_classify import ImageClassify, ImageClassifyConfig
 from llmjax.tasks.lm import LM, LMConfig
 from llmjax.tasks.mlm import MaskedLM, MaskedLMConfig
 from llmjax.tasks.seq2seq import Seq2Seq, Seq2SeqConfig
+from llmjax.tasks.sft import SFT, SFTConfig
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -40,5 +41,6 @@ def unregister(name: str) -> None:
 for _name, _task, _options in (("lm", LM, LMConfig), ("mlm", MaskedLM, MaskedLMConfig),
                                ("classify", Classify, ClassifyConfig),
                                ("image_classify", ImageClassify, ImageClassifyConfig),
-                               ("seq2seq", Seq2Seq, Seq2SeqConfig), ("gan", Gan, GanConfig)):
+                               ("seq2seq", Seq2Seq, Seq2SeqConfig), ("gan", Gan, GanConfig),
+                               ("sft", SFT, SFTConfig)):
   register(_name, _task, _options)
