@@ -59,7 +59,7 @@ FLOORS = {
 # Function-level imports are for keeping a heavy optional dependency off `import llmjax...`;
 # each says so in a comment on its line or the line above. These are the ones allowed.
 HEAVY_OPTIONAL = {"torch", "tensorflow", "tensorflow_datasets", "sklearn", "peft", "transformers",
-                  "huggingface_hub", "matplotlib", "tqdm", "sacrebleu", "tokenizers",
+                  "huggingface_hub", "matplotlib", "tqdm", "sacrebleu", "tokenizers", "pyarrow",
                   # jax's Pallas TPU kernels: a third of a second that only splash runs need
                   "jax.experimental.pallas"}
 

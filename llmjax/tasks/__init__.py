@@ -11,8 +11,8 @@ from llmjax.config import Experiment, TaskConfig
 from llmjax.errors import ConfigError
 from llmjax.tasks.base import (CAPABILITIES, Capability, CountsFlops, Data, DecodedReport,
                                Exportable, LossTerms, Outputs, ParamGroups, Prediction, Predicts,
-                               Samples, SharesBatch, Task, Translates, WritesFiles, declared,
-                               supports)
+                               References, Samples, SharesBatch, Task, Translates, WritesFiles,
+                               declared, supports)
 from llmjax.tasks.multitask import MultiTask
 from llmjax.tasks.registry import TASKS, register, unregister
 
@@ -36,7 +36,8 @@ def setup(exp: Experiment, workdir: str | None) -> tuple[Task, Data]:
 
 
 __all__ = ["CAPABILITIES", "TASKS", "Capability", "CountsFlops", "Data", "DecodedReport",
-           "Exportable", "LossTerms", "Outputs", "ParamGroups", "Prediction", "Predicts", "Samples",
+           "Exportable", "LossTerms", "Outputs", "ParamGroups", "Prediction", "Predicts",
+           "References", "Samples",
            "SharesBatch", "Task",
            "TaskConfig", "Translates", "WritesFiles", "build", "declared", "register", "setup",
            "supports", "unregister"]

@@ -4,7 +4,7 @@ The core every task has (`Task`): its data, model, example batch, init, loss and
 the steps, abstract init, checkpoints, preemption and the CLI call only these. Everything only
 some tasks can do is a *capability*: a small mixin class below (`SharesBatch`, `Predicts`,
 `DecodedReport`, `Translates`, `WritesFiles`, `CountsFlops`, `Exportable`, `ParamGroups`,
-`Samples`) that a task declares by
+`Samples`, `References`) that a task declares by
 subclassing it; callers ask `supports(task, Capability)`, never for the task's class and never by
 comparing methods. A task that wraps others (multi-task, distillation) declares what it forwards
 by overriding `capabilities`.
@@ -277,8 +277,28 @@ class Samples(Capability):
     return []
 
 
+class References(Capability):
+  """Its loss compares the policy with a reference model (DPO): the loop provides the reference as
+  `reference_kind` asks (llmjax/train/reference.py): `copy`, a frozen copy of the starting
+  parameters in the train state's `teacher` field (never differentiated, donated or
+  checkpointed); `adapters_off`, nothing (the loss runs the same network without its adapters);
+  `precomputed`, columns of the rows that `reference_columns` computes once."""
+
+  def reference_kind(self) -> str:
+    """copy | adapters_off | precomputed."""
+    raise NotImplementedError
+
+  def check_reference(self, trainable: frozenset | None, param_paths) -> None:
+    """Refuse (ConfigError) a reference this run's trainable split cannot give."""
+
+  def reference_columns(self, model: nn.Module, variables: dict, batch: dict) -> dict:
+    """The precomputed reference's columns of one batch (jit-safe), from the starting
+    variables."""
+    raise NotImplementedError
+
+
 CAPABILITIES = (Exportable, SharesBatch, Predicts, DecodedReport, Translates, WritesFiles,
-                CountsFlops, ParamGroups, Samples)
+                CountsFlops, ParamGroups, Samples, References)
 
 
 def declared(cls: type) -> frozenset[type]:

@@ -12,6 +12,7 @@ from llmjax import config as config_lib
 from llmjax.config import TaskConfig
 from llmjax.tasks.base import Task
 from llmjax.tasks.classify import Classify, ClassifyConfig
+from llmjax.tasks.dpo import DPO, DPOConfig
 from llmjax.tasks.gan import Gan, GanConfig
 from llmjax.tasks.image_classify import ImageClassify, ImageClassifyConfig
 from llmjax.tasks.lm import LM, LMConfig
@@ -42,5 +43,5 @@ for _name, _task, _options in (("lm", LM, LMConfig), ("mlm", MaskedLM, MaskedLMC
                                ("classify", Classify, ClassifyConfig),
                                ("image_classify", ImageClassify, ImageClassifyConfig),
                                ("seq2seq", Seq2Seq, Seq2SeqConfig), ("gan", Gan, GanConfig),
-                               ("sft", SFT, SFTConfig)):
+                               ("sft", SFT, SFTConfig), ("dpo", DPO, DPOConfig)):
   register(_name, _task, _options)

@@ -26,8 +26,8 @@ from llmjax.config import Experiment
 from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
-from llmjax.train import (early_stop, init, offline_teacher, preemption, pretrained, reporting,
-                          rundir, setup, teacher_run)
+from llmjax.train import (early_stop, init, offline_teacher, preemption, pretrained, reference,
+                          reporting, rundir, setup, teacher_run)
 from llmjax.train import teacher as teacher_lib
 
 
@@ -53,6 +53,8 @@ def run(exp: Experiment, workdir: str) -> dict:
   s = dataclasses.replace(s, exp=pretrained.as_recorded(s.exp, data_state))
   if exp.distill.top_k:  # the teacher's top-k logits join the rows (computed once, stored)
     s = dataclasses.replace(s, data=offline_teacher.attach(s, workdir))
+  s = dataclasses.replace(s, data=reference.attach_data(  # a precomputed reference's columns
+      s, workdir, state if data_state is None else (lambda: started_state(s))))
   base = _write_run_files(s, workdir, state)
   start = int(jax.device_get(state.step))
   stopper = early_stop.EarlyStopping(t, data_state)
@@ -104,19 +106,27 @@ def initial_state(s: setup.Setup, ckpt: checkpoint.Checkpointer):
   if s.trainable is not None:
     state = pretrained.with_base(s.exp, state, data_state, s.init_variables, s.tx, s.mesh,
                                  s.rules, s.state_shardings.replace(teacher=None), s.trainable)
-  return with_teacher(s, state), data_state
+  return with_teacher(s, state, lambda: started_state(s)), data_state
+
+
+def started_state(s: setup.Setup):
+  """The seed's init, overlaid with init_from's weights, split into trainable and frozen: the
+  state a fresh run starts from."""
+  state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
+                                 s.state_shardings.replace(teacher=None), s.trainable)
+  return finetune.initialise_added(s.exp, state, s.data)
 
 
 def fresh_state(s: setup.Setup):
-  """The seed's init, overlaid with init_from's weights, split into trainable and frozen (and
-  the teacher, when distilling)."""
-  state = pretrained.initialised(s.exp, s.init_variables, s.tx, s.mesh, s.rules,
-                                 s.state_shardings.replace(teacher=None), s.trainable)
-  return with_teacher(s, finetune.initialise_added(s.exp, state, s.data))
+  """The starting state, with the teacher (distilling) or reference (`References` tasks)."""
+  state = started_state(s)
+  return with_teacher(s, state, state)
 
 
-def with_teacher(s: setup.Setup, state):
-  """`state` with config.distill's teacher attached (read from its checkpoint; {} offline)."""
+def with_teacher(s: setup.Setup, state, start):
+  """`state` with config.distill's teacher attached (read from its checkpoint; {} offline), or
+  the copied reference of a `References` task (from `start`, a state or a function giving it)."""
+  state = reference.attach_state(s, state, start)
   if s.teacher is None:
     return state
   if s.exp.distill.top_k:
@@ -140,8 +150,7 @@ def _write_run_files(s: setup.Setup, workdir: str, state) -> dict | None:
   return base
 
 
-def _write_atomic(path: str, text_: str) -> None:
-  """Write `path` whole or not at all (a crash leaves the old file or none)."""
+def _write_atomic(path: str, text_: str) -> None:  # whole or not at all: old file or none
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # tasks/<head>/ files of config.tasks
   with open(path + ".tmp", "w") as f:
     f.write(text_)
@@ -164,14 +173,12 @@ def _process_slices(mesh, global_batches: list[dict]) -> list[dict]:
   """This process's rows of each global batch (every process holds the same global list)."""
   if not global_batches:
     return []
-  size = len(next(iter(global_batches[0].values())))
-  rows = sharding.process_rows(mesh, size)
+  rows = sharding.process_rows(mesh, len(next(iter(global_batches[0].values()))))
   return [jax.tree.map(lambda x: x[rows], batch) for batch in global_batches]
 
 
 def _data_state(iterator) -> dict:
-  """The iterator's position as JSON, saved with every checkpoint."""
-  state = iterator.get_state()
+  state = iterator.get_state()  # the iterator's position as JSON, saved with each checkpoint
   return {"grain": state.decode() if isinstance(state, bytes) else json.dumps(state)}
 
 

@@ -19,7 +19,7 @@ from llmjax.errors import ConfigError
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.tasks.distill import PROJECTION_SHAPE, Distilled
-from llmjax.train import early_stop, init, optim, pretrained, step
+from llmjax.train import early_stop, init, optim, pretrained, reference, step
 from llmjax.train import teacher as teacher_lib
 
 
@@ -60,10 +60,14 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
   tx = optim.make_optimizer(exp.optim, exp.train.steps, optim.param_groups(task))
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
-  trainable = finetune.plan(exp, init.param_shapes(init_variables))
+  param_shapes = init.param_shapes(init_variables)
+  trainable = finetune.plan(exp, param_shapes)
+  if tasks.supports(task, tasks.References):  # a reference this run cannot give fails here
+    task.check_reference(trainable, frozenset(param_shapes))
+    reference.check_vocabulary(exp, data.tokenizer)
   tx = finetune.optimizer(exp, tx, trainable)
-  abstract_state, state_shardings = init.state_shardings(init_variables, tx, mesh, rules,
-                                                         trainable)
+  abstract_state, state_shardings = reference.abstract(
+      task, *init.state_shardings(init_variables, tx, mesh, rules, trainable))
   if teacher is not None:
     online = not exp.distill.top_k
     abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})

@@ -1,0 +1,212 @@
+"""Preference pairs: JSONL or Parquet rows {prompt, chosen, rejected} -> token rows of both
+completions, each with the prompt before it and a mask of its completion's tokens.
+
+The files are what HF `datasets` writes (`to_json(lines=True)`, `to_parquet`). `prompt` is text
+or a list of {role, content} messages (rendered by `render`, the chat template's job); `chosen`
+and `rejected` are text, or a list holding one assistant message. A pair whose completions are
+empty or identical teaches nothing: one DataError naming the file and row.
+
+A row is cut to `seq_len` tokens: the prompt loses tokens from its start (down to half the row)
+before a completion loses tokens from its end; cut rows are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from llmjax.data import sources, text, tokenizers
+from llmjax.errors import DataError
+
+FIELDS = ("prompt", "chosen", "rejected")
+SIDES = ("chosen", "rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  prompt: object  # str, or a list of {role, content} messages
+  chosen: str
+  rejected: str
+  where: str  # "FILE line N" / "FILE row N": what an error names
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceData:
+  train: dict  # tokenize's arrays
+  val: dict
+  tokenizer: object
+  info: dict  # tokenizer, vocab_size, pair counts, pairs cut to seq_len
+  artifacts: dict  # tokenizer.json of a trained or hf: vocabulary
+  val_pairs: list  # the validation Pairs, in row order
+
+
+def read_file(path: pathlib.Path) -> list[Pair]:
+  """The pairs of one .jsonl/.json (one object per line) or .parquet file, checked."""
+  suffix = path.suffix.lower()
+  if suffix in (".jsonl", ".json"):
+    records = _json_records(path)
+  elif suffix == ".parquet":
+    records = _parquet_records(path)
+  else:
+    raise DataError(f"preference file {path}: unknown extension {path.suffix!r}; allowed .jsonl, "
+                    ".json (one JSON object per line) or .parquet")
+  return [_pair(where, record) for where, record in records]
+
+
+def _json_records(path: pathlib.Path):
+  try:
+    text = path.read_bytes().decode("utf-8-sig")
+  except OSError as e:
+    raise DataError(f"cannot read preference file {path}: {e.strerror}") from e
+  except UnicodeDecodeError as e:
+    raise DataError(f"preference file {path} is not UTF-8 text") from e
+  for n, line in enumerate(text.split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"preference file {path} line {n}: not valid JSON ({e.msg})") from e
+    if not isinstance(record, dict):
+      raise DataError(f"preference file {path} line {n}: expected a JSON object")
+    yield f"{path} line {n}", record
+
+
+def _parquet_records(path: pathlib.Path):
+  try:
+    import pyarrow.parquet as pq  # only Parquet input needs it
+  except ImportError as e:
+    raise DataError(f"preference file {path}: reading Parquet needs pyarrow (pip install "
+                    "pyarrow), or give the rows as .jsonl") from e
+  try:
+    rows = pq.read_table(path).to_pylist()
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read preference file {path} as Parquet: {e}") from e
+  for n, record in enumerate(rows, start=1):
+    yield f"{path} row {n}", record
+
+
+def _completion(where: str, record: dict, key: str) -> str:
+  value = record[key]
+  if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+      and value[0].get("role") == "assistant":
+    value = value[0].get("content")
+  if not isinstance(value, str):
+    raise DataError(f"{where}: {key!r} must be text or a list of one assistant message, got "
+                    f"{type(value).__name__}")
+  if not value.strip():
+    raise DataError(f"{where}: {key!r} is empty; a preference pair needs two non-empty "
+                    "completions")
+  return value
+
+
+def _pair(where: str, record: dict) -> Pair:
+  missing = [k for k in FIELDS if k not in record]
+  if missing:
+    raise DataError(f"{where}: no field {', '.join(map(repr, missing))}; a preference row has "
+                    f"{', '.join(FIELDS)} (fields here: {', '.join(map(repr, record))})")
+  prompt = record["prompt"]
+  if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in prompt))):
+    raise DataError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages")
+  chosen, rejected = _completion(where, record, "chosen"), _completion(where, record, "rejected")
+  if chosen == rejected:
+    raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs "
+                    "two different completions")
+  return Pair(prompt, chosen, rejected, where)
+
+
+def _fit(prompt_P: np.ndarray, completion_C: np.ndarray, seq_len: int):
+  """(prompt, completion) cut to seq_len together (see module doc); and whether it was cut."""
+  if len(prompt_P) + len(completion_C) <= seq_len:
+    return prompt_P, completion_C, False
+  keep = max(seq_len - len(completion_C), min(len(prompt_P), seq_len // 2))
+  prompt_P = prompt_P[len(prompt_P) - keep:]
+  return prompt_P, completion_C[:seq_len - len(prompt_P)], True
+
+
+def tokenize(pairs: list[Pair], tokenizer, seq_len: int, render=None) -> tuple[dict, int]:
+  """({"<side>_tokens", "<side>_segment_ids", "<side>_loss"} [N, seq_len] for both sides, the
+  number of cut rows). `<side>_loss[t]` is 1 where position t predicts a completion token.
+
+  `render(pair) -> (prompt text, chosen text, rejected text)`: how a chat template writes them
+  (None: the texts as given; a messages prompt then needs a template)."""
+  arrays = {f"{side}_{k}": np.zeros((len(pairs), seq_len), dt) for side in SIDES
+            for k, dt in (("tokens", np.int32), ("segment_ids", np.int32), ("loss", np.float32))}
+  cut = 0
+  for i, pair in enumerate(pairs):
+    if render is not None:
+      texts = render(pair)
+    elif isinstance(pair.prompt, str):
+      texts = (pair.prompt, pair.chosen, pair.rejected)
+    else:
+      raise DataError(f"{pair.where}: 'prompt' is a list of messages, which needs a chat "
+                      "template (config.data.chat_template)")
+    prompt_P = np.asarray(tokenizer.encode(texts[0]), np.int32)
+    row_cut = False
+    for side, text in zip(SIDES, texts[1:]):
+      completion_C = np.asarray(tokenizer.encode_batch([text], add_special_tokens=False)[0],
+                                np.int32)
+      p, c, was_cut = _fit(prompt_P, completion_C, seq_len)
+      row_cut |= was_cut
+      n = len(p) + len(c)
+      arrays[f"{side}_tokens"][i, :n] = np.concatenate([p, c])
+      arrays[f"{side}_segment_ids"][i, :n] = 1
+      arrays[f"{side}_loss"][i, max(len(p) - 1, 0):n - 1] = 1.0  # t predicts token t + 1
+    cut += row_cut
+  return arrays, cut
+
+
+def _read(pattern: str, key: str) -> list[Pair]:
+  try:
+    files = sources.glob_files(pattern)
+  except DataError as e:
+    raise DataError(f"config.data.{key}={pattern!r} matches no files") from e
+  pairs = [pair for path in files for pair in read_file(path)]
+  if not pairs:
+    raise DataError(f"config.data.{key}={pattern!r}: its files hold no preference pairs")
+  return pairs
+
+
+def _split_off_val(exp, pairs: list[Pair]):
+  """(train, val) by a stable hash of each prompt; both sides non-empty given two prompts."""
+  keys = [json.dumps(p.prompt, sort_keys=True) for p in pairs]
+  hashes = {k: text.unit_hash(exp.data.seed, k) for k in keys}
+  cut = exp.data.val_fraction
+  if len(set(keys)) >= 2:  # a tiny file can hash to one side: move the nearest prompt across
+    ordered = sorted(hashes.values())
+    cut = min(max(cut, ordered[0] + 1e-12), ordered[-1])
+  val = [p for p, k in zip(pairs, keys) if hashes[k] < cut]
+  return [p for p, k in zip(pairs, keys) if hashes[k] >= cut], val
+
+
+def load(exp, workdir: str | None, render=None) -> PreferenceData:
+  """The run's preference rows (config.data.files, val_files or a split of files by a stable
+  hash of (seed, prompt): a prompt's pairs never sit on both sides), tokenizer and info."""
+  d = exp.data
+  train = _read(d.files, "files")
+  if d.val_files:
+    val = _read(d.val_files, "val_files")
+  else:
+    train, val = _split_off_val(exp, train)
+  if not train or not val:
+    raise DataError(f"config.data.files={d.files!r}: {len(train)} training and {len(val)} "
+                    "validation pairs; both splits need at least one (set config.data.val_files "
+                    "or add pairs with other prompts)")
+  texts = lambda: [t for p in train for t in (p.prompt, p.chosen, p.rejected)  # noqa: E731
+                   if isinstance(t, str)]
+  tokenizer, artifacts = tokenizers.for_run(d.tokenizer, workdir, texts)
+  arrays, cut = {}, {}
+  for name, pairs in (("train", train), ("val", val)):
+    arrays[name], cut[name] = tokenize(pairs, tokenizer, d.seq_len, render)
+  if cut["train"] or cut["val"]:
+    print(f"config.data.seq_len={d.seq_len}: cut {cut['train']} training and {cut['val']} "
+          "validation pairs to fit", file=sys.stderr)
+  info = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+          "pairs": {"train": len(train), "val": len(val)}, "cut_pairs": cut}
+  return PreferenceData(arrays["train"], arrays["val"], tokenizer, info, artifacts, val)

@@ -1,0 +1,195 @@
+"""`dpo`: preference tuning of a decoder on {prompt, chosen, rejected} pairs (DPO, IPO, hinge).
+
+The loss (llmjax/objectives/dpo.py) compares the policy's log-probabilities of the two
+completions with a reference model's, which comes from `config.task.reference`:
+  copy          a frozen copy of the starting policy, held by the loop in the train state's
+                `teacher` field like a distillation teacher (outside gradients, optimizer state,
+                donation and checkpoints; sharded like the policy; rebuilt from the same start on
+                resume)
+  adapters_off  the same network without its adapters (LoRA, adapters, prompts): a fine-tuning
+                run whose every trainable parameter is an added one needs no second copy
+  precomputed   the reference's log-probabilities of every train and validation pair, computed
+                once from the starting policy and stored in the workdir (reference_logps/)
+Chosen and rejected run as one batch of 2B rows. They share the prompt, but its work is not
+shared: attention takes segment ids only, and an exact shared prefix needs a tree mask (the
+rejected tokens seeing the prompt but not the chosen ones) that llmjax's kernels do not take.
+
+Metrics (means over pairs, TRL's DPOTrainer definitions; TRL key in brackets): loss,
+reward_accuracy [rewards/accuracies], reward_margin [rewards/margins], reward_chosen
+[rewards/chosen], reward_rejected [rewards/rejected], logp_chosen [logps/chosen], logp_rejected
+[logps/rejected]; and preference_accuracy, how often the policy alone gives the chosen completion
+the higher log-probability (meaningful before training too, when every reward is 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llmjax import treepaths
+from llmjax.config import TaskConfig
+from llmjax.config_checks import require
+from llmjax.errors import ConfigError
+from llmjax.models.apply import apply_model
+from llmjax.models.peft import Peft
+from llmjax.models.transformer import Transformer
+from llmjax.objectives import dpo as objective
+from llmjax.objectives.distill import TEACHER
+from llmjax.tasks.base import Data, LossTerms, References, Task, require_encoder_decoder
+
+REFERENCES = ("copy", "adapters_off", "precomputed")
+REF_CHOSEN, REF_REJECTED = "ref_logp_chosen", "ref_logp_rejected"  # precomputed batch columns
+SIDES = ("chosen", "rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(TaskConfig):
+  """config.task of `dpo` (see the module doc)."""
+  beta: float = 0.1  # > 0: the strength of the pull towards the reference
+  loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+  label_smoothing: float = 0.0  # sigmoid only: the assumed rate of flipped labels (cDPO), < 0.5
+  reference: str = "copy"  # copy | adapters_off | precomputed
+
+  def validate(self, exp):
+    require_encoder_decoder(exp, False)
+    require(self.beta > 0, f"config.task.beta must be > 0, got {self.beta}")
+    require(self.loss_type in objective.LOSS_TYPES,
+            f"config.task.loss_type={self.loss_type!r}; allowed: "
+            f"{', '.join(objective.LOSS_TYPES)}")
+    require(0.0 <= self.label_smoothing < 0.5,
+            f"config.task.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    require(self.label_smoothing == 0.0 or self.loss_type == "sigmoid",
+            f"config.task.label_smoothing={self.label_smoothing} applies to loss_type "
+            f"'sigmoid' only, not {self.loss_type!r}")
+    require(self.reference in REFERENCES, f"config.task.reference={self.reference!r}; allowed: "
+            f"{', '.join(REFERENCES)}")
+    require(not exp.distill.teacher, "config.distill.teacher: a dpo run holds its reference model "
+            "where a teacher would be; allowed: '' with config.task.name='dpo'")
+    require(exp.data.source == "files" and bool(exp.data.files),
+            f"config.data.source={exp.data.source!r}: the dpo task reads preference files; set "
+            "config.data.source='files' and config.data.files to a .jsonl/.parquet glob")
+    require(exp.model.arch != "rnn", "config.model.arch='rnn': the dpo task trains a "
+            "Transformer decoder")
+
+
+class DPO(References, Task):
+  """A decoder tuned so that it prefers each chosen completion over its rejected one."""
+  name = "dpo"
+
+  def data(self, workdir):
+    # deferred: grain and tensorflow-datasets stay off the model-only import path
+    from llmjax.data import preference
+    d = preference.load(self.exp, workdir)
+    return Data(train=d.train, val=d.val, test=None, tokenizer=d.tokenizer, info=d.info,
+                artifacts=d.artifacts, texts={"val": d.val_pairs})
+
+  def model(self):
+    return Transformer(self.exp.model, self.peft())
+
+  def base_model(self):
+    """The same network without config.finetune's added parameters (the adapters-off
+    reference)."""
+    return Transformer(self.exp.model, Peft())
+
+  def example_batch(self, batch_size):
+    shape = (batch_size, self.exp.data.seq_len)
+    batch = {f"{side}_{key}": jax.ShapeDtypeStruct(shape, dtype) for side in SIDES
+             for key, dtype in (("tokens", jnp.int32), ("segment_ids", jnp.int32),
+                                ("loss", jnp.float32))}
+    if self.exp.task.reference == "precomputed":
+      batch.update({k: jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+                    for k in (REF_CHOSEN, REF_REJECTED)})
+    return batch
+
+  def init(self, model, rngs, batch):
+    return model.init(rngs, batch["chosen_tokens"])
+
+  def logps(self, model, variables, batch, *, rng, train):
+    """(policy log-probability of each chosen completion [B], of each rejected one [B], the
+    model state): one forward over both sides; per-token means for ipo (TRL's)."""
+    tokens_NL, segment_ids_NL, mask_NL = (
+        jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+        for k in ("tokens", "segment_ids", "loss"))
+    logits_NLV, model_state = apply_model(model, variables, tokens_NL, train=train, rng=rng,
+                                          segment_ids_BL=segment_ids_NL, deterministic=not train)
+    targets_NL = jnp.concatenate([tokens_NL[:, 1:], jnp.zeros_like(tokens_NL[:, :1])], axis=1)
+    logps_N, counts_N = objective.sequence_logps(logits_NLV, targets_NL, mask_NL)
+    if self.exp.task.loss_type == "ipo":
+      logps_N = logps_N / jnp.maximum(counts_N, 1.0)
+    chosen_B, rejected_B = jnp.split(logps_N, 2)
+    return chosen_B, rejected_B, model_state
+
+  def reference_logps(self, model, variables, batch):
+    """(reference log-probabilities of chosen [B], of rejected [B]), never differentiated."""
+    params = variables["params"]
+    reference = variables.get(TEACHER)
+    if REF_CHOSEN in batch:
+      return batch[REF_CHOSEN], batch[REF_REJECTED]
+    if reference is not None:
+      chosen, rejected, _ = self.logps(model, reference["variables"], batch, rng=None,
+                                       train=False)
+    elif self.exp.task.reference == "adapters_off":
+      base = {"params": self.base_params(params)}
+      chosen, rejected, _ = self.logps(self.base_model(), base, batch, rng=None, train=False)
+    else:
+      raise ValueError(f"config.task.reference={self.exp.task.reference!r}: the loss got no "
+                       "reference (a train state's teacher field, or precomputed columns)")
+    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+  def base_params(self, params):
+    """`params` without the subtrees config.finetune added."""
+    keep = self._base_paths()
+    return treepaths.nest({p: v for p, v in treepaths.items(params) if p in keep})
+
+  @functools.cache
+  def _base_paths(self) -> frozenset:
+    zeros = jax.ShapeDtypeStruct((1, self.exp.data.seq_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: self.base_model().init(jax.random.PRNGKey(0),
+                                                           jnp.zeros(zeros.shape, zeros.dtype)))
+    return frozenset(p for p, _ in treepaths.items(shapes["params"]))
+
+  def loss(self, model, variables, batch, *, rng, train):
+    variables = dict(variables)
+    ref_chosen_B, ref_rejected_B = self.reference_logps(model, variables, batch)
+    variables.pop(TEACHER, None)
+    chosen_B, rejected_B, model_state = self.logps(model, variables, batch, rng=rng, train=train)
+    t = self.exp.task
+    losses_B, chosen_rewards_B, rejected_rewards_B = objective.pair_losses(
+        chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=t.beta, loss_type=t.loss_type,
+        label_smoothing=t.label_smoothing)
+    valid_B = jnp.sum(batch["chosen_loss"], axis=-1) > 0  # padded evaluation rows: no pair
+    loss_sum, pairs, sums = objective.pair_sums(losses_B, chosen_rewards_B, rejected_rewards_B,
+                                                chosen_B, rejected_B, valid_B)
+    return LossTerms(loss_sum, pairs, sums, model_state)
+
+  def report(self, sums):
+    return objective.report(sums)
+
+  def headline(self, report):
+    return (f"final validation DPO loss {report['loss']:.4f}, reward accuracy "
+            f"{report['reward_accuracy']:.3f}, preference accuracy "
+            f"{report['preference_accuracy']:.3f}")
+
+  # --- References
+  def reference_kind(self):
+    return self.exp.task.reference
+
+  def check_reference(self, trainable, param_paths):
+    if self.exp.task.reference != "adapters_off":
+      return
+    base = self._base_paths()
+    added = sorted(set(param_paths) - base)
+    wrong = sorted(set(trainable or param_paths) & base)
+    if not added or wrong:
+      raise ConfigError(
+          "config.task.reference='adapters_off' needs a run whose trainable parameters are all "
+          f"added by config.finetune (lora, adapter, prompt, prefix); config.finetune.method="
+          f"{self.exp.finetune.method!r} trains {len(wrong)} base parameter(s) "
+          f"({', '.join(wrong[:3])}...); use reference='copy'")
+
+  def reference_columns(self, model, variables, batch):
+    chosen, rejected, _ = self.logps(model, variables, batch, rng=None, train=False)
+    return {REF_CHOSEN: chosen, REF_REJECTED: rejected}

@@ -1,0 +1,215 @@
+"""The dpo task: losses and metrics against numpy, the reference's kinds (a frozen copy, adapters
+off, precomputed), exact resume, 8 devices == 1, and bad input."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import config as config_lib, finetune
+from llmjax.errors import ConfigError, DataError
+from llmjax.objectives import dpo as objective
+from llmjax.objectives.distill import TEACHER
+from llmjax.parallel import sharding
+from llmjax.train import loop, setup
+from llmjax.tasks.dpo import REF_CHOSEN, REF_REJECTED
+from llmjax.train.state import loss_variables
+
+from _task_helpers import with_mesh
+
+WORDS = "open file save close print edit view help".split()
+
+
+def write_pairs(path, n=24, seed=0):
+  """Pairs whose chosen completion repeats the word the prompt asks for."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for i in range(n):
+      word, other = rng.choice(WORDS, 2, replace=False)
+      f.write(json.dumps({"prompt": f"say {word} {i}:", "chosen": f" {word}!",
+                          "rejected": f" {other}?"}) + "\n")
+  return str(path)
+
+
+def dpo_experiment(tmp, lora=False, model=None, **task):
+  c = config_lib.base_config()
+  c.model = config_lib.model_section("llama", **(model or dict(
+      vocab_size=256, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=16)))
+  c.task.name = "dpo"
+  c.task.update(task)
+  c.data.update(dict(source="files", files=write_pairs(tmp / "train.jsonl"),
+                     val_files=write_pairs(tmp / "val.jsonl", 8, seed=1), tokenizer="byte",
+                     seq_len=16))
+  c.train.update(dict(steps=4, batch_size=8, log_every=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, async_checkpoint=False, progress=False))
+  c.optim.update(dict(lr=0.01, warmup_steps=1))
+  if lora:
+    c.finetune.update(dict(method="lora", lora_rank=2, lora_targets="all_linear"))
+  return config_lib.resolve(c)
+
+
+def numpy_losses(pc, pr, rc, rr, beta, loss_type, eps):
+  """TRL's DPOTrainer.dpo_loss, written out in numpy."""
+  h = (pc - pr) - (rc - rr)
+  logsig = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+  losses = {"sigmoid": -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h),
+            "ipo": (h - 1 / (2 * beta)) ** 2, "hinge": np.maximum(0.0, 1 - beta * h)}[loss_type]
+  return losses, beta * (pc - rc), beta * (pr - rr)
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0),
+                                           ("hinge", 0.0)])
+def test_losses_and_metrics_equal_numpy(loss_type, eps):
+  rng = np.random.default_rng(0)
+  pc, pr, rc, rr = (rng.normal(-20, 3, 6).astype(np.float32) for _ in range(4))
+  valid = np.array([1, 1, 1, 1, 1, 0], np.float32)  # a padded row counts for nothing
+  beta = 0.3
+  losses, chosen, rejected = objective.pair_losses(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                                                   label_smoothing=eps)
+  want, want_c, want_r = numpy_losses(pc, pr, rc, rr, beta, loss_type, eps)
+  np.testing.assert_allclose(losses, want, rtol=1e-5, atol=1e-5)
+  loss_sum, pairs, sums = objective.pair_sums(losses, chosen, rejected, pc, pr, valid)
+  report = objective.report({"loss_sum": loss_sum, "weight": pairs, **sums})
+  v = valid.astype(bool)
+  expected = {"loss": want[v].mean(), "pairs": 5, "reward_accuracy": (want_c > want_r)[v].mean(),
+              "reward_margin": (want_c - want_r)[v].mean(), "reward_chosen": want_c[v].mean(),
+              "reward_rejected": want_r[v].mean(), "logp_chosen": pc[v].mean(),
+              "logp_rejected": pr[v].mean(), "preference_accuracy": (pc > pr)[v].mean()}
+  assert set(report) == set(expected)
+  for key, value in expected.items():
+    assert report[key] == pytest.approx(float(value), rel=1e-5, abs=1e-5), key
+  # The sequence log-probability: a masked sum of log-softmax at the targets.
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 5))
+  mask = np.array([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.float32)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  got, counts = objective.sequence_logps(logits, targets, mask)
+  np.testing.assert_allclose(got, (picked * mask).sum(-1), rtol=1e-5)
+  np.testing.assert_array_equal(counts, mask.sum(-1))
+
+
+def _batch(s):
+  return sharding.global_batch(s.task.eval_batches(s.data.val, 8, 1)[0], s.mesh)
+
+
+def test_at_start_policy_is_reference_and_reference_gets_no_gradient(tmp_path):
+  """Copy kind: before any step the loss is log 2 and every reward 0; the reference's
+  gradient is zero, it holds no optimizer state and it is never checkpointed; the precomputed
+  kind's columns are the copy's log-probabilities."""
+  s = setup.prepare(dpo_experiment(tmp_path))
+  state = loop.fresh_state(s)
+  batch = _batch(s)
+
+  @jax.jit
+  def check(state, batch):
+    variables = loss_variables(state, state.params, state.model_state)
+    loss = lambda r: s.task.loss(s.model, {**variables, TEACHER: {**variables[TEACHER],  # noqa
+                                                                  "variables": r}},
+                                 batch, rng=None, train=False)
+    terms = loss(variables[TEACHER]["variables"])
+    grads = jax.grad(lambda r: loss(r).loss_sum)(variables[TEACHER]["variables"])
+    columns = s.task.reference_columns(s.model, variables[TEACHER]["variables"], batch)
+    return terms, grads, columns, s.task.reference_logps(s.model, variables, batch)
+
+  with jax.set_mesh(s.mesh):
+    terms, grads, columns, (ref_chosen, ref_rejected) = check(state, batch)
+  report = s.task.report({"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums})
+  assert report["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  for key in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
+    assert report[key] == 0.0, key
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+  np.testing.assert_array_equal(columns[REF_CHOSEN], ref_chosen)
+  np.testing.assert_array_equal(columns[REF_REJECTED], ref_rejected)
+  assert state.checkpointed().teacher is None
+  n_params = len(jax.tree.leaves(state.params))
+  assert len(jax.tree.leaves(state.teacher)) == n_params
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  assert len(moments) == 2 * n_params  # adam's two moments of the policy, none of the reference
+
+
+def test_adapters_off_equals_frozen_copy_bitwise(tmp_path):
+  """A LoRA run's reference without the adapters equals a frozen copy of its starting policy."""
+  copy = setup.prepare(dpo_experiment(tmp_path, lora=True, reference="copy"))
+  off = setup.prepare(dpo_experiment(tmp_path, lora=True, reference="adapters_off"))
+  state = loop.fresh_state(copy)
+  off_state = loop.fresh_state(off)
+  assert off_state.teacher is None  # no second copy of the weights
+  batch = _batch(copy)
+
+  def reference(s):
+    return jax.jit(lambda st, b: s.task.reference_logps(
+        s.model, loss_variables(st, st.params, st.model_state), b))
+  with jax.set_mesh(copy.mesh):
+    want = reference(copy)(state, batch)
+    got = reference(off)(off_state, batch)
+  np.testing.assert_array_equal(np.asarray(want[0]), np.asarray(got[0]))
+  np.testing.assert_array_equal(np.asarray(want[1]), np.asarray(got[1]))
+  with pytest.raises(ConfigError, match="reference='adapters_off'"):
+    setup.prepare(dpo_experiment(tmp_path, reference="adapters_off"))
+
+
+def _final(workdir):
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return [(r["step"], r["split"], r["loss"]) for r in records]
+
+
+def test_exact_resume(tmp_path):
+  """2 steps + resume to 4 == 4 steps in one go: the copied reference is rebuilt from the same
+  start (it is in no checkpoint)."""
+  import llmjax.train
+  exp = dpo_experiment(tmp_path)
+  llmjax.train.run(exp, str(tmp_path / "whole"))
+  short = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2))
+  llmjax.train.run(short, str(tmp_path / "resumed"))
+  llmjax.train.run(exp, str(tmp_path / "resumed"))
+  assert _final(tmp_path / "whole") == _final(tmp_path / "resumed")
+
+
+def test_eight_devices_equal_one(tmp_path):
+  """One train step on a data x fsdp = 2 x 4 mesh (fsdp rules) == on one device."""
+  exp = dpo_experiment(tmp_path)
+  results = []
+  for e, devices in ((exp, jax.devices()[:1]), (with_mesh(exp, 2, 4, "fsdp"), None)):
+    s = setup.prepare(e, devices=devices)
+    train, _ = setup.compile_steps(s)
+    with jax.set_mesh(s.mesh):
+      state, metrics = train(loop.fresh_state(s), sharding.global_batch(
+          s.task.eval_batches(s.data.train, 8, 1)[0], s.mesh))
+    results.append((jax.device_get(metrics["loss"]),
+                    jax.device_get(finetune.merge(state.params, state.frozen))))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results[0][1], results[1][1])
+
+
+def test_bad_input_one_line_and_nothing_written(tmp_path, lm_run):
+  import llmjax.train
+  base = dpo_experiment(tmp_path)
+  bad_rows = {"empty": ({"prompt": "p", "chosen": " ", "rejected": "x"}, "'chosen' is empty"),
+              "same": ({"prompt": "p", "chosen": "x", "rejected": "x"}, "identical")}
+  for name, (row, message) in bad_rows.items():
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text(open(base.data.files).read() + json.dumps(row) + "\n")
+    exp = dataclasses.replace(base, data=dataclasses.replace(base.data, files=str(path)))
+    with pytest.raises(DataError, match=f"{name}.jsonl line 25: .*{message}") as e:
+      llmjax.train.run(exp, str(tmp_path / name))
+    assert "\n" not in str(e.value) and not (tmp_path / name).exists()
+  c = config_lib.base_config()
+  c.task.name, c.task.beta = "dpo", 0.0
+  c.data.update(dict(source="files", files="x.jsonl"))
+  with pytest.raises(ConfigError, match=r"config.task.beta must be > 0, got 0.0"):
+    config_lib.resolve(c)
+  # The reference (the starting policy: a byte-level LM run) and a wordpiece-tokenized dataset.
+  base = dpo_experiment(tmp_path, model=dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4,
+                                             d_ff=64, max_len=32))
+  data = dataclasses.replace(base.data, tokenizer="wordpiece:64")
+  exp = dataclasses.replace(base, data=data, train=dataclasses.replace(
+      base.train, init_from=f"workdir:{lm_run}"))
+  with pytest.raises(ConfigError, match="reference model .* vocabulary") as e:
+    llmjax.train.run(exp, str(tmp_path / "vocab"))
+  assert "\n" not in str(e.value) and not (tmp_path / "vocab").exists()
