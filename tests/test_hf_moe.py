@@ -154,6 +154,11 @@ def test_fused_layout_scanned_and_sharded_loads_equal_the_plain_one(saved, tmp_p
     _, sharded = hf.load(saved[name][0], mesh=mesh, rules="fsdp_tp")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), sharded, plain)
     assert len(sharded["layer_0"]["mlp"]["experts"]["wi"].sharding.device_set) == 8
+  ep = meshlib.make_mesh(MeshConfig(data=2, expert=4))  # Mixtral's 4 experts, one per shard
+  _, sharded = hf.load(directory, mesh=ep, rules="fsdp_ep")
+  wi = sharded["layer_1"]["mlp"]["experts"]["wi"]
+  assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 24)}
+  np.testing.assert_array_equal(np.asarray(wi), params["layer_1"]["mlp"]["experts"]["wi"])
 
 
 def test_what_llmjax_cannot_express_is_one_clear_error(saved, tmp_path):
@@ -252,3 +257,5 @@ def test_peft_adapter_with_lora_on_experts_router_and_shared_expert_loads_in_pef
   ours = _ours(model, params, tokens, mask)
   assert _diff(ours, before, mask) > 1e-2
   assert _diff(ours, theirs, mask) <= TOL
+  with pytest.raises(hf.AdapterError, match="target_parameters=.* cannot be read into llmjax"):
+    hf.load_peft(str(tmp_path / "adapter"))

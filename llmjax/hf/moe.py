@@ -25,9 +25,6 @@ from llmjax.hf import llama, mistral, qwen
 from llmjax.hf import mapping as m
 from llmjax.hf.arch import DENSE_MOE, require
 
-_DENSE = DENSE_MOE
-
-
 def _dense_layers(c, n_layers: int) -> str:
   """mlp_only_layers as llmjax writes it: the listed layers that exist, ascending."""
   listed = sorted({int(i) for i in (getattr(c, "mlp_only_layers", None) or [])})
@@ -42,7 +39,9 @@ def _routing(c, family: str, n_experts: int) -> dict:
 
 
 def mixtral_from_hf(c) -> dict:
-  return {**mistral.from_hf(c), **_DENSE, **_routing(c, "mixtral", c.num_local_experts),
+  require(c.num_local_experts >= 1, f"mixtral num_local_experts={c.num_local_experts} is not "
+          "supported; supported: >= 1")
+  return {**mistral.from_hf(c), **DENSE_MOE, **_routing(c, "mixtral", c.num_local_experts),
           "norm_topk_prob": True}
 
 
@@ -53,7 +52,7 @@ def mixtral_to_hf(cfg: ModelConfig) -> dict:
 
 def _qwen_moe_fields(c, family: str) -> dict:
   n = c.num_experts or 0
-  return dict(_DENSE, **_routing(c, family, n), moe_d_ff=c.moe_intermediate_size if n else 0,
+  return dict(DENSE_MOE, **_routing(c, family, n), moe_d_ff=c.moe_intermediate_size if n else 0,
               decoder_sparse_step=int(c.decoder_sparse_step or 1) if n else 1,
               mlp_only_layers=_dense_layers(c, c.num_hidden_layers) if n else "",
               norm_topk_prob=bool(c.norm_topk_prob))

@@ -23,6 +23,9 @@ delta = scale * B A (transposed into a Conv1D's [in, out] by PEFT itself: fan_in
   PEFT's per-module scale over llmjax's is folded into b.
 - AdaLoRA exports as plain LoRA: e folded into A, only the nonzero-e triplets kept; a module with
   none left keeps rank 1 with zero factors (so target_modules stays the run's).
+- Mixtures of experts: LoRA on experts and routers is exported through PEFT's
+  `target_parameters` (hf/peft_experts.py); such adapters are not read back (a fused gate_up
+  LoRA has no exact split into llmjax's separate wg and wi factors).
 - modules_to_save (trained heads: BERT's classifier, a fresh pooler) are saved whole, under PEFT's
   names `base_model.model.<HF key>`.
 """

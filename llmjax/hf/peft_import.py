@@ -57,6 +57,10 @@ def lora_settings(config: dict, where: str) -> dict:
   if config.get("peft_type") != "LORA":
     raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; llmjax "
                        "reads LORA adapters (and writes PROMPT_TUNING)")
+  if config.get("target_parameters"):  # a fused gate_up LoRA has no exact separate wg, wi one
+    raise AdapterError(f"{where}: target_parameters={config['target_parameters']} (LoRA on MoE "
+                       "experts or routers) cannot be read into llmjax; supported: LoRA on "
+                       "target_modules (llmjax writes such adapters, hf.save_adapter)")
   for key, ok in (("use_dora", False), ("lora_bias", False), ("bias", "none")):
     if config.get(key, ok) not in (ok, None):
       raise AdapterError(f"{where}: {key}={config[key]!r} is not supported; supported: {ok!r}")
