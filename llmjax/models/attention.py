@@ -24,6 +24,7 @@ token per step against the cached prefix (the window is a mask over the cache's 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 import jax
@@ -144,6 +145,12 @@ def capped_attention(q_BLNH, k_BSKH, v_BSKH, mask_B1LS, causal: bool, scale: flo
   return out.reshape(batch, length, n, h)
 
 
+# The platform "auto" chooses for: jax's default backend, unless set while tracing for other
+# devices (`llmjax compile` traces on a CPU host for a TPU topology's abstract devices).
+TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform",
+                                                                             default=None)
+
+
 def implementation(cfg: ModelConfig, length: int) -> str:
   """The attention core this model runs for a length-L causal or bidirectional input."""
   impl = cfg.attention_impl
@@ -151,7 +158,7 @@ def implementation(cfg: ModelConfig, length: int) -> str:
     raise ConfigError(f"config.model.attention_impl='cudnn' cannot soft-cap attention scores "
                       f"(attn_softcap={cfg.attn_softcap}); use 'xla', 'blocked' or 'auto'")
   if impl == "auto":
-    platform = jax.default_backend()
+    platform = TARGET_PLATFORM.get() or jax.default_backend()
     if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") and not cfg.attn_softcap:
       return "cudnn"
     if platform == "tpu" and length % splash.LANES == 0:

@@ -22,6 +22,7 @@ from llmjax import finetune, tasks
 from llmjax.config import Experiment
 from llmjax.errors import ConfigError
 from llmjax.generate import cached_forward, causal_decoder, init_cache
+from llmjax.models import attention
 from llmjax.parallel import sharding, topology
 from llmjax.train import aot_report, init, setup
 
@@ -143,7 +144,8 @@ def compile_step(thunk, topo: topology.Topology, model_flops: float | None) -> d
          "memory": aot_report.memory(compiled.memory_analysis(), hbm)}
   out["fits"] = out["memory"]["peak"] <= hbm
   out["cost"] = aot_report.cost(compiled)
-  out["roofline"] = aot_report.roofline(out["cost"], topo.chip, model_flops)
+  out["model_flops"] = model_flops
+  out["roofline"] = aot_report.roofline(out["cost"], out["memory"], topo.chip, model_flops)
   out["collectives"] = aot_report.collectives(compiled.as_text())
   return out
 
@@ -165,7 +167,7 @@ def compile_run(exp: Experiment, options: Options) -> dict:
   report = {"topology": topo.name, "topology_name": topo.topology_name, "chip": topo.chip.name,
             "chip_datasheet": dataclasses.asdict(topo.chip), "num_slices": options.num_slices,
             "devices": s.mesh.size, "mesh": dict(s.mesh.shape), "rules": s.exp.mesh.rules,
-            "experiment": s.exp.name,
+            "experiment": s.exp.name, "attention_impl": s.exp.model.attention_impl,
             "per_device_state_bytes": {
                 "params": aot_report.state_bytes(params, finetune.merge(
                     s.state_shardings.params, s.state_shardings.frozen)),
@@ -175,9 +177,14 @@ def compile_run(exp: Experiment, options: Options) -> dict:
                                                     s.state_shardings.opt_state)},
             "steps": {}}
   flops = model_flops_per_device(s)
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    for name, thunk in lowered_steps(s, options).items():
-      report["steps"][name] = compile_step(thunk, topo, flops if name == "train" else None)
+  # attention_impl="auto" resolves for the TPU, as it would on the pod, not for this host.
+  target = attention.TARGET_PLATFORM.set("tpu")
+  try:
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      for name, thunk in lowered_steps(s, options).items():
+        report["steps"][name] = compile_step(thunk, topo, flops if name == "train" else None)
+  finally:
+    attention.TARGET_PLATFORM.reset(target)
   report["fits"] = all(step["fits"] for step in report["steps"].values())
   return report
 

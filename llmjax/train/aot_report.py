@@ -89,20 +89,23 @@ def cost(compiled) -> dict:
   return out
 
 
-def roofline(costs: dict, chip: Chip, model_flops: float | None) -> dict:
+def roofline(costs: dict, mem: dict, chip: Chip, model_flops: float | None) -> dict:
   """Lower bounds on a step's time from FLOPs and HBM traffic, and the MFU they cap.
 
-  MFU counts the model's FLOPs (per device); the compiler's count includes recomputation
-  (remat), so the bound is model FLOPs / (peak x the slower of the two times).
+  XLA's cost analysis counts a loop body once (a scan over layers: one layer), so each bound
+  takes the larger of the compiler's count and one that holds regardless: the model's FLOPs
+  (the count MFU uses; recomputation excluded) and the bytes of the arguments read and the
+  outputs written once. MFU's bound is then model FLOPs / (peak x the slower bound).
   """
-  compute_s = costs["flops"] / chip.bf16_flops
-  memory_s = costs["bytes_accessed"] / chip.hbm_bytes_per_s
+  flops = max(costs["flops"], model_flops or 0.0)
+  traffic = max(costs["bytes_accessed"], mem["arguments"] + mem["outputs"])
+  compute_s, memory_s = flops / chip.bf16_flops, traffic / chip.hbm_bytes_per_s
   out = {"compute_s": compute_s, "memory_s": memory_s,
          "bound": "compute" if compute_s >= memory_s else "memory"}
   step_s = max(compute_s, memory_s, costs.get("optimal_seconds", 0.0))
   out["step_s_lower_bound"] = step_s
-  flops = model_flops if model_flops is not None else costs["flops"]
-  out["mfu_upper_bound"] = min(1.0, flops / (chip.bf16_flops * step_s)) if step_s > 0 else None
+  counted = model_flops if model_flops is not None else costs["flops"]
+  out["mfu_upper_bound"] = counted / (chip.bf16_flops * step_s) if step_s > 0 else None
   return out
 
 
