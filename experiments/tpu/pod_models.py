@@ -7,8 +7,8 @@ full remat, FSDP over every chip of the slice.
   llmjax compile --config=experiments/tpu/pod_models.py:gemma2_9b,lora --topology=v6e-8 \
       --config.data.seq_len=8192 --config.train.batch_size=8 --config.model.attention_impl=splash
 
-The argument names the model and optionally `lora` (rank 16 on every linear layer, the base
-frozen). The data is the stdlib byte corpus: compiling needs the shapes only (a run would pass
+The argument names the model (llama3_8b when none) and optionally `lora` (rank 16 on every
+linear layer, the base frozen) and `smoke`. The data is the stdlib byte corpus: compiling needs the shapes only (a run would pass
 --config.data.* for its own corpus and tokenizer). docs/tpu.md holds the tables.
 """
 
@@ -28,11 +28,11 @@ SHAPES = {
 
 
 def get_config(arg=None):
-  args = [a for a in (arg or "llama3_8b").split(",") if a]
-  name = args[0]
-  preset, shape = SHAPES[name]
+  args = [a for a in (arg or "").split(",") if a]
+  names = [a for a in args if a in SHAPES] or ["llama3_8b"]
+  preset, shape = SHAPES[names[0]]
   c = config_lib.base_config()
-  c.name = f"pod_{name}"
+  c.name = f"pod_{names[0]}"
   c.model = config_lib.model_section(preset, max_len=8192, dtype="bfloat16",
                                      param_dtype="float32", scan_layers=True, remat="full",
                                      **shape)
@@ -44,5 +44,7 @@ def get_config(arg=None):
   c.train.eval_batches = 1
   if "lora" in args:
     c.finetune.update(method="lora", lora_rank=16, lora_alpha=32.0, lora_targets="all_linear")
-  rest = [a for a in args[1:] if a != "lora"]
+  if "smoke" in args:  # the family's layout at a CPU-sized vocabulary too
+    c.model.vocab_size = 256
+  rest = [a for a in args if a not in SHAPES and a != "lora"]
   return config_lib.finalize(c, ",".join(rest) or None)
