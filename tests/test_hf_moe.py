@@ -177,6 +177,9 @@ def test_what_llmjax_cannot_express_is_one_clear_error(saved, tmp_path):
       json.dump(dict(raw, **fields), f)
     with pytest.raises(hf.UnsupportedModelError, match=message):
       hf.load(str(tmp_path / case))
+  with pytest.raises(hf.HFError, match="scan_layers=True needs every layer alike, but this "
+                     "qwen2_moe mixes dense and sparse MLP layers"):
+    hf.load(directory, scan_layers=True)
 
 
 def test_lora_on_experts_and_router_equals_the_merged_kernels_and_presets_select(saved):

@@ -79,8 +79,13 @@ def _config(arch: Architecture, hf, dtype: str, scan_layers: bool) -> ModelConfi
   if dtype not in ("float32", "bfloat16", "float16"):
     raise HFError(f"dtype={dtype!r}: allowed float32, bfloat16, float16")
   base = ModelConfig(**presets.get(arch.preset))
-  return dataclasses.replace(base, **arch.from_hf(hf), dtype=dtype, param_dtype=dtype,
-                             scan_layers=scan_layers)
+  cfg = dataclasses.replace(base, **arch.from_hf(hf), dtype=dtype, param_dtype=dtype,
+                            scan_layers=scan_layers)
+  if scan_layers and len(set(cfg.moe_layers())) > 1:  # one scanned body: every layer alike
+    raise HFError(f"scan_layers=True needs every layer alike, but this {arch.model_type} mixes "
+                  f"dense and sparse MLP layers (dense: {cfg.mlp_only_layers or 'by step'}, "
+                  f"decoder_sparse_step={cfg.decoder_sparse_step}); load with scan_layers=False")
+  return cfg
 
 
 def build(path: str, *, dtype: str = "float32", scan_layers: bool = False,
