@@ -136,7 +136,8 @@ def test_logits_generation_and_save_match_transformers(saved, name, tmp_path):
 
 def test_fused_layout_scanned_and_sharded_loads_equal_the_plain_one(saved, tmp_path):
   """transformers' fused layout on disk (save_original_format=False) reads as the per-expert
-  one; a scanned Mixtral and loads straight into shards hold the same numbers."""
+  one; a scanned Mixtral, a convert round trip and loads straight into shards hold the same
+  numbers."""
   directory, ref_model = saved["mixtral"]
   _, params = hf.load(directory)
   ref_model.save_pretrained(str(tmp_path / "fused"), save_original_format=False)
@@ -154,6 +155,11 @@ def test_fused_layout_scanned_and_sharded_loads_equal_the_plain_one(saved, tmp_p
     _, sharded = hf.load(saved[name][0], mesh=mesh, rules="fsdp_tp")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), sharded, plain)
     assert len(sharded["layer_0"]["mlp"]["experts"]["wi"].sharding.device_set) == 8
+  from llmjax.hf import convert  # llmjax convert, both ways
+  convert.hf_to_export(saved["qwen2_moe"][0], str(tmp_path / "export"))
+  convert.export_to_hf(str(tmp_path / "export"), str(tmp_path / "back"))
+  jax.tree.map(np.testing.assert_array_equal, hf.load(str(tmp_path / "back"))[1],
+               hf.load(saved["qwen2_moe"][0])[1])
   ep = meshlib.make_mesh(MeshConfig(data=2, expert=4))  # Mixtral's 4 experts, one per shard
   _, sharded = hf.load(directory, mesh=ep, rules="fsdp_ep")
   wi = sharded["layer_1"]["mlp"]["experts"]["wi"]
