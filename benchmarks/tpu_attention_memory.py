@@ -77,7 +77,7 @@ def main():
                         d_model=args.heads * args.head_dim, dtype="bfloat16",
                         attention_impl=impl)
       temp, seconds = compiled_memory(cfg, mesh, args.batch, length)
-      print(f"| {length:,} | {impl} | {temp / 2**20:,.2f} MiB | {seconds:.1f} |", flush=True)
+      print(f"| {length:,} | {impl} | {temp / 2**10:,.0f} KiB | {seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

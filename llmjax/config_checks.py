@@ -137,11 +137,12 @@ def validate_model_features(m) -> None:
 
 def _validate_mesh(exp: Experiment) -> None:
   """The mesh axes' sizes (whether they fit the devices is checked in parallel.mesh)."""
-  for axis in ("data", "fsdp", "tensor", "expert"):
+  for axis in ("data", "fsdp", "tensor", "expert", "context"):
     size = getattr(exp.mesh, axis)
     _require(size == -1 or size > 0, f"config.mesh.{axis} must be positive or -1, got {size}")
-  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, exp.mesh.expert].count(-1) <= 1,
-           "at most one of config.mesh.data/fsdp/tensor/expert may be -1")
+  _require([exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, exp.mesh.expert,
+            exp.mesh.context].count(-1) <= 1,
+           "at most one of config.mesh.data/fsdp/tensor/expert/context may be -1")
   n_experts, expert = exp.model.n_experts, exp.mesh.expert
   _require(not exp.mesh.rules.endswith("ep") or expert == -1 or
            (n_experts > 0 and n_experts % expert == 0),

@@ -173,13 +173,16 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (dcn, data, fsdp, expert, tensor) and the logical->mesh rules preset; -1 fills
+  """Device mesh (dcn, data, fsdp, expert, context, tensor) and the logical->mesh rules preset; -1 fills
   the rest of a slice; dcn counts TPU slices (the batch splits over them too)."""
   dcn: int = 1
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   expert: int = 1  # expert parallelism (rules ep, fsdp_ep, fsdp_tp_ep); elsewhere data parallel
+  # context parallelism, under every rules preset: activations split along the sequence (which
+  # it must divide), attention gathering keys and values (docs/tpu_attention.md)
+  context: int = 1
   rules: str = "dp"  # dp | fsdp | tp | fsdp_tp | ep | fsdp_ep | fsdp_tp_ep
 
 

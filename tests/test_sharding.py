@@ -1,5 +1,8 @@
 """Sharding: rules presets put parameters where they say, a sharded step equals the one-device
-step, gradient accumulation equals one big batch, and bad meshes fail naming the config."""
+step, context parallelism's steps equal one device's, gradient accumulation equals one big batch,
+and bad meshes fail naming the config."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +166,38 @@ def test_sharded_step_equals_one_device_step(preset, initial, reference):
   assert max(jax.tree.leaves(moved)) > 5e-4
 
 
+def test_context_parallel_steps_equal_one_device_steps(initial):
+  """context=4 x fsdp=2: activations split along the sequence, the same losses as 1 device."""
+  _, _, host_state = initial
+  batches = [make_batch(0)] * 3  # one batch again: the loss must fall
+
+  def run(s):
+    train_fn, _ = setuplib.compile_steps(s)
+    state, losses = jax.device_put(host_state, s.state_shardings), []
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+      for batch in batches:
+        state, metrics = train_fn(state, sharding.global_batch(batch, s.mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+  s = setup_for(experiment("fsdp", fsdp=2, context=4))
+  assert dict(s.mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 2, "expert": 1, "context": 4,
+                                "tensor": 1}
+  losses, state = run(s)
+  want, _ = run(setup_for(experiment("dp", data=1), devices=jax.devices()[:1]))
+  np.testing.assert_allclose(losses, want, rtol=2e-6)
+  assert losses[2] < losses[0]  # the steps really trained
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):  # the sequence really is split
+    logits = jax.jit(lambda p, t: s.model.apply({"params": p}, t))(
+        state.params, jnp.asarray(batches[0]["tokens"]))
+  assert logits.sharding.shard_shape(logits.shape)[:2] == (BATCH // 2, SEQ // 4)
+  exp = experiment("fsdp", fsdp=2, context=4)
+  exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, seq_len=18))
+  with pytest.raises(ConfigError, match=r"^config.data.seq_len=18 must be divisible by the "
+                     r"context-parallel size \(config.mesh.context=4\)$"):
+    setuplib.check_batch(exp, s.mesh)
+
+
 def test_gradient_accumulation_equals_one_big_batch(initial, reference):
   _, _, host_state = initial
   ref_metrics, ref_params = reference
@@ -196,7 +231,8 @@ def test_mesh_that_does_not_fit_the_devices_names_config_mesh(mesh):
 
 def test_mesh_minus_one_fills_the_devices():
   mesh = meshlib.make_mesh(config_lib.MeshConfig(data=-1, tensor=2))
-  assert dict(mesh.shape) == {"dcn": 1, "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+  assert dict(mesh.shape) == {"dcn": 1, "data": 4, "fsdp": 1, "expert": 1, "context": 1,
+                              "tensor": 2}
   assert meshlib.batch_parallelism(mesh) == 4
 
 

@@ -240,8 +240,10 @@ class Attention(nn.Module):
     if cfg.pos_emb == "rope":
       q_BLNH, k_BLKH = (rotary(cfg, x, positions_BL, local) for x in (q_BLNH, k_BLKH))
     q_BLNH = nn.with_logical_constraint(q_BLNH, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
-    k_BLKH = nn.with_logical_constraint(k_BLKH,
-                                        (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+    # Keys and values whole along the sequence: under context parallelism, gathered.
+    k_BLKH, v_BLKH = (nn.with_logical_constraint(x, (axes.BATCH, axes.KV_LENGTH,
+                                                     axes.ACT_KV_HEADS, None))
+                      for x in (k_BLKH, v_BLKH))
     # None: jax's own 1 / sqrt(H), so models without query_pre_attn_scalar keep their numerics.
     scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
     length, window = x_BLD.shape[1], cfg.sliding_window
@@ -350,7 +352,8 @@ class CrossAttention(nn.Module):
     if memory_BSD is not None:
       kv = [nn.with_logical_constraint(
           layers.dense(cfg, (k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), name,
-                       **hooks)(memory_BSD), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+                       **hooks)(memory_BSD), (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS,
+                                              None))
             for name in ("k", "v")]
       if self.decode:
         for name, value_BSKH in zip(("cross_k", "cross_v"), kv):

@@ -103,6 +103,11 @@ def splash_attention(cfg: ModelConfig, q_BLNH, k_BLKH, v_BLKH, mask_B1LL, scale:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q_BLNH, k_BLKH, v_BLKH, segments_BL)
+  length_axis = nn.logical_to_mesh_axes((axes.LENGTH,))[0]
+  if length_axis and mesh.shape[length_axis] > 1:
+    raise ConfigError(f"config.model.attention_impl='splash' does not run under context "
+                      f"parallelism yet (config.mesh.context={mesh.shape[length_axis]}); use "
+                      "'xla' or mesh.context=1")
   # The kernel is opaque to GSPMD: each device runs it on its own examples and heads, with
   # every key of its examples (the spec of `length` is None: gathered if it was split).
   q_spec = nn.logical_to_mesh_axes((axes.BATCH, None, axes.ACT_HEADS, None))

@@ -21,6 +21,9 @@ ACT_MLP = "act_mlp"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_VOCAB = "act_vocab"
+# Attention's keys and values along the sequence: never split (under context parallelism every
+# shard's queries need every key, so these are gathered: MaxText's all-gather strategy).
+KV_LENGTH = "kv_length"
 ACT_EXPERT = "act_expert"  # tokens dispatched to experts: [B, E, C, D]
 EXPERT_BATCH = "expert_batch"  # ... their batch dim (the batch axes less the expert axis)
 

@@ -1,4 +1,4 @@
-"""Device mesh with axes (dcn, data, fsdp, expert, tensor) built from MeshConfig.
+"""Device mesh with axes (dcn, data, fsdp, expert, context, tensor) built from MeshConfig.
 
 `dcn` spans TPU slices (data-center network between them, ICI within one): the devices of one
 slice share a dcn index, and the batch splits over it like data parallelism. It is 1 (a leading
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from llmjax.config import MeshConfig
 from llmjax.errors import ConfigError
 
-AXES = ("dcn", "data", "fsdp", "expert", "tensor")
+AXES = ("dcn", "data", "fsdp", "expert", "context", "tensor")
 ICI_AXES = AXES[1:]  # within one slice
 # The batch is split over all of these: FSDP is data parallel too, so is every slice, and
 # outside the experts' own matmuls so is expert parallelism (tokens reach the experts by an
@@ -25,15 +25,15 @@ ICI_AXES = AXES[1:]  # within one slice
 BATCH_AXES = ("dcn", "data", "fsdp", "expert")
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
-  """(data, fsdp, expert, tensor) within one of config.mesh.dcn slices: a -1 entry fills the
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, expert, context, tensor) within one of config.mesh.dcn slices: a -1 entry fills the
   slice's devices; raise if the product is not their count."""
   if n_devices % cfg.dcn:
     raise ConfigError(f"config.mesh.dcn={cfg.dcn} does not divide the {n_devices} devices")
   n_devices //= cfg.dcn
-  sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+  sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.context, cfg.tensor]
   # Named in messages only when used, so a dense run's messages read as they always have.
-  shown = [a for a in ICI_AXES if a != "expert" or cfg.expert != 1]
+  shown = [a for a in ICI_AXES if a not in ("expert", "context") or getattr(cfg, a) != 1]
   def named(values):
     return {a: v for a, v in zip(ICI_AXES, values) if a in shown}
   if -1 in sizes:
@@ -55,7 +55,8 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   shape = mesh_shape(cfg, len(devices))
   try:
     if cfg.dcn > 1:  # slices along dcn, each slice's devices laid out by its ICI topology
-      grid = mesh_utils.create_hybrid_device_mesh((1, *shape), (cfg.dcn, 1, 1, 1, 1), devices)
+      grid = mesh_utils.create_hybrid_device_mesh((1, *shape), (cfg.dcn,) + (1,) * len(shape),
+                                                 devices)
     else:
       grid = mesh_utils.create_device_mesh(shape, devices).reshape((1, *shape))
   except (ValueError, AssertionError, NotImplementedError, AttributeError):

@@ -12,7 +12,10 @@ from llmjax.parallel import axes
 from llmjax.parallel.mesh import BATCH_AXES, batch_parallelism
 
 # Activations: the batch is always split over data and fsdp; tensor parallelism adds heads/MLP.
-_ACTIVATIONS = ((axes.BATCH, BATCH_AXES), (axes.LENGTH, None), (axes.ACT_EMBED, None))
+# Context parallelism (mesh.context > 1) splits the sequence of every activation but attention's
+# keys and values, which each shard gathers whole (a no-op on a mesh whose context axis is 1).
+_ACTIVATIONS = ((axes.BATCH, BATCH_AXES), (axes.LENGTH, "context"), (axes.KV_LENGTH, None),
+                (axes.ACT_EMBED, None))
 _TENSOR = ((axes.VOCAB, "tensor"), (axes.MLP, "tensor"), (axes.HEADS, "tensor"),
            (axes.KV_HEADS, "tensor"), (axes.ACT_MLP, "tensor"), (axes.ACT_HEADS, "tensor"),
            (axes.ACT_KV_HEADS, "tensor"), (axes.ACT_VOCAB, "tensor"))

@@ -82,7 +82,12 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
 
 
 def check_batch(exp: Experiment, mesh) -> None:
-  """The global batch splits evenly over the data-parallel devices and the microbatches."""
+  """The global batch splits evenly over the data-parallel devices and the microbatches, and
+  the sequence over the context-parallel ones."""
+  context = mesh.shape["context"]
+  if exp.data.seq_len % context:
+    raise ConfigError(f"config.data.seq_len={exp.data.seq_len} must be divisible by the "
+                      f"context-parallel size (config.mesh.context={context})")
   per_step = meshlib.batch_parallelism(mesh) * exp.optim.accum_steps
   if exp.train.batch_size % per_step:
     raise ConfigError(f"config.train.batch_size={exp.train.batch_size} must be divisible by the "
