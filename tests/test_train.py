@@ -160,7 +160,7 @@ def test_smoke_run_on_eight_devices_with_fsdp(tmp_path):
   assert all(math.isfinite(r["loss"]) for r in records)
   assert checkpoint_steps(tmp_path) == [4]
   assert json.loads((tmp_path / "config.json").read_text())["mesh"] == {
-      "data": 1, "fsdp": 8, "tensor": 1, "expert": 1, "context": 1, "rules": "fsdp"}
+      "dcn": 1, "data": 1, "fsdp": 8, "tensor": 1, "expert": 1, "context": 1, "rules": "fsdp"}
 
 
 # --- the smoke experiment through the CLI -----------------------------------------------------
