@@ -75,3 +75,7 @@ def test_splash_runs_per_shard_under_a_mesh():
   assert got.sharding.shard_shape(got.shape) == (B // 2, L, N // 2, H)  # per (batch, heads)
   want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  context = meshlib.make_mesh(MeshConfig(data=2, context=2, rules="tp"), jax.devices()[:4])
+  with (jax.set_mesh(context), nn.logical_axis_rules(sharding.rules_for("tp")),
+        pytest.raises(ConfigError, match=r"'splash' does not run under context parallelism")):
+    splash.splash_attention(cfg, q, k, v, mask, H**-0.5)

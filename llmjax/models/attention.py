@@ -276,11 +276,12 @@ class Attention(nn.Module):
     """The attention core of `implementation`, with this layer's window if it is local."""
     cfg = self.cfg
     impl = implementation(cfg, q_BLNH.shape[1])
-    if impl == "splash" and self.peft.prompt_length:
-      # The prompt's columns make the mask more than same-segment, which is all splash takes.
+    if impl == "splash" and (self.peft.prompt_length or splash.context_shards() > 1):
+      # The prompt's columns make the mask more than same-segment, which is all splash takes;
+      # under context parallelism splash is refused for now (models/splash.py).
       if cfg.attention_impl == "auto":
         impl = "xla"
-      else:
+      elif self.peft.prompt_length:
         raise ConfigError("config.model.attention_impl='splash' cannot run prompt tuning's mask "
                           "(config.finetune.method='prompt'); use 'xla' or 'blocked'")
 

@@ -23,6 +23,8 @@ way the tests check its numerics.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -57,6 +59,16 @@ def segment_ids_from_mask(mask_B1LL: jax.Array) -> jax.Array:
   return jnp.argmax(mask_B1LL[:, 0], axis=-1).astype(jnp.int32)
 
 
+def context_shards() -> int:
+  """How many ways the rules and mesh in effect split the sequence (context parallelism)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  length_axes = nn.logical_to_mesh_axes((axes.LENGTH,))[0] if not mesh.empty else None
+  if not length_axes:
+    return 1
+  names = (length_axes,) if isinstance(length_axes, str) else length_axes
+  return math.prod(mesh.shape[name] for name in names)
+
+
 def _kernel(cfg: ModelConfig, heads: int, length: int, causal: bool, window: int):
   """The splash kernel for one example's [heads, L, H] queries (masks are static: numpy)."""
   # Function-level: the Pallas TPU ops (0.3 s to import) stay off every non-splash run's path.
@@ -65,7 +77,8 @@ def _kernel(cfg: ModelConfig, heads: int, length: int, causal: bool, window: int
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   shape = (length, length)
   if window:
-    mask = sm.LocalMask(shape, window_size=(window - 1, 0 if causal else window - 1), offset=0)
+    # Slots (i - window, i], as the other cores' windows (attention.window_mask).
+    mask = sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
   elif causal:
     mask = sm.CausalMask(shape)
   else:
@@ -103,11 +116,10 @@ def splash_attention(cfg: ModelConfig, q_BLNH, k_BLKH, v_BLKH, mask_B1LL, scale:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q_BLNH, k_BLKH, v_BLKH, segments_BL)
-  length_axis = nn.logical_to_mesh_axes((axes.LENGTH,))[0]
-  if length_axis and mesh.shape[length_axis] > 1:
+  if context_shards() > 1:
     raise ConfigError(f"config.model.attention_impl='splash' does not run under context "
-                      f"parallelism yet (config.mesh.context={mesh.shape[length_axis]}); use "
-                      "'xla' or mesh.context=1")
+                      f"parallelism yet (config.mesh.context={context_shards()}); use 'xla' "
+                      "or mesh.context=1")
   # The kernel is opaque to GSPMD: each device runs it on its own examples and heads, with
   # every key of its examples (the spec of `length` is None: gathered if it was split).
   q_spec = nn.logical_to_mesh_axes((axes.BATCH, None, axes.ACT_HEADS, None))
