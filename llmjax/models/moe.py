@@ -36,7 +36,8 @@ STATS = ("aux_loss", "z_loss", "load", "dropped")
 
 
 def route(logits_TE: jax.Array, k: int, norm_topk: bool):
-  """(weights [T, k] float32, experts [T, k] int32, probabilities [T, E] float32)."""
+  """(weights [T, k] float32, experts [T, k] int32, probabilities [T, E] float32); any leading
+  dims in place of T."""
   probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
   weights_TK, experts_TK = jax.lax.top_k(probs_TE, k)
   if norm_topk:
@@ -143,6 +144,7 @@ class Experts(nn.Module):
 # Tokens in expert slots: the expert dim over the expert mesh axis (an all-to-all away from the
 # batch-sharded tokens under the *_ep rules), the batch over the remaining batch axes.
 _SLOTS = (axes.EXPERT_BATCH, axes.ACT_EXPERT, None, axes.ACT_EMBED)
+_LOCAL_SLOTS = (axes.BATCH, None, None, axes.ACT_EMBED)
 
 
 def dropless(experts: Experts, x_TD, experts_TK, weights_TK) -> jax.Array:
@@ -162,8 +164,12 @@ def with_capacity(experts: Experts, x_BLD, experts_BLK, weights_BLK, slots: int)
   dtype = x_BLD.dtype
   dispatch_BLEC = jnp.sum(slot_BLKEC, axis=2).astype(dtype)
   combine_BLEC = jnp.einsum("BLKEC,BLK->BLEC", slot_BLKEC, weights_BLK).astype(dtype)
-  x_BECD = nn.with_logical_constraint(jnp.einsum("BLD,BLEC->BECD", x_BLD, dispatch_BLEC), _SLOTS)
-  y_BECD = nn.with_logical_constraint(experts.slotted(x_BECD), _SLOTS)
+  # Dispatched where the tokens are (batch-sharded), then moved to their experts: two constraints
+  # that differ only in which dim the expert mesh axis splits, which XLA lowers to an all-to-all.
+  x_BECD = nn.with_logical_constraint(jnp.einsum("BLD,BLEC->BECD", x_BLD, dispatch_BLEC),
+                                      _LOCAL_SLOTS)
+  y_BECD = experts.slotted(nn.with_logical_constraint(x_BECD, _SLOTS))
+  y_BECD = nn.with_logical_constraint(nn.with_logical_constraint(y_BECD, _SLOTS), _LOCAL_SLOTS)
   y_BLD = jnp.einsum("BECD,BLEC->BLD", y_BECD, combine_BLEC)
   return y_BLD, kept_BLK
 
@@ -186,17 +192,19 @@ class MoeMlp(nn.Module):
       router_in_BLD = (x_BLD * noise).astype(x_BLD.dtype)
     logits_BLE = layers.dense(cfg, n_experts, (axes.EMBED, None), "router", bias=False,
                               peft=self.peft, deterministic=self.deterministic)(router_in_BLD)
-    logits_TE = logits_BLE.reshape(batch * length, n_experts)
-    weights_TK, experts_TK, probs_TE = route(logits_TE, k, cfg.norm_topk_prob)
+    # Routed per row (no reshape across the batch-sharded dim, which would gather the logits).
+    weights_BLK, experts_BLK, probs_BLE = route(logits_BLE, k, cfg.norm_topk_prob)
     experts = Experts(cfg, self.peft, name="experts")
     if cfg.moe_capacity_factor > 0:
       slots = capacity(cfg.moe_capacity_factor, length, k, n_experts)
-      y_BLD, kept_BLK = with_capacity(experts, x_BLD, experts_TK.reshape(batch, length, k),
-                                      weights_TK.reshape(batch, length, k), slots)
+      y_BLD, kept_BLK = with_capacity(experts, x_BLD, experts_BLK, weights_BLK, slots)
       dropped = 1.0 - jnp.mean(kept_BLK.astype(jnp.float32))
     else:
-      y_BLD = dropless(experts, x_BLD.reshape(-1, d), experts_TK, weights_TK).reshape(x_BLD.shape)
+      y_BLD = dropless(experts, x_BLD.reshape(-1, d), experts_BLK.reshape(-1, k),
+                       weights_BLK.reshape(-1, k)).reshape(x_BLD.shape)
       dropped = jnp.zeros((), jnp.float32)
+    logits_TE = logits_BLE.reshape(batch * length, n_experts)
+    probs_TE, experts_TK = probs_BLE.reshape(-1, n_experts), experts_BLK.reshape(-1, k)
     y_BLD = y_BLD.astype(layers.dtype_of(cfg.dtype))
     if cfg.shared_width:
       shared = layers.Mlp(_shared_cfg(cfg), self.peft, self.deterministic, name="shared")(x_BLD)

@@ -40,6 +40,9 @@ class MetricWriter:
     for key, value in record.items():
       if key not in ("step", "split") and isinstance(value, (int, float)):
         self._tb.add_scalar(f"{split}/{key}", value, int(step))
+    for key, value in metrics.items():  # a flat list of numbers: a histogram over its index
+      if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        self._tb.add_histogram(f"{split}/{key}", value, int(step))
     self._tb.flush()
 
   def close(self) -> None:

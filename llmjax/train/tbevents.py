@@ -1,4 +1,4 @@
-"""A TensorBoard scalar writer in plain Python: no TensorFlow, no torch, no protobuf runtime.
+"""A TensorBoard scalar (and per-index histogram) writer in plain Python: no TensorFlow, no torch, no protobuf runtime.
 
 An event file is a sequence of TFRecords (length, masked CRC32C of the length, payload, masked
 CRC32C of the payload); each payload is an `Event` protobuf, which for scalars needs only four
@@ -62,6 +62,24 @@ def scalar_event(tag: str, value: float, step: int, wall_time: float) -> bytes:
   return _event(wall_time, step, _field_bytes(5, _field_bytes(1, value_msg)))
 
 
+def _doubles(number: int, values) -> bytes:
+  return _field_bytes(number, struct.pack(f"<{len(values)}d", *values))
+
+
+def histogram_event(tag: str, counts: list[float], step: int, wall_time: float) -> bytes:
+  """`counts[i]` as the weight of value i (bucket i ends at i + 0.5): a per-index histogram such
+  as the tokens each expert took. HistogramProto{min=1, max=2, num=3, sum=4, sum_squares=5
+  doubles; bucket_limit=6, bucket=7 packed doubles} is Summary.Value's field 5."""
+  index = range(len(counts))
+  stats = (0.0, float(len(counts) - 1), float(sum(counts)),
+           float(sum(i * c for i, c in zip(index, counts))),
+           float(sum(i * i * c for i, c in zip(index, counts))))
+  histo = b"".join(_varint(n << 3 | 1) + struct.pack("<d", v) for n, v in enumerate(stats, 1))
+  histo += _doubles(6, [i + 0.5 for i in index]) + _doubles(7, [float(c) for c in counts])
+  value_msg = _field_bytes(1, tag.encode()) + _field_bytes(5, histo)
+  return _event(wall_time, step, _field_bytes(5, _field_bytes(1, value_msg)))
+
+
 def record(payload: bytes) -> bytes:
   length = struct.pack("<Q", len(payload))
   return (length + struct.pack("<I", _masked_crc(length)) + payload +
@@ -81,6 +99,9 @@ class EventWriter:
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     self._file.write(record(scalar_event(tag, float(value), int(step), time.time())))
+
+  def add_histogram(self, tag: str, counts: list[float], step: int) -> None:
+    self._file.write(record(histogram_event(tag, list(counts), int(step), time.time())))
 
   def flush(self) -> None:
     self._file.flush()
