@@ -40,7 +40,7 @@ def dpo_experiment(tmp, lora=False, model=None, **task):
   c.model = config_lib.model_section("llama", **(model or dict(
       vocab_size=256, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=16)))
   c.task.name = "dpo"
-  c.task.update(task)
+  c.task.update({"completions": 0, **task})
   c.data.update(dict(source="files", files=write_pairs(tmp / "train.jsonl"),
                      val_files=write_pairs(tmp / "val.jsonl", 8, seed=1), tokenizer="byte",
                      seq_len=16))
@@ -196,7 +196,7 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, lm_run):
     path = tmp_path / f"{name}.jsonl"
     path.write_text(open(base.data.files).read() + json.dumps(row) + "\n")
     exp = dataclasses.replace(base, data=dataclasses.replace(base.data, files=str(path)))
-    with pytest.raises(DataError, match=f"{name}.jsonl line 25: .*{message}") as e:
+    with pytest.raises(DataError, match=f"{name}.jsonl:25: .*{message}") as e:
       llmjax.train.run(exp, str(tmp_path / name))
     assert "\n" not in str(e.value) and not (tmp_path / name).exists()
   c = config_lib.base_config()

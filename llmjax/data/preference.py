@@ -1,10 +1,16 @@
 """Preference pairs: JSONL or Parquet rows {prompt, chosen, rejected} -> token rows of both
 completions, each with the prompt before it and a mask of its completion's tokens.
 
-The files are what HF `datasets` writes (`to_json(lines=True)`, `to_parquet`). `prompt` is text
-or a list of {role, content} messages (rendered by `render`, the chat template's job); `chosen`
-and `rejected` are text, or a list holding one assistant message. A pair whose completions are
-empty or identical teaches nothing: one DataError naming the file and row.
+The files are what HF `datasets` writes (`to_json(lines=True)`, `to_parquet`; read by
+llmjax/data/chat_rows.py). `prompt` is text or a list of {role, content} messages; `chosen` and
+`rejected` are text, or a list holding one assistant message. A pair whose completions are empty
+or identical teaches nothing: one DataError naming the file and row.
+
+With a chat template (config.data.chat_template, or any messages prompt: the tokenizer's own;
+llmjax/data/chat.py) the prompt is rendered with the generation prompt, and each completion is
+what rendering the conversation with that answer adds after it: the answer and the template's
+end-of-turn marker (trailing whitespace left out), so the loss scores the turn's end as SFT
+trained it. Without one, prompt and completions are the texts as given.
 
 A row is cut to `seq_len` tokens: the prompt loses tokens from its start (down to half the row)
 before a completion loses tokens from its end; cut rows are counted.
@@ -14,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import sys
 
 import numpy as np
 
-from llmjax.data import sources, text, tokenizers
+from llmjax.data import chat, chat_rows, text, tokenizers
 from llmjax.errors import DataError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -31,7 +36,7 @@ class Pair:
   prompt: object  # str, or a list of {role, content} messages
   chosen: str
   rejected: str
-  where: str  # "FILE line N" / "FILE row N": what an error names
+  where: str  # "FILE:LINE" / "FILE row N": what an error names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,53 +46,7 @@ class PreferenceData:
   tokenizer: object
   info: dict  # tokenizer, vocab_size, pair counts, pairs cut to seq_len
   artifacts: dict  # tokenizer.json of a trained or hf: vocabulary
-  val_pairs: list  # the validation Pairs, in row order
-
-
-def read_file(path: pathlib.Path) -> list[Pair]:
-  """The pairs of one .jsonl/.json (one object per line) or .parquet file, checked."""
-  suffix = path.suffix.lower()
-  if suffix in (".jsonl", ".json"):
-    records = _json_records(path)
-  elif suffix == ".parquet":
-    records = _parquet_records(path)
-  else:
-    raise DataError(f"preference file {path}: unknown extension {path.suffix!r}; allowed .jsonl, "
-                    ".json (one JSON object per line) or .parquet")
-  return [_pair(where, record) for where, record in records]
-
-
-def _json_records(path: pathlib.Path):
-  try:
-    text = path.read_bytes().decode("utf-8-sig")
-  except OSError as e:
-    raise DataError(f"cannot read preference file {path}: {e.strerror}") from e
-  except UnicodeDecodeError as e:
-    raise DataError(f"preference file {path} is not UTF-8 text") from e
-  for n, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"preference file {path} line {n}: not valid JSON ({e.msg})") from e
-    if not isinstance(record, dict):
-      raise DataError(f"preference file {path} line {n}: expected a JSON object")
-    yield f"{path} line {n}", record
-
-
-def _parquet_records(path: pathlib.Path):
-  try:
-    import pyarrow.parquet as pq  # only Parquet input needs it
-  except ImportError as e:
-    raise DataError(f"preference file {path}: reading Parquet needs pyarrow (pip install "
-                    "pyarrow), or give the rows as .jsonl") from e
-  try:
-    rows = pq.read_table(path).to_pylist()
-  except (OSError, ValueError) as e:
-    raise DataError(f"cannot read preference file {path} as Parquet: {e}") from e
-  for n, record in enumerate(rows, start=1):
-    yield f"{path} row {n}", record
+  val_texts: list  # (prompt as the model reads it, chosen answer) of each validation pair
 
 
 def _completion(where: str, record: dict, key: str) -> str:
@@ -105,15 +64,15 @@ def _completion(where: str, record: dict, key: str) -> str:
 
 
 def _pair(where: str, record: dict) -> Pair:
+  if not isinstance(record, dict):
+    raise DataError(f"{where}: a preference row must be an object, got {type(record).__name__}")
   missing = [k for k in FIELDS if k not in record]
   if missing:
     raise DataError(f"{where}: no field {', '.join(map(repr, missing))}; a preference row has "
                     f"{', '.join(FIELDS)} (fields here: {', '.join(map(repr, record))})")
   prompt = record["prompt"]
-  if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
-      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-      for m in prompt))):
-    raise DataError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages")
+  if not isinstance(prompt, str):
+    prompt = chat_rows.check_messages(prompt, where, "prompt")
   chosen, rejected = _completion(where, record, "chosen"), _completion(where, record, "rejected")
   if chosen == rejected:
     raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs "
@@ -140,14 +99,10 @@ def tokenize(pairs: list[Pair], tokenizer, seq_len: int, render=None) -> tuple[d
             for k, dt in (("tokens", np.int32), ("segment_ids", np.int32), ("loss", np.float32))}
   cut = 0
   for i, pair in enumerate(pairs):
-    if render is not None:
-      texts = render(pair)
-    elif isinstance(pair.prompt, str):
-      texts = (pair.prompt, pair.chosen, pair.rejected)
-    else:
-      raise DataError(f"{pair.where}: 'prompt' is a list of messages, which needs a chat "
-                      "template (config.data.chat_template)")
-    prompt_P = np.asarray(tokenizer.encode(texts[0]), np.int32)
+    texts = (render or _plain)(pair)
+    # a template writes its own special tokens, as apply_chat_template does
+    prompt_P = np.asarray(tokenizer.encode_batch([texts[0]], add_special_tokens=render is None)[0],
+                          np.int32)
     row_cut = False
     for side, text in zip(SIDES, texts[1:]):
       completion_C = np.asarray(tokenizer.encode_batch([text], add_special_tokens=False)[0],
@@ -163,14 +118,30 @@ def tokenize(pairs: list[Pair], tokenizer, seq_len: int, render=None) -> tuple[d
 
 
 def _read(pattern: str, key: str) -> list[Pair]:
-  try:
-    files = sources.glob_files(pattern)
-  except DataError as e:
-    raise DataError(f"config.data.{key}={pattern!r} matches no files") from e
-  pairs = [pair for path in files for pair in read_file(path)]
+  pairs = [_pair(where, row) for where, row in chat_rows.read_rows(pattern, f"config.data.{key}")]
   if not pairs:
     raise DataError(f"config.data.{key}={pattern!r}: its files hold no preference pairs")
   return pairs
+
+
+def templated(template: chat.Template):
+  """`tokenize`'s render: (prompt with the generation prompt, chosen turn, rejected turn)."""
+  def render(pair: Pair) -> tuple[str, str, str]:
+    messages = pair.prompt if isinstance(pair.prompt, list) else [
+        {"role": "user", "content": pair.prompt}]
+    prompt = template.render(messages, add_generation_prompt=True, where=pair.where)
+    out = [prompt]
+    for answer in (pair.chosen, pair.rejected):
+      full = template.render(messages + [{"role": "assistant", "content": answer}],
+                             where=pair.where)
+      turn = full[len(prompt):].rstrip()
+      if not full.startswith(prompt) or answer.strip() not in turn:
+        raise DataError(f"{pair.where}: chat template {template.name} does not render the "
+                        "prompt (with its generation prompt) as the start of the conversation "
+                        "with its answer, so the answer's tokens cannot be found")
+      out.append(turn)
+    return tuple(out)
+  return render
 
 
 def _split_off_val(exp, pairs: list[Pair]):
@@ -194,12 +165,17 @@ def load(exp, workdir: str | None, render=None) -> PreferenceData:
     val = _read(d.val_files, "val_files")
   else:
     train, val = _split_off_val(exp, train)
+  if d.max_bytes:  # the first pairs of each split up to about max_bytes of text (smoke runs)
+    train, val = _take_bytes(train, d.max_bytes), _take_bytes(val, d.max_bytes)
   if not train or not val:
     raise DataError(f"config.data.files={d.files!r}: {len(train)} training and {len(val)} "
                     "validation pairs; both splits need at least one (set config.data.val_files "
                     "or add pairs with other prompts)")
-  texts = lambda: [t for p in train for t in (p.prompt, p.chosen, p.rejected)  # noqa: E731
-                   if isinstance(t, str)]
+  template = None
+  if d.chat_template or any(not isinstance(p.prompt, str) for p in train + val):
+    template = chat.load_template(d.chat_template, d.tokenizer)
+  render = templated(template) if template is not None else None
+  texts = lambda: [t for p in train for t in (render or _plain)(p)]  # noqa: E731
   tokenizer, artifacts = tokenizers.for_run(d.tokenizer, workdir, texts)
   arrays, cut = {}, {}
   for name, pairs in (("train", train), ("val", val)):
@@ -209,4 +185,26 @@ def load(exp, workdir: str | None, render=None) -> PreferenceData:
           "validation pairs to fit", file=sys.stderr)
   info = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
           "pairs": {"train": len(train), "val": len(val)}, "cut_pairs": cut}
-  return PreferenceData(arrays["train"], arrays["val"], tokenizer, info, artifacts, val)
+  prompts = [(render or _plain)(p)[0] for p in val]
+  if template is not None:
+    info.update(chat_template=template.name,
+                end_of_turn_ids=chat.end_of_turn_ids(template, tokenizer))
+    artifacts = {**artifacts, "chat_template.jinja": template.source}
+  return PreferenceData(arrays["train"], arrays["val"], tokenizer, info, artifacts,
+                        [(prompt, p.chosen) for prompt, p in zip(prompts, val)])
+
+
+def _take_bytes(pairs: list[Pair], max_bytes: int) -> list[Pair]:
+  total, out = 0, []
+  for pair in pairs:
+    if total >= max_bytes:
+      break
+    total += len(json.dumps([pair.prompt, pair.chosen, pair.rejected]).encode())
+    out.append(pair)
+  return out
+
+
+def _plain(pair: Pair) -> tuple[str, str, str]:
+  if not isinstance(pair.prompt, str):
+    raise DataError(f"{pair.where}: 'prompt' is a list of messages, which needs a chat template")
+  return pair.prompt, pair.chosen, pair.rejected

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["copy_source", "nearest_neighbour"]
+__all__ = ["copy_source", "nearest_neighbour", "nearest_other"]
 
 NGRAM = 3
 _TIE = 1e-9
@@ -83,4 +83,22 @@ def nearest_neighbour(train_pairs: Sequence[tuple[str, str]], sources: Sequence[
     scores = index.scores(source)
     # Equal bags of 3-grams can differ in the last bits (summation order): within _TIE is a tie.
     out.append(train_pairs[int(np.argmax(scores >= scores.max() - _TIE))][1])
+  return out
+
+
+def nearest_other(train_pairs: Sequence[tuple[str, str]], queries: Sequence[tuple[str, str]],
+                  candidates: int = 20) -> list[str | None]:
+  """For each (source, translation) query, the translation of the most similar training source
+  that is a *different* message with a different translation (the retrieval baseline's answer
+  once the query itself is out of its memory); None when none of the `candidates` best is."""
+  if not train_pairs:
+    raise ValueError("nearest_other needs at least one training pair")
+  index = _Index([s for s, _ in train_pairs])
+  out = []
+  for source, translation in queries:
+    scores = index.scores(source)
+    # best first; ties (within _TIE) to the earliest pair, as nearest_neighbour breaks them
+    order = np.lexsort((np.arange(len(scores)), -np.round(scores / _TIE)))[:candidates]
+    out.append(next((train_pairs[i][1] for i in order if train_pairs[i][0] != source
+                     and train_pairs[i][1] != translation), None))
   return out

@@ -38,7 +38,9 @@ from llmjax.models.peft import Peft
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import dpo as objective
 from llmjax.objectives.distill import TEACHER
-from llmjax.tasks.base import Data, LossTerms, References, Task, require_encoder_decoder
+from llmjax.tasks.base import (Data, DecodedReport, LossTerms, References, Task,
+                               require_encoder_decoder)
+from llmjax.tasks.sft import SFT, scores
 
 REFERENCES = ("copy", "adapters_off", "precomputed")
 REF_CHOSEN, REF_REJECTED = "ref_logp_chosen", "ref_logp_rejected"  # precomputed batch columns
@@ -52,6 +54,8 @@ class DPOConfig(TaskConfig):
   loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
   label_smoothing: float = 0.0  # sigmoid only: the assumed rate of flipped labels (cDPO), < 0.5
   reference: str = "copy"  # copy | adapters_off | precomputed
+  completions: int = 8  # held-out prompts completed greedily at each evaluation (0: none)
+  max_new_tokens: int = 0  # per completion; 0: half of data.seq_len
 
   def validate(self, exp):
     require_encoder_decoder(exp, False)
@@ -73,9 +77,14 @@ class DPOConfig(TaskConfig):
             "config.data.source='files' and config.data.files to a .jsonl/.parquet glob")
     require(exp.model.arch != "rnn", "config.model.arch='rnn': the dpo task trains a "
             "Transformer decoder")
+    require(self.completions >= 0, f"config.task.completions must be >= 0, got "
+            f"{self.completions}")
+    require(0 <= self.max_new_tokens < exp.data.seq_len,
+            f"config.task.max_new_tokens must be in [0, data.seq_len={exp.data.seq_len}) (0: "
+            f"half of it), got {self.max_new_tokens}")
 
 
-class DPO(References, Task):
+class DPO(DecodedReport, References, Task):
   """A decoder tuned so that it prefers each chosen completion over its rejected one."""
   name = "dpo"
 
@@ -84,7 +93,7 @@ class DPO(References, Task):
     from llmjax.data import preference
     d = preference.load(self.exp, workdir)
     return Data(train=d.train, val=d.val, test=None, tokenizer=d.tokenizer, info=d.info,
-                artifacts=d.artifacts, texts={"val": d.val_pairs})
+                artifacts=d.artifacts, texts={"val": d.val_texts})
 
   def model(self):
     return Transformer(self.exp.model, self.peft())
@@ -169,9 +178,30 @@ class DPO(References, Task):
     return objective.report(sums)
 
   def headline(self, report):
-    return (f"final validation DPO loss {report['loss']:.4f}, reward accuracy "
+    line = (f"final validation DPO loss {report['loss']:.4f}, reward accuracy "
             f"{report['reward_accuracy']:.3f}, preference accuracy "
             f"{report['preference_accuracy']:.3f}")
+    if "chrf" in report:
+      line += f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"
+    return line
+
+  def decoded_report(self, model, get_params, data, split, limit=None):
+    """Greedy completions of the first held-out prompts against their chosen answers (exact
+    match, chrF), as the sft task decodes them."""
+    pairs = data.texts.get(split) or []
+    limit = self.exp.task.completions if limit is None else limit
+    pairs = pairs[:limit] if limit >= 0 else pairs
+    if not pairs:
+      return {}
+    params = get_params()  # every process takes part in gathering; process 0 decodes
+    if jax.process_index() != 0:
+      return {}
+    completions = SFT(self.exp, self.info).complete(model, params, data.tokenizer,
+                                                    [p for p, _ in pairs])
+    return scores(completions, [r for _, r in pairs])
+
+  def decoded_keys(self):
+    return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()
 
   # --- References
   def reference_kind(self):
