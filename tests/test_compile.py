@@ -99,6 +99,23 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   found = aot_report.collectives(hlo)
   assert found == {"all-reduce": {"count": 5, "bytes": 5 * 32},
                    "all-gather": {"count": 1, "bytes": 32}}
+  # XLA:TPU's form: no known trip count (the condition's bound instead), and a reduce-scatter
+  # as a fusion calling an all-reduce-scatter computation.
+  tpu = """HloModule m
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+}
+%all-reduce-scatter.2 (x: f32[64]) -> f32[16] {
+  %ar = f32[64]{0} all-reduce(f32[64]{0} %x), to_apply=%add
+}
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %f = f32[16]{0} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.2
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%cond.1, body=%body.1
+}
+"""
+  assert aot_report.collectives(tpu) == {"reduce-scatter": {"count": 3, "bytes": 3 * 64}}
   refusal = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
              "space hbm. Used 30.78G of 15.75G hbm. Exceeded hbm capacity by 15.03G.")
   parsed = aot_report.exhausted(refusal, 16 * 2**30)

@@ -29,6 +29,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation|"
                     r"branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_S32_CONSTANT = re.compile(r"=\s*s32\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
 
 
 def memory(stats, hbm_bytes: int) -> dict:
@@ -127,41 +128,68 @@ def _result_bytes(shape: str, kind: str, is_start: bool) -> float:
 
 
 def collectives(hlo_text: str) -> dict:
-  """{kind: {"count", "bytes"}} per step: ops inside a loop body count once per iteration."""
-  computations, current = collections.defaultdict(list), "?"
-  edges, entry = collections.defaultdict(list), None
-  for line in hlo_text.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and not line.startswith(" "):
-      current = head.group(1)
-      entry = current if line.startswith("ENTRY") else entry
-      continue
-    op = _OP.match(line)
-    if op:
-      computations[current].append((op.group(2), _result_bytes(op.group(1), op.group(2),
-                                                                bool(op.group(3)))))
-    trips = _TRIP.search(line)
-    for called in _CALLS.finditer(line):
-      repeat = int(trips.group(1)) if trips and called.group(1) == "body" else 1
-      for name in (called.group(2) or called.group(3)).split(","):
-        edges[current].append((name.strip().lstrip("%"), repeat))
-  times = _multipliers(edges, entry)
+  """{kind: {"count", "bytes"}} per step: ops inside a loop body count once per iteration.
+
+  XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter` computation (an
+  all-reduce inside): counted as a reduce-scatter of that computation's result.
+  """
+  ops, edges, entry, loops = _read_hlo(hlo_text)
+  trips = {cond: count for cond, count in loops["constants"].items()}
+  times = _multipliers(edges, entry, trips)
   out = {}
-  for name, ops in computations.items():
-    for kind, size in ops:
+  for name, found in ops.items():
+    scatter = name.startswith("all-reduce-scatter")
+    for kind, size in found:
+      if scatter:
+        kind, size = "reduce-scatter", loops["results"].get(name, size)
       entry_ = out.setdefault(kind, {"count": 0, "bytes": 0})
       entry_["count"] += times.get(name, 1)
       entry_["bytes"] += int(size * times.get(name, 1))
   return out
 
 
-def _multipliers(edges: dict, entry: str | None) -> dict:
-  """How many times each computation runs per call of the entry (loop trip counts multiplied)."""
+def _read_hlo(hlo_text: str):
+  """(collective ops by computation, call edges, the entry, loop facts) of an HLO module."""
+  ops, edges = collections.defaultdict(list), collections.defaultdict(list)
+  current, entry = "?", None
+  loops = {"constants": {}, "results": {}}
+  scalars = collections.defaultdict(list)
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      entry = current if line.startswith("ENTRY") else entry
+      result = line.rsplit("->", 1)[-1] if "->" in line else ""
+      loops["results"][current] = _shape_bytes(result)
+      continue
+    op = _OP.match(line)
+    if op:
+      ops[current].append((op.group(2), _result_bytes(op.group(1), op.group(2),
+                                                      bool(op.group(3)))))
+    scalars[current] += [int(n) for n in _S32_CONSTANT.findall(line)]
+    known = _TRIP.search(line)
+    called = {m.group(1): (m.group(2) or m.group(3)) for m in _CALLS.finditer(line)}
+    for role, names in called.items():
+      for name in names.split(","):
+        edges[current].append((name.strip().lstrip("%"), role, called.get("condition"),
+                               int(known.group(1)) if known else None))
+  for name, values in scalars.items():
+    if len(values) == 1:  # a loop condition's bound: `counter < N`
+      loops["constants"][name] = values[0]
+  return ops, edges, entry, loops
+
+
+def _multipliers(edges: dict, entry: str | None, bounds: dict) -> dict:
+  """How many times each computation runs per call of the entry (loop trip counts multiplied:
+  the compiler's known trip count, else the one constant its condition compares against)."""
   times = {entry: 1} if entry else {}
   stack = [entry] if entry else []
   while stack:
     name = stack.pop()
-    for callee, repeat in edges.get(name, ()):
+    for callee, role, condition, known in edges.get(name, ()):
+      repeat = 1
+      if role == "body":
+        repeat = known or bounds.get((condition or "").strip().lstrip("%"), 1)
       count = times[name] * repeat
       if times.get(callee, 0) < count:
         times[callee] = count
