@@ -21,6 +21,7 @@ from llmjax.errors import ConfigError
 from llmjax.parallel import sharding
 from llmjax.train import loop, setup, teacher_run
 
+import _cli
 import _xla
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,6 +97,11 @@ BAD_INPUTS = {
 }
 
 
+# A few bad commands run as their own process, the rest inside this one (tests/_cli.py): the
+# one-line error and exit code 2 are the CLI's, and the process boundary adds nothing but imports.
+IN_A_SUBPROCESS = ("wrong_type", "missing_experiment_file", "batch_not_divisible_by_data_parallel")
+
+
 def run_train(workdir, flags, devices):
   env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(devices),
              JAX_PLATFORMS="cpu")
@@ -106,12 +112,16 @@ def run_train(workdir, flags, devices):
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-  """Every bad command, run two at a time (each subprocess is mostly jax import)."""
+  """Every bad command: IN_A_SUBPROCESS as processes (two at a time, beside the others), the
+  rest in this process (on its 8 devices; each fails before it uses one)."""
   base = tmp_path_factory.mktemp("bad")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    futures = {name: pool.submit(run_train, base / name, flags, devices)
-               for name, (flags, devices, _) in BAD_INPUTS.items()}
-    return {name: (base / name, f.result()) for name, f in futures.items()}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    futures = {name: pool.submit(run_train, base / name, *BAD_INPUTS[name][:2])
+               for name in IN_A_SUBPROCESS}
+    results = {name: _cli.run("train", *flags, f"--workdir={base / name}")
+               for name, (flags, _, _) in BAD_INPUTS.items() if name not in IN_A_SUBPROCESS}
+    results.update({name: f.result() for name, f in futures.items()})
+  return {name: (base / name, results[name]) for name in BAD_INPUTS}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -309,22 +319,22 @@ def test_a_workdir_that_is_a_file_is_refused_before_anything_is_written(inside, 
 def test_main_reads_its_own_argv_and_parses_again_in_one_process():
   """train's main(argv) takes the overrides in argv (ml_collections alone reads sys.argv), and a
   second parse in the same process may repeat an override (absl alone refuses to define a flag
-  twice). A subprocess: one process imports one verb's flags."""
+  twice), and parsing imports no jax. A subprocess: this process has jax already."""
   code = """if True:
     import sys
-    from absl import flags
     from llmjax.cli import common, train
     sys.argv = ["pytest"]
     smoke = "--config=experiments/lm/stdlib_gpt.py:smoke"
     for steps in (3, 4):
-      common.parse_flags(["llmjax train", smoke, f"--config.train.steps={steps}", "--workdir=x"])
-      print(flags.FLAGS.config.train.steps, flags.FLAGS.workdir)
+      common.parse_flags(["llmjax train", smoke, f"--config.train.steps={steps}", "--workdir=x"],
+                         train)
+      print(train.FLAGS.config.train.steps, train.FLAGS.workdir)
     try:
-      common.parse_flags(["llmjax train", smoke, "--config.train.steps=abc"])
+      common.parse_flags(["llmjax train", smoke, "--config.train.steps=abc"], train)
     except SystemExit as e:
       print("exit", e.code)
-    common.parse_flags(["llmjax train", smoke])
-    print(flags.FLAGS.config.train.steps, flags.FLAGS.workdir, "jax" in sys.modules)
+    common.parse_flags(["llmjax train", smoke], train)
+    print(train.FLAGS.config.train.steps, train.FLAGS.workdir, "jax" in sys.modules)
   """
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)

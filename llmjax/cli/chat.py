@@ -19,17 +19,24 @@ from absl import flags
 from llmjax.cli import common
 from llmjax.errors import UserError
 
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir:PATH[@STEP], export:DIR, hf:PATH, "
-                                  "peft:DIR, or a bare run or export directory.")
-_MESSAGE = flags.DEFINE_string("message", None, "One user message: print the reply and exit.")
-_SYSTEM = flags.DEFINE_string("system", None, "A system message that opens the conversation.")
+                                  "peft:DIR, or a bare run or export directory.", flag_values=FLAGS)
+_MESSAGE = flags.DEFINE_string("message", None, "One user message: print the reply and exit.",
+                               flag_values=FLAGS)
+_SYSTEM = flags.DEFINE_string("system", None, "A system message that opens the conversation.",
+                              flag_values=FLAGS)
 _TEMPLATE = flags.DEFINE_string("chat_template", None, "A built-in (byte, chatml) or a jinja "
-                                "file; default: the run's or the model directory's own.")
+                                "file; default: the run's or the model directory's own.",
+                                flag_values=FLAGS)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Token budget of one reply (it stops "
-                                "earlier at the end-of-turn token).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for sampling.")
+                                "earlier at the end-of-turn token).", flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.", flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).",
+                            flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for sampling.", flag_values=FLAGS)
 
 
 def find_template(source, override: str | None):

@@ -27,56 +27,51 @@ HELP_ARGS = ("-h", "-help", "--help")
 
 
 def parse_flags(argv: list[str], module: types.ModuleType | None = None) -> None:
-  """Parse absl flags (including --config.a.b overrides); any problem -> fail() naming it.
+  """Parse the verb's flags (including --config.a.b overrides); any problem -> fail() naming it.
 
-  With -h/--help anywhere among the flags, print the verb's help instead (`verb_help(module)`;
-  module defaults to the calling verb's module) and exit 0.
+  `module` (default: the calling verb's module) holds the verb's flags in its own `FLAGS`
+  (absl's global FlagValues where it has none). With -h/--help anywhere among the flags, print
+  the verb's help instead (`verb_help(module)`) and exit 0.
   """
-  keep_off_absent_tpu()
-  if wants_help(argv):
-    if module is None:
-      module = sys.modules[sys._getframe(1).f_globals["__name__"]]
+  if module is None:
+    module = sys.modules[sys._getframe(1).f_globals["__name__"]]
+  fv = verb_flags(module)
+  if wants_help(argv, fv):
     print(verb_help(module))
     sys.exit(0)
-  _forget_earlier_parse()
+  _forget_earlier_parse(fv)
   try:
     with _as_sys_argv(argv):  # ml_collections reads the --config.* overrides from sys.argv
-      flags.FLAGS(argv)
+      fv(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no config key
-    fail(_unknown_override(argv, e))
+    fail(_unknown_override(argv, e, fv))
   except flags.IllegalFlagValueError as e:
-    fail(_bad_value(e))
+    fail(_bad_value(e, fv))
   except flags.UnrecognizedFlagError as e:
     fail(" ".join(str(e).split())[:500] + "; --help lists this verb's flags")
   except OSError as e:  # a --config file that cannot be read, met by an override
     fail(_unreadable_config(e))
   except (flags.Error, TypeError, ValueError, UserError) as e:
     fail(_last_line(str(e))[:500])
-  for flag in _config_flags():  # a --config file that cannot be read, with no override
+  for flag in _config_flags(fv):  # a --config file that cannot be read, with no override
     error = getattr(flag.value, "_error", None)
     if isinstance(error, OSError):
       fail(_unreadable_config(error))
 
 
-def keep_off_absent_tpu() -> None:
-  """With libtpu installed (the `tpu` extra, for `llmjax compile`) on a host with no TPU
-  attached, jax would try a TPU backend first: libtpu logs errors and takes its lock file before
-  jax falls back. Unless JAX_PLATFORMS is set, such a host uses its GPUs or its CPU directly."""
-  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
-    return
-  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):  # a TPU VM's chips
-    return
-  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+def verb_flags(module: types.ModuleType) -> flags.FlagValues:
+  """The FlagValues a verb's module defines its flags in: its `FLAGS`, else absl's global one."""
+  return getattr(module, "FLAGS", flags.FLAGS)
 
 
-def _forget_earlier_parse() -> None:
+def _forget_earlier_parse(fv: flags.FlagValues) -> None:
   """Flags back to their defaults, and no override flag of an earlier parse: main(argv) can run
   again in one process (absl refuses to define a --config.a.b override twice)."""
-  prefixes = tuple(f"{flag.name}." for flag in _config_flags())
-  for name in [n for n in flags.FLAGS if prefixes and n.startswith(prefixes)]:
-    delattr(flags.FLAGS, name)  # defined by a parse, even one that failed
-  if flags.FLAGS.is_parsed():
-    flags.FLAGS.unparse_flags()
+  prefixes = tuple(f"{flag.name}." for flag in _config_flags(fv))
+  for name in [n for n in fv if prefixes and n.startswith(prefixes)]:
+    delattr(fv, name)  # defined by a parse, even one that failed
+  if fv.is_parsed():
+    fv.unparse_flags()
 
 
 @contextlib.contextmanager
@@ -88,13 +83,13 @@ def _as_sys_argv(argv: list[str]):
     sys.argv = saved
 
 
-def _config_flags() -> list[flags.Flag]:
-  return [flags.FLAGS[name] for name in flags.FLAGS
-          if name == flags.FLAGS[name].name and _is_config(flags.FLAGS[name])]
+def _config_flags(fv: flags.FlagValues) -> list[flags.Flag]:
+  return [fv[name] for name in fv if name == fv[name].name and _is_config(fv[name])]
 
 
-def wants_help(argv: list[str]) -> bool:
-  """Whether argv[1:] asks for help: -h/-help/--help before any `--`, not as a flag's value."""
+def wants_help(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> bool:
+  """Whether argv[1:] asks for help: -h/-help/--help before any `--`, not as a flag's value
+  (of the verb's flags `fv`)."""
   args = iter(argv[1:])
   for arg in args:
     if arg == "--":
@@ -102,8 +97,7 @@ def wants_help(argv: list[str]) -> bool:
     if arg in HELP_ARGS:
       return True
     name = arg.lstrip("-")
-    if arg.startswith("-") and "=" not in arg and name in flags.FLAGS \
-        and not flags.FLAGS[name].boolean:
+    if arg.startswith("-") and "=" not in arg and name in fv and not fv[name].boolean:
       next(args, None)  # `--flag VALUE`: the next argument is a value, even if it reads -h
   return False
 
@@ -112,7 +106,7 @@ def verb_help(module: types.ModuleType) -> str:
   """The verb's module docstring (its usage) and each flag it defines, with default and help."""
   usage = inspect.cleandoc(module.__doc__ or "") or f"{module.__name__} [--flags]"
   lines = [f"usage: {usage}", "", "flags:"]
-  defined = flags.FLAGS.get_flags_for_module(module)
+  defined = verb_flags(module).get_flags_for_module(module)
   for flag in defined:
     text = flag.help
     if isinstance(flag, flags.EnumFlag):  # absl prefixes "<a|b>: "; the metavar shows them
@@ -169,7 +163,7 @@ def _default(flag: flags.Flag) -> str:
   return f"(default: {value})"
 
 
-def _unknown_override(argv: list[str], error: Exception) -> str:
+def _unknown_override(argv: list[str], error: Exception, fv: flags.FlagValues) -> str:
   """`unknown config key config.trian (in --config.trian.steps=5; did you mean config.train?)`."""
   message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
   message = str(message)
@@ -179,7 +173,7 @@ def _unknown_override(argv: list[str], error: Exception) -> str:
   for arg in argv:
     name = arg.lstrip("-").split("=", 1)[0]
     parts = name.split(".")
-    if len(parts) > 1 and _is_config_name(parts[0]) and bad in parts[1:]:
+    if len(parts) > 1 and _is_config_name(parts[0], fv) and bad in parts[1:]:
       at = parts.index(bad, 1)
       key = ".".join(parts[:at + 1])
       where = f" (in --{name})" if key != name else ""
@@ -189,21 +183,21 @@ def _unknown_override(argv: list[str], error: Exception) -> str:
   return f"unknown config key: {' '.join(message.split())}"
 
 
-def _is_config_name(name: str) -> bool:
-  return name in flags.FLAGS and _is_config(flags.FLAGS[name])
+def _is_config_name(name: str, fv: flags.FlagValues) -> bool:
+  return name in fv and _is_config(fv[name])
 
 
 _TYPE_WORDS = {"int": "an int", "float": "a float", "bool": "true or false", "string": "text"}
 
 
-def _bad_value(error: flags.IllegalFlagValueError) -> str:
+def _bad_value(error: flags.IllegalFlagValueError, fv: flags.FlagValues) -> str:
   """`config.train.steps must be an int, got 'abc'`: the key and the type it takes."""
   found = re.match(r"flag --([\w.-]+)=(.*?): ", str(error), re.S)
-  if not found or found.group(1) not in flags.FLAGS:
+  if not found or found.group(1) not in fv:
     return _last_line(str(error))[:500]
   name, value = found.groups()
-  flag = flags.FLAGS[name]
-  shown = name if _is_config_name(name.split(".")[0]) and "." in name else f"--{name}"
+  flag = fv[name]
+  shown = name if _is_config_name(name.split(".")[0], fv) and "." in name else f"--{name}"
   if type(flag.parser).__name__ == "_ConfigDictParser":
     return (f"{shown} is a section, not a value: set its keys with --{name}.KEY=VALUE "
             f"(got {value!r})")

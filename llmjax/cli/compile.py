@@ -20,28 +20,34 @@ from ml_collections import config_flags
 
 from llmjax.cli import common
 
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:arg].",
-                                          lock_config=True)
+                                          lock_config=True, flag_values=FLAGS)
 _TOPOLOGY = flags.DEFINE_string("topology", None,
                                 "TPU slice: an accelerator type (v5e-16, v5p-8, v6e-8, v4-32) or "
-                                "CHIP:AxB[xC] (v5e:4x4, v5p:2x2x1).")
+                                "CHIP:AxB[xC] (v5e:4x4, v5p:2x2x1).", flag_values=FLAGS)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network "
-                                   "(config.mesh.dcn: data parallel across them).")
+                                   "(config.mesh.dcn: data parallel across them).",
+                                   flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", "-", "The JSON report's file; - prints it on stdout "
-                              "(the table then goes to stderr).")
+                              "(the table then goes to stderr).", flag_values=FLAGS)
 _STEPS = flags.DEFINE_list("steps", ["train", "eval", "prefill", "decode"],
-                           "Which steps to compile (prefill and decode: causal decoders only).")
+                           "Which steps to compile (prefill and decode: causal decoders only).",
+                           flag_values=FLAGS)
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "generate's prompt length (0: half of "
-                                   "config.data.seq_len).")
+                                   "config.data.seq_len).", flag_values=FLAGS)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "generate's new tokens, which size the KV "
-                                "cache with the prompt (0: the rest of config.data.seq_len).")
+                                "cache with the prompt (0: the rest of config.data.seq_len).",
+                                flag_values=FLAGS)
 
 _STEP_NAMES = ("train", "eval", "prefill", "decode")
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
-  if not common.wants_help(argv):
+  if not common.wants_help(argv, FLAGS):
     from llmjax import tasks  # noqa: F401  (registers every task's config section)
   common.parse_flags(argv)
   if _CONFIG.value is None:

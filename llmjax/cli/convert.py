@@ -9,10 +9,15 @@ from absl import flags
 
 from llmjax.cli import common
 
-_FROM = flags.DEFINE_string("from", None, "hf:PATH (a HF model directory) or DIR (an export).")
-_TO = flags.DEFINE_string("to", None, "DIR (a new llmjax export) or hf:PATH (a HF directory).")
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
+_FROM = flags.DEFINE_string("from", None, "hf:PATH (a HF model directory) or DIR (an export).",
+                            flag_values=FLAGS)
+_TO = flags.DEFINE_string("to", None, "DIR (a new llmjax export) or hf:PATH (a HF directory).",
+                          flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Parameter dtype of an export written from HF.")
+                           "Parameter dtype of an export written from HF.", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,27 +15,42 @@ from absl import flags
 
 from llmjax.cli import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).")
-_SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"], "Which split to evaluate.")
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).",
+                             flag_values=FLAGS)
+_SPLIT = flags.DEFINE_enum("split", "val", ["val", "test"], "Which split to evaluate.",
+                           flag_values=FLAGS)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Zero-/few-shot: an LM as workdir:PATH[@STEP], export:DIR, "
-                                  "hf:PATH, peft:DIR, or a bare run or export directory.")
-_DATA = flags.DEFINE_string("data", None, "Zero-/few-shot: JSONL file of examples to classify.")
+                                  "hf:PATH, peft:DIR, or a bare run or export directory.",
+                                  flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "Zero-/few-shot: JSONL file of examples to classify.",
+                            flag_values=FLAGS)
 _LABELS = flags.DEFINE_string("labels", None,
-                              "Zero-/few-shot: comma-separated label names (their verbalisations).")
+                              "Zero-/few-shot: comma-separated label names (their verbalisations).",
+                              flag_values=FLAGS)
 _TEMPLATE = flags.DEFINE_string("template", "{text}",
-                                "Zero-/few-shot: context template with {text}; the label follows.")
-_SHOTS = flags.DEFINE_integer("shots", 0, "Zero-/few-shot: labelled in-context examples (K).")
+                                "Zero-/few-shot: context template with {text}; the label follows.",
+                                flag_values=FLAGS)
+_SHOTS = flags.DEFINE_integer("shots", 0, "Zero-/few-shot: labelled in-context examples (K).",
+                              flag_values=FLAGS)
 _SHOT_DATA = flags.DEFINE_string("shot_data", None,
-                                 "Zero-/few-shot: JSONL file the K shots are drawn from.")
+                                 "Zero-/few-shot: JSONL file the K shots are drawn from.",
+                                 flag_values=FLAGS)
 _LENGTH_NORM = flags.DEFINE_boolean("length_norm", False,
-                                    "Zero-/few-shot: score labels by mean, not summed, log-prob.")
-_TEXT_KEY = flags.DEFINE_string("text_key", "text", "Zero-/few-shot: the text field.")
-_LABEL_KEY = flags.DEFINE_string("label_key", "label", "Zero-/few-shot: the label field.")
-_SEED = flags.DEFINE_integer("seed", 0, "Zero-/few-shot: seed for drawing the shots.")
+                                    "Zero-/few-shot: score labels by mean, not summed, log-prob.",
+                                    flag_values=FLAGS)
+_TEXT_KEY = flags.DEFINE_string("text_key", "text", "Zero-/few-shot: the text field.",
+                                flag_values=FLAGS)
+_LABEL_KEY = flags.DEFINE_string("label_key", "label", "Zero-/few-shot: the label field.",
+                                 flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Zero-/few-shot: seed for drawing the shots.",
+                             flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Zero-/few-shot: byte or hf:PATH; default: "
-                                 "the checkpoint's own tokenizer.")
+                                 "the checkpoint's own tokenizer.", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,12 +21,17 @@ from absl import flags
 from llmjax.cli import common
 from llmjax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).")
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).",
+                             flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "New directory to write the export to: DIR (llmjax) or "
-                           "hf:PATH (Hugging Face / PEFT).")
+                           "hf:PATH (Hugging Face / PEFT).", flag_values=FLAGS)
 _MERGE = flags.DEFINE_boolean("merge", False, "With --out=hf:PATH, write a LoRA run as the "
-                              "full model with its updates merged, not as a PEFT adapter.")
+                              "full model with its updates merged, not as a PEFT adapter.",
+                              flag_values=FLAGS)
 
 _FULL, _LORA = ("full", "freeze", "bitfit"), ("lora", "adalora")
 _HF_FORMS = ("lora, adalora (a PEFT adapter, or the merged model with --merge), prompt (PEFT "

@@ -14,17 +14,25 @@ from absl import flags
 
 from llmjax.cli import common
 
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir:PATH[@STEP], export:DIR, hf:PATH, "
-                                  "peft:DIR, or a bare run or export directory.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Token budget (stops earlier at EOS).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for sampling.")
+                                  "peft:DIR, or a bare run or export directory.", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.", flag_values=FLAGS)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Token budget (stops earlier at EOS).",
+                                flag_values=FLAGS)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.", flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).",
+                              flag_values=FLAGS)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this mass (1: all).",
+                            flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for sampling.", flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.",
+                                 flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.",
+                           flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

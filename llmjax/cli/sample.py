@@ -14,15 +14,16 @@ from absl import flags
 
 from llmjax.cli import common
 
-# --workdir, --out, --seed and --step are also other verbs' flags: a process runs one verb, but a
-# program (or a test) that imports several verbs' modules must not fail on the second definition.
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string("workdir", None, "A gan training run's directory.",
-                               allow_override=True)
-_N = flags.DEFINE_integer("n", 64, "How many images to draw.")
-_OUT = flags.DEFINE_string("out", None, "The PNG file to write the grid to.", allow_override=True)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the latents.", allow_override=True)
+                               flag_values=FLAGS)
+_N = flags.DEFINE_integer("n", 64, "How many images to draw.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "The PNG file to write the grid to.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the latents.", flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest verified).",
-                             allow_override=True)
+                             flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

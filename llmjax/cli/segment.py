@@ -16,18 +16,24 @@ from absl import flags
 
 from llmjax.cli import common
 
-_IMAGE = flags.DEFINE_string("image", None, "The image to segment (any format Pillow reads).")
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
+_IMAGE = flags.DEFINE_string("image", None, "The image to segment (any format Pillow reads).",
+                             flag_values=FLAGS)
 # `llmjax export` defines --out too, and a test process imports both verbs: this one yields to
 # an earlier or later definition (both are strings, read by name at parse time).
 _OUT = flags.DEFINE_string("out", None, "Where to write the segmented image (.png).",
-                           allow_override=True)
+                           flag_values=FLAGS)
 _BANDWIDTH = flags.DEFINE_float("bandwidth", None, "Mean-shift bandwidth in feature units (a "
-                                "colour channel spans 1); default: estimated.")
+                                "colour channel spans 1); default: estimated.", flag_values=FLAGS)
 _SPATIAL = flags.DEFINE_float("spatial_weight", 0.5, "How far apart the image's longer side puts "
-                              "its two ends, in colour units (0: colour alone).")
-_KERNEL = flags.DEFINE_enum("kernel", "flat", ["flat", "gaussian"], "Mean-shift kernel.")
+                              "its two ends, in colour units (0: colour alone).", flag_values=FLAGS)
+_KERNEL = flags.DEFINE_enum("kernel", "flat", ["flat", "gaussian"], "Mean-shift kernel.",
+                            flag_values=FLAGS)
 _BIN_SEEDING = flags.DEFINE_boolean("bin_seeding", True, "Seed from a grid of cells of side "
-                                    "bandwidth (fast) instead of from every pixel.")
+                                    "bandwidth (fast) instead of from every pixel.",
+                                    flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,27 +12,33 @@ from llmjax import config as config_lib
 from llmjax.cli import common
 from llmjax.errors import TrainingError
 
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:arg].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running with it resumes.")
+                                          lock_config=True, flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; re-running with it resumes.",
+                               flag_values=FLAGS)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0. With --num_processes and --process_id it overrides the cluster "
     "otherwise found in JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID or detected "
-    "(SLURM, Open MPI, Cloud TPU, GKE).")
+    "(SLURM, Open MPI, Cloud TPU, GKE).", flag_values=FLAGS)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Processes in the run; 1 alone: one process, no detection.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+                                      "Processes in the run; 1 alone: one process, no detection.",
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=FLAGS)
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
-                                     "Seconds to wait for every process to join.")
+                                     "Seconds to wait for every process to join.",
+                                     flag_values=FLAGS)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as dead "
-    "and the others stop.")
+    "and the others stop.", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
-  if not common.wants_help(argv):
+  if not common.wants_help(argv, FLAGS):
     # Registers every task's config section (config.task.KEY) before --config's experiment file
     # builds its base_config(); not for --help, which stays free of jax.
     from llmjax import tasks  # noqa: F401

@@ -15,22 +15,32 @@ from absl import flags
 
 from llmjax.cli import common
 
+# This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
+# --step, --out, ...) and run side by side in one process (tests, notebooks).
+FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "A seq2seq run (workdir:PATH[@STEP] or its directory), an llmjax "
-                                  "export (export:DIR or DIR) or hf:PATH.")
-_TEXT = flags.DEFINE_string("text", None, "One text to translate.")
-_INPUT = flags.DEFINE_string("input", None, "A file of texts to translate, one per line.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where --input's translations go (default stdout).")
-_BEAMS = flags.DEFINE_integer("num_beams", None, "1 is greedy (default: the run's, else 4).")
+                                  "export (export:DIR or DIR) or hf:PATH.", flag_values=FLAGS)
+_TEXT = flags.DEFINE_string("text", None, "One text to translate.", flag_values=FLAGS)
+_INPUT = flags.DEFINE_string("input", None, "A file of texts to translate, one per line.",
+                             flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Where --input's translations go (default stdout).",
+                              flag_values=FLAGS)
+_BEAMS = flags.DEFINE_integer("num_beams", None, "1 is greedy (default: the run's, else 4).",
+                              flag_values=FLAGS)
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None,
-                                     "Beam scores are sum log p / length**this (default 1).")
+                                     "Beam scores are sum log p / length**this (default 1).",
+                                     flag_values=FLAGS)
 _EARLY = flags.DEFINE_enum("early_stopping", None, ["true", "false", "never"],
-                           "Beam search stopping, as transformers' generate.")
+                           "Beam search stopping, as transformers' generate.", flag_values=FLAGS)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
-                                "Token budget per translation (default: the run's, else 128).")
+                                "Token budget per translation (default: the run's, else 128).",
+                                flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+                                 "byte or hf:PATH; default: the checkpoint's own tokenizer.",
+                                 flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.",
+                           flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
