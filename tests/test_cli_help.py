@@ -134,3 +134,18 @@ def test_help_verb_direct_module_and_flag_values():
   unknown = _run("export", "--bogus")
   assert unknown.returncode == 2
   assert "Unknown command line flag 'bogus'; --help lists this verb's flags" in unknown.stderr
+
+
+def test_every_verb_keeps_its_flags_to_itself():
+  """Each verb defines its flags in its own FlagValues (`FLAGS` of its module), so verbs that
+  share flag names import side by side in one process and run there (tests/_cli.py)."""
+  import importlib
+
+  from absl import flags
+  for verb in VERBS:
+    module = importlib.import_module(f"llmjax.cli.{verb}")
+    assert isinstance(getattr(module, "FLAGS", None), flags.FlagValues), verb
+    leaked = [f.name for f in flags.FLAGS.get_flags_for_module(module)]
+    assert not leaked, f"llmjax.cli.{verb} defines {leaked} in absl's global FLAGS: pass " \
+                       "flag_values=FLAGS"
+    assert module.FLAGS.get_flags_for_module(module), verb
