@@ -7,7 +7,8 @@
 # images/s and MFU; its import path needs no grain, tensorflow-datasets or llmjax.data, as
 # tests/test_benchmarks.py checks), then KV-cache decoding of the same GPT in bf16 at batch 1 and
 # 8 against the weight-streaming bound (generate.py --llmjax_only: no torch on the image; the
-# HBM read bandwidth measured in the same run). Results (JSON + logs) go to $1 (default $OUT). Variants run
+# HBM read bandwidth measured in the same run), then a Mixtral-shaped MoE step against its dense
+# twin (benchmarks/moe_throughput.py; MOE_SHAPE overrides its flags). Results (JSON + logs) go to $1 (default $OUT). Variants run
 # in that order while BUDGET seconds (default 560, under the device call's 600) leave room for
 # another RUN_TIMEOUT (default 130); the rest are skipped. ONLY="name ..." runs just those.
 #
@@ -63,3 +64,16 @@ decode
 run cudnn_b8_gpu_env gpu_env --attention_impl=cudnn --batch=8
 run cudnn_b16_dots_no_batch : --attention_impl=cudnn --batch=16 --remat=dots_no_batch
 run xla_b8_dots_no_batch : --attention_impl=xla --batch=8 --remat=dots_no_batch
+moe() {  # Mixtral-shaped blocks (d 4096, 32 heads / 8 kv, 8 experts of 14336, top 2), one layer so
+  # three fp32-Adam states (two MoE: 1.4B parameters each) fit one GPU: MoE dropless and capacity
+  # 1.25 against the dense step of equal active FLOPs
+  local name=mixtral_1layer_moe_vs_dense
+  local moe_shape=${MOE_SHAPE:---d_model=4096 --n_layers=1 --n_heads=32 --n_kv_heads=8 --d_ff=14336 --experts=8 --top_k=2 --seq_len=2048 --batch=4 --vocab=32000}
+  wanted "$name" || return 0
+  echo "== $name: $moe_shape"
+  # shellcheck disable=SC2086
+  timeout "$limit" "$py" benchmarks/moe_throughput.py $moe_shape --dtype=bfloat16 \
+      --attention_impl=cudnn --steps=6 --warmup=2 --json="$out/$name.json" >"$out/$name.log" 2>&1
+  echo "exit $?"; tail -4 "$out/$name.log"
+}
+moe
