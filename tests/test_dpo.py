@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmjax import config as config_lib, finetune
-from llmjax.errors import ConfigError, DataError
+from llmjax.errors import ConfigError, DataError, UserError
 from llmjax.objectives import dpo as objective
 from llmjax.objectives.distill import TEACHER
 from llmjax.parallel import sharding
@@ -168,6 +168,9 @@ def test_exact_resume(tmp_path):
   llmjax.train.run(short, str(tmp_path / "resumed"))
   llmjax.train.run(exp, str(tmp_path / "resumed"))
   assert _final(tmp_path / "whole") == _final(tmp_path / "resumed")
+  from llmjax.eval.evaluate import evaluate_run
+  with pytest.raises(UserError, match="rebuilt only by training"):  # no reference outside it
+    evaluate_run(str(tmp_path / "whole"))
 
 
 def test_eight_devices_equal_one(tmp_path):

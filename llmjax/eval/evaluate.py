@@ -16,7 +16,7 @@ from flax import linen as nn
 from llmjax import distributed, tasks
 from llmjax.errors import UserError
 from llmjax.parallel import sharding
-from llmjax.train import loop, rundir, step as steplib
+from llmjax.train import loop, reference, rundir, step as steplib
 
 
 def split_arrays(data: tasks.Data, split: str, workdir: str) -> dict:
@@ -31,6 +31,10 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json."""
   run = rundir.restore(workdir, step)
   task, data = tasks.setup(run.exp, workdir)
+  if reference.kind(task) in ("copy", "precomputed"):
+    raise UserError(f"llmjax eval {workdir}: its dpo reference (config.task.reference="
+                    f"{run.exp.task.reference!r}) is rebuilt only by training; its evaluations are "
+                    "in metrics.jsonl (a reference='adapters_off' run evaluates here)")
   arrays = split_arrays(data, split, workdir)
   devices = run.mesh.size
   batch_size = devices * math.ceil(run.exp.train.batch_size / devices)
