@@ -3,7 +3,8 @@
   JAX_PLATFORMS=cpu python benchmarks/tpu_attention_memory.py [--topology=v5e:2x2] \
       [--lengths=2048,8192] [--batch=4] [--heads=16] [--kv_heads=8] [--head_dim=128]
 
-Needs libtpu (the `.[tpu]` extra), not a TPU: the step is lowered for abstract devices of the
+Needs libtpu (the `.[tpu]` extra), not a TPU (ALLOW_MULTIPLE_LIBTPU_LOAD=1 when another process
+holds libtpu): the step is lowered for abstract devices of the
 topology (`jax.experimental.topologies`) and compiled by libtpu's compiler, which reports each
 chip's temporaries (`memory_analysis()`). What is compiled is llmjax's own core for
 attention_impl "xla" and "splash" (models/attention.py, models/splash.py) on bf16 queries, keys
