@@ -190,8 +190,9 @@ def test_what_llmjax_cannot_express_is_one_clear_error(saved, tmp_path):
 
 def test_lora_on_experts_and_router_equals_the_merged_kernels_and_presets_select(saved):
   """LoRA factors on every expert's projections and on the router compute what the base with
-  W + scale * A B per expert computes (dropless and with capacity); the freezing presets pick
-  the router, the shared experts or the experts alone."""
+  W + scale * A B per expert computes (dropless and with capacity), which is what merging
+  (export --merge) writes; the freezing presets pick the router, the shared experts or the
+  experts alone."""
   import re
   from flax import linen as nn
   from llmjax.finetune import spec
@@ -218,6 +219,11 @@ def test_lora_on_experts_and_router_equals_the_merged_kernels_and_presets_select
           p.replace("/lora/", "/")[:-2]
       delta = np.matmul(np.asarray(params[p]), np.asarray(b)) * lora.lora_scale()
       merged[kernel] = np.asarray(flat[kernel]) + delta.reshape(flat[kernel].shape)
+  from llmjax.finetune import lora as lora_lib  # what export --merge writes
+  library = mapping.flatten(lora_lib.merged(mapping.unflatten(params), lora))
+  assert set(library) == set(flat)
+  for p, value in merged.items():
+    np.testing.assert_allclose(np.asarray(library[p]), value, atol=1e-6, err_msg=p)
   tokens, mask = _right_padded(seed=4)
   ours = _ours(model, mapping.unflatten(params), tokens, mask)
   ref = _ours(base, mapping.unflatten(merged), tokens, mask)

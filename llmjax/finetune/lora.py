@@ -3,6 +3,8 @@
 A module at path M holds `M/kernel` [*lead, *in, *out] and `M/lora/a` [*lead, *in, r],
 `M/lora/b` [*lead, r, *out] (+ `M/lora/e` [*lead, r] for AdaLoRA); `*lead` is the layer axis of
 a scanned stack or nothing. Its update is `scale * a . diag(e) . b`, contracted over r.
+Stacked experts (models/moe_lora.py) hold `X/N` [*lead, E, in, out] with `X/lora/N_a`
+[*lead, E, in, r] and `X/lora/N_b` [*lead, E, r, out]: the expert axis leads like a layer axis.
 """
 
 from __future__ import annotations
@@ -31,15 +33,26 @@ def delta(a, b, e, scale: float, kernel_shape) -> jax.Array:
   return (scale * a2 @ b2).reshape(kernel_shape)
 
 
+def _factor_sets(flat: dict) -> list[tuple[str, str, str, str | None]]:
+  """(kernel, a, b, e) paths of every LoRA pair: DenseGeneral modules and stacked experts."""
+  out = [(m + "/kernel", m + "/lora/a", m + "/lora/b", m + "/lora/e")
+         for m in sorted(p[:-len("/lora/a")] for p in flat if p.endswith("/lora/a"))]
+  for p in sorted(flat):
+    head, sep, name = p.rpartition("/lora/")
+    if sep and name.endswith("_a") and f"{head}/{name[:-2]}" in flat:
+      out.append((f"{head}/{name[:-2]}", p, p[:-2] + "_b", None))
+  return out
+
+
 def merged(params, peft: Peft) -> dict:
   """The parameters with every LoRA update folded into its kernel (in float32, cast back) and
   the factors gone: a plain model of the base's architecture."""
   flat = dict(partition.items(params))
-  for module in modules(params):
-    kernel = flat[module + "/kernel"]
-    update = delta(flat.pop(module + "/lora/a"), flat.pop(module + "/lora/b"),
-                   flat.pop(module + "/lora/e", None), peft.lora_scale(), kernel.shape)
-    flat[module + "/kernel"] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
+  for kernel_path, a, b, e in _factor_sets(flat):
+    kernel = flat[kernel_path]
+    update = delta(flat.pop(a), flat.pop(b), flat.pop(e, None) if e else None,
+                   peft.lora_scale(), kernel.shape)
+    flat[kernel_path] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
   return partition.nest(flat)
 
 
