@@ -41,6 +41,16 @@ def test_topology_names():
   assert len(topology.devices(topology.parse("v5e:2x2"), num_slices=2)) == 8
 
 
+def test_two_slices_split_the_batch_over_dcn():
+  options = aot.Options("v5e:2x2", num_slices=2, steps=("train",))
+  _, s = aot.assemble(_tiny(), options)
+  assert s.mesh.shape["dcn"] == 2 and s.mesh.shape["data"] == 4
+  # Each dcn index is one slice: the slowest network joins whole slices.
+  assert [{d.slice_index for d in row.flat} for row in s.mesh.devices] == [{0}, {1}]
+  report = aot.compile_run(_tiny(), options)
+  assert report["fits"] and report["steps"]["train"]["collectives"]
+
+
 def test_tiny_run_compiles_for_v5e_and_fsdp_quarters_the_parameters():
   dp = aot.compile_run(_tiny(), aot.Options("v5e:2x2"))
   assert dp["fits"] and dp["devices"] == 4 and dp["mesh"]["data"] == 4
