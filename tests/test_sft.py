@@ -18,6 +18,7 @@ from llmjax import config as config_lib
 from llmjax.data import chat, chat_rows, text, tokenizers
 from llmjax.errors import DataError
 from llmjax.parallel import sharding
+from llmjax.tasks.base import DecodedReport, SharesBatch, supports
 from llmjax.tasks.sft import SFT
 from llmjax.train import init, loop, reporting, rundir
 from llmjax.train import setup as setuplib
@@ -104,6 +105,7 @@ def test_a_tiny_run_reports_completes_resumes_exactly_and_chats(tmp_path):
 def test_packed_equals_unpacked_and_nothing_crosses_conversations(tmp_path):
   exp = _experiment(tmp_path)
   task = SFT(exp, {})
+  assert supports(task, DecodedReport) and not supports(task, SharesBatch)
   model = task.model()
   template, tok = chat.load_template("byte", "byte"), tokenizers.ByteTokenizer()
   examples = [chat.render_masked(template, tok, _conversation(i)) for i in (1, 2)]

@@ -19,14 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from llmjax import generate
+from llmjax import flops, generate
 from llmjax.config_checks import require
 from llmjax.errors import DataError
 from llmjax.eval import bleu
 from llmjax.models.apply import apply_model
+from llmjax.models.transformer import Transformer
 from llmjax.objectives import lm as lm_objective
-from llmjax.tasks.base import Data, DecodedReport, LossTerms, Prediction, token_batch
-from llmjax.tasks.lm import LM, LMConfig
+from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms,
+                               Prediction, Predicts, Task, WritesFiles, token_batch)
+from llmjax.tasks.lm import DECODERS, LMConfig
 
 COMPLETIONS_FILE = "completions.txt"
 
@@ -75,10 +77,23 @@ def _trained_targets(arrays) -> int:
   return int((same & (arrays["loss_mask"][:, 1:] != 0)).sum())
 
 
-class SFT(DecodedReport, LM):
+class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
   """A decoder trained on the assistant turns of conversations; completion loss, token
-  accuracy, greedy completions' exact match and chrF."""
+  accuracy, greedy completions' exact match and chrF. (Not SharesBatch: its rows carry a loss
+  mask other tasks' rows do not.)"""
   name = "sft"
+
+  def model(self):
+    return DECODERS.get(self.exp.model.arch, Transformer)(self.exp.model, self.peft())
+
+  def init(self, model, rngs, batch):
+    return model.init(rngs, batch["tokens"])
+
+  def tokens_per_example(self):
+    return self.exp.data.seq_len
+
+  def forward_flops_per_example(self):
+    return flops.lm_forward(self.exp.model, self.exp.data.seq_len)
 
   def data(self, workdir):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
