@@ -1,7 +1,7 @@
 """Splash attention (models/splash.py) in Pallas interpret mode equals the XLA path, values to
 1e-5 and gradients to 1e-4 in float32: causal with packed segments and grouped-query heads, and
 the same with a sliding window and soft-capped scores; per (batch, heads) shard under a mesh;
-what the kernel cannot tile is refused."""
+a Gemma-2-shaped model's logits the same either way; what the kernel cannot tile is refused."""
 
 import dataclasses
 
@@ -12,9 +12,11 @@ import pytest
 from flax import linen as nn
 from jax.experimental.pallas import tpu as pltpu
 
+from llmjax import config as config_lib
 from llmjax.config import MeshConfig, ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.models import attention, splash
+from llmjax.models.transformer import Transformer
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 
@@ -79,3 +81,20 @@ def test_splash_runs_per_shard_under_a_mesh():
   with (jax.set_mesh(context), nn.logical_axis_rules(sharding.rules_for("tp")),
         pytest.raises(ConfigError, match=r"'splash' does not run under context parallelism")):
     splash.splash_attention(cfg, q, k, v, mask, H**-0.5)
+
+
+def test_a_gemma2_shaped_model_with_splash_equals_it_with_xla():
+  """Through the model: soft-capped scores, local and global layers, packed rows, GQA."""
+  model = config_lib.model_section("gemma2", vocab_size=64, d_model=32, n_layers=2, n_heads=N,
+                                   n_kv_heads=K, head_dim=H, d_ff=64, max_len=L,
+                                   sliding_window=48, layer_pattern="LG", attention_impl="xla")
+  cfg = ModelConfig(**model.to_dict())
+  assert cfg.attn_softcap and cfg.local_layers() == (True, False)
+  tokens_BL = jnp.asarray(np.random.default_rng(1).integers(1, 64, (B, L)), jnp.int32)
+  segment_ids_BL = jnp.array([[1] * 60 + [2] * 60 + [0] * 8, [1] * L], jnp.int32)
+  variables = Transformer(cfg).init(jax.random.PRNGKey(0), tokens_BL)
+  want = Transformer(cfg).apply(variables, tokens_BL, segment_ids_BL=segment_ids_BL)
+  with pltpu.force_tpu_interpret_mode():
+    got = Transformer(dataclasses.replace(cfg, attention_impl="splash")).apply(
+        variables, tokens_BL, segment_ids_BL=segment_ids_BL)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
