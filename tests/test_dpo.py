@@ -216,3 +216,15 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, lm_run):
   with pytest.raises(ConfigError, match="reference model .* vocabulary") as e:
     llmjax.train.run(exp, str(tmp_path / "vocab"))
   assert "\n" not in str(e.value) and not (tmp_path / "vocab").exists()
+
+
+def test_precomputed_store_is_read_back_only_for_its_manifest(tmp_path):
+  from llmjax.train import reference
+  columns = {"train": {REF_CHOSEN: np.arange(3, dtype=np.float32)},
+             "val": {REF_CHOSEN: np.ones(2, np.float32)}}
+  manifest = {"init_from": "", "seed": 0, "rows": {"train": 3, "val": 2}, "rows_sha256": "a"}
+  reference._write(str(tmp_path), columns, manifest)
+  back = reference._read(str(tmp_path), manifest)
+  np.testing.assert_array_equal(back["train"][REF_CHOSEN], columns["train"][REF_CHOSEN])
+  np.testing.assert_array_equal(back["val"][REF_CHOSEN], columns["val"][REF_CHOSEN])
+  assert reference._read(str(tmp_path), {**manifest, "seed": 1}) is None
