@@ -9,10 +9,7 @@ registers the task first: `python -c "import test_task_plugin; test_task_plugin.
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -25,7 +22,7 @@ from llmjax import config as config_lib, tasks
 from llmjax.config_checks import require
 from llmjax.errors import ConfigError
 
-import _xla
+import _cli as _cli_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -115,14 +112,9 @@ def registered():
 
 
 def _cli(*args):
-  """`llmjax ARGS` in a fresh process that registers the task first."""
-  boot = ("import sys, test_task_plugin; test_task_plugin.register(); "
-          "from llmjax.cli.main import main; main(sys.argv[1:])")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags(),
-             PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT),
-                                         os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "-c", boot, "llmjax", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  """`llmjax ARGS` in this process, where the `registered` fixture entered the task (a plugin
+  registers its task in the process that runs the verb; tests/_cli.py)."""
+  return _cli_lib.run(*args)
 
 
 def test_the_task_has_its_own_validated_config_section(registered, tmp_path):

@@ -5,8 +5,6 @@ weights take a run or an export with the tokenizer the weights record."""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ from llmjax import checkpoint, weights
 from llmjax.checkpoint import CheckpointError
 from llmjax.errors import UserError
 
-import _xla
+import _cli as _cli_lib
 from _task_helpers import experiment
 
 
@@ -25,10 +23,8 @@ def _with_train(exp, **train):
   return dataclasses.replace(exp, train=dataclasses.replace(exp.train, **train))
 
 
-def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
-  return subprocess.run([sys.executable, "-m", "llmjax.cli.main", *args], capture_output=True,
-                        text=True, env=env, timeout=300)
+# In this process (tests/_cli.py): test_generate starts generate as a process of its own.
+_cli = _cli_lib.run
 
 
 def _exported_params(path):
