@@ -2,7 +2,9 @@
 adapter that `peft` loads, with the largest logits difference between llmjax and peft.
 
 No hub here: each family's directory is a small random model transformers builds from a config
-with the family's own settings (rope scaling, windows, q/k norms, soft-capping). The run is the
+with the family's own settings (rope scaling, windows, q/k norms, soft-capping, experts). The
+mixtures of experts train LoRA on the experts, shared experts and routers too (exported through
+PEFT's target_parameters); llmjax's side of their comparison is the run's merged export. The run is the
 real path a user takes: `llmjax train` with `init_from=hf:DIR` and LoRA on every linear layer,
 then `llmjax export --out=hf:ADAPTER`, then `peft.PeftModel.from_pretrained`.
 
@@ -42,7 +44,21 @@ def family_configs(T) -> dict:
       "gemma2": (T.Gemma2Config(**COMMON, sliding_window=8), "Gemma2ForCausalLM"),
       "gemma3": (T.Gemma3TextConfig(**COMMON, sliding_window=8, layer_types=local2),
                  "Gemma3ForCausalLM"),
+      # Mixtures of experts (docs/moe.md): LoRA on experts, shared experts and routers too.
+      "mixtral": (T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                  sliding_window=8), "MixtralForCausalLM"),
+      "qwen2_moe": (T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                     mlp_only_layers=[1]), "Qwen2MoeForCausalLM"),
+      "qwen3_moe": (T.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=16, decoder_sparse_step=1),
+                    "Qwen3MoeForCausalLM"),
   }
+
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Every linear layer of a mixture of experts, the routers included.
+MOE_TARGETS = r"(.*/)?(attn/(q|k|v|o)|mlp/(router|((shared|experts)/)?(wi|wg|wo)))"
 
 
 # The experiment: the HF directory's own model (its config, read by llmjax.hf), LoRA on every
@@ -98,16 +114,23 @@ def main() -> None:
     torch.manual_seed(0)
     base, run, adapter = (root / family / part for part in ("hf", "run", "adapter"))
     getattr(T, cls)(config).save_pretrained(str(base))
-    _cli("train", f"--config={root / 'experiment.py'}:{base}", f"--workdir={run}")
+    moe = family in MOE
+    _cli("train", f"--config={root / 'experiment.py'}:{base}", f"--workdir={run}",
+         *([f"--config.finetune.lora_targets={MOE_TARGETS}"] if moe else []))
     _cli("export", f"--workdir={run}", f"--out=hf:{adapter}")
-    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    targets = written["target_modules"] + written.get("target_parameters", [])
     reference = peft.PeftModel.from_pretrained(getattr(T, cls).from_pretrained(str(base)).eval(),
                                                str(adapter)).eval()
     with torch.no_grad():
       theirs = reference(input_ids=torch.tensor(tokens_BL)).logits.numpy()
-    model, params = hf.load_peft(str(adapter))
+    if moe:  # llmjax reads no target_parameters adapter back: its own merged export instead
+      _cli("export", f"--workdir={run}", f"--out=hf:{root / family / 'merged'}", "--merge")
+      model, params = hf.load(str(root / family / "merged"))
+    else:
+      model, params = hf.load_peft(str(adapter))
     ours = np.asarray(model.apply({"params": params}, tokens_BL))
-    print(f"{family}: {cls}, PEFT target_modules {sorted(targets)}, "
+    print(f"{family}: {cls}, PEFT targets {sorted(targets)}, "
           f"max |llmjax - peft| logits {np.abs(ours - theirs).max():.1e}", flush=True)
 
 

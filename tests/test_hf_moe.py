@@ -145,6 +145,8 @@ def test_fused_layout_scanned_and_sharded_loads_equal_the_plain_one(saved, tmp_p
     assert b"experts.gate_up_proj" in f.read(1 << 16)
   _, fused = hf.load(str(tmp_path / "fused"))
   jax.tree.map(np.testing.assert_array_equal, fused, params)
+  model, _ = hf.load(directory)  # no rows at all (an empty sample batch) is no error
+  assert model.apply({"params": params}, jnp.zeros((0, 4), jnp.int32)).shape == (0, 4, VOCAB)
   _, scanned = hf.load(directory, scan_layers=True)
   assert scanned["layers"]["mlp"]["experts"]["wg"].shape == (2, 4, 32, 24)
   np.testing.assert_array_equal(scanned["layers"]["mlp"]["experts"]["wo"][1],

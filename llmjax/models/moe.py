@@ -154,7 +154,8 @@ def dropless(experts: Experts, x_TD, experts_TK, weights_TK) -> jax.Array:
   order_N = jnp.argsort(flat_N, stable=True)
   sizes_E = jnp.bincount(flat_N, length=experts.cfg.n_experts).astype(jnp.int32)
   y_ND = experts.grouped(x_TD[order_N // k], sizes_E)
-  y_TKD = jnp.zeros_like(y_ND).at[order_N].set(y_ND).reshape(tokens, k, -1)
+  # explicit width: -1 cannot be inferred for zero tokens (an empty generate batch)
+  y_TKD = jnp.zeros_like(y_ND).at[order_N].set(y_ND).reshape(tokens, k, y_ND.shape[-1])
   return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK.astype(y_TKD.dtype))
 
 
