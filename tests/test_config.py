@@ -4,6 +4,7 @@ or file, no traceback, no workdir), and at the library boundary (`resolve` raise
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import pathlib
@@ -229,8 +230,18 @@ def test_every_experiment_file_resolves_as_is_and_as_smoke(path):
 
 def _offline_data(c, tmp_path, monkeypatch):
   """The few experiments whose data a fresh machine lacks read what the data tests write:
-  Fashion-MNIST-shaped IDX files, a folder of images, tfds's mock CIFAR-10."""
-  if c.data.source == "idx":
+  Fashion-MNIST-shaped IDX files, a folder of images, tfds's mock CIFAR-10; or what the command
+  their docstring names first writes (the instruction and preference JSONL), built here from the
+  gettext catalogs."""
+  builders = {"runs/instruct_data/": "llmjax.data.instruct",
+              "runs/preference_gettext/": "llmjax.data.preference_pairs"}
+  built = [m for prefix, m in builders.items() if c.data.files.startswith(prefix)]
+  if built:
+    out = tmp_path / "built"
+    importlib.import_module(built[0]).main([f"--out={out}", "--source=gettext",
+                                            "--max_chars=120"])
+    c.data.files, c.data.val_files = str(out / "train.jsonl"), str(out / "val.jsonl")
+  elif c.data.source == "idx":
     from test_vision_data import _write_idx
     rng = np.random.default_rng(0)
     (tmp_path / "idx").mkdir()
@@ -354,7 +365,7 @@ def test_a_config_json_with_every_tasks_options_still_loads():
   exp = config_lib.from_json(json.dumps(d))
   assert exp.task == config_lib.registered()["lm"](name="lm")
   with pytest.raises(ConfigError, match="config.task.label_smoothing=0.1 is an option of the "
-                                        "classify, image_classify, seq2seq task"):
+                                        "classify, image_classify, seq2seq, dpo task"):
     config_lib.resolve(d)  # an experiment that sets another task's option is told so
   d["task"].update(name="classify", pooling="last")
   d["model"]["causal"] = True

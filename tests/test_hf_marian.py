@@ -40,7 +40,11 @@ CONFIGS = {
                                decoder_attention_heads=2, decoder_ffn_dim=48),
 }
 MESHES = {"dp": dict(data=8), "fsdp": dict(data=1, fsdp=8), "tp": dict(data=4, tensor=2),
-          "fsdp_tp": dict(data=1, fsdp=4, tensor=2)}
+          "fsdp_tp": dict(data=1, fsdp=4, tensor=2),
+          # The expert presets on a model without experts: the batch also splits over `expert`,
+          # every weight is placed as under the preset without it.
+          "ep": dict(data=2, expert=4), "fsdp_ep": dict(data=1, fsdp=4, expert=2),
+          "fsdp_tp_ep": dict(data=1, fsdp=2, tensor=2, expert=2)}
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +215,7 @@ def unsharded(saved):
 PLACEMENT = {"dp": ((), ()), "fsdp": (("fsdp",), (None, "fsdp")),
              "tp": ((None, "tensor"), ("tensor",)),
              "fsdp_tp": (("fsdp", "tensor"), ("tensor", "fsdp"))}
+PLACEMENT.update(ep=PLACEMENT["dp"], fsdp_ep=PLACEMENT["fsdp"], fsdp_tp_ep=PLACEMENT["fsdp_tp"])
 
 
 def _spec(array) -> tuple:

@@ -32,6 +32,12 @@ from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
 AUX = "moe"  # the collection sparse layers sow their statistics into
+
+
+def has_sparse_layers(model) -> bool:
+  """Whether `model` (any llmjax model) has MoE layers, whose statistics a task collects in AUX:
+  the model's own config says so, whoever built the task (tests build tasks without a run)."""
+  return bool(getattr(getattr(model, "cfg", None), "n_experts", 0))
 STATS = ("aux_loss", "z_loss", "load", "dropped")
 
 

@@ -66,7 +66,7 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
     targets_BL, loss_mask_BL = lm_objective.next_token_targets(tokens_BL, segment_ids_BL)
     if "weights" in batch:  # optional per-example weights [B]
       loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
-    collect = (moe.AUX,) if self.exp.model.n_experts else ()
+    collect = (moe.AUX,) if moe.has_sparse_layers(model) else ()
     out, model_state, *sown = apply_model(model, variables, tokens_BL, train=train, rng=rng,
                                           hidden=hidden, collect=collect,
                                           segment_ids_BL=segment_ids_BL, deterministic=not train)
