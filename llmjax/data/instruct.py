@@ -115,8 +115,10 @@ def build(sources: list[str], lang: str, locale_dir: str, max_chars: int, val_fr
   return out
 
 
-def write(rows: dict[str, list[dict]], out_dir: str, settings: dict) -> dict:
-  """DIR/{split}.jsonl and DIR/manifest.json; returns the manifest."""
+def write(rows: dict[str, list[dict]], out_dir: str, settings: dict,
+          content=lambda row: json.dumps(row["messages"])) -> dict:
+  """DIR/{split}.jsonl and DIR/manifest.json (rows, rows per source and a sha256 over each row's
+  name and `content(row)` per split); returns the manifest."""
   os.makedirs(out_dir, exist_ok=True)
   manifest = {"settings": settings, "splits": {}}
   for split, split_rows in rows.items():
@@ -126,19 +128,21 @@ def write(rows: dict[str, list[dict]], out_dir: str, settings: dict) -> dict:
     manifest["splits"][split] = {
         "rows": len(split_rows),
         "by_source": {s: sum(r["source"] == s for r in split_rows) for s in settings["source"]},
-        "sha256": gettext_pairs.pairs_sha256([r["name"], json.dumps(r["messages"])]
-                                             for r in split_rows)}
+        "sha256": gettext_pairs.pairs_sha256([r["name"], content(r)] for r in split_rows)}
   with open(os.path.join(out_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=2)
   return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-  """The command line: builds and writes the splits; bad input is one line and exit 2."""
-  p = argparse.ArgumentParser(prog="python -m llmjax.data.instruct", description=__doc__,
+def command(prog: str, doc: str, sources: tuple[str, ...], build, argv: list[str] | None,
+            content=lambda row: json.dumps(row["messages"])) -> int:
+  """The command line of a JSONL builder (this module's and preference_pairs'): parses the
+  shared flags, calls build(sources, lang, locale_dir, max_chars, val_fraction, test_fraction,
+  seed) and writes its splits; bad input is one line and exit 2."""
+  p = argparse.ArgumentParser(prog=prog, description=doc,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
-  p.add_argument("--source", default="stdlib,gettext")
+  p.add_argument("--source", default=",".join(sources))
   p.add_argument("--lang", default="de")
   p.add_argument("--locale_dir", default="/usr/share/locale")
   p.add_argument("--max_chars", type=int, default=300)
@@ -146,22 +150,27 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--test_fraction", type=float, default=0.05)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  sources = [s for s in args.source.split(",") if s]
+  chosen = [s for s in args.source.split(",") if s]
   try:
-    if not sources or set(sources) - {"stdlib", "gettext"}:
-      raise UserError(f"--source={args.source!r}: allowed stdlib, gettext or both, "
-                      "comma-separated")
+    if not chosen or set(chosen) - set(sources):
+      raise UserError(f"--source={args.source!r}: allowed {', '.join(sources)} (one or more, "
+                      "comma-separated)")
     if not (0 <= args.val_fraction and 0 <= args.test_fraction
             and args.val_fraction + args.test_fraction < 1):
       raise UserError("--val_fraction and --test_fraction must be >= 0 with a sum below 1")
-    rows = build(sources, args.lang, args.locale_dir, args.max_chars, args.val_fraction,
+    rows = build(chosen, args.lang, args.locale_dir, args.max_chars, args.val_fraction,
                  args.test_fraction, args.seed)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  manifest = write(rows, args.out, {**vars(args), "source": sources})
+  manifest = write(rows, args.out, {**vars(args), "source": chosen}, content)
   print(json.dumps({s: m["rows"] for s, m in manifest["splits"].items()}))
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """python -m llmjax.data.instruct."""
+  return command("python -m llmjax.data.instruct", __doc__, ("stdlib", "gettext"), build, argv)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,11 @@ DIR/{train,val,test}.jsonl and DIR/manifest.json (counts and sha256 per split) a
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
-import os
 import sys
 
 from llmjax.data import gettext_pairs, instruct, text
-from llmjax.errors import UserError
 from llmjax.eval import translation_baselines
 
 SOURCES = ("gettext", "stdlib")
@@ -102,52 +99,10 @@ def build(sources: list[str], lang: str, locale_dir: str, max_chars: int, val_fr
   return out
 
 
-def write(rows: dict[str, list[dict]], out_dir: str, settings: dict) -> dict:
-  """DIR/{split}.jsonl and DIR/manifest.json; returns the manifest."""
-  os.makedirs(out_dir, exist_ok=True)
-  manifest = {"settings": settings, "splits": {}}
-  for split, split_rows in rows.items():
-    with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-      for row in split_rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    manifest["splits"][split] = {
-        "rows": len(split_rows),
-        "by_source": {s: sum(r["source"] == s for r in split_rows) for s in settings["source"]},
-        "sha256": gettext_pairs.pairs_sha256([r["name"], json.dumps(r, ensure_ascii=False)]
-                                             for r in split_rows)}
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=2)
-  return manifest
-
-
 def main(argv: list[str] | None = None) -> int:
-  """The command line: builds and writes the splits; bad input is one line and exit 2."""
-  p = argparse.ArgumentParser(prog="python -m llmjax.data.preference_pairs", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True)
-  p.add_argument("--source", default="gettext,stdlib")
-  p.add_argument("--lang", default="de")
-  p.add_argument("--locale_dir", default="/usr/share/locale")
-  p.add_argument("--max_chars", type=int, default=300)
-  p.add_argument("--val_fraction", type=float, default=0.05)
-  p.add_argument("--test_fraction", type=float, default=0.05)
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  sources = [s for s in args.source.split(",") if s]
-  try:
-    if not sources or set(sources) - set(SOURCES):
-      raise UserError(f"--source={args.source!r}: allowed {', '.join(SOURCES)}, comma-separated")
-    if not (0 <= args.val_fraction and 0 <= args.test_fraction
-            and args.val_fraction + args.test_fraction < 1):
-      raise UserError("--val_fraction and --test_fraction must be >= 0 with a sum below 1")
-    rows = build(sources, args.lang, args.locale_dir, args.max_chars, args.val_fraction,
-                 args.test_fraction, args.seed)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  manifest = write(rows, args.out, {**vars(args), "source": sources})
-  print(json.dumps({s: m["rows"] for s, m in manifest["splits"].items()}))
-  return 0
+  """python -m llmjax.data.preference_pairs (the instruction data's command line)."""
+  return instruct.command("python -m llmjax.data.preference_pairs", __doc__, SOURCES, build, argv,
+                          content=lambda row: json.dumps(row, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from llmjax.models.peft import Peft
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import dpo as objective
 from llmjax.objectives.distill import TEACHER
+from llmjax.tasks import decoded
 from llmjax.tasks.base import (Data, DecodedReport, LossTerms, References, Task,
                                require_encoder_decoder)
 from llmjax.tasks.sft import SFT, scores
@@ -188,17 +189,11 @@ class DPO(DecodedReport, References, Task):
   def decoded_report(self, model, get_params, data, split, limit=None):
     """Greedy completions of the first held-out prompts against their chosen answers (exact
     match, chrF), as the sft task decodes them."""
-    pairs = data.texts.get(split) or []
     limit = self.exp.task.completions if limit is None else limit
-    pairs = pairs[:limit] if limit >= 0 else pairs
-    if not pairs:
-      return {}
-    params = get_params()  # every process takes part in gathering; process 0 decodes
-    if jax.process_index() != 0:
-      return {}
-    completions = SFT(self.exp, self.info).complete(model, params, data.tokenizer,
-                                                    [p for p, _ in pairs])
-    return scores(completions, [r for _, r in pairs])
+    sft = SFT(self.exp, self.info)
+    return decoded.report(get_params, data, split, limit,
+                          lambda params, prompts: sft.complete(model, params, data.tokenizer,
+                                                               prompts), scores)
 
   def decoded_keys(self):
     return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()

@@ -22,6 +22,7 @@ from llmjax.eval import bleu, translation_baselines
 from llmjax.models.apply import apply_model
 from llmjax.models.encoder_decoder import EncoderDecoder
 from llmjax.objectives import seq2seq as objective
+from llmjax.tasks import decoded
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms, Outputs,
                                Prediction, Predicts, Task, Translates, WritesFiles,
                                require_encoder_decoder, require_label_smoothing)
@@ -125,16 +126,12 @@ class Seq2Seq(Predicts, DecodedReport, Translates, WritesFiles, CountsFlops, Exp
             "token_accuracy": float(sums["correct"]) / tokens, "tokens": float(sums["weight"])}
 
   def decoded_report(self, model, get_params, data, split, limit=None):
-    pairs = data.texts.get(split) or []
     limit = self.exp.task.bleu_examples if limit is None else limit
-    pairs = pairs[:limit] if limit >= 0 else pairs
-    if not pairs:
-      return {}
-    params = get_params()  # every process takes part in gathering; process 0 decodes
-    if jax.process_index() != 0:
-      return {}
-    hypotheses = self.translate(model, params, data.tokenizer, [s for s, _ in pairs])
-    return {**bleu.corpus_scores(hypotheses, [t for _, t in pairs]), "translated": len(pairs)}
+    return decoded.report(
+        get_params, data, split, limit,
+        lambda params, sources: self.translate(model, params, data.tokenizer, sources),
+        lambda hypotheses, references: {**bleu.corpus_scores(hypotheses, references),
+                                        "translated": len(references)})
 
   def decoded_keys(self):
     return ("bleu", "chrf", "translated") if self.exp.task.bleu_examples else ()

@@ -26,6 +26,7 @@ from llmjax.eval import bleu
 from llmjax.models.apply import apply_model
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import lm as lm_objective
+from llmjax.tasks import decoded
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, LossTerms,
                                Prediction, Predicts, Task, WritesFiles, token_batch)
 from llmjax.tasks.lm import DECODERS, LMConfig
@@ -182,16 +183,10 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
     return out
 
   def decoded_report(self, model, get_params, data, split, limit=None):
-    pairs = data.texts.get(split) or []
     limit = self.exp.task.completions if limit is None else limit
-    pairs = pairs[:limit] if limit >= 0 else pairs
-    if not pairs:
-      return {}
-    params = get_params()  # every process takes part in gathering; process 0 decodes
-    if jax.process_index() != 0:
-      return {}
-    completions = self.complete(model, params, data.tokenizer, [p for p, _ in pairs])
-    return scores(completions, [r for _, r in pairs])
+    return decoded.report(get_params, data, split, limit,
+                          lambda params, prompts: self.complete(model, params, data.tokenizer,
+                                                                prompts), scores)
 
   def decoded_keys(self):
     return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()

@@ -13,7 +13,6 @@ matches, and recomputes it otherwise.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,10 +27,10 @@ from llmjax import distributed
 from llmjax.objectives import distill as objective
 from llmjax.parallel import sharding
 from llmjax.tasks.distill import TOPK_IDS, TOPK_VALUES
-from llmjax.train import teacher as teacher_lib
+from llmjax.train import stored_columns, teacher as teacher_lib
 
 STORE = "teacher_topk"
-MANIFEST = "manifest.json"
+MANIFEST = stored_columns.MANIFEST
 
 
 def attach(s, workdir: str):
@@ -90,25 +89,13 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def _manifest(exp, splits: dict) -> dict:
-  digest = hashlib.sha256()
-  for name in sorted(splits):
-    for key in sorted(splits[name]):
-      digest.update(f"{name}/{key}".encode())
-      digest.update(np.ascontiguousarray(splits[name][key]).tobytes())
   return {"teacher": exp.distill.teacher, "top_k": exp.distill.top_k,
-          "rows": {name: len(next(iter(rows.values()))) for name, rows in splits.items()},
-          "rows_sha256": digest.hexdigest()}
+          **stored_columns.rows_fingerprint(splits)}
 
 
 def _read(directory: str, manifest: dict) -> dict | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  if not stored_columns.matches(directory, manifest, "another teacher, k or data"):
     return None
-  with open(path) as f:
-    if json.load(f) != manifest:
-      print(f"{directory} was computed for another teacher, k or data: computing it again",
-            file=sys.stderr)
-      return None
   with ocp.StandardCheckpointer() as checkpointer:
     return jax.tree.map(np.asarray, checkpointer.restore(os.path.join(directory, "arrays")))
 

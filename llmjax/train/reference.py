@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -24,10 +23,10 @@ from flax import linen as nn
 from llmjax import distributed, finetune, tasks
 from llmjax.errors import ConfigError
 from llmjax.parallel import sharding
-from llmjax.train import pretrained
+from llmjax.train import pretrained, stored_columns
 
 STORE = "reference_logps"
-MANIFEST = "manifest.json"
+MANIFEST = stored_columns.MANIFEST
 
 
 def kind(task) -> str | None:
@@ -124,26 +123,14 @@ def compute(s, variables, rows: dict) -> dict:
 def _manifest(exp, splits: dict) -> dict:
   """What the stored columns depend on: the starting weights' source and seed, the loss type
   (ipo averages per token), and the rows."""
-  digest = hashlib.sha256()
-  for name in sorted(splits):
-    for key in sorted(splits[name]):
-      digest.update(f"{name}/{key}".encode())
-      digest.update(np.ascontiguousarray(splits[name][key]).tobytes())
   return {"init_from": exp.train.init_from, "seed": exp.train.seed,
           "loss_type": exp.task.loss_type, "model": json.loads(exp.to_json())["model"],
-          "rows": {n: len(next(iter(r.values()))) for n, r in splits.items()},
-          "rows_sha256": digest.hexdigest()}
+          **stored_columns.rows_fingerprint(splits)}
 
 
 def _read(directory: str, manifest: dict) -> dict | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  if not stored_columns.matches(directory, manifest, "other starting weights or data"):
     return None
-  with open(path) as f:
-    if json.load(f) != manifest:
-      print(f"{directory} was computed for other starting weights or data: computing it again",
-            file=sys.stderr)
-      return None
   with np.load(os.path.join(directory, "columns.npz")) as z:
     columns: dict = {}
     for key in z.files:
