@@ -31,7 +31,7 @@ from jax._src import clusters  # no public API exposes the detectors themselves
 from jax._src import distributed as jax_distributed  # the client has no public accessor
 from jax.experimental import multihost_utils
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, print_error
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # What jax's detectors read, per scheduler: with only some of them set a job cannot be joined
@@ -316,7 +316,7 @@ def main() -> None:
     if cluster.source == "single process":
       print(summary(cluster), file=sys.stderr, flush=True)
   except ClusterError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print_error(str(e))
     sys.exit(2)
 
 

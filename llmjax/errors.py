@@ -1,6 +1,17 @@
 """The one exception type for bad user input; the CLI turns it into one line and exit code 2."""
 
 
+import sys
+
+
+def print_error(message: str) -> None:
+  """`error: message` on stderr in ONE write: Python's stderr is unbuffered when redirected, so
+  print() writes the text and its newline separately, and the lines of processes that share a log
+  (every task of a job step) interleave mid-line."""
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+
+
 class UserError(Exception):
   """Bad input from the user: a config key, a file, a shape, a mesh. The message names it."""
 

@@ -14,12 +14,12 @@ import types
 
 from absl import flags
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, print_error
 
 
 def fail(message: str) -> None:
   """One line on stderr, exit code 2, no traceback."""
-  print(f"error: {message}", file=sys.stderr)
+  print_error(message)
   sys.exit(2)
 
 

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from llmjax.cli import common
+from llmjax.errors import print_error
 
 # The one list of verbs: name -> one line for `llmjax --help`; each is the module llmjax.cli.NAME.
 VERBS = {
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
   if args[0] not in VERBS:
     problem = (f"expected a verb before {args[0]}" if args[0].startswith("-")
                else f"unknown verb {args[0]!r}")
-    print(f"error: {problem}\n\n{usage()}", file=sys.stderr)
+    print_error(f"{problem}\n\n{usage()}")
     sys.exit(2)
   verb = importlib.import_module(f"llmjax.cli.{args[0]}")
   verb.main([f"llmjax {args[0]}"] + args[1:])

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from llmjax import config as config_lib
 from llmjax.cli import common
-from llmjax.errors import TrainingError
+from llmjax.errors import TrainingError, print_error
 
 # This verb's flags alone (not absl's global FLAGS): verbs share flag names (--workdir,
 # --step, --out, ...) and run side by side in one process (tests, notebooks).
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
       result = train.run(exp, _WORKDIR.value)
     except TrainingError as e:
-      print(f"error: {e}", file=sys.stderr)
+      print_error(str(e))
       sys.exit(1)
   workdir = os.path.abspath(_WORKDIR.value)
   if result.get("preempted"):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from llmjax.config import DataConfig
 from llmjax.data import image_files
-from llmjax.errors import DataError
+from llmjax.errors import DataError, print_error
 
 
 def write_folder(images_NHWC: np.ndarray, labels_N: np.ndarray, names: tuple[str, ...],
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     classes = [int(c) for c in args.classes.split(",")]
     splits, labels, _ = image_files.idx_splits(DataConfig(idx_dir=args.idx_dir))
   except (ValueError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print_error(str(e))
     sys.exit(2)
   names = labels[0] if labels else tuple(str(i) for i in range(10))
   out = pathlib.Path(args.out)

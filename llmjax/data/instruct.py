@@ -27,7 +27,7 @@ import textwrap
 
 from llmjax.data import gettext_pairs, text
 from llmjax.data.sources import stdlib_files, stdlib_root
-from llmjax.errors import UserError
+from llmjax.errors import UserError, print_error
 
 LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
              "nl": "Dutch", "sv": "Swedish", "pl": "Polish", "ru": "Russian", "ja": "Japanese"}
@@ -161,7 +161,7 @@ def command(prog: str, doc: str, sources: tuple[str, ...], build, argv: list[str
     rows = build(chosen, args.lang, args.locale_dir, args.max_chars, args.val_fraction,
                  args.test_fraction, args.seed)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print_error(str(e))
     return 2
   manifest = write(rows, args.out, {**vars(args), "source": chosen}, content)
   print(json.dumps({s: m["rows"] for s, m in manifest["splits"].items()}))
