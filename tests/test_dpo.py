@@ -158,9 +158,10 @@ def _final(workdir):
   return [(r["step"], r["split"], r["loss"]) for r in records]
 
 
-def test_exact_resume(tmp_path):
+def test_exact_resume_and_eval(tmp_path):
   """2 steps + resume to 4 == 4 steps in one go: the copied reference is rebuilt from the same
-  start (it is in no checkpoint)."""
+  start (it is in no checkpoint); `llmjax eval` of a copy and a precomputed run reports what
+  training logged."""
   import llmjax.train
   exp = dpo_experiment(tmp_path)
   llmjax.train.run(exp, str(tmp_path / "whole"))
@@ -168,9 +169,29 @@ def test_exact_resume(tmp_path):
   llmjax.train.run(short, str(tmp_path / "resumed"))
   llmjax.train.run(exp, str(tmp_path / "resumed"))
   assert _final(tmp_path / "whole") == _final(tmp_path / "resumed")
+  # `llmjax eval` rebuilds the copied reference (the whole val split is one batch here, so its
+  # report is the run's last evaluation); at step 2 the policy is no longer the reference.
   from llmjax.eval.evaluate import evaluate_run
-  with pytest.raises(UserError, match="rebuilt only by training"):  # no reference outside it
-    evaluate_run(str(tmp_path / "whole"))
+  _evaluates_as_trained(evaluate_run, tmp_path / "whole", 4)
+  # A precomputed reference is read back from the workdir's store, or, where the store is gone,
+  # computed again from the starting parameters.
+  pre = dpo_experiment(tmp_path, reference="precomputed")
+  llmjax.train.run(dataclasses.replace(pre, train=dataclasses.replace(pre.train, steps=2)),
+                   str(tmp_path / "pre"))
+  _evaluates_as_trained(evaluate_run, tmp_path / "pre", 2)
+  import shutil
+  shutil.rmtree(tmp_path / "pre" / "reference_logps")
+  _evaluates_as_trained(evaluate_run, tmp_path / "pre", 2)
+
+
+def _evaluates_as_trained(evaluate_run, workdir, step):
+  """`llmjax eval` of a dpo run's checkpoint `step` reports what training logged there."""
+  logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  want = [r for r in logged if r["split"] == "val" and r["step"] == step][-1]
+  got = evaluate_run(str(workdir), step)
+  assert got["reward_margin"] != 0.0
+  for key in ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "logp_rejected"):
+    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
 
 
 def test_eight_devices_equal_one(tmp_path):

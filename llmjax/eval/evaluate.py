@@ -31,10 +31,7 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json."""
   run = rundir.restore(workdir, step)
   task, data = tasks.setup(run.exp, workdir)
-  if reference.kind(task) in ("copy", "precomputed"):
-    raise UserError(f"llmjax eval {workdir}: its dpo reference (config.task.reference="
-                    f"{run.exp.task.reference!r}) is rebuilt only by training; its evaluations are "
-                    "in metrics.jsonl (a reference='adapters_off' run evaluates here)")
+  state, data = reference.for_evaluation(run, data, workdir)  # a dpo run's reference model
   arrays = split_arrays(data, split, workdir)
   devices = run.mesh.size
   batch_size = devices * math.ceil(run.exp.train.batch_size / devices)
@@ -43,7 +40,7 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
       state, batch, loss=steplib.bind_loss(task, run.model)))
   rules = sharding.rules_for("dp")
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
-    sums = loop.eval_sums(run.mesh, eval_fn, run.state, batches)
+    sums = loop.eval_sums(run.mesh, eval_fn, state, batches)
   report = {"step": run.step, "split": split, **task.report(sums)}
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,

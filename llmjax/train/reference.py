@@ -7,6 +7,7 @@
   precomputed   the reference's columns of every train and validation row, computed once from
                 the starting parameters and stored in WORKDIR/reference_logps (npz + manifest);
                 a later run in the workdir reads them back when its manifest matches
+`for_evaluation` puts it in the same place for `llmjax eval` of a reopened run.
 """
 
 from __future__ import annotations
@@ -101,6 +102,24 @@ def attach_data(s, workdir: str, start):
       _write(directory, columns, manifest)
   return dataclasses.replace(data, train={**data.train, **columns["train"]},
                              val={**data.val, **columns["val"]})
+
+
+def for_evaluation(run, data, workdir: str):
+  """(state, data) of a reopened run (`rundir.restore`) with its reference where the loss finds
+  it: a `copy` run's starting parameters in the teacher field; a `precomputed` run's columns read
+  back from WORKDIR/reference_logps, or, where that store is gone or no longer matches, its
+  starting parameters in the teacher field (the same reference, computed in place)."""
+  k = kind(run.task)
+  if k == "precomputed":
+    splits = {"train": data.train, "val": data.val}
+    columns = _read(os.path.abspath(os.path.join(workdir, STORE)), _manifest(run.exp, splits))
+    if columns is not None:
+      return run.state, dataclasses.replace(data, train={**data.train, **columns["train"]},
+                                            val={**data.val, **columns["val"]})
+  elif k != "copy":
+    return run.state, data
+  start = run.started(data)
+  return run.state.replace(teacher={"params": finetune.merge(start.params, start.frozen)}), data
 
 
 def compute(s, variables, rows: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 
@@ -29,6 +30,8 @@ class Restored:
   step: int
   state: object
   mesh: jax.sharding.Mesh
+  # data -> the state the run started from (seed and init_from; a dpo run's copied reference)
+  started: Callable | None = None
 
   @property
   def params(self) -> dict:
@@ -85,7 +88,13 @@ def restore(workdir: str, step: int | None = None) -> Restored:
       state = pretrained.with_base(exp, state, data_state, init_variables, tx, mesh, rules,
                                    shardings, trainable)
   state = state.replace(params=distill.without_projection(state.params))
-  return Restored(exp, run_task, model, chosen, state, mesh)
+
+  def started(data):
+    with jax.set_mesh(mesh):
+      start = pretrained.initialised(pretrained.as_recorded(exp, data_state), init_variables, tx,
+                                     mesh, rules, shardings, trainable)
+      return finetune.initialise_added(exp, start, data)
+  return Restored(exp, run_task, model, chosen, state, mesh, started)
 
 
 def open_weights(value: str, key: str, dtype: str = "float32"):
