@@ -23,7 +23,7 @@ from llmjax.config_checks import validate
 # experiments and the library look for them.
 from llmjax.config_sections import (CHOICES, SECTIONS, DataConfig, DistillConfig, Experiment,
                                     FinetuneConfig, MeshConfig, ModelConfig, OptimConfig,
-                                    TrainConfig)
+                                    PruneConfig, TrainConfig)
 from llmjax.config_tasks import resolve_tasks
 from llmjax.errors import ConfigError
 from llmjax.models import presets

@@ -3,6 +3,7 @@ naming the key and what is allowed (device-dependent checks live in parallel.mes
 
 from __future__ import annotations
 
+from llmjax import config_prune
 from llmjax.config_sections import Experiment, ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.models.presets import RNN_IGNORED
@@ -61,6 +62,7 @@ def validate(exp: Experiment) -> None:
            f"got {data.test_fraction}")
   validate_finetune(exp)
   validate_distill(exp)
+  config_prune.validate(exp.prune, t.steps)
   validate_images(exp)
   validate_rnn(exp)
   validate_moe(exp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from llmjax.config_prune import PruneConfig
 from llmjax.config_tasks import TaskEntry
 from llmjax.task_config import TaskConfig
 
@@ -357,6 +358,7 @@ class Experiment:
   task: TaskConfig = TaskConfig()  # the named task's own options (a subclass; task_config.py)
   finetune: FinetuneConfig = FinetuneConfig()
   distill: DistillConfig = DistillConfig()
+  prune: PruneConfig = PruneConfig()  # magnitude pruning (config_prune.py)
   # config.tasks: several tasks on one backbone (config_tasks.py); () for a single task
   tasks: tuple[TaskEntry, ...] = ()
 
@@ -367,7 +369,8 @@ class Experiment:
 # The sections of an experiment besides config.task and config.tasks, and the fixed choices of
 # their string fields (a task's own options name theirs in field metadata: task_config.py).
 SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-             "train": TrainConfig, "finetune": FinetuneConfig, "distill": DistillConfig}
+             "train": TrainConfig, "finetune": FinetuneConfig, "distill": DistillConfig,
+             "prune": PruneConfig}
 CHOICES = {
     "model.pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),

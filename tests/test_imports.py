@@ -31,6 +31,7 @@ FLOORS = {
   # 2 the experiment config: ConfigDict -> validated frozen dataclasses
   "llmjax.config": 2, "llmjax.config_checks": 2, "llmjax.config_tasks": 2,
   "llmjax.task_config": 2, "llmjax.config_sections": 2,
+  "llmjax.config_prune": 2,
   # 3 devices and storage: logical axes, meshes, shardings, the cluster, checkpoints
   "llmjax.parallel": 3, "llmjax.distributed": 3, "llmjax.checkpoint": 3,
   # 4 models (pure flax modules) and their FLOP counts

@@ -13,7 +13,7 @@ import os
 import jax
 from flax import linen as nn
 
-from llmjax import distributed, tasks
+from llmjax import distributed, finetune, tasks
 from llmjax.errors import UserError
 from llmjax.parallel import sharding
 from llmjax.train import loop, reference, rundir, step as steplib
@@ -41,7 +41,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   rules = sharding.rules_for("dp")
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
     sums = loop.eval_sums(run.mesh, eval_fn, state, batches)
-  report = {"step": run.step, "split": split, **task.report(sums)}
+  report = {"step": run.step, "split": split, **task.report(sums),
+            **finetune.prune.sparsity(run.exp.prune, run.params)}
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
                                       split, limit=-1))

@@ -1,8 +1,10 @@
-"""What a fine-tuning run adds to the loop: the trainable set, the optimizer wrapper, the first
-values of a tuned prompt, and `params.json`."""
+"""What a fine-tuning run adds to the loop: the trainable set, the optimizer wrappers (AdaLoRA's
+budget, config.prune's masks), the first values of a tuned prompt, and `params.json`."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 from llmjax import flops, treepaths
 from llmjax.config import Experiment
 from llmjax.errors import ConfigError
-from llmjax.finetune import adalora, partition, spec
+from llmjax.finetune import adalora, partition, prune, spec
 
 PARAMS_FILE = "params.json"
 
@@ -20,9 +22,11 @@ PARAMS_FILE = "params.json"
 def plan(exp: Experiment, param_shapes: dict) -> frozenset[str] | None:
   """The trainable parameter paths, or None when every parameter trains (plain training)."""
   f = exp.finetune
-  if f.method == "full" and not f.frozen:
+  everything = f.method == "full" and not f.frozen
+  trainable = None if everything else spec.trainable_paths(exp, param_shapes)
+  prune.check(exp.prune, param_shapes, trainable)  # pruning reaches trained parameters only
+  if everything:
     return None
-  trainable = spec.trainable_paths(exp, param_shapes)
   frozen = len(param_shapes) - len(trainable)
   print(f"finetune {f.method}: {len(trainable)} parameter arrays train, {frozen} frozen",
         file=sys.stderr)
@@ -30,10 +34,11 @@ def plan(exp: Experiment, param_shapes: dict) -> frozenset[str] | None:
 
 
 def optimizer(exp: Experiment, tx, trainable):
-  """The run's optimizer: `tx`, wrapped with AdaLoRA's rank budget for method="adalora"."""
-  if exp.finetune.method != "adalora":
-    return tx
-  return adalora.with_budget(tx, exp.finetune, exp.train.steps)
+  """The run's optimizer: `tx`, wrapped with AdaLoRA's rank budget for method="adalora", and
+  outermost with config.prune's masks (applied after every other transformation)."""
+  if exp.finetune.method == "adalora":
+    tx = adalora.with_budget(tx, exp.finetune, exp.train.steps)
+  return prune.with_pruning(tx, exp.prune) if exp.prune.on else tx
 
 
 def initialise_added(exp: Experiment, state, data):
@@ -83,3 +88,23 @@ def params_report(exp: Experiment, state, base: dict | None) -> dict:
         f"({100 * trainable / max(report['total'], 1):.2f}%), {frozen:,} frozen; optimizer "
         f"state {report['optimizer_state_bytes']:,} bytes", file=sys.stderr)
   return report
+
+
+def sparsity_record(exp: Experiment, params) -> dict:
+  """params.json's "sparsity": {"overall": zeros over every pruned weight, "layers": per path}."""
+  metrics = prune.sparsity(exp.prune, params)
+  return {"overall": metrics.pop(prune.SPARSITY),
+          "layers": {k.split("/", 1)[1]: v for k, v in metrics.items()}}
+
+
+def record_sparsity(workdir: str, exp: Experiment, params) -> None:
+  """params.json with the sparsity the run reached (a pruned run's end; nothing otherwise)."""
+  if not exp.prune.on:
+    return
+  path = os.path.join(workdir, PARAMS_FILE)
+  with open(path) as f:
+    report = json.load(f)
+  report["sparsity"] = sparsity_record(exp, params)
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(path + ".tmp", path)

@@ -234,8 +234,7 @@ class _Loop:
     if self.base is not None:
       data_state["base"] = self.base
     self.ckpt.save(step, state.checkpointed(), data_state,
-                   json.loads(self.s.exp.to_json()),
-                   metric=self.last_rank)
+                   json.loads(self.s.exp.to_json()), metric=self.last_rank)
 
   def train(self, state, start: int, signals):
     t = self.s.exp.train
@@ -345,9 +344,9 @@ def eval_sums(mesh, eval_fn, state, batches) -> dict:
 
 
 def evaluate(s: setup.Setup, eval_fn, state, batches) -> tuple[dict, dict]:
-  """(the task's report, the sums it came from) over fixed batches."""
+  """(the task's report and config.prune's sparsity, the sums) over fixed batches."""
   sums = eval_sums(s.mesh, eval_fn, state, batches)
-  return s.task.report(sums), sums
+  return s.task.report(sums) | finetune.prune.sparsity(s.exp.prune, state.params), sums
 
 
 def write_eval(writer, task, step: int, report: dict) -> None:
@@ -395,6 +394,7 @@ def _write_outputs(s: setup.Setup, workdir: str, state, metrics_path: str, final
   params = distributed.to_host(finetune.merge(state.params, state.frozen))
   if jax.process_index() == 0:
     reporting.plot_loss(metrics_path, os.path.join(workdir, "plots", "loss.png"), s.exp.name)
+    finetune.record_sparsity(workdir, s.exp, params)  # params.json: what pruning reached
     if tasks.supports(s.task, tasks.WritesFiles):
       s.task.write_report(workdir, final, sums, f"step_{end}")
       s.task.finish(tasks.Outputs(workdir, s.model, params, s.data, final))
