@@ -15,6 +15,7 @@ import pytest
 import llmjax.train
 from llmjax import treepaths
 from llmjax.config_prune import PruneConfig
+from llmjax.eval import evaluate
 from llmjax.finetune import prune
 from llmjax.train import reporting, rundir
 
@@ -106,6 +107,8 @@ def test_pruned_weights_stay_zero_through_adamw_and_reports_and_export_hold_them
   assert all(val[-1][f"sparsity/{k}"] == 0.5 for k in masks6)
   report = json.loads((workdir / "params.json").read_text())["sparsity"]
   assert report["overall"] == 0.5 and report["layers"] == {k: 0.5 for k in masks6}
+  evaluated = evaluate.evaluate_run(str(workdir))  # llmjax eval's JSON reports it too
+  assert evaluated["sparsity"] == 0.5 and evaluated[f"sparsity/{sorted(masks6)[0]}"] == 0.5
   result = _cli.run("export", f"--workdir={workdir}", f"--out={tmp_path / 'export'}")
   assert result.returncode == 0, result.stderr
   from llmjax.hf import convert
