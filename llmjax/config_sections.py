@@ -133,6 +133,8 @@ class ModelConfig:
   moe_capacity_factor: float = 0.0
   moe_aux_loss_weight: float = 0.01
   moe_z_loss_weight: float = 0.0
+  quant: str = ""  # "" | int8[:gN][:asym] | int4:gN[:asym] | nf4:gN (docs/compression.md)
+  quant_compute: str = "dequant"  # dequant (then a float matmul) | int8 (an int32 dot)
 
   @property
   def kv_heads(self) -> int:

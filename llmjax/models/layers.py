@@ -15,6 +15,7 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.models import peft as peftlib
+from llmjax.models import quant as quantlib
 from llmjax.parallel import axes
 
 
@@ -41,16 +42,21 @@ class DenseGeneral(nn.Module):
   param_dtype: str = "float32"
   peft: peftlib.Peft = peftlib.NONE  # LoRA here when `peft.lora_targets` matches this path
   deterministic: bool = True  # LoRA dropout off
+  quant: str = ""  # the kernel stored quantized (models/quant.py spec); "": float
+  quant_compute: str = "dequant"  # dequant | int8 (int8 x int8 -> int32 dot)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     contract = tuple(a % x.ndim for a in self.axis)
     in_dims = tuple(x.shape[a] for a in contract)
-    kernel = self.param("kernel", init_normal(self.std, self.logical_axes),
-                        in_dims + self.features, dtype_of(self.param_dtype))
     compute = dtype_of(self.dtype)
-    y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute),
-                            ((contract, tuple(range(len(contract)))), ((), ())))
+    if self.quant:
+      y = self._quantized(x, contract, in_dims, compute)
+    else:
+      kernel = self.param("kernel", init_normal(self.std, self.logical_axes),
+                          in_dims + self.features, dtype_of(self.param_dtype))
+      y = jax.lax.dot_general(x.astype(compute), kernel.astype(compute),
+                              ((contract, tuple(range(len(contract)))), ((), ())))
     if self.use_bias:
       bias_axes = self.logical_axes[len(in_dims):]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
@@ -65,6 +71,15 @@ class DenseGeneral(nn.Module):
     return y
 
 
+  def _quantized(self, x, contract, in_dims, compute):
+    """The projection with the kernel stored quantized (weights-only; LoRA stays float)."""
+    spec = quantlib.parse(self.quant)
+    quantlib.check_compute(spec, self.quant_compute, "/".join(self.path))
+    stored = quantlib.kernel_params(self, spec, in_dims + self.features, len(in_dims),
+                                    self.logical_axes)
+    return quantlib.dot(x, stored, spec, contract, self.quant_compute, compute)
+
+
 def _check_rank(rank: int, in_dims, out_dims, path) -> None:
   smaller = min(int(np.prod(in_dims)), int(np.prod(out_dims)))
   if not 0 < rank <= smaller:
@@ -74,15 +89,16 @@ def _check_rank(rank: int, in_dims, out_dims, path) -> None:
 
 def dense(cfg: ModelConfig, features, logical_axes: tuple[str, ...], name: str, *,
           axis=-1, std: float | None = None, peft: peftlib.Peft = peftlib.NONE, bias=None,
-          deterministic: bool = True) -> DenseGeneral:
-  """A DenseGeneral configured from the model's dtypes, bias choice (`bias`, else use_bias) and
-  init scale."""
+          deterministic: bool = True, quantized: bool = True) -> DenseGeneral:
+  """A DenseGeneral configured from the model's dtypes, bias choice (`bias`, else use_bias),
+  init scale and weight quantization (`quantized=False`: float whatever config.model.quant)."""
   return DenseGeneral(
       features=(features,) if isinstance(features, int) else tuple(features),
       logical_axes=logical_axes, axis=(axis,) if isinstance(axis, int) else tuple(axis),
       use_bias=cfg.use_bias if bias is None else bias,
       std=cfg.init_std if std is None else std, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, name=name, peft=peft, deterministic=deterministic)
+      param_dtype=cfg.param_dtype, name=name, peft=peft, deterministic=deterministic,
+      quant=cfg.quant if quantized else "", quant_compute=cfg.quant_compute)
 
 
 class OffsetRMSNorm(nn.Module):
@@ -163,9 +179,11 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, h_BLD):
     cfg = self.cfg
-    z_BLA = dense(cfg, self.dim, (axes.EMBED, None), "down")(h_BLD)
+    # an adapter trains: never quantized, even over a quantized base (QLoRA)
+    z_BLA = dense(cfg, self.dim, (axes.EMBED, None), "down", quantized=False)(h_BLD)
     z_BLA = ACTIVATIONS[cfg.mlp if cfg.mlp != "swiglu" else "gelu"](z_BLA)
-    return h_BLD + dense(cfg, cfg.d_model, (None, axes.EMBED), "up", std=0.0)(z_BLA)
+    return h_BLD + dense(cfg, cfg.d_model, (None, axes.EMBED), "up", std=0.0,
+                         quantized=False)(z_BLA)
 
 
 def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float,

@@ -1,0 +1,118 @@
+"""Weight quantization (llmjax/models/quant.py, quant_tree.py): formats, the quantized model,
+`llmjax quantize` and QLoRA (docs/compression.md)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llmjax.config import ModelConfig
+from llmjax.errors import ConfigError
+from llmjax.hf import api
+from llmjax.models import presets
+from llmjax.models import quant as quantlib
+from llmjax.models import quant_tree
+from llmjax.models.transformer import Transformer
+
+FORMATS = ("int8", "int8:asym", "int8:g16", "int4:g32", "int4:g16:asym", "nf4:g32")
+
+
+def _tiny(**overrides) -> ModelConfig:
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  fields = {**presets.get("llama"), **dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                            d_ff=64, max_len=16, use_bias=True), **overrides}
+  return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def _np_values(stored: dict, spec) -> np.ndarray:
+  """The stored integers read back with numpy alone (nibbles, sign, zero point)."""
+  q = np.asarray(stored["kernel"])
+  if spec.bits == 4:
+    lo, hi = (q & 15).astype(np.int32), (q >> 4).astype(np.int32)
+    q = np.stack([lo, hi], axis=1).reshape((q.shape[0] * 2,) + q.shape[1:])
+    if spec.kind != "nf4":
+      q = np.where(q >= 8, q - 16, q)
+  q = q.astype(np.int32)
+  scale = np.asarray(stored["kernel_scale"])
+  reps = [a // b for a, b in zip(q.shape, scale.shape)]
+  if "kernel_zero" in stored:
+    q = q - _tile(np.asarray(stored["kernel_zero"]).astype(np.int32), reps)
+  base = quantlib.NF4[q] if spec.kind == "nf4" else q.astype(np.float32)
+  return base * _tile(scale, reps)
+
+
+def _tile(s: np.ndarray, reps) -> np.ndarray:
+  for axis, r in enumerate(reps):
+    s = np.repeat(s, r, axis=axis)
+  return s
+
+
+def test_formats_roundtrip_within_bounds_and_numpy_reads_them():
+  """quantize -> dequantize within each format's bound; numpy reads the same values; 4-bit
+  stores two values a byte; NF4 is QLoRA's table; groups span heads of a [N, H, D] kernel."""
+  rng = np.random.default_rng(0)
+  for text in FORMATS:
+    for shape, n_in in (((64, 24), 1), ((4, 16, 24), 2))[:2 if "4" in text else 1]:
+      spec = quantlib.parse(text)
+      w = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+      def roundtrip(w):
+        stored = quantlib.quantize(w, n_in, spec)
+        return stored, quantlib.dequantize(stored, spec), quantlib.error_bound(stored, spec)
+      stored, deq, bound = jax.jit(roundtrip)(w)
+      assert bool(jnp.all(jnp.abs(deq - w) <= bound * (1 + 1e-5) + 1e-7)), (text, shape)
+      np.testing.assert_allclose(np.asarray(deq), _np_values(stored, spec), rtol=1e-6, atol=1e-7)
+      assert stored["kernel"].nbytes * (2 if spec.bits == 4 else 1) == w.size, text
+      rel = float(jnp.linalg.norm(deq - w) / jnp.linalg.norm(w))
+      assert rel < (0.01 if spec.bits == 8 else 0.15), (text, rel)
+  assert quantlib.scale_shape((4, 64, 32), 2, 128, "o") == (2, 1, 32)
+  assert quantlib.scale_shape((4, 64, 32), 2, 32, "o") == (4, 2, 32)
+  np.testing.assert_allclose(quantlib.NF4[[0, 1, 7, 8, 14, 15]],
+                             [-1.0, -0.6961928, 0.0, 0.0795803, 0.7229568, 1.0], atol=1e-6)
+  with pytest.raises(ConfigError, match=r"layer_0/mlp/wo: group size 48 does not divide .* 64"):
+    quantlib.scale_shape((64, 32), 1, 48, "layer_0/mlp/wo")
+  for bad in ("int3", "int4:g0", "nf4:asym", "int8:x"):
+    with pytest.raises(ConfigError, match="config.model.quant"):
+      quantlib.parse(bad)
+
+
+def test_quantized_model_logits_equal_numpy_dequantized_reference():
+  """The quantized model (scanned and not, every format) computes the float model's logits on
+  the numpy-dequantized kernels; int8 x int8 -> int32 compute stays close to them."""
+  x = jnp.arange(16).reshape(2, 8) % 64
+  for scan, formats in ((False, ("int4:g16:asym", "nf4:g32")), (True, ("int8",))):
+    cfg = _tiny(scan_layers=scan)
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x)["params"])
+    for text in formats:
+      qmodel = Transformer(dataclasses.replace(cfg, quant=text))
+      found = quant_tree.layouts(lambda: api.abstract_variables(qmodel))
+      assert len(found) == 7 * (1 if scan else cfg.n_layers)
+      qparams = quant_tree.quantize_tree(params, found)
+      spec = quantlib.parse(text)
+      ref = jax.tree.map(lambda a: a, params)
+      for layout in found.values():
+        node = ref
+        for name in layout.path.split("/"):
+          node = node[name]
+        qnode = qparams
+        for name in layout.path.split("/"):
+          qnode = qnode[name]
+        stored = {k: qnode[k] for k in quant_tree.PARTS if k in qnode}
+        node["kernel"] = (np.stack([_np_values(jax.tree.map(lambda a: a[i], stored), spec)
+                                    for i in range(stored["kernel"].shape[0])])
+                          if scan else _np_values(stored, spec))
+      got = jax.jit(qmodel.apply)({"params": qparams}, x)
+      want = jax.jit(Transformer(cfg).apply)({"params": ref}, x)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if scan:
+      continue
+    int8 = Transformer(dataclasses.replace(cfg, quant="int8", quant_compute="int8"))
+    found = quant_tree.layouts(lambda: api.abstract_variables(int8))
+    got = jax.jit(int8.apply)({"params": quant_tree.quantize_tree(params, found)}, x)
+    want = jax.jit(Transformer(cfg).apply)({"params": params}, x)
+    assert float(jnp.max(jnp.abs(got - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
+  with pytest.raises(ConfigError, match="quant_compute='int8' needs"):
+    api.abstract_variables(Transformer(_tiny(quant="int4:g16", quant_compute="int8")))
