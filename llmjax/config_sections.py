@@ -183,9 +183,7 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   expert: int = 1  # expert parallelism (rules ep, fsdp_ep, fsdp_tp_ep); elsewhere data parallel
-  # context parallelism, under every rules preset: activations split along the sequence (which
-  # it must divide), attention gathering keys and values (docs/tpu_attention.md)
-  context: int = 1
+  context: int = 1  # the sequence split (any rules preset); attention gathers K/V (tpu_attention)
   rules: str = "dp"  # dp | fsdp | tp | fsdp_tp | ep | fsdp_ep | fsdp_tp_ep
 
 
@@ -220,8 +218,7 @@ class DataConfig:
   tfds_text_key: str = "text"  # the text field of a tfds LM corpus
   tfds_val_split: str = ""  # labelled tfds data: "" splits validation off the train split
   tfds_test_split: str = ""  # labelled tfds data: "" means no test split
-  # byte | hf:PATH (a directory with tokenizer.json) | wordpiece:N | bpe:N (an N-token vocabulary
-  # trained offline on the training split, saved as WORKDIR/tokenizer.json and reused from there)
+  # byte | hf:PATH (with tokenizer.json) | wordpiece:N | bpe:N (trained: WORKDIR/tokenizer.json)
   tokenizer: str = "byte"
   text_key: str = "text"  # labelled data (CSV/JSONL columns, tfds fields): the text
   label_key: str = "label"  # ... and the label (names or integers)
