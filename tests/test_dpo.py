@@ -4,6 +4,7 @@ off, precomputed), exact resume, 8 devices == 1, and bad input."""
 import dataclasses
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,110 @@ def test_precomputed_store_is_read_back_only_for_its_manifest(tmp_path):
   np.testing.assert_array_equal(back["train"][REF_CHOSEN], columns["train"][REF_CHOSEN])
   np.testing.assert_array_equal(back["val"][REF_CHOSEN], columns["val"][REF_CHOSEN])
   assert reference._read(str(tmp_path), {**manifest, "seed": 1}) is None
+
+
+def _orpo_batch(chosen_lengths, prompt=5, rejected=10, seq_len=16, seed=0):
+  """Random tokens: one row per pair (prompt, then completion) and a padded row (no pair)."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for side, lengths in (("chosen", chosen_lengths), ("rejected", [rejected] * 3)):
+    tokens = np.zeros((4, seq_len), np.int32)
+    segments, mask = np.zeros_like(tokens), np.zeros((4, seq_len), np.float32)
+    for row, n in enumerate(lengths):
+      tokens[row, :n] = rng.integers(1, 256, n)
+      segments[row, :n] = 1
+      mask[row, prompt - 1:n - 1] = 1.0  # t predicts completion token t + 1
+    batch.update({f"{side}_tokens": tokens, f"{side}_segment_ids": segments,
+                  f"{side}_loss": mask})
+  return batch
+
+
+def trl_orpo(logits, batch, beta, nll_tokens, per_pair):
+  """TRL's ORPOTrainer loss and metrics, written out in numpy over the 3 real pairs; `per_pair`:
+  the NLL averaged per pair, then over pairs (the paper's expectation; llmjax's), else over all
+  chosen tokens of the batch (TRL's)."""
+  logits = logits.astype(np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  tokens = np.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])[[0, 1, 2, 4, 5, 6]]
+  picked = np.take_along_axis(logp[[0, 1, 2, 4, 5, 6], :-1], tokens[:, 1:, None], -1)[..., 0]
+  mask = np.concatenate([batch["chosen_loss"], batch["rejected_loss"]])[[0, 1, 2, 4, 5, 6], :-1]
+  mean_logps = (picked * mask).sum(-1) / mask.sum(-1)  # get_batch_logps(average_log_prob=True)
+  pc, pr = mean_logps[:3], mean_logps[3:]
+  if nll_tokens == "sequence":  # labels: every attended token but the first
+    nll_mask = (batch["chosen_segment_ids"][:3, 1:] > 0).astype(np.float64)
+  else:
+    nll_mask = mask[:3]
+  token_nll = -picked[:3] * nll_mask
+  nll = (token_nll.sum(-1) / nll_mask.sum(-1)).mean() if per_pair else (
+      token_nll.sum() / nll_mask.sum())
+  log_odds = (pc - pr) - (np.log1p(-np.exp(pc)) - np.log1p(-np.exp(pr)))
+  ratio = np.log(1 / (1 + np.exp(-log_odds)))
+  rc, rr = beta * pc, beta * pr
+  return {"loss": nll - (beta * ratio).mean(), "nll_loss": nll, "log_odds_ratio": ratio.mean(),
+          "log_odds_chosen": log_odds.mean(), "reward_chosen": rc.mean(),
+          "reward_rejected": rr.mean(), "reward_margin": (rc - rr).mean(),
+          "reward_accuracy": (rc > rr).mean(), "logp_chosen": pc.mean(),
+          "logp_rejected": pr.mean(), "preference_accuracy": (pc > pr).mean(), "pairs": 3}
+
+
+def test_orpo_loss_and_metrics_equal_trl_in_numpy(tmp_path):
+  """ORPO's loss and metrics from a tiny model's logits equal TRL's formula in numpy (rows of
+  equal length, where TRL's batch-token NLL mean is the per-pair one), and the paper's per-pair
+  mean for unequal rows; a padded row counts for nothing and gives finite gradients."""
+  from llmjax import tasks
+  from llmjax.models.apply import apply_model
+  beta = 0.25
+  exp = dpo_experiment(tmp_path, name="orpo", beta=beta)
+  model = tasks.build(exp).model()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+  for nll_tokens, lengths, per_pair in (("sequence", [12, 12, 12], False),
+                                        ("completion", [12, 12, 12], False),
+                                        ("sequence", [9, 12, 16], True)):
+    task = tasks.build(dataclasses.replace(exp, task=dataclasses.replace(
+        exp.task, nll_tokens=nll_tokens)))
+    batch = _orpo_batch(lengths)
+
+    @jax.jit
+    def run(params, batch):
+      tokens, segments = (jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+                          for k in ("tokens", "segment_ids"))
+      logits, _ = apply_model(model, {"params": params}, tokens, train=False, rng=None,
+                              segment_ids_BL=segments, deterministic=True)
+      loss = lambda p: task.loss(model, {"params": p}, batch, rng=None,  # noqa: E731
+                                 train=False)
+      return logits, loss(params), jax.grad(lambda p: loss(p).loss_sum)(params)
+    logits, terms, grads = run(variables["params"], batch)
+    want = trl_orpo(np.asarray(logits), batch, beta, nll_tokens, per_pair)
+    got = task.report({"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums})
+    assert set(got) == set(want)
+    for key, value in want.items():
+      assert got[key] == pytest.approx(float(value), rel=2e-5, abs=2e-6), (nll_tokens, key)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_orpo_trains_with_no_reference(tmp_path):
+  """An orpo run holds no reference (no teacher field, no store) and reports dpo's metrics and
+  ORPO's; the experiment's `:orpo` variant resolves; bad options are one line."""
+  exp = dpo_experiment(tmp_path, name="orpo")
+  s = setup.prepare(exp, devices=jax.devices()[:1])
+  train, evaluate = setup.compile_steps(s)
+  with jax.set_mesh(s.mesh):
+    state = loop.fresh_state(s)
+    assert state.teacher is None
+    batch = sharding.global_batch(s.task.eval_batches(s.data.train, 8, 1)[0], s.mesh)
+    state, metrics = train(state, batch)
+    sums = jax.device_get(evaluate(state, batch))
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+  report = s.task.report(sums)
+  assert {"loss", "reward_accuracy", "reward_margin", "logp_chosen", "preference_accuracy",
+          "nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(report)
+  assert report["pairs"] == 8 and report["loss"] > report["nll_loss"]
+  root = pathlib.Path(__file__).parents[1]
+  variant = config_lib.experiment_module("experiments/instruct/gettext_dpo.py",
+                                         str(root / "setup")).get_config("orpo")
+  assert config_lib.resolve(variant).task.name == "orpo"
+  for key, value, message in (("nll_tokens", "prompt", "allowed: sequence, completion"),
+                              ("beta", -1.0, "must be > 0")):
+    with pytest.raises(ConfigError, match=f"config.task.{key}.*{message}") as e:
+      dpo_experiment(tmp_path, name="orpo", **{key: value})
+    assert "\n" not in str(e.value)

@@ -4,6 +4,7 @@ the human translation chosen, the translation of the nearest different English m
   python -m llmjax.data.preference_pairs --source=gettext --out=runs/preference_gettext
   llmjax train --config=experiments/instruct/gettext_dpo.py --workdir=runs/gettext_dpo
   llmjax train --config=experiments/instruct/gettext_dpo.py:before --workdir=runs/gettext_dpo_0
+  llmjax train --config=experiments/instruct/gettext_dpo.py:orpo --workdir=runs/gettext_orpo
   llmjax train --config=experiments/instruct/gettext_dpo.py:smoke --workdir=/tmp/smoke
 
 The reference is a frozen copy of the SFT model (config.task.reference='copy'); beta 0.1, the
@@ -12,8 +13,11 @@ the held-out pairs are val.jsonl, whose English messages the SFT run held out as
 stable hash splits). Each evaluation reports the preference accuracy (how often the model gives
 the human translation the higher log-probability), TRL's reward metrics and the greedy chrF of 32
 held-out prompts against the human translation. `:before` is the SFT model measured the same
-way: one step at learning rate 0. `:smoke` is a tiny randomly initialised model on the first
-pairs of the same files (no SFT run needed).
+way: one step at learning rate 0. `:orpo` is the one-stage alternative (config.task.name='orpo',
+llmjax/tasks/orpo.py): from the main job's base model (no SFT run, no reference), the NLL of the
+chosen translation (its completion tokens, as the SFT run trains) plus 0.1 x the odds-ratio term,
+at the SFT run's learning rate and length. `:smoke` is a tiny randomly initialised model on the
+first pairs of the same files (no SFT run needed).
 """
 
 from llmjax import config as config_lib
@@ -47,6 +51,15 @@ def get_config(arg=None):
     c.train.eval_every = 1
     c.optim.lr = 0.0
     c.optim.warmup_steps = 0
+    arg = None
+  if arg == "orpo":
+    c.name = "gettext_orpo"
+    c.task.name = "orpo"
+    c.task.nll_tokens = "completion"
+    c.train.init_from = "workdir:runs/stdlib_gpt"
+    c.train.steps = 300
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 20
     arg = None
   if arg == "smoke":
     c.train.init_from = ""  # the smoke model is smaller than the SFT run

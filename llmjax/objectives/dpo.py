@@ -9,12 +9,24 @@ and the per-pair losses are (TRL's DPOTrainer definitions):
   sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO; eps > 0: cDPO)
   ipo      (h - 1 / (2 beta))^2, with log-probabilities averaged over the completion's tokens
   hinge    max(0, 1 - beta h)
-The implicit rewards are beta (pi - ref) of each completion, never differentiated. Every quantity
-here is a sum over the pairs that count (`valid_B`), so devices, microbatches and evaluation
-batches reduce by adding; the means are taken on the host.
+The implicit rewards are beta (pi - ref) of each completion, never differentiated.
+
+ORPO (Hong et al. 2024; TRL's ORPOTrainer) needs no reference. With pi the policy's
+log-probability of a completion averaged over its tokens and nll a negative log-likelihood of the
+chosen row (TRL: averaged over its prompt and completion tokens),
+
+  log_odds = (pi_chosen - pi_rejected) - (log(1 - exp(pi_chosen)) - log(1 - exp(pi_rejected)))
+  loss     = nll - beta log sigmoid(log_odds)       (beta: the paper's lambda)
+
+with rewards beta pi of each completion.
+
+Every quantity here is a sum over the pairs that count (`valid_B`), so devices, microbatches and
+evaluation batches reduce by adding; the means are taken on the host.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +35,28 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 # Sum keys of `pair_sums`, each over the pairs that count.
 SUM_KEYS = ("reward_correct_sum", "reward_margin_sum", "reward_chosen_sum",
             "reward_rejected_sum", "logp_chosen_sum", "logp_rejected_sum", "preferred_sum")
+# Sum keys ORPO adds to `pair_sums`' (TRL's nll_loss, log_odds_ratio, log_odds_chosen).
+ORPO_SUM_KEYS = ("nll_loss_sum", "log_odds_ratio_sum", "log_odds_chosen_sum")
+# ORPO's log(1 - exp(logp)) takes logp at most this: logp = 0 exactly (a padded row's 0, or a
+# completion the model is certain of) would give log 0; this keeps the term finite.
+_LOGP_MAX = -1e-7
+
+
+def token_logps(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """The log-probability of each target [B, L], float32."""
+  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+
+
+def masked_sums(target_BL: jax.Array, mask_BL: jax.Array):
+  """(sum of the masked values per row [B], the mask's count per row [B]); float32."""
+  mask_BL = mask_BL.astype(jnp.float32)
+  return jnp.sum(target_BL * mask_BL, axis=-1), jnp.sum(mask_BL, axis=-1)
 
 
 def sequence_logps(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array):
   """(summed log-probability of the masked targets per row [B], their count [B]); float32."""
-  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-  target_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  mask_BL = mask_BL.astype(jnp.float32)
-  return jnp.sum(target_BL * mask_BL, axis=-1), jnp.sum(mask_BL, axis=-1)
+  return masked_sums(token_logps(logits_BLV, targets_BL), mask_BL)
 
 
 def pair_losses(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, *,
@@ -51,6 +77,31 @@ def pair_losses(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B
   chosen_B = jax.lax.stop_gradient(beta * (policy_chosen_B - ref_chosen_B))
   rejected_B = jax.lax.stop_gradient(beta * (policy_rejected_B - ref_rejected_B))
   return losses_B, chosen_B, rejected_B
+
+
+def odds_ratio_losses(policy_chosen_B, policy_rejected_B, nll_B, *, beta: float):
+  """(losses [B], chosen rewards [B], rejected rewards [B], log odds ratio [B]) of ORPO (see
+  the module doc); the log-probabilities are per-token means."""
+  log_odds_B = ((policy_chosen_B - policy_rejected_B)
+                - (_log1m_exp(policy_chosen_B) - _log1m_exp(policy_rejected_B)))
+  losses_B = nll_B - beta * jax.nn.log_sigmoid(log_odds_B)
+  chosen_B = jax.lax.stop_gradient(beta * policy_chosen_B)
+  rejected_B = jax.lax.stop_gradient(beta * policy_rejected_B)
+  return losses_B, chosen_B, rejected_B, log_odds_B
+
+
+def _log1m_exp(x_B):
+  """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Maechler's log1mexp)."""
+  x_B = jnp.minimum(x_B, _LOGP_MAX)
+  return jnp.where(x_B > -math.log(2.0), jnp.log(-jnp.expm1(x_B)), jnp.log1p(-jnp.exp(x_B)))
+
+
+def orpo_sums(nll_B, log_odds_B, valid_B) -> dict:
+  """ORPO's metric sums over the valid pairs: ORPO_SUM_KEYS."""
+  valid_B = valid_B.astype(jnp.float32)
+  values = (nll_B, jax.nn.log_sigmoid(log_odds_B), log_odds_B)
+  return {key: jnp.sum(jax.lax.stop_gradient(x_B) * valid_B)
+          for key, x_B in zip(ORPO_SUM_KEYS, values)}
 
 
 def pair_sums(losses_B, chosen_rewards_B, rejected_rewards_B, policy_chosen_B,
@@ -80,4 +131,4 @@ def report(sums: dict) -> dict:
   return {"loss": float(sums["loss_sum"]) / pairs, "pairs": float(sums["weight"]),
           **{key.removesuffix("_sum").replace("reward_correct", "reward_accuracy")
              .replace("preferred", "preference_accuracy"): float(sums[key]) / pairs
-             for key in SUM_KEYS}}
+             for key in SUM_KEYS + ORPO_SUM_KEYS if key in sums}}

@@ -59,8 +59,7 @@ class DPOConfig(TaskConfig):
   max_new_tokens: int = 0  # per completion; 0: half of data.seq_len
 
   def validate(self, exp):
-    require_encoder_decoder(exp, False)
-    require(self.beta > 0, f"config.task.beta must be > 0, got {self.beta}")
+    validate_pairs(self, exp)
     require(self.loss_type in objective.LOSS_TYPES,
             f"config.task.loss_type={self.loss_type!r}; allowed: "
             f"{', '.join(objective.LOSS_TYPES)}")
@@ -71,23 +70,30 @@ class DPOConfig(TaskConfig):
             f"'sigmoid' only, not {self.loss_type!r}")
     require(self.reference in REFERENCES, f"config.task.reference={self.reference!r}; allowed: "
             f"{', '.join(REFERENCES)}")
-    require(not exp.distill.teacher, "config.distill.teacher: a dpo run holds its reference model "
-            "where a teacher would be; allowed: '' with config.task.name='dpo'")
-    require(exp.data.source == "files" and bool(exp.data.files),
-            f"config.data.source={exp.data.source!r}: the dpo task reads preference files; set "
-            "config.data.source='files' and config.data.files to a .jsonl/.parquet glob")
-    require(exp.model.arch != "rnn", "config.model.arch='rnn': the dpo task trains a "
-            "Transformer decoder")
-    require(self.completions >= 0, f"config.task.completions must be >= 0, got "
-            f"{self.completions}")
-    require(0 <= self.max_new_tokens < exp.data.seq_len,
-            f"config.task.max_new_tokens must be in [0, data.seq_len={exp.data.seq_len}) (0: "
-            f"half of it), got {self.max_new_tokens}")
 
 
-class DPO(DecodedReport, References, Task):
-  """A decoder tuned so that it prefers each chosen completion over its rejected one."""
-  name = "dpo"
+def validate_pairs(options, exp) -> None:
+  """The checks every preference task (dpo, orpo) makes of its options and the experiment."""
+  name = options.name
+  require_encoder_decoder(exp, False)
+  require(options.beta > 0, f"config.task.beta must be > 0, got {options.beta}")
+  require(not exp.distill.teacher, "config.distill.teacher: a preference run (dpo, orpo) "
+          f"distills from no teacher; allowed: '' with config.task.name={name!r}")
+  require(exp.data.source == "files" and bool(exp.data.files),
+          f"config.data.source={exp.data.source!r}: the {name} task reads preference files; set "
+          "config.data.source='files' and config.data.files to a .jsonl/.parquet glob")
+  require(exp.model.arch != "rnn", f"config.model.arch='rnn': the {name} task trains a "
+          "Transformer decoder")
+  require(options.completions >= 0, f"config.task.completions must be >= 0, got "
+          f"{options.completions}")
+  require(0 <= options.max_new_tokens < exp.data.seq_len,
+          f"config.task.max_new_tokens must be in [0, data.seq_len={exp.data.seq_len}) (0: "
+          f"half of it), got {options.max_new_tokens}")
+
+
+class PreferencePairs(DecodedReport, Task):
+  """What the preference tasks (dpo, orpo) share: {prompt, chosen, rejected} rows, a decoder, one
+  forward over both completions, greedy completions of held-out prompts."""
 
   def data(self, workdir):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
@@ -99,34 +105,61 @@ class DPO(DecodedReport, References, Task):
   def model(self):
     return Transformer(self.exp.model, self.peft())
 
-  def base_model(self):
-    """The same network without config.finetune's added parameters (the adapters-off
-    reference)."""
-    return Transformer(self.exp.model, Peft())
-
   def example_batch(self, batch_size):
     shape = (batch_size, self.exp.data.seq_len)
-    batch = {f"{side}_{key}": jax.ShapeDtypeStruct(shape, dtype) for side in SIDES
-             for key, dtype in (("tokens", jnp.int32), ("segment_ids", jnp.int32),
-                                ("loss", jnp.float32))}
-    if self.exp.task.reference == "precomputed":
-      batch.update({k: jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-                    for k in (REF_CHOSEN, REF_REJECTED)})
-    return batch
+    return {f"{side}_{key}": jax.ShapeDtypeStruct(shape, dtype) for side in SIDES
+            for key, dtype in (("tokens", jnp.int32), ("segment_ids", jnp.int32),
+                               ("loss", jnp.float32))}
 
   def init(self, model, rngs, batch):
     return model.init(rngs, batch["chosen_tokens"])
 
-  def logps(self, model, variables, batch, *, rng, train):
-    """(policy log-probability of each chosen completion [B], of each rejected one [B], the
-    model state): one forward over both sides; per-token means for ipo (TRL's)."""
+  def token_logps(self, model, variables, batch, *, rng, train):
+    """(log-probability of each next token [2B, L], completion mask [2B, L], segment ids
+    [2B, L], the model state): one forward over the chosen rows, then the rejected ones."""
     tokens_NL, segment_ids_NL, mask_NL = (
         jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
         for k in ("tokens", "segment_ids", "loss"))
     logits_NLV, model_state = apply_model(model, variables, tokens_NL, train=train, rng=rng,
                                           segment_ids_BL=segment_ids_NL, deterministic=not train)
     targets_NL = jnp.concatenate([tokens_NL[:, 1:], jnp.zeros_like(tokens_NL[:, :1])], axis=1)
-    logps_N, counts_N = objective.sequence_logps(logits_NLV, targets_NL, mask_NL)
+    return objective.token_logps(logits_NLV, targets_NL), mask_NL, segment_ids_NL, model_state
+
+  def decoded_report(self, model, get_params, data, split, limit=None):
+    """Greedy completions of the first held-out prompts against their chosen answers (exact
+    match, chrF), as the sft task decodes them."""
+    limit = self.exp.task.completions if limit is None else limit
+    sft = SFT(self.exp, self.info)
+    return decoded.report(get_params, data, split, limit,
+                          lambda params, prompts: sft.complete(model, params, data.tokenizer,
+                                                               prompts), scores)
+
+  def decoded_keys(self):
+    return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()
+
+
+class DPO(PreferencePairs, References):
+  """A decoder tuned so that it prefers each chosen completion over its rejected one."""
+  name = "dpo"
+
+  def base_model(self):
+    """The same network without config.finetune's added parameters (the adapters-off
+    reference)."""
+    return Transformer(self.exp.model, Peft())
+
+  def example_batch(self, batch_size):
+    batch = super().example_batch(batch_size)
+    if self.exp.task.reference == "precomputed":
+      batch.update({k: jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+                    for k in (REF_CHOSEN, REF_REJECTED)})
+    return batch
+
+  def logps(self, model, variables, batch, *, rng, train):
+    """(policy log-probability of each chosen completion [B], of each rejected one [B], the
+    model state): one forward over both sides; per-token means for ipo (TRL's)."""
+    logp_NL, mask_NL, _, model_state = self.token_logps(model, variables, batch, rng=rng,
+                                                        train=train)
+    logps_N, counts_N = objective.masked_sums(logp_NL, mask_NL)
     if self.exp.task.loss_type == "ipo":
       logps_N = logps_N / jnp.maximum(counts_N, 1.0)
     chosen_B, rejected_B = jnp.split(logps_N, 2)
@@ -185,18 +218,6 @@ class DPO(DecodedReport, References, Task):
     if "chrf" in report:
       line += f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"
     return line
-
-  def decoded_report(self, model, get_params, data, split, limit=None):
-    """Greedy completions of the first held-out prompts against their chosen answers (exact
-    match, chrF), as the sft task decodes them."""
-    limit = self.exp.task.completions if limit is None else limit
-    sft = SFT(self.exp, self.info)
-    return decoded.report(get_params, data, split, limit,
-                          lambda params, prompts: sft.complete(model, params, data.tokenizer,
-                                                               prompts), scores)
-
-  def decoded_keys(self):
-    return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()
 
   # --- References
   def reference_kind(self):

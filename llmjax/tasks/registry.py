@@ -17,6 +17,7 @@ from llmjax.tasks.gan import Gan, GanConfig
 from llmjax.tasks.image_classify import ImageClassify, ImageClassifyConfig
 from llmjax.tasks.lm import LM, LMConfig
 from llmjax.tasks.mlm import MaskedLM, MaskedLMConfig
+from llmjax.tasks.orpo import ORPO, ORPOConfig
 from llmjax.tasks.seq2seq import Seq2Seq, Seq2SeqConfig
 from llmjax.tasks.sft import SFT, SFTConfig
 
@@ -43,5 +44,6 @@ for _name, _task, _options in (("lm", LM, LMConfig), ("mlm", MaskedLM, MaskedLMC
                                ("classify", Classify, ClassifyConfig),
                                ("image_classify", ImageClassify, ImageClassifyConfig),
                                ("seq2seq", Seq2Seq, Seq2SeqConfig), ("gan", Gan, GanConfig),
-                               ("sft", SFT, SFTConfig), ("dpo", DPO, DPOConfig)):
+                               ("sft", SFT, SFTConfig), ("dpo", DPO, DPOConfig),
+                               ("orpo", ORPO, ORPOConfig)):
   register(_name, _task, _options)
