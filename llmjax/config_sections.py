@@ -253,12 +253,11 @@ class DataConfig:
   locale_dir: str = "/usr/share/locale"
   test_fraction: float = 0.0  # parallel text: held out as the test split when no test files
   pack: bool = True  # seq2seq: several short pairs share a row (segment ids keep them apart)
-  # Conversations (task sft; llmjax/data/chat.py, docs/instruct.md): "" the chat template of
-  # tokenizer=hf:PATH, a built-in (byte, chatml) or a jinja file; which tokens the loss counts
-  # (assistant | last_assistant | all); a conversation longer than seq_len: cut | drop.
-  chat_template: str = ""
-  train_on: str = "assistant"
-  too_long: str = "cut"
+  # Conversations (task sft; llmjax/data/chat.py, chat_rows.py, docs/instruct.md).
+  chat_template: str = ""  # "" tokenizer=hf:PATH's own, a built-in (byte, chatml), a jinja file
+  train_on: str = "assistant"  # the tokens the loss counts: assistant | last_assistant | all
+  too_long: str = "cut"  # a conversation longer than seq_len: cut | drop
+  chat_fields: str = ""  # source=tfds: e.g. prompt=instruction+context,completion=response
 
 
 @dataclasses.dataclass(frozen=True)

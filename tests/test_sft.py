@@ -178,3 +178,56 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
   with pytest.raises(DataError, match=needle) as e:
     llmjax.train.run(exp, str(workdir))
   assert "\n" not in str(e.value) and not workdir.exists()
+
+
+def test_conversations_from_tfds_by_mapped_fields(tmp_path, monkeypatch):
+  """source=tfds (tfds.testing.mock_data's records): databricks_dolly's fields mapped by
+  config.data.chat_fields, a Sequence of {role, content} as messages, the JSONL field names by
+  default; the split by hash or tfds_val_split; bad mappings are one line naming the key."""
+  import dataclasses
+  import tensorflow_datasets as tfds  # slow import; only this test needs it
+  from llmjax.errors import ConfigError
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+  dolly = [{"instruction": f"Add {i} and 1.".encode(), "context": b"" if i % 2 else b"Be exact.",
+            "response": str(i + 1).encode(), "category": b"open_qa"} for i in range(12)]
+  chats = [{"conversation": {"role": np.array([b"system", b"user", b"assistant"]),
+                             "content": np.array([b"Sum.", f"{i}+2?".encode(),
+                                                  str(i + 2).encode()])}} for i in range(12)]
+  plain = [{"prompt": f"{i}+3?".encode(), "completion": str(i + 3).encode()} for i in range(12)]
+  records = {"train": dolly, "validation": dolly[:2], "chats": chats, "plain": plain}
+  base = _experiment(tmp_path)
+
+  def load(**data):
+    exp = dataclasses.replace(base, data=dataclasses.replace(
+        base.data, source="tfds", tfds_name="databricks_dolly", files="", val_files="", **data))
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE,
+                                as_data_source_fn=lambda self, split, **kw: records[split]):
+      return SFT(exp).data(None)
+  fields = "prompt=instruction+context,completion=response"
+  d = load(chat_fields=fields, tfds_val_split="validation")
+  template = chat.load_template("byte", "byte")
+  prompt = chat.prompt_and_reference(template, [{"role": "user", "content": "Add 0 and 1.\n\n"
+                                                 "Be exact."}, {"role": "assistant",
+                                                                "content": "1"}], "x")
+  assert d.texts["val"] == [prompt, (prompt[0].replace("Add 0", "Add 1").replace(
+      "\n\nBe exact.", ""), "2")]
+  assert d.info["conversations"]["train"]["conversations"] == 12
+  hashed = load(chat_fields=fields, val_fraction=0.3)
+  counts = hashed.info["conversations"]
+  assert counts["train"]["conversations"] + counts["val"]["conversations"] == 12
+  assert counts["val"]["conversations"] > 0
+  chats_d = load(chat_fields="messages=conversation", tfds_split="chats",
+                 tfds_val_split="chats")
+  assert chats_d.texts["val"][0][1] == "2" and "Sum." in chats_d.texts["val"][0][0]
+  assert load(tfds_split="plain", tfds_val_split="plain").texts["val"][0][1] == "3"
+  with pytest.raises(DataError, match="tfds dataset 'databricks_dolly' has no field 'answer' "
+                                      r"\(config.data.chat_fields completion=...\); available: "
+                                      "category, context, instruction, response"):
+    load(chat_fields="prompt=instruction,completion=answer")
+  for bad in ("prompt=instruction", "question=instruction,completion=response",
+              "messages=conversation,prompt=instruction"):
+    with pytest.raises(ConfigError, match=f"config.data.chat_fields={bad!r}") as e:
+      load(chat_fields=bad)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="config.data.chat_fields='prompt=x' maps a tfds"):
+    _experiment(tmp_path, data=dict(chat_fields="prompt=x"))  # source=files

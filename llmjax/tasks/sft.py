@@ -43,9 +43,13 @@ class SFTConfig(LMConfig):
   def validate(self, exp):
     super().validate(exp)
     d = exp.data
-    require(d.source == "files" and bool(d.files),
-            f"config.task.name='sft' reads conversation files: set config.data.source='files' "
-            f"and config.data.files to a JSONL/Parquet glob (got source={d.source!r})")
+    require((d.source == "files" and bool(d.files)) or d.source == "tfds",
+            f"config.task.name='sft' reads conversations: set config.data.source='files' and "
+            f"config.data.files to a JSONL/Parquet glob, or source='tfds' (got "
+            f"source={d.source!r})")
+    require(not d.chat_fields or d.source == "tfds", f"config.data.chat_fields="
+            f"{d.chat_fields!r} maps a tfds dataset's fields; allowed: '' with "
+            f"source={d.source!r} (files name their fields messages or prompt/completion)")
     require(self.completions >= 0, f"config.task.completions must be >= 0, got "
             f"{self.completions}")
     require(0 <= self.max_new_tokens < d.seq_len,
@@ -60,12 +64,20 @@ def _examples(conversations, template, tokenizer, train_on):
           for c in conversations]
 
 
-def _split(conversations, d):
-  """(train, val) conversations: config.data.val_files, else a stable hash of each row's place."""
+def _split(d):
+  """(train, val) conversations of config.data.files or the tfds dataset: config.data.val_files
+  (tfds_val_split), else a stable hash of each row's place."""
   # deferred: grain and tensorflow-datasets stay off the model-only import path
-  from llmjax.data import chat_rows, text
-  if d.val_files:
-    return conversations, chat_rows.read_conversations(d.val_files, "config.data.val_files")
+  from llmjax.data import chat_rows, chat_tfds, text
+  if d.source == "tfds":
+    splits = chat_tfds.read(d)
+    conversations = splits["train"]
+    if "val" in splits:
+      return conversations, splits["val"]
+  else:
+    conversations = chat_rows.read_conversations(d.files)
+    if d.val_files:
+      return conversations, chat_rows.read_conversations(d.val_files, "config.data.val_files")
   docs = [(c.where, c) for c in conversations]
   train, val = text.split_documents(docs, d.val_fraction, d.seed)
   return [c for _, c in train], [c for _, c in val]
@@ -101,7 +113,7 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
     from llmjax.data import chat, chat_rows, tokenizers
     d = self.exp.data
     template = chat.load_template(d.chat_template, d.tokenizer)
-    train_c, val_c = _split(chat_rows.read_conversations(d.files), d)
+    train_c, val_c = _split(d)
     tokenizer, artifacts = tokenizers.for_run(
         d.tokenizer, workdir, lambda: [template.render(c.messages, where=c.where)
                                        for c in train_c])
@@ -111,7 +123,9 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
       splits[name], counts[name] = chat_rows.pack(examples, d.seq_len, d.too_long)
       counts[name]["trained_tokens"] = _trained_targets(splits[name])
       if not counts[name]["trained_tokens"]:
-        raise DataError(f"config.data.files={d.files!r}: the {name} split's "
+        source = (f"tfds dataset {d.tfds_name!r}" if d.source == "tfds" else
+                  f"config.data.files={d.files!r}")
+        raise DataError(f"{source}: the {name} split's "
                         f"{len(conversations)} conversation(s) leave no token to train on "
                         f"(config.data.train_on={d.train_on!r}, chat template {template.name}, "
                         f"config.data.too_long={d.too_long!r}, seq_len {d.seq_len})")
