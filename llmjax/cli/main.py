@@ -25,6 +25,8 @@ VERBS = {
                  "encoder-decoder (greedy or beam search)",
     "segment": "segment an image into regions by mean-shift clustering of (colour, position)",
     "sample": "draw new images from a trained GAN run as a PNG grid",
+    "quantize": "write a run or export with its dense kernels in int8, int4 or nf4, and report "
+                "the error per layer (and the validation metric before and after)",
     "compile": "compile an experiment's steps for a TPU topology (v5e-16, v5p-8, ...) and report "
                "per-device memory, fit, cost and collectives, without a TPU",
 }

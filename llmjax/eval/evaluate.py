@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from llmjax import distributed, finetune, tasks
 from llmjax.errors import UserError
+from llmjax.models import quant_tree
 from llmjax.parallel import sharding
 from llmjax.train import loop, reference, rundir, step as steplib
 
@@ -59,6 +60,30 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   report["files"] = [path] + (task.write_report(workdir, report, sums, f"step {run.step} {split}")
                               if tasks.supports(task, tasks.WritesFiles) else [])
   return report
+
+
+def quantized_reports(workdir: str, spec: str, step: int | None = None, split: str = "val",
+                      max_batches: int | None = None) -> dict:
+  """{"float": report, spec: report}: the task's report on the first `max_batches` batches of
+  `split` with the run's weights as trained and with its dense kernels quantized by `spec`."""
+  from llmjax.weights import quantize  # floor 9, for the quantized model and its layouts
+  run = rundir.restore(workdir, step)
+  task, data = tasks.setup(run.exp, workdir)
+  arrays = split_arrays(data, split, workdir)
+  devices = run.mesh.size
+  batches = task.eval_batches(arrays, devices * math.ceil(run.exp.train.batch_size / devices),
+                              max_batches)
+  qmodel, found = quantize.quantized_model(run.model, spec)
+  params = distributed.to_host(run.params)
+  out = {}
+  for name, model, weights in (("float", run.model, params),
+                               (spec, qmodel, quant_tree.quantize_tree(params, found))):
+    eval_fn = jax.jit(lambda state, batch, model=model: steplib.eval_step(
+        state, batch, loss=steplib.bind_loss(task, model)))
+    state = run.state.replace(params=weights, frozen={})
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.rules_for("dp")):
+      out[name] = task.report(loop.eval_sums(run.mesh, eval_fn, state, batches))
+  return out
 
 
 def table(report: dict) -> str:

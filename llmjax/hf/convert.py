@@ -16,11 +16,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax import checkpoint
 from llmjax.config import ModelConfig
 from llmjax.errors import UserError
+from llmjax.treepaths import path_str
 from llmjax.hf import api, tokens
 from llmjax.models import heads
 from llmjax.models.cnn import CNN
@@ -167,8 +169,15 @@ def with_dtype(loaded: Loaded, dtype: str) -> Loaded:
   if dtype != loaded.model.cfg.param_dtype:
     cfg = dataclasses.replace(loaded.model.cfg, dtype=dtype, param_dtype=dtype)
     loaded.model = loaded.model.clone(cfg=cfg)
-    loaded.params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
+    loaded.params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if _kept(path, x) else x.astype(dtype), loaded.params)
   return loaded
+
+
+def _kept(path, x) -> bool:
+  """A quantized kernel's integers and float32 scales stay as stored whatever the dtype."""
+  return (not jnp.issubdtype(x.dtype, jnp.floating)
+          or path_str(path).rsplit("/", 1)[-1] == "kernel_scale")
 
 
 def _copy_tokenizer(source: str, dest: str) -> None:
