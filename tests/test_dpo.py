@@ -319,15 +319,15 @@ def test_orpo_loss_and_metrics_equal_trl_in_numpy(tmp_path):
                           for k in ("tokens", "segment_ids"))
       logits, _ = apply_model(model, {"params": params}, tokens, train=False, rng=None,
                               segment_ids_BL=segments, deterministic=True)
-      loss = lambda p: task.loss(model, {"params": p}, batch, rng=None,  # noqa: E731
-                                 train=False)
-      return logits, loss(params), jax.grad(lambda p: loss(p).loss_sum)(params)
-    logits, terms, grads = run(variables["params"], batch)
+      return logits, task.loss(model, {"params": params}, batch, rng=None, train=False)
+    logits, terms = run(variables["params"], batch)
     want = trl_orpo(np.asarray(logits), batch, beta, nll_tokens, per_pair)
     got = task.report({"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums})
     assert set(got) == set(want)
     for key, value in want.items():
       assert got[key] == pytest.approx(float(value), rel=2e-5, abs=2e-6), (nll_tokens, key)
+  grads = jax.jit(jax.grad(lambda p: task.loss(model, {"params": p}, batch, rng=None,
+                                               train=False).loss_sum))(variables["params"])
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
