@@ -3,6 +3,7 @@ and gradients, with grouped-query heads, packed-segment masks and a last block s
 others; "auto" picks it for causal models on CPU."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +27,18 @@ def packed_mask():
   return attention.segment_mask(segment_ids_BL)
 
 
+# Jitted: run eagerly, each of the blocked core's many primitives compiled on its own (a minute).
+@jax.jit
 def xla_core(q, k, v, mask):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
 
+@jax.jit
 def blocked_core(q, k, v, mask):
   return attention.blocked_causal_attention(q, k, v, mask, block=5)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile, not one per primitive run eagerly
 def value_and_grads(core, q, k, v, ct, mask):
   out, vjp = jax.vjp(lambda q, k, v: core(q, k, v, mask), q, k, v)
   return (out, *vjp(ct))
