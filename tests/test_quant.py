@@ -175,3 +175,37 @@ def test_quantize_verb_export_reads_back_and_refuses_bad_input(lm_run, tmp_path)
                         capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stderr.strip().endswith("already exists; choose a new "
                                                                "directory"), proc.stderr
+
+
+def test_sharded_quantized_load_equals_unsharded(tmp_path):
+  """A quantized export read straight into its shards (dp and fsdp over 8 devices) holds the
+  arrays an unsharded read does, and the sharded model computes the same logits."""
+  from llmjax import checkpoint, weights
+  from llmjax.config import MeshConfig
+  from llmjax.parallel import mesh as meshlib
+  from llmjax.parallel import sharding
+  cfg = _tiny()
+  x = jnp.arange(16).reshape(8, 2) % 64
+  params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x)["params"])
+  qmodel = Transformer(dataclasses.replace(cfg, quant="int4:g16"))
+  found = quant_tree.layouts(lambda: api.abstract_variables(qmodel))
+  qparams = jax.device_get(quant_tree.quantize_tree(params, found))
+  checkpoint.export_params(qparams, dataclasses.asdict(qmodel.cfg), str(tmp_path / "q"))
+  source = weights.parse(f"export:{tmp_path / 'q'}", "--checkpoint")
+  boxed = api.abstract_variables(qmodel)["params"]
+  plain = source.load(nn.unbox(boxed), None)
+  want = jax.jit(qmodel.apply)({"params": plain}, x)
+  for rules, mesh_cfg in (("dp", MeshConfig(data=8)), ("fsdp", MeshConfig(data=1, fsdp=8))):
+    mesh = meshlib.make_mesh(mesh_cfg)
+    shardings = sharding.logical_shardings(boxed, mesh, sharding.rules_for(rules))
+    loaded = source.load(nn.unbox(boxed), shardings)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(loaded),
+                                 jax.tree_util.tree_leaves_with_path(plain)):
+      assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
+    kernel = loaded["layer_0"]["attn"]["q"]["kernel"]
+    assert kernel.dtype == jnp.uint8
+    if rules == "fsdp":
+      assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
+    with jax.set_mesh(mesh):
+      got = jax.jit(qmodel.apply)({"params": loaded}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
