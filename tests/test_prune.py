@@ -18,6 +18,7 @@ from llmjax.config_prune import PruneConfig
 from llmjax.eval import evaluate
 from llmjax.finetune import prune
 from llmjax.train import reporting, rundir
+from llmjax.train import setup as setuplib
 
 import _cli
 from _task_helpers import experiment
@@ -158,3 +159,12 @@ def test_each_bad_pruning_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], (name, result.stderr[-2000:])
     assert not workdir.exists(), name
+
+
+def test_masks_shard_like_their_weights(tmp_path):
+  exp = experiment("lm", tmp_path, prune=PRUNE, mesh=dict(rules="fsdp", data=1, fsdp=8))
+  shardings = setuplib.prepare(exp, None).state_shardings
+  weights = dict(treepaths.items(shardings.params))
+  masks = shardings.opt_state.masks
+  assert masks and all(masks[k].spec == weights[k].spec for k in masks)
+  assert any(s is not None for k in masks for s in masks[k].spec)  # some are split over fsdp
