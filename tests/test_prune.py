@@ -3,6 +3,7 @@ sparsity per layer, globally and 2:4; the cubic schedule; one trained run whose 
 stay exactly zero through AdamW with weight decay, resume exactly, are reported and exported;
 each bad input refused in one line with exit code 2 before anything is written."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -67,6 +68,9 @@ def test_the_gradual_schedule_is_zhu_and_gupta_cubic_and_prunes_every_frequency_
     if expected is not None:
       np.testing.assert_allclose(float(prune.schedule(p, jnp.int32(t))), expected, rtol=1e-6)
     assert bool(prune.due(p, jnp.int32(t))) == (t in (3, 8, 13, 18, 23)), t
+  off_grid = dataclasses.replace(p, end_step=21)  # the target is still reached, at end_step
+  assert [t for t in range(30) if prune.due(off_grid, jnp.int32(t))] == [3, 8, 13, 18, 21]
+  assert float(prune.schedule(off_grid, jnp.int32(21))) == pytest.approx(0.8)
   one_shot = PruneConfig(method="global", target=0.6, start_step=4, frequency=3)
   assert [t for t in range(12) if prune.due(one_shot, jnp.int32(t))] == [4]
   assert float(prune.schedule(one_shot, jnp.int32(4))) == pytest.approx(0.6)

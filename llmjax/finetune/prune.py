@@ -11,8 +11,8 @@ goes on with the same masks and schedule. Each update (inside the jitted step):
    decay instead of following gradients that cannot be applied, and clipping sees live weights;
 3. the update of a pruned weight is replaced by -w, so the new weight is exactly w - w = 0
    whatever weight decay or momentum asked for.
-Sparsity s_t = s_f + (s_i - s_f) (1 - (t - t0) / (end - t0))^3 at t = t0, t0 + frequency, ...,
-end (Zhu & Gupta 2017); one-shot pruning is the schedule with end = t0.
+Sparsity s_t = s_f + (s_i - s_f) (1 - (t - t0) / (end - t0))^3 at t = t0, t0 + frequency, ...
+and at end itself (Zhu & Gupta 2017); one-shot pruning is the schedule with end = t0.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def schedule(p: PruneConfig, t):
 def due(p: PruneConfig, t):
   """Whether step `t` (updates applied before it) prunes."""
   end = p.end_step if p.gradual else p.start_step
-  return (t >= p.start_step) & (t <= end) & ((t - p.start_step) % p.frequency == 0)
+  on_grid = (t - p.start_step) % p.frequency == 0
+  return (t >= p.start_step) & (t <= end) & (on_grid | (t == end))  # end_step reaches target
 
 
 def _ranks(scores):
