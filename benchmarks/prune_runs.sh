@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The pruning rows of docs/compression.md, one run after another (each row: its train command;
+# MNIST rows also `llmjax eval --split=test`). Commands and times go to runs/prune/KIND.commands.
+#
+#   benchmarks/prune_runs.sh mnist   # needs runs/mnist_base (experiments/vision/mnist_cnn.py)
+#   benchmarks/prune_runs.sh gpt     # needs runs/gpt_base (the main job's run, or a copy of it)
+#   then: .venv/bin/python benchmarks/prune_table.py mnist|gpt
+#
+# Rows: dense (1 step at lr 0: the base as it is), one-shot 50/70/90% per layer and 2:4 without
+# fine-tuning (1 step at lr 0) and with it, gradual 0 -> 50/70/90% with fine-tuning. A finished
+# row is skipped when run again.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+kind=${1:-}
+case "$kind" in
+  mnist)
+    COMMON=(--config=experiments/vision/mnist_cnn.py --config.train.init_from=workdir:runs/mnist_base
+            --config.train.progress=False --config.optim.warmup_steps=0
+            --config.optim.schedule=constant --config.train.eval_every=1000
+            --config.train.checkpoint_every=1000)
+    FT=(--config.train.steps=200 --config.optim.lr=5e-4)
+    GRADUAL=(--config.prune.end_step=150 --config.prune.frequency=10)
+    ONE_SHOT=()
+    # The first conv has one input channel: no group of 4 along it.
+    NM=(--config.prune.method=nm --config.prune.target=0
+        "--config.prune.params=(conv1|hidden|classifier)/kernel")
+    LAYER=(--config.prune.method=layer) ;;
+  gpt)
+    COMMON=(--config=experiments/prune/stdlib_gpt.py --config.train.init_from=workdir:runs/gpt_base
+            --config.train.progress=False --config.train.sample_prompts=0)
+    FT=()  # the experiment's own: 40 steps of 16 sequences at lr 2e-4
+    GRADUAL=()  # the experiment's own: 0 -> target over steps 0..30, every 5
+    ONE_SHOT=(--config.prune.end_step=0)
+    NM=(--config.prune.method=nm --config.prune.target=0 --config.prune.end_step=0)
+    LAYER=() ;;
+  *) echo "usage: $0 mnist|gpt" >&2; exit 2 ;;
+esac
+NO_FT=(--config.train.steps=1 --config.optim.lr=0)
+mkdir -p runs/prune
+row() {  # NAME ARGS...
+  local name=$1 wd=runs/prune/${kind}_$1; shift
+  [ -e "$wd/done" ] && return
+  rm -rf "$wd"
+  echo "=== $name: llmjax train ${COMMON[*]} $* --workdir=$wd" >> "runs/prune/$kind.commands"
+  local start; start=$(date +%s)
+  nice -n 10 "$BIN/llmjax" train "${COMMON[@]}" "$@" --workdir="$wd" > "$wd.log" 2>&1 \
+    || { echo "FAILED $name" >> "runs/prune/$kind.commands"; return; }
+  if [ "$kind" = mnist ]; then
+    nice -n 10 "$BIN/llmjax" eval --workdir="$wd" --split=test >> "$wd.log" 2>&1
+  fi
+  touch "$wd/done"
+  echo "    $name took $(( $(date +%s) - start )) s" >> "runs/prune/$kind.commands"
+}
+row dense "${NO_FT[@]}" --config.prune.method=none
+for s in 0.5 0.7 0.9; do
+  row "oneshot_noft_$s" "${NO_FT[@]}" "${LAYER[@]}" "${ONE_SHOT[@]}" --config.prune.target=$s
+done
+row nm_noft "${NO_FT[@]}" "${NM[@]}"
+for s in 0.5 0.7 0.9; do
+  row "oneshot_ft_$s" "${FT[@]}" "${LAYER[@]}" "${ONE_SHOT[@]}" --config.prune.target=$s
+  row "gradual_ft_$s" "${FT[@]}" "${GRADUAL[@]}" "${LAYER[@]}" --config.prune.target=$s
+done
+row nm_ft "${FT[@]}" "${NM[@]}"
