@@ -4,6 +4,7 @@ the same with a sliding window and soft-capped scores; per (batch, heads) shard 
 a Gemma-2-shaped model's logits the same either way; what the kernel cannot tile is refused."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def inputs():
   return q, k, v, ct, attention.segment_mask(segment_ids_BL)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile, not one per primitive run eagerly
 def value_and_grads(core, q, k, v, ct):
   out, vjp = jax.vjp(core, q, k, v)
   return (out, *vjp(ct))
@@ -92,9 +94,9 @@ def test_a_gemma2_shaped_model_with_splash_equals_it_with_xla():
   assert cfg.attn_softcap and cfg.local_layers() == (True, False)
   tokens_BL = jnp.asarray(np.random.default_rng(1).integers(1, 64, (B, L)), jnp.int32)
   segment_ids_BL = jnp.array([[1] * 60 + [2] * 60 + [0] * 8, [1] * L], jnp.int32)
-  variables = Transformer(cfg).init(jax.random.PRNGKey(0), tokens_BL)
-  want = Transformer(cfg).apply(variables, tokens_BL, segment_ids_BL=segment_ids_BL)
+  variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens_BL)
+  want = jax.jit(Transformer(cfg).apply)(variables, tokens_BL, segment_ids_BL=segment_ids_BL)
   with pltpu.force_tpu_interpret_mode():
-    got = Transformer(dataclasses.replace(cfg, attention_impl="splash")).apply(
+    got = jax.jit(Transformer(dataclasses.replace(cfg, attention_impl="splash")).apply)(
         variables, tokens_BL, segment_ids_BL=segment_ids_BL)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
