@@ -4,7 +4,8 @@
 
 On 8 simulated CPU devices (set here, before jax starts): the loop's own train step (forward,
 backward, AdamW) of one Llama block with 8 experts, 2 per token, d 32, batch 8 x 16, lowered and
-compiled for each (dispatch, mesh, rules); prints the count of each collective op in the HLO text.
+compiled for each (dispatch, mesh, rules); prints the count of each collective op in the HLO text
+and the bytes of their results on one device (an all-gather's result is the gathered array).
 """
 
 from __future__ import annotations
@@ -40,9 +41,33 @@ def experiment(capacity: float, mesh: dict, rules: str):
       "data": dict(seq_len=16), "train": dict(batch_size=8, steps=10)})
 
 
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def _shape_bytes(text: str) -> list[int]:
+  """Bytes of each array shape ("f32[8,16]{1,0}") in an HLO result type."""
+  found = []
+  for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", text):
+    size = 1
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    found.append(size * _BYTES.get(dtype, 4))
+  return found
+
+
 def counts(hlo: str) -> dict:
-  """Each op's instructions (async pairs counted once, by their -start)."""
-  return {op: len(re.findall(rf"[ )]{op}(-start)?\(", hlo)) for op in OPS}
+  """{op: (instructions, result bytes)} per device (async pairs counted once, by their -start,
+  whose result tuple ends with the output)."""
+  found = {op: [0, 0] for op in OPS}
+  for line in hlo.splitlines():
+    for op in OPS:
+      m = re.search(rf"= (.*?) {op}(-start)?\(", line)
+      if m:
+        sizes = _shape_bytes(m.group(1))
+        found[op][0] += 1
+        found[op][1] += sizes[-1] if m.group(2) else sum(sizes)
+  return {op: tuple(v) for op, v in found.items()}
 
 
 def main():
@@ -50,7 +75,8 @@ def main():
   for name, capacity, mesh, rules in CASES:
     b = common.build(experiment(capacity, mesh, rules))
     hlo = common.lower(b).compile().as_text()
-    print(f"{name:>12}  {str(mesh):>24}  {rules:>8}  {counts(hlo)}", flush=True)
+    cells = "  ".join(f"{op} {n} ({b / 1024:.1f} KiB)" for op, (n, b) in counts(hlo).items())
+    print(f"{name:>12}  {str(mesh):>24}  {rules:>8}  {cells}", flush=True)
 
 
 if __name__ == "__main__":

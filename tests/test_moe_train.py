@@ -72,7 +72,11 @@ def test_expert_parallel_steps_equal_one_device(capacity, mesh):
   got, params, _, state = train_steps(experiment("fsdp_ep", capacity, **mesh), host_state,
                                       batches())
   np.testing.assert_allclose(got, losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=0), params.params,
+  # Adam divides each gradient by its own scale, so an element whose gradient is near zero
+  # turns a rounding difference of the sharded sums into a visible one (at most 2.3e-5 here
+  # under the dropless all-to-all, against steps of lr 1e-2): the layer's own values and
+  # gradients are compared at rtol 1e-5 in test_moe.py.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=0), params.params,
                ref.params)
   # The experts really are split over the expert axis, and the steps moved them.
   wi = state.params["layer_0"]["mlp"]["experts"]["wi"]

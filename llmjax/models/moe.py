@@ -20,6 +20,7 @@ loss, router z-loss, per-expert load and dropped fraction (`aux_stats` averages 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax.config import ModelConfig
-from llmjax.models import layers, moe_lora
+from llmjax.models import layers, moe_a2a, moe_lora
 from llmjax.models import peft as peftlib
 from llmjax.parallel import axes
 
@@ -115,20 +116,25 @@ class Experts(nn.Module):
     return self.wi.astype(compute), gate, self.wo.astype(compute)
 
   def _hidden(self, up, gate):
-    act = layers.ACTIVATIONS[self.cfg.mlp]
-    return act(gate) * up if gate is not None else act(up)
+    return hidden(self.cfg, up, gate)
+
+  def _lora_scale(self) -> float:
+    return self.peft.lora_scale() if self.lora_on else 0.0
+
+  def tensors(self) -> dict:
+    """Every stacked tensor of the experts (expert dim first): kernels and LoRA factors."""
+    kernels = {n: getattr(self, n) for n in ("wi", "wg", "wo") if hasattr(self, n)}
+    return {"kernels": kernels, "lora": {n: self.lora.factors[n] for n in self.lora_on}}
 
   def grouped(self, x_ND: jax.Array, sizes_E: jax.Array) -> jax.Array:
     """Rows sorted by expert, `sizes_E` of them per expert -> each row through its expert."""
-    wi, wg, wo = self._kernels()
-    x_ND = x_ND.astype(wi.dtype)
+    return grouped_rows(self.cfg, self._lora_scale(), self.tensors(), x_ND, sizes_E)
 
-    def project(name, x, kernel):
-      y = jax.lax.ragged_dot(x, kernel, sizes_E)
-      return y + self.lora.grouped(name, x, sizes_E) if name in self.lora_on else y
-    gate_NF = project("wg", x_ND, wg) if wg is not None else None
-    h_NF = self._hidden(project("wi", x_ND, wi), gate_NF)
-    return project("wo", h_NF, wo)
+  def all_to_all(self, x_BLD, experts_BLK, weights_BLK, axis: str) -> jax.Array:
+    """Dropless with the experts split over mesh axis `axis`: tokens travel by all-to-all."""
+    run = functools.partial(grouped_rows, self.cfg, self._lora_scale())
+    return moe_a2a.dropless_all_to_all(run, self.tensors(), x_BLD, experts_BLK, weights_BLK,
+                                       self.cfg.n_experts, axis)
 
   def slotted(self, x_BECD: jax.Array) -> jax.Array:
     """Each expert's capacity slots [B, E, C, D] through that expert."""
@@ -145,6 +151,28 @@ class Experts(nn.Module):
 
   def __call__(self, x_ND, sizes_E):
     return self.grouped(x_ND, sizes_E)
+
+
+def hidden(cfg: ModelConfig, up, gate):
+  """An expert's hidden units from its up (and gate) projections."""
+  act = layers.ACTIVATIONS[cfg.mlp]
+  return act(gate) * up if gate is not None else act(up)
+
+
+def grouped_rows(cfg: ModelConfig, lora_scale: float, tensors: dict, x_ND, sizes_E):
+  """Rows sorted by expert -> each through its expert, given the experts' stacked tensors
+  (`Experts.tensors`: all of them, or one device's share under expert parallelism)."""
+  compute = layers.dtype_of(cfg.dtype)
+  kernels = {n: w.astype(compute) for n, w in tensors["kernels"].items()}
+  x_ND = x_ND.astype(compute)
+
+  def project(name, x):
+    y = jax.lax.ragged_dot(x, kernels[name], sizes_E)
+    if name in tensors["lora"]:
+      y = y + moe_lora.grouped_update(tensors["lora"][name], lora_scale, x, sizes_E)
+    return y
+  gate_NF = project("wg", x_ND) if "wg" in kernels else None
+  return project("wo", hidden(cfg, project("wi", x_ND), gate_NF))
 
 
 # Tokens in expert slots: the expert dim over the expert mesh axis (an all-to-all away from the
@@ -206,6 +234,9 @@ class MoeMlp(nn.Module):
       slots = capacity(cfg.moe_capacity_factor, length, k, n_experts)
       y_BLD, kept_BLK = with_capacity(experts, x_BLD, experts_BLK, weights_BLK, slots)
       dropped = 1.0 - jnp.mean(kept_BLK.astype(jnp.float32))
+    elif (axis := moe_a2a.expert_axis(n_experts, batch)) is not None:
+      y_BLD = experts.all_to_all(x_BLD, experts_BLK, weights_BLK, axis)
+      dropped = jnp.zeros((), jnp.float32)
     else:
       y_BLD = dropless(experts, x_BLD.reshape(-1, d), experts_BLK.reshape(-1, k),
                        weights_BLK.reshape(-1, k)).reshape(x_BLD.shape)

@@ -51,9 +51,7 @@ class ExpertsLora(nn.Module):
 
   def grouped(self, name: str, x_NI, sizes_E):
     """Rows sorted by expert -> each row's update through its expert's factors [N, out]."""
-    a, b = (f.astype(x_NI.dtype) for f in self.factors[name])
-    h_NR = jax.lax.ragged_dot(x_NI, a, sizes_E)
-    return jax.lax.ragged_dot(h_NR, b, sizes_E) * jnp.asarray(self.peft.lora_scale(), x_NI.dtype)
+    return grouped_update(self.factors[name], self.peft.lora_scale(), x_NI, sizes_E)
 
   def slotted(self, name: str, x_BECI):
     """Each expert's capacity slots -> their updates [B, E, C, out]."""
@@ -61,6 +59,13 @@ class ExpertsLora(nn.Module):
     h_BECR = jnp.einsum("BECI,EIR->BECR", x_BECI, a)
     scale = jnp.asarray(self.peft.lora_scale(), x_BECI.dtype)
     return jnp.einsum("BECR,ERO->BECO", h_BECR, b) * scale
+
+
+def grouped_update(factors, scale: float, x_NI, sizes_E):
+  """Rows sorted by expert -> their updates through the (A [E, in, r], B [E, r, out]) factors."""
+  a, b = (f.astype(x_NI.dtype) for f in factors)
+  h_NR = jax.lax.ragged_dot(x_NI, a, sizes_E)
+  return jax.lax.ragged_dot(h_NR, b, sizes_E) * jnp.asarray(scale, x_NI.dtype)
 
 
 def targets(peft: peftlib.Peft, path: tuple[str, ...], names) -> tuple[str, ...]:
