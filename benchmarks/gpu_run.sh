@@ -8,7 +8,7 @@
 # tests/test_benchmarks.py checks), then KV-cache decoding of the same GPT in bf16 at batch 1 and
 # 8 against the weight-streaming bound (generate.py --llmjax_only: no torch on the image; the
 # HBM read bandwidth measured in the same run), then a Mixtral-shaped MoE step against its dense
-# twin (benchmarks/moe_throughput.py; MOE_SHAPE overrides its flags). Results (JSON + logs) go to $1 (default $OUT). Variants run
+# twin (benchmarks/train_throughput.py --model=moe; MOE_SHAPE overrides its flags). Results (JSON + logs) go to $1 (default $OUT). Variants run
 # in that order while BUDGET seconds (default 560, under the device call's 600) leave room for
 # another RUN_TIMEOUT (default 130); the rest are skipped. ONLY="name ..." runs just those.
 #
@@ -68,12 +68,14 @@ moe() {  # Mixtral-shaped blocks (d 4096, 32 heads / 8 kv, 8 experts of 14336, t
   # three fp32-Adam states (two MoE: 1.4B parameters each) fit one GPU: MoE dropless and capacity
   # 1.25 against the dense step of equal active FLOPs
   local name=mixtral_1layer_moe_vs_dense
-  local moe_shape=${MOE_SHAPE:---d_model=4096 --n_layers=1 --n_heads=32 --n_kv_heads=8 --d_ff=14336 --experts=8 --top_k=2 --seq_len=2048 --batch=4 --vocab=32000}
+  # (--d_ff is the dense twin's width, top_k x the expert width of 14336)
+  local moe_shape=${MOE_SHAPE:---d_model=4096 --n_layers=1 --n_heads=32 --n_kv_heads=8 --d_ff=28672 --experts=8 --top_k=2 --seq_len=2048 --batch=4 --vocab=32000}
   wanted "$name" || return 0
   echo "== $name: $moe_shape"
   # shellcheck disable=SC2086
-  timeout "$limit" "$py" benchmarks/moe_throughput.py $moe_shape --dtype=bfloat16 \
-      --attention_impl=cudnn --steps=6 --warmup=2 --json="$out/$name.json" >"$out/$name.log" 2>&1
+  timeout "$limit" "$py" benchmarks/train_throughput.py --model=moe $moe_shape --dtype=bfloat16 \
+      --attention_impl=cudnn --steps=6 --warmup=2 --block=2 --matmul_repeats=2 \
+      --json="$out/$name.json" >"$out/$name.log" 2>&1
   echo "exit $?"; tail -4 "$out/$name.log"
 }
 moe

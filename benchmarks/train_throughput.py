@@ -4,11 +4,14 @@
   python benchmarks/train_throughput.py --compare=hf-torch,plain-jax
   python benchmarks/train_throughput.py --model=resnet50 --image_size=128 --batch_size=8 \
       --compare=hf-torch
+  python benchmarks/train_throughput.py --model=moe --tiny    # MoE beside its dense twin
 
 The model family is data (`FAMILIES`, by the preset's arch): text models (--model gpt2 or
 llama, the default --preset) count tokens, image models (any resnet* preset, cnn;
-benchmarks/image_bench.py) count images; both share the timing, the turns, the ceilings and
-the JSON below.
+benchmarks/image_bench.py) count images, and --model=moe (benchmarks/moe_bench.py) times a
+Mixtral-shaped mixture of experts with, as rows beside it, the dense step of equal active FLOPs
+and the MoE's capacity dispatch (`--compare=dense,moe-capacity`, its default); all share the
+timing, the turns, the ceilings and the JSON below.
 
 Defaults are the issue's reference config (GPT-2 shape, 6 layers, d_model 512, 8 heads, seq 256,
 batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the loop jits it
@@ -44,6 +47,7 @@ import numpy as np  # noqa: E402
 
 import bench_common as common  # noqa: E402
 import image_bench  # noqa: E402
+import moe_bench  # noqa: E402
 from llmjax import flops  # noqa: E402
 from llmjax.models import presets  # noqa: E402
 from llmjax.tasks.lm import LM  # noqa: E402
@@ -59,10 +63,13 @@ FLOP_FORMULA = (
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_model_flags(p)
-  p.add_argument("--model", default="", choices=("",) + TEXT_MODELS + image_bench.MODELS,
+  p.add_argument("--model", default="",
+                 choices=("",) + TEXT_MODELS + image_bench.MODELS + moe_bench.MODELS,
                  help="a preset: gpt2 or llama (text; the same as --preset) or an image preset "
-                      "(resnet18 ... resnet152, cnn); empty: --preset")
+                      "(resnet18 ... resnet152, cnn), or moe (Llama-shaped experts); empty: "
+                      "--preset")
   image_bench.add_flags(p)
+  moe_bench.add_flags(p)
   p.add_argument("--steps", type=int, default=9, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--block", type=int, default=3,
@@ -83,8 +90,8 @@ def parse_args(argv=None):
                  help="pin the process to this many cores, torch threads to match (0: all cores); "
                       "1 gives a like-for-like figure when other processes share the cores")
   args = p.parse_args(argv)
-  if args.model in TEXT_MODELS:
-    args.preset = args.model
+  if args.model in TEXT_MODELS + moe_bench.MODELS:
+    args.preset = "llama" if args.model in moe_bench.MODELS else args.model
   args.model = args.model or args.preset
   family = family_of(args)
   common.apply_tiny(args, family.tiny)
@@ -94,6 +101,12 @@ def parse_args(argv=None):
   if args.steps < 1 or args.warmup < 0 or args.block < 1:
     p.error("--steps and --block must be >= 1 and --warmup >= 0")
   args.compare = tuple(filter(None, args.compare.split(",")))
+  if args.model in moe_bench.MODELS:
+    args.compare = args.compare or ("dense", "moe-capacity")
+    if moe_bench.check(args):
+      p.error(moe_bench.check(args))
+  elif set(args.compare) & set(moe_bench.COMPARE):
+    p.error("--compare=dense,moe-capacity are the rows beside --model=moe only")
   unknown = set(args.compare) - set(COMPARE)
   if unknown:
     p.error(f"--compare: unknown system {sorted(unknown)[0]!r}; allowed: {', '.join(COMPARE)}")
@@ -103,7 +116,7 @@ def parse_args(argv=None):
     p.error("--compare=plain-jax runs on one device: use --mesh data=1")
   if "bf16" in args.compare and args.dtype != "float32":
     p.error("--compare=bf16 times bfloat16 compute beside float32: use --dtype float32")
-  if set(args.compare) - {"bf16"} and family.compare_error(args):
+  if set(args.compare) - {"bf16"} - set(moe_bench.COMPARE) and family.compare_error(args):
     p.error(family.compare_error(args))
   return args
 
@@ -111,7 +124,7 @@ def parse_args(argv=None):
 # --compare systems: flag value -> (key in the JSON, short name in ratio keys, report label).
 COMPARE = {"hf-torch": ("hf_torch", "torch", "transformers (torch)"),
            "plain-jax": ("plain_jax", "plain_jax", "plain flax GPT (jax)"),
-           "bf16": ("jax_bf16", "bf16", "llmjax, bf16 compute")}
+           "bf16": ("jax_bf16", "bf16", "llmjax, bf16 compute"), **moe_bench.COMPARE}
 
 
 def jax_runner(b: common.Built):
@@ -247,9 +260,12 @@ TEXT = common.Family(
     compare_error=_text_compare_error, plain_jax_runner=plain_jax_runner)
 # A preset's arch picks its family.
 FAMILIES = {"transformer": TEXT, "resnet": image_bench.FAMILY, "cnn": image_bench.FAMILY}
+MOE = moe_bench.family(TEXT)
 
 
 def family_of(args) -> common.Family:
+  if args.model in moe_bench.MODELS:
+    return MOE
   return FAMILIES[presets.get(args.model).get("arch", "transformer")]
 
 
@@ -286,6 +302,8 @@ def measure(args, family: common.Family, b: common.Built) -> tuple[dict, dict]:
   if "bf16" in args.compare:
     runners["jax_bf16"], infos["jax_bf16"] = bf16_runner(args, family, b)
     bf16_before = flops.matmul_shots("bfloat16", args.matmul_n, args.matmul_repeats)
+  for key, exp in moe_bench.variants(args).items():  # --model=moe: its dense twin, capacity
+    runners[key], infos[key] = jax_runner(common.build(exp, list(b.mesh.devices.flat), LM(exp)))
   # Systems take turns in blocks: under shared, drifting load both see the same conditions.
   timings = common.time_interleaved(runners, args.steps, args.warmup, args.block)
   for name, info in infos.items():
@@ -358,7 +376,9 @@ def run(args) -> dict:
                           **rates(timings["hf_torch"], unit, units_per_step, flops_per_step,
                                   ceiling, None, cpu_ceiling),
                           "torch_matmul_flops_per_s": torch_mm}
-  for key in ("plain_jax", "jax_bf16"):  # JAX systems: rates as llmjax's, datasheet MFU included
+  # JAX systems: rates as llmjax's (at llmjax's FLOPs: the MoE rows' active FLOPs are equal),
+  # datasheet MFU included
+  for key in ("plain_jax", "jax_bf16") + tuple(k for k, _, _ in moe_bench.COMPARE.values()):
     if key in timings:
       result[key] = {**timings[key], **rates(timings[key], unit, units_per_step, flops_per_step,
                                               ceiling, c["datasheet_flops_per_s"], cpu_ceiling)}

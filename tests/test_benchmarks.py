@@ -149,6 +149,30 @@ def test_train_throughput_resnet_tiny_with_torch(tmp_path, capsys):
     assert _positive(result[key]), key
 
 
+def test_train_throughput_moe_beside_its_dense_twin(tmp_path, capsys):
+  """--model=moe: the Mixtral-shaped MoE step (dropless) with, by default, the dense step of
+  equal active FLOPs and the capacity dispatch as rows beside it; bad MoE flags refused."""
+  result, stdout = _run("train_throughput", ["--model=moe", "--steps=1", "--warmup=0",
+                                             "--block=1", "--matmul_repeats=1"], tmp_path, capsys)
+  assert "8 experts of width 32, top 2" in result["description"]
+  assert "llmjax dense, equal active FLOPs" in stdout and "llmjax MoE, capacity dispatch" in stdout
+  model = result["config"]["model"]
+  assert (model["n_experts"], model["experts_per_token"], model["moe_d_ff"]) == (8, 2, 32)
+  for system in ("jax", "jax_dense", "jax_capacity"):
+    assert _positive(result[system]["tokens_per_s"]) and math.isfinite(
+        result[system]["first_loss"]), system
+  # the MoE holds 8 experts where its twin holds one MLP of the active width
+  assert result["jax_capacity"]["n_params"] == result["jax"]["n_params"]
+  assert result["jax_dense"]["n_params"] < result["jax"]["n_params"]
+  assert _positive(result["jax_over_dense_tokens_per_s"])
+  assert _positive(result["jax_over_capacity_tokens_per_s"])
+  module = _script("train_throughput")
+  for argv in (["--model=moe", "--top_k=9"], ["--model=moe", "--d_ff=63"],
+               ["--model=moe", "--compare=hf-torch"], ["--compare=dense"]):
+    with pytest.raises(SystemExit):
+      module.parse_args(argv)
+
+
 def test_train_throughput_refuses_a_torch_comparison_without_a_counterpart():
   module = _script("train_throughput")
   with pytest.raises(SystemExit):

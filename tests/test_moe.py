@@ -133,9 +133,11 @@ def test_scanned_equals_unrolled_with_shared_gated_expert():
   stacked = {k: v for k, v in params.items() if k not in layer_keys}
   stacked["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in layer_keys])
   assert stacked["layers"]["mlp"]["shared_gate"]["kernel"].shape == (2, D, 1)
-  y, sown = unrolled.apply({"params": params}, tokens, mutable=[moe.AUX])
+  # jitted: op-by-op dispatch of the unrolled model costs more CPU than compiling it
+  y, sown = jax.jit(lambda p: unrolled.apply({"params": p}, tokens, mutable=[moe.AUX]))(params)
   scanned = Transformer(dataclasses.replace(cfg, scan_layers=True))
-  y_scan, sown_scan = scanned.apply({"params": stacked}, tokens, mutable=[moe.AUX])
+  y_scan, sown_scan = jax.jit(lambda p: scanned.apply({"params": p}, tokens,
+                                                      mutable=[moe.AUX]))(stacked)
   np.testing.assert_allclose(np.asarray(y_scan), np.asarray(y), rtol=1e-5, atol=1e-5)
   a, b = moe.aux_stats(sown[moe.AUX]), moe.aux_stats(sown_scan[moe.AUX])
   assert a["load"].shape == (E,)

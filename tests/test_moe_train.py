@@ -2,9 +2,11 @@
 run reports its auxiliary losses, expert load (evaluation JSON, TensorBoard) and active
 parameters, and resumes exactly."""
 
+import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -12,10 +14,13 @@ from tensorboardX.proto import event_pb2  # an independent decoder of the Event 
 
 import llmjax.train
 from llmjax import config as config_lib
+from llmjax import tasks
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.tasks.lm import LM
 from llmjax.train import init, optim, reporting
+from llmjax.train import step as steplib
+from llmjax.train.state import TrainState
 from llmjax.train import setup as setuplib
 
 from _task_helpers import experiment as task_experiment
@@ -106,6 +111,12 @@ def test_moe_run_reports_load_and_active_params_and_resumes_exactly(tmp_path):
   records = reporting.read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
   val = [r for r in records if r["split"] == "val"]
   assert val and val[-1]["moe_aux_loss"] == pytest.approx(final["moe_aux_loss"])
+  # Every train record carries the step's scalar MoE statistics (load: evaluation only).
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [1, 2, 3, 4]
+  for r in train:
+    assert r["moe_aux_loss"] >= 1.0 and r["moe_z_loss"] > 0 and r["moe_dropped"] == 0.0
+    assert "moe_load" not in r
   # The load as a TensorBoard histogram over expert index.
   histos = []
   for path in (tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"):
@@ -125,3 +136,42 @@ def test_moe_run_reports_load_and_active_params_and_resumes_exactly(tmp_path):
   train = {d: {r["step"]: r["loss"] for r in reporting.read_metrics(
       str(tmp_path / d / "metrics.jsonl")) if r["split"] == "train"} for d in "ab"}
   assert [train["b"][s] for s in (3, 4)] == [train["a"][s] for s in (3, 4)]
+
+
+def test_classify_with_moe_encoder_gets_aux_losses_and_reports(tmp_path):
+  """The auxiliary losses reach a task other than lm (the shared loss path): a classifier on an
+  MoE encoder adds them to its training loss, reports them, and its train step logs them."""
+  exp = task_experiment("classify", tmp_path,
+                        model=dict(n_experts=4, experts_per_token=2, moe_d_ff=16, n_layers=1,
+                                   moe_aux_loss_weight=0.5, moe_z_loss_weight=0.1,
+                                   moe_capacity_factor=1.0))
+  task, data = tasks.setup(exp, None)
+  model = task.model()
+  batch = task.eval_batches(data.train, 8, 1)[0]
+  variables = nn.unbox(init.variables_init(task, model, task.example_batch(1))(
+      jax.random.PRNGKey(0)))
+  loss = steplib.bind_loss(task, model)
+  plain, train, evaluated = jax.jit(lambda v, b: (
+      task.loss(model, v, b, rng=None, train=False), loss(v, b, rng=None, train=True),
+      loss(v, b, rng=None, train=False)))(variables, batch)
+  weight = float(plain.weight)
+  aux, z = (float(evaluated.sums[k]) / weight for k in ("moe_aux_loss", "moe_z_loss"))
+  assert aux >= 1.0 and z > 0
+  # evaluation keeps the task's own loss; training adds 0.5 aux + 0.1 z per counted example
+  np.testing.assert_allclose(float(evaluated.loss_sum), float(plain.loss_sum), rtol=1e-6)
+  np.testing.assert_allclose(float(train.loss_sum) - float(plain.loss_sum),
+                             (0.5 * aux + 0.1 * z) * weight, rtol=1e-4)
+  report = tasks.report_with_moe(task, jax.tree.map(np.asarray, evaluated.sums | {
+      "loss_sum": evaluated.loss_sum, "weight": evaluated.weight}))
+  assert report["moe_aux_loss"] == pytest.approx(aux) and len(report["moe_load"]) == 4
+  assert 0 <= report["moe_dropped"] < 1 and "accuracy" in report
+  # the train step logs them per counted example (here with gradient accumulation; the lm run
+  # above without)
+  tx = optim.make_optimizer(exp.optim, exp.train.steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(1),
+                     model_state={})
+  _, metrics = jax.jit(functools.partial(steplib.train_step, loss=loss, tx=tx,
+                                         schedule=lambda _: 0.0, accum_steps=2))(state, batch)
+  assert {"moe_aux_loss", "moe_z_loss", "moe_dropped"} <= set(metrics)
+  assert "moe_load" not in metrics and float(metrics["moe_aux_loss"]) >= 1.0

@@ -42,7 +42,7 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
   rules = sharding.rules_for("dp")
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(rules):
     sums = loop.eval_sums(run.mesh, eval_fn, state, batches)
-  report = {"step": run.step, "split": split, **task.report(sums),
+  report = {"step": run.step, "split": split, **tasks.report_with_moe(task, sums),
             **finetune.prune.sparsity(run.exp.prune, run.params)}
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,

@@ -40,6 +40,10 @@ def has_sparse_layers(model) -> bool:
   the model's own config says so, whoever built the task (tests build tasks without a run)."""
   return bool(getattr(getattr(model, "cfg", None), "n_experts", 0))
 STATS = ("aux_loss", "z_loss", "load", "dropped")
+# The statistics as metric sums (per-weight mean x weight), in STATS' order; the train step also
+# logs the scalar ones per step (TRAIN_SUMS), evaluation all of them (the load as a list).
+SUMS = ("moe_aux_loss", "moe_z_loss", "moe_load", "moe_dropped")
+TRAIN_SUMS = ("moe_aux_loss", "moe_z_loss", "moe_dropped")
 
 
 def route(logits_TE: jax.Array, k: int, norm_topk: bool):

@@ -12,7 +12,7 @@ from llmjax.errors import ConfigError
 from llmjax.tasks.base import (CAPABILITIES, Capability, CountsFlops, Data, DecodedReport,
                                Exportable, LossTerms, Outputs, ParamGroups, Prediction, Predicts,
                                References, Samples, SharesBatch, Task, Translates, WritesFiles,
-                               declared, supports)
+                               declared, loss_with_moe, report_with_moe, supports)
 from llmjax.tasks.multitask import MultiTask
 from llmjax.tasks.registry import TASKS, register, unregister
 
@@ -39,5 +39,5 @@ __all__ = ["CAPABILITIES", "TASKS", "Capability", "CountsFlops", "Data", "Decode
            "Exportable", "LossTerms", "Outputs", "ParamGroups", "Prediction", "Predicts",
            "References", "Samples",
            "SharesBatch", "Task",
-           "TaskConfig", "Translates", "WritesFiles", "build", "declared", "register", "setup",
-           "supports", "unregister"]
+           "TaskConfig", "Translates", "WritesFiles", "build", "declared", "loss_with_moe",
+           "register", "report_with_moe", "setup", "supports", "unregister"]

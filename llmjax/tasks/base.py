@@ -30,6 +30,8 @@ from flax import linen as nn
 from llmjax import finetune, flops
 from llmjax.config import Experiment
 from llmjax.config_checks import require
+from llmjax.models import moe
+from llmjax.models.apply import moe_statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,3 +339,36 @@ def token_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct
   shape = (batch_size, seq_len)
   return {"tokens": jax.ShapeDtypeStruct(shape, jax.numpy.int32),
           "segment_ids": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
+
+
+# --- mixtures of experts: what every task whose model has sparse layers gets ----------------------
+
+def loss_with_moe(task: Task, model: nn.Module, variables: dict, batch: dict, *, rng,
+                  train: bool) -> LossTerms:
+  """`task.loss` plus its model's sparse-layer statistics (models/moe.py), whichever task it is:
+  every `apply_model` of `model` inside collects them. In training the weighted load-balancing
+  and z-losses join the loss (once per counted weight, so the step's mean adds them once);
+  evaluation keeps the task's own loss. Sums: per-weight means times the weight (`moe.SUMS`)."""
+  with moe_statistics(model) as sown:
+    terms = task.loss(model, variables, batch, rng=rng, train=train)
+  stats = moe.aux_stats(sown)
+  if not stats:
+    return terms
+  loss_sum, cfg = terms.loss_sum, model.cfg
+  if train:
+    extra = cfg.moe_aux_loss_weight * stats["aux_loss"] + cfg.moe_z_loss_weight * stats["z_loss"]
+    loss_sum = loss_sum + extra * terms.weight
+  sums = {key: stats[name] * terms.weight for key, name in zip(moe.SUMS, moe.STATS)}
+  return dataclasses.replace(terms, loss_sum=loss_sum, sums={**terms.sums, **sums})
+
+
+def report_with_moe(task: Task, sums: dict) -> dict:
+  """`task.report` of the task's own sums, with the sparse layers' per-weight means (the load a
+  list, one share per expert) when `loss_with_moe` added them."""
+  report = task.report({k: v for k, v in sums.items() if k not in moe.SUMS})
+  weight = max(float(sums.get("weight", 0.0)), 1.0)
+  for key in moe.SUMS:
+    if key in sums:
+      value = np.asarray(sums[key], np.float64) / weight
+      report[key] = value.tolist() if value.ndim else float(value)
+  return report

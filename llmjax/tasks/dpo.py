@@ -33,7 +33,7 @@ from llmjax import treepaths
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
 from llmjax.errors import ConfigError
-from llmjax.models.apply import apply_model
+from llmjax.models.apply import apply_model, without_moe_statistics
 from llmjax.models.peft import Peft
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import dpo as objective
@@ -172,8 +172,9 @@ class DPO(PreferencePairs, References):
     if REF_CHOSEN in batch:
       return batch[REF_CHOSEN], batch[REF_REJECTED]
     if reference is not None:
-      chosen, rejected, _ = self.logps(model, reference["variables"], batch, rng=None,
-                                       train=False)
+      with without_moe_statistics():  # the frozen reference's routing is not the policy's
+        chosen, rejected, _ = self.logps(model, reference["variables"], batch, rng=None,
+                                         train=False)
     elif self.exp.task.reference == "adapters_off":
       base = {"params": self.base_params(params)}
       chosen, rejected, _ = self.logps(self.base_model(), base, batch, rng=None, train=False)

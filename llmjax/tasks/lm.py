@@ -12,7 +12,6 @@ import numpy as np
 
 from llmjax import flops, generate
 from llmjax.config import TaskConfig
-from llmjax.models import moe
 from llmjax.models.apply import apply_model
 from llmjax.models.rnn import RNNLM
 from llmjax.models.transformer import Transformer
@@ -66,16 +65,12 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
     targets_BL, loss_mask_BL = lm_objective.next_token_targets(tokens_BL, segment_ids_BL)
     if "weights" in batch:  # optional per-example weights [B]
       loss_mask_BL = loss_mask_BL * batch["weights"][:, None]
-    collect = (moe.AUX,) if moe.has_sparse_layers(model) else ()
-    out, model_state, *sown = apply_model(model, variables, tokens_BL, train=train, rng=rng,
-                                          hidden=hidden, collect=collect,
-                                          segment_ids_BL=segment_ids_BL, deterministic=not train)
+    out, model_state = apply_model(model, variables, tokens_BL, train=train, rng=rng,
+                                   hidden=hidden, segment_ids_BL=segment_ids_BL,
+                                   deterministic=not train)
     logits_BLV, hidden_BLD = out if hidden else (out, None)
     loss_sum, count = lm_objective.cross_entropy_sum(logits_BLV, targets_BL, loss_mask_BL)
-    sums = {}
-    if sown:
-      loss_sum, sums = moe_terms(self.exp.model, sown[0][moe.AUX], loss_sum, count, train)
-    return Prediction(LossTerms(loss_sum, count, sums, model_state), logits_BLV, loss_mask_BL,
+    return Prediction(LossTerms(loss_sum, count, {}, model_state), logits_BLV, loss_mask_BL,
                       hidden_BLD)
 
   def only_rows(self, batch, keep_B):
@@ -85,10 +80,6 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
     tokens = float(sums["weight"])
     loss = float(sums["loss_sum"]) / max(tokens, 1.0)
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-    for key in MOE_SUMS:
-      if key in sums:  # per-token means; the load is a list, one fraction per expert
-        value = np.asarray(sums[key], np.float64) / max(tokens, 1.0)
-        metrics[key] = value.tolist() if value.ndim else float(value)
     if self.info.get("tokenizer") == "byte":
       metrics["bits_per_byte"] = loss / math.log(2)
     return metrics
@@ -110,23 +101,6 @@ class LM(Predicts, SharesBatch, WritesFiles, CountsFlops, Exportable, Task):
     path = os.path.join(outputs.workdir, "samples.txt")
     write_samples(self.exp, outputs.model, outputs.params, outputs.data, path)
     return [path]
-
-
-MOE_SUMS = ("moe_aux_loss", "moe_z_loss", "moe_load", "moe_dropped")
-
-
-def moe_terms(cfg, sown: dict, loss_sum, count, train: bool):
-  """(loss_sum, metric sums) with the sparse layers' statistics: in training the weighted
-  load-balancing and z-losses join the loss (per token, so the step's mean adds them once);
-  evaluation keeps the loss the plain cross-entropy. Sums are per-token means times tokens."""
-  stats = moe.aux_stats(sown)
-  if not stats:
-    return loss_sum, {}
-  if train:
-    extra = cfg.moe_aux_loss_weight * stats["aux_loss"] + cfg.moe_z_loss_weight * stats["z_loss"]
-    loss_sum = loss_sum + extra * count
-  values = (stats["aux_loss"], stats["z_loss"], stats["load"], stats["dropped"])
-  return loss_sum, {key: value * count for key, value in zip(MOE_SUMS, values)}
 
 
 def write_samples(exp, model, params, data: Data, path: str) -> None:

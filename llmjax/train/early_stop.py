@@ -143,7 +143,8 @@ def reported_metrics(s) -> list[str]:
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     shapes = jax.eval_shape(functools.partial(step.eval_step, loss=step.bind_loss(s.task, s.model)),
                             s.abstract_state, batch)
-  report = s.task.report(jax.tree.map(lambda x: np.ones(x.shape, np.float64), shapes))
+  report = tasks.report_with_moe(s.task, jax.tree.map(lambda x: np.ones(x.shape, np.float64),
+                                                      shapes))
   if tasks.supports(s.task, tasks.DecodedReport):
     report.update(dict.fromkeys(s.task.decoded_keys(), 0.0))
   names = []

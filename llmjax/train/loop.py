@@ -27,7 +27,7 @@ from llmjax.data import text
 from llmjax.errors import TrainingError
 from llmjax.parallel import sharding
 from llmjax.train import (early_stop, init, offline_teacher, preemption, pretrained, reference,
-                          reporting, rundir, setup, teacher_run)
+                          reporting, rundir, setup, step as steplib, teacher_run)
 from llmjax.train import teacher as teacher_lib
 
 
@@ -161,8 +161,7 @@ def _data_iterator(s: setup.Setup, data_state: dict | None):
   """This process's rows of each global training batch, from where `data_state` left off."""
   batch_size = s.exp.train.batch_size
   iterator = text.batch_iterator(s.data.train, batch_size, seed=s.exp.data.seed, shuffle=True,
-                                 num_epochs=None,
-                                 rows=sharding.process_rows(s.mesh, batch_size),
+                                 num_epochs=None, rows=sharding.process_rows(s.mesh, batch_size),
                                  transform=s.data.augment)
   if data_state:
     iterator.set_state(text.iterator_state(data_state["grain"], batch_size))
@@ -320,7 +319,7 @@ def _summarise(interval: list[dict]) -> dict:
   """Mean of the finite steps' metrics; non-finite ones are counted, never averaged in."""
   finite = [m for m in interval if m["nonfinite"] == 0 and np.isfinite(m["loss"])]
   record = {"nonfinite_steps": len(interval) - len(finite), "lr": float(interval[-1]["lr"])}
-  for key in ("loss", "grad_norm"):
+  for key in (k for k in steplib.TRAIN_MEANS if k in interval[-1]):
     record[key] = float(np.mean([m[key] for m in finite])) if finite else float("nan")
   return record
 
@@ -346,7 +345,8 @@ def eval_sums(mesh, eval_fn, state, batches) -> dict:
 def evaluate(s: setup.Setup, eval_fn, state, batches) -> tuple[dict, dict]:
   """(the task's report and config.prune's sparsity, the sums) over fixed batches."""
   sums = eval_sums(s.mesh, eval_fn, state, batches)
-  return s.task.report(sums) | finetune.prune.sparsity(s.exp.prune, state.params), sums
+  sparsity = finetune.prune.sparsity(s.exp.prune, state.params)
+  return tasks.report_with_moe(s.task, sums) | sparsity, sums
 
 
 def write_eval(writer, task, step: int, report: dict) -> None:

@@ -14,10 +14,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax import tasks
+from llmjax.models import moe
 from llmjax.parallel import sharding
 from llmjax.parallel.mesh import BATCH_AXES
 from llmjax.train.compile_options import compiler_options
 from llmjax.train.state import TrainState, loss_variables
+
+
+# What a logged interval of train steps averages: the loss, the gradient norm and, for a mixture
+# of experts, its scalar statistics (per counted weight, like the loss).
+TRAIN_MEANS = ("loss", "grad_norm") + moe.TRAIN_SUMS
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
@@ -34,12 +41,19 @@ def _has_mesh() -> bool:
 
 
 def bind_loss(task, model):
-  """The step's loss: `task.loss` with its model bound."""
-  return functools.partial(task.loss, model)
+  """The step's loss: `task.loss` with its model bound, and the statistics of its sparse layers
+  (a mixture of experts, any task: `tasks.loss_with_moe`)."""
+  return functools.partial(tasks.loss_with_moe, task, model)
+
+
+def _logged(terms) -> dict:
+  """The metric sums a train step reports besides its loss (the scalar MoE statistics)."""
+  return {k: v for k, v in terms.sums.items() if k in moe.TRAIN_SUMS}
 
 
 def _grads(state: TrainState, batch: dict, rng, loss, accum_steps: int):
-  """Summed loss, weight (tokens, examples) and summed grads over `accum_steps` microbatches.
+  """Summed loss, weight (tokens, examples), summed grads and summed logged metrics (`_logged`)
+  over `accum_steps` microbatches.
 
   Gradients are taken over `state.params` only: frozen parameters enter as constants, so no
   gradient of theirs is ever computed.
@@ -47,33 +61,41 @@ def _grads(state: TrainState, batch: dict, rng, loss, accum_steps: int):
   def loss_fn(params, microbatch, key, model_state):
     variables = loss_variables(state, params, model_state)
     terms = loss(variables, microbatch, rng=key, train=True)
-    return terms.loss_sum, (terms.weight, terms.model_state)
+    return terms.loss_sum, (terms.weight, terms.model_state, _logged(terms))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
-    (loss_sum, (count, model_state)), grads = grad_fn(state.params, batch, rng, state.model_state)
-    return loss_sum, count, grads, model_state
+    (loss_sum, (count, model_state, logged)), grads = grad_fn(state.params, batch, rng,
+                                                             state.model_state)
+    return loss_sum, count, grads, model_state, logged
 
   def body(carry, xs):
-    loss_acc, count_acc, grads_acc, model_state = carry
+    loss_acc, count_acc, grads_acc, model_state, logged_acc = carry
     microbatch, index = xs
-    (loss_sum, (count, model_state)), grads = grad_fn(
+    (loss_sum, (count, model_state, logged)), grads = grad_fn(
         state.params, microbatch, jax.random.fold_in(rng, index), model_state)
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    return (loss_acc + loss_sum, count_acc + count, grads_acc, model_state), None
+    logged_acc = jax.tree.map(jnp.add, logged_acc, logged)
+    return (loss_acc + loss_sum, count_acc + count, grads_acc, model_state, logged_acc), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, state.model_state)
-  xs = (split_microbatches(batch, accum_steps), jnp.arange(accum_steps))
-  (loss_sum, count, grads, model_state), _ = jax.lax.scan(body, init, xs)
-  return loss_sum, count, grads, model_state
+  microbatches = split_microbatches(batch, accum_steps)
+  # the logged sums' structure: the loss traced abstractly on one microbatch (nothing computed)
+  first = jax.tree.map(lambda x: x[0], microbatches)
+  shapes = jax.eval_shape(loss_fn, state.params, first, rng, state.model_state)[1][2]
+  logged = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, state.model_state,
+          logged)
+  xs = (microbatches, jnp.arange(accum_steps))
+  (loss_sum, count, grads, model_state, logged), _ = jax.lax.scan(body, init, xs)
+  return loss_sum, count, grads, model_state, logged
 
 
 def train_step(state: TrainState, batch: dict, *, loss, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accum_steps: int = 1):
   """One optimizer update on a global batch; loss is the mean over everything that counts."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss_sum, count, grads, model_state = _grads(state, batch, rng, loss, accum_steps)
+  loss_sum, count, grads, model_state, logged = _grads(state, batch, rng, loss, accum_steps)
   denominator = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -85,6 +107,7 @@ def train_step(state: TrainState, batch: dict, *, loss, tx: optax.GradientTransf
       "grad_norm": optax.global_norm(grads),
       "lr": schedule(state.step),
       "nonfinite": 1.0 - finite.astype(jnp.float32),
+      **{key: value / denominator for key, value in logged.items()},
   }
   # apply_if_finite already zeroed the update of a non-finite step (and counted it); running
   # statistics such as BatchNorm's must not take it in either.
