@@ -101,7 +101,8 @@ def _right_padded(seed: int = 0):
 
 
 def _ours(model, params, tokens, mask):
-  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens),
+  # jitted: one compile per model, not one per primitive run eagerly
+  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
                                 segment_ids_BL=jnp.asarray(mask),
                                 positions_BL=jnp.asarray(H.hf_positions(mask))))
 
@@ -345,12 +346,12 @@ def test_prefix_tuning_keeps_the_window_with_and_without_the_cache():
                            layer_pattern="LG"))
   model = Transformer(cfg, Peft(prefix_length=2))
   tokens = jnp.asarray(np.random.default_rng(4).integers(1, VOCAB, (2, 12)), jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
   full = jax.jit(model.apply)({"params": params}, tokens)
   cached, _ = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True,
                                                  prefill=True, mutable=["cache"]))(
       params, init_cache(model, 2, 12), tokens)
   np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5)
   unwindowed = model.clone(cfg=dataclasses.replace(cfg, sliding_window=0, layer_pattern=""))
-  assert np.abs(np.asarray(unwindowed.apply({"params": params}, tokens)) -
+  assert np.abs(np.asarray(jax.jit(unwindowed.apply)({"params": params}, tokens)) -
                 np.asarray(full))[:, 3:].max() > 1e-3  # the window changes later positions
