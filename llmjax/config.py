@@ -145,6 +145,7 @@ def resolve(c: ml_collections.ConfigDict | dict, *, strict: bool = True) -> Expe
     raise ConfigError(f"unknown config key config.{unknown[0]}; allowed: name, "
                       f"{', '.join(SECTIONS)}, task, tasks")
   sections = {k: _section(k, cls, dict(d.get(k, {}))) for k, cls in SECTIONS.items()}
+  sections["model"] = _base_quant(sections["model"], sections["finetune"], sections["train"])
   task_values = dict(d.get("task", {}))
   task = task_config.resolve_section("task", task_values, _section)
   exp = Experiment(name=_check_type("name", d.get("name", "experiment"), "str"), task=task,
@@ -157,6 +158,28 @@ def resolve(c: ml_collections.ConfigDict | dict, *, strict: bool = True) -> Expe
     if strict:
       task_config.refuse_foreign("task", task_values)
   return dataclasses.replace(exp, tasks=entries)
+
+
+def _base_quant(model, finetune, train):
+  """config.finetune.base_quant (QLoRA) stores the model's frozen kernels quantized: it sets
+  config.model.quant, which must be unset or the same."""
+  if not finetune.base_quant:
+    return model
+  if finetune.method in ("full", "freeze"):
+    raise ConfigError(f"config.finetune.base_quant={finetune.base_quant!r} keeps the base's "
+                      f"kernels quantized and frozen; config.finetune.method="
+                      f"{finetune.method!r} trains them (use lora, adalora, adapter, prompt, "
+                      "prefix or bitfit)")
+  if not train.init_from:
+    raise ConfigError(f"config.finetune.base_quant={finetune.base_quant!r} needs "
+                      "config.train.init_from (the float base it quantizes)")
+  if finetune.base_quant.split(":")[0] not in ("int8", "int4", "nf4"):
+    raise ConfigError(f"config.finetune.base_quant={finetune.base_quant!r}: allowed int8[:gN], "
+                      "int4:gN, nf4:gN")
+  if model.quant not in ("", finetune.base_quant):
+    raise ConfigError(f"config.finetune.base_quant={finetune.base_quant!r} but config.model."
+                      f"quant={model.quant!r}")
+  return dataclasses.replace(model, quant=finetune.base_quant)
 
 
 def as_dict(exp: Experiment) -> dict:

@@ -316,6 +316,7 @@ class FinetuneConfig:
   prompt_length: int = 16
   prompt_init: str = "vocab"  # random | vocab (embeddings of random tokens) | labels
   prefix_length: int = 16
+  base_quant: str = ""  # QLoRA: the frozen base stored as int8[:gN] | int4:gN | nf4:gN (model.quant)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -209,3 +209,54 @@ def test_sharded_quantized_load_equals_unsharded(tmp_path):
     with jax.set_mesh(mesh):
       got = jax.jit(qmodel.apply)({"params": loaded}, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_base_quantized_in_state_adapters_train_resume_exact(lm_run, tmp_path):
+  """config.finetune.base_quant: the frozen base is stored int4 in the train state (dtype and
+  bytes), equal to quantizing init_from's weights; only LoRA factors are trainable and move;
+  the checkpoint's base identity is the quantized base's; a resume from step 2 reproduces the
+  run's losses exactly; base_quant with full fine-tuning or without init_from is refused."""
+  import json
+  import shutil
+
+  import llmjax.train
+  from _task_helpers import experiment
+  from llmjax import treepaths
+  from llmjax.train import pretrained, rundir
+  ft = dict(method="lora", lora_rank=2, lora_targets="all_linear", base_quant="int4:g16")
+  exp = experiment("lm", tmp_path, finetune=ft,
+                   train=dict(init_from=f"workdir:{lm_run}", steps=4, checkpoint_every=2,
+                              eval_every=100, async_checkpoint=False))
+  assert exp.model.quant == "int4:g16"
+  workdir = tmp_path / "qlora"
+  llmjax.train.run(exp, str(workdir))
+  run = rundir.restore(str(workdir))
+  frozen = dict(treepaths.items(jax.device_get(run.state.frozen)))
+  trained = dict(treepaths.items(jax.device_get(run.state.params)))
+  assert trained and all("/lora/" in p and x.dtype == np.float32 for p, x in trained.items())
+  assert all(np.any(x != 0) for p, x in trained.items() if p.endswith("/lora/b"))
+  q = frozen["layer_0/mlp/wi/kernel"]
+  assert q.dtype == np.uint8 and q.shape == (16, 64) and q.nbytes == 32 * 64 // 2
+  base = rundir.restore(str(lm_run))
+  qmodel = base.model.clone(cfg=dataclasses.replace(base.model.cfg, quant="int4:g16"))
+  found = quant_tree.layouts(lambda: api.abstract_variables(qmodel))
+  want = dict(treepaths.items(jax.device_get(
+      quant_tree.quantize_tree(jax.device_get(base.params), found))))
+  assert set(want) == set(frozen)
+  for p, x in want.items():
+    assert x.dtype == frozen[p].dtype and np.array_equal(x, frozen[p]), p
+  identity = pretrained.base_identity(run.exp, run.state.frozen)
+  assert identity["sha256"] != pretrained.base_identity(run.exp, base.params)["sha256"]
+  losses = lambda: [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+                    .splitlines() if '"train"' in line]
+  first = {r["step"]: r["loss"] for r in losses()}
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  llmjax.train.run(exp, str(workdir))  # resumes at 2, checks the quantized base's identity
+  assert sorted(first) == [2, 4]
+  assert {r["step"]: r["loss"] for r in losses()} == first
+  assert (workdir / "checkpoints" / "4").exists()
+  with pytest.raises(ConfigError, match="base_quant='int8' keeps the base's kernels"):
+    experiment("lm", tmp_path, finetune=dict(method="full", base_quant="int8"),
+               train=dict(init_from=f"workdir:{lm_run}"))
+  with pytest.raises(ConfigError, match="needs config.train.init_from"):
+    experiment("lm", tmp_path, finetune=dict(method="lora", base_quant="int8"))

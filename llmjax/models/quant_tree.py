@@ -37,7 +37,8 @@ class Layout:
 
 def layouts(abstract_init: Callable[[], dict]) -> dict[str, Layout]:
   """{module path: Layout} of every quantized DenseGeneral that `abstract_init` (the quantized
-  model's abstract init, e.g. hf.api.abstract_variables) creates."""
+  model's abstract init, e.g. hf.api.abstract_variables) creates. It must trace the model
+  afresh: jax reuses the trace of a function object it has traced before, running no module."""
   found: dict[str, Layout] = {}
 
   def record(next_fun, args, kwargs, context):
@@ -51,6 +52,9 @@ def layouts(abstract_init: Callable[[], dict]) -> dict[str, Layout]:
 
   with nn.intercept_methods(record):
     abstract_init()
+  if not found:
+    raise UserError("no quantized dense kernel was traced: the model has none, or "
+                    "`abstract_init` reused a cached trace")
   return found
 
 
@@ -94,6 +98,26 @@ def dequantize_tree(params: dict, found: dict[str, Layout], dtype=jnp.float32) -
 
   for path, w in jax.jit(every)(stored).items():
     flat[f"{path}/kernel"] = w
+  return treepaths.nest(flat)
+
+
+def float_shape(stored: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+  """The float kernel's shape from its stored values' (4 bits: the packed axis doubled)."""
+  if layout.spec.bits == 8:
+    return tuple(stored)
+  axis = len(stored) - layout.rank  # a scanned stack's layer axis comes first
+  return stored[:axis] + (stored[axis] * 2,) + tuple(stored[axis + 1:])
+
+
+def as_float(tree: dict, found: dict[str, Layout], kernel, shapes_of=None) -> dict:
+  """`tree` (quantized; or, with `shapes_of` the quantized params, a tree of the same paths such
+  as their shardings) with each stored kernel's parts replaced by `kernel(float shape)`."""
+  flat = dict(treepaths.items(tree))
+  shapes = dict(treepaths.items(tree if shapes_of is None else shapes_of))
+  for path, layout in found.items():
+    for name in PARTS:
+      flat.pop(f"{path}/{name}", None)
+    flat[f"{path}/kernel"] = kernel(float_shape(tuple(shapes[f"{path}/kernel"].shape), layout))
   return treepaths.nest(flat)
 
 

@@ -21,6 +21,10 @@ import json
 import re
 import sys
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
 from llmjax import checkpoint, finetune, weights
 from llmjax.config import Experiment, ModelConfig
 from llmjax.checkpoint import CheckpointError
@@ -28,11 +32,13 @@ from llmjax.errors import ConfigError, UserError, capped
 from llmjax.finetune.spec import METHOD_PARAMS
 from llmjax.hf.arch import RUNTIME_FIELDS
 from llmjax.hf.mapping import flatten, unflatten
+from llmjax.models import quant_tree
 from llmjax.train import init
 from llmjax.weights.base import scanned
 
 # How a run computes, not what it computes: the experiment decides these, never the checkpoint.
-_NOT_SHAPE = set(RUNTIME_FIELDS) | {"dropout"}
+# quant: a quantized export loads into a model of the same storage, a float one into QLoRA's base
+_NOT_SHAPE = set(RUNTIME_FIELDS) | {"dropout", "quant", "quant_compute"}
 
 
 INIT_FROM = "config.train.init_from"
@@ -162,13 +168,44 @@ def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, tra
   weights_from = source(t.init_from)
   full = finetune.merge(state.params, state.frozen)
   where = finetune.merge(shardings.params, shardings.frozen)
-  loaded = load_params(t.init_from, new_params(exp), full, where)
+  if exp.finetune.base_quant:  # QLoRA: the float base read, then stored quantized
+    loaded = _quantized_base(exp, init_variables, full, where, mesh)
+  else:
+    loaded = load_params(t.init_from, new_params(exp), full, where)
   params, frozen = finetune.split(weights_from.overlay(exp, loaded, where), trainable)
   model_state = state.model_state
   if model_state:  # running statistics belong to the backbone: they come with it
     model_state = load_model_state(weights_from, model_state, shardings.model_state)
   return state.replace(params=params, frozen=frozen, opt_state=tx.init(params),
                        model_state=model_state)
+
+
+def _layouts(init_variables) -> dict:
+  """The quantized kernels of the run's model (a new function each time: jax caches the trace
+  of one it has seen, and the layouts are read while tracing)."""
+  key = jax.random.PRNGKey(0)
+  return quant_tree.layouts(lambda: jax.eval_shape(lambda rngs: init_variables(rngs),
+                                                    {"params": key, "dropout": key}))
+
+
+def float_base(exp: Experiment, init_variables, abstract):
+  """Abstract parameters as init_from must hold them: under base_quant (QLoRA) each stored
+  kernel is the float kernel it is quantized from; otherwise `abstract` itself."""
+  if not exp.finetune.base_quant:
+    return abstract
+  return quant_tree.as_float(abstract, _layouts(init_variables),
+                             lambda shape: jax.ShapeDtypeStruct(shape, exp.model.param_dtype))
+
+
+def _quantized_base(exp: Experiment, init_variables, full, where, mesh):
+  """`full` with init_from's float weights, its dense kernels quantized as base_quant says
+  (read replicated, quantized under jit, placed into the run's shardings)."""
+  found = _layouts(init_variables)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  floats = quant_tree.as_float(full, found, lambda shape: jnp.zeros(shape, exp.model.param_dtype))
+  float_where = quant_tree.as_float(where, found, lambda shape: replicated, shapes_of=full)
+  loaded = load_params(exp.train.init_from, new_params(exp), floats, float_where)
+  return jax.device_put(quant_tree.quantize_tree(loaded, found), where)
 
 
 def load_model_state(weights_from: weights.WeightsSource, abstract, shardings):

@@ -73,7 +73,8 @@ def prepare(exp: Experiment, workdir: str | None = None, devices=None) -> Setup:
     abstract_state = abstract_state.replace(teacher=teacher.abstract if online else {})
     state_shardings = state_shardings.replace(teacher=teacher.shardings if online else {})
   if exp.train.init_from and not resuming:
-    full = finetune.merge(abstract_state.params, abstract_state.frozen)
+    full = pretrained.float_base(exp, init_variables, finetune.merge(abstract_state.params,
+                                                                     abstract_state.frozen))
     pretrained.check(exp.train.init_from, pretrained.new_params(exp), full)
   s = Setup(exp, mesh, rules, task, model, data, tx, schedule, init_variables, abstract_state,
             state_shardings, trainable, teacher)
