@@ -4,6 +4,7 @@
 #
 #   benchmarks/prune_runs.sh mnist   # needs runs/mnist_base (experiments/vision/mnist_cnn.py)
 #   benchmarks/prune_runs.sh gpt     # needs runs/gpt_base (the main job's run, or a copy of it)
+#   benchmarks/prune_runs.sh gpt nm_ft oneshot_ft_0.7   # these rows only, in this order
 #   then: .venv/bin/python benchmarks/prune_table.py mnist|gpt
 #
 # Rows: dense (1 step at lr 0: the base as it is), one-shot 50/70/90% per layer and 2:4 without
@@ -52,13 +53,18 @@ row() {  # NAME ARGS...
   touch "$wd/done"
   echo "    $name took $(( $(date +%s) - start )) s" >> "runs/prune/$kind.commands"
 }
-row dense "${NO_FT[@]}" --config.prune.method=none
+declare -A ROWS=([dense]="${NO_FT[*]} --config.prune.method=none" [nm_noft]="${NO_FT[*]} ${NM[*]}"
+                 [nm_ft]="${FT[*]} ${NM[*]}")
 for s in 0.5 0.7 0.9; do
-  row "oneshot_noft_$s" "${NO_FT[@]}" "${LAYER[@]}" "${ONE_SHOT[@]}" --config.prune.target=$s
+  ROWS[oneshot_noft_$s]="${NO_FT[*]} ${LAYER[*]} ${ONE_SHOT[*]} --config.prune.target=$s"
+  ROWS[oneshot_ft_$s]="${FT[*]} ${LAYER[*]} ${ONE_SHOT[*]} --config.prune.target=$s"
+  ROWS[gradual_ft_$s]="${FT[*]} ${GRADUAL[*]} ${LAYER[*]} --config.prune.target=$s"
 done
-row nm_noft "${NO_FT[@]}" "${NM[@]}"
-for s in 0.5 0.7 0.9; do
-  row "oneshot_ft_$s" "${FT[@]}" "${LAYER[@]}" "${ONE_SHOT[@]}" --config.prune.target=$s
-  row "gradual_ft_$s" "${FT[@]}" "${GRADUAL[@]}" "${LAYER[@]}" --config.prune.target=$s
+ORDER=(dense oneshot_noft_0.5 oneshot_noft_0.7 oneshot_noft_0.9 nm_noft oneshot_ft_0.5
+       gradual_ft_0.5 oneshot_ft_0.7 gradual_ft_0.7 oneshot_ft_0.9 gradual_ft_0.9 nm_ft)
+for name in "${@:2}"; do [ -n "${ROWS[$name]:-}" ] || { echo "unknown row $name" >&2; exit 2; }; done
+[ $# -gt 1 ] && ORDER=("${@:2}")
+for name in "${ORDER[@]}"; do
+  # shellcheck disable=SC2086  # each row's arguments split on spaces (none holds one)
+  row "$name" ${ROWS[$name]}
 done
-row nm_ft "${FT[@]}" "${NM[@]}"
