@@ -7,7 +7,7 @@
 #   benchmarks/prune_runs.sh gpt nm_ft oneshot_ft_0.7   # these rows only, in this order
 #   then: .venv/bin/python benchmarks/prune_table.py mnist|gpt
 #
-# Rows: dense (1 step at lr 0: the base as it is), one-shot 50/70/90% per layer and 2:4 without
+# Rows: dense (1 step at lr 0: the base as it is; dense_ft: fine-tuned alike, unpruned), one-shot 50/70/90% per layer and 2:4 without
 # fine-tuning (1 step at lr 0) and with it, gradual 0 -> 50/70/90% with fine-tuning. A finished
 # row is skipped when run again.
 set -uo pipefail
@@ -54,13 +54,13 @@ row() {  # NAME ARGS...
   echo "    $name took $(( $(date +%s) - start )) s" >> "runs/prune/$kind.commands"
 }
 declare -A ROWS=([dense]="${NO_FT[*]} --config.prune.method=none" [nm_noft]="${NO_FT[*]} ${NM[*]}"
-                 [nm_ft]="${FT[*]} ${NM[*]}")
+                 [nm_ft]="${FT[*]} ${NM[*]}" [dense_ft]="${FT[*]} --config.prune.method=none")
 for s in 0.5 0.7 0.9; do
   ROWS[oneshot_noft_$s]="${NO_FT[*]} ${LAYER[*]} ${ONE_SHOT[*]} --config.prune.target=$s"
   ROWS[oneshot_ft_$s]="${FT[*]} ${LAYER[*]} ${ONE_SHOT[*]} --config.prune.target=$s"
   ROWS[gradual_ft_$s]="${FT[*]} ${GRADUAL[*]} ${LAYER[*]} --config.prune.target=$s"
 done
-ORDER=(dense oneshot_noft_0.5 oneshot_noft_0.7 oneshot_noft_0.9 nm_noft oneshot_ft_0.5
+ORDER=(dense dense_ft oneshot_noft_0.5 oneshot_noft_0.7 oneshot_noft_0.9 nm_noft oneshot_ft_0.5
        gradual_ft_0.5 oneshot_ft_0.7 gradual_ft_0.7 oneshot_ft_0.9 gradual_ft_0.9 nm_ft)
 for name in "${@:2}"; do [ -n "${ROWS[$name]:-}" ] || { echo "unknown row $name" >&2; exit 2; }; done
 [ $# -gt 1 ] && ORDER=("${@:2}")

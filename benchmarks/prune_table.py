@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-ROWS = [("dense", "none", "-"), ("oneshot_noft_0.5", "one-shot 50%", "no"),
+ROWS = [("dense", "none", "no"), ("dense_ft", "none", "yes"), ("oneshot_noft_0.5", "one-shot 50%", "no"),
         ("oneshot_noft_0.7", "one-shot 70%", "no"), ("oneshot_noft_0.9", "one-shot 90%", "no"),
         ("nm_noft", "one-shot 2:4", "no"), ("oneshot_ft_0.5", "one-shot 50%", "yes"),
         ("gradual_ft_0.5", "gradual 0 -> 50%", "yes"), ("oneshot_ft_0.7", "one-shot 70%", "yes"),
