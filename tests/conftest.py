@@ -77,9 +77,12 @@ def lm_run(tmp_path_factory):
 # starts last while the other worker idles (a stale order costs minutes, never a result).
 _GROUPS = {"test_resume.py": "checkpoints", "test_checkpoint.py": "checkpoints",
            "test_clusters.py": "clusters", "test_launch_clusters.py": "clusters"}
-_LONGEST_FIRST = ("test_tasks.py", "test_config.py", "checkpoints", "test_seq2seq.py",
-                  "test_finetune.py", "test_distill.py", "test_reproducible.py", "clusters",
-                  "test_image_task.py", "test_train.py", "test_multitask.py", "test_peft.py")
+_LONGEST_FIRST = ("test_config.py", "test_finetune.py", "checkpoints", "test_tasks.py",
+                  "test_seq2seq.py", "clusters", "test_quant.py", "test_distill.py", "test_train.py",
+                  "test_dpo.py", "test_reproducible.py", "test_image_task.py", "test_sft.py",
+                  "test_benchmarks.py", "test_rnn.py", "test_moe_train.py", "test_early_stop.py",
+                  "test_peft.py", "test_multitask.py", "test_hf_moe.py", "test_generate.py",
+                  "test_gan.py", "test_weights.py", "test_hf_families.py")
 
 
 def _group(nodeid: str) -> str:
