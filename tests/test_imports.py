@@ -21,7 +21,7 @@ PACKAGE = ROOT / "llmjax"
 # test_every_module_has_a_floor, so a new top-level module or package is placed deliberately.
 FLOORS = {
   # 0 foundations: the error types and the parameter-tree path helpers
-  "llmjax": 0, "llmjax.errors": 0, "llmjax.treepaths": 0,
+  "llmjax": 0, "llmjax.errors": 0, "llmjax.treepaths": 0, "llmjax.platforms": 0,
   # 1 pure functions and tables that need no config: losses, metric sums, presets, plots,
   # clustering
   "llmjax.objectives": 1, "llmjax.eval.metrics": 1, "llmjax.eval.bleu": 1,
