@@ -19,3 +19,10 @@ def report(get_params, data, split: str, limit: int, decode, score) -> dict:
   if jax.process_index() != 0:
     return {}
   return score(decode(params, [s for s, _ in pairs]), [t for _, t in pairs])
+
+
+def headline_part(report: dict) -> str:
+  """The headline's tail `, greedy chrF ..., exact match ...` when the report has decoded scores."""
+  if "chrf" not in report:
+    return ""
+  return f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"

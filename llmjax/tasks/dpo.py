@@ -216,9 +216,7 @@ class DPO(PreferencePairs, References):
     line = (f"final validation DPO loss {report['loss']:.4f}, reward accuracy "
             f"{report['reward_accuracy']:.3f}, preference accuracy "
             f"{report['preference_accuracy']:.3f}")
-    if "chrf" in report:
-      line += f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"
-    return line
+    return line + decoded.headline_part(report)
 
   # --- References
   def reference_kind(self):

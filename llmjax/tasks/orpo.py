@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
 from llmjax.objectives import dpo as objective
+from llmjax.tasks import decoded
 from llmjax.tasks.base import LossTerms
 from llmjax.tasks.dpo import PreferencePairs, validate_pairs
 
@@ -85,6 +86,4 @@ class ORPO(PreferencePairs):
   def headline(self, report):
     line = (f"final validation ORPO loss {report['loss']:.4f} (NLL {report['nll_loss']:.4f}), "
             f"reward accuracy {report['reward_accuracy']:.3f}")
-    if "chrf" in report:
-      line += f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"
-    return line
+    return line + decoded.headline_part(report)

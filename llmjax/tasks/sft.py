@@ -168,9 +168,7 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
   def headline(self, report):
     line = (f"final validation completion loss {report['loss']:.4f}, token accuracy "
             f"{report['token_accuracy']:.3f}")
-    if "chrf" in report:
-      line += f", greedy chrF {report['chrf']:.2f}, exact match {report['exact_match']:.3f}"
-    return line
+    return line + decoded.headline_part(report)
 
   def max_new_tokens(self) -> int:
     return self.exp.task.max_new_tokens or self.exp.data.seq_len // 2
