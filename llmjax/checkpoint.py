@@ -70,26 +70,18 @@ def _checksum(x: jax.Array) -> jax.Array:
   return jnp.stack([first, second])
 
 
-# In one process, one small program per leaf shape, dtype and sharding: a state's many leaves
-# share a few shapes (a parameter, its two Adam moments) and each program compiles once for the
-# process, whatever model meets it again (one program per state structure cost a compile as large
-# as the train step's for every new model: ~190 of the suite's CPU-s). Across processes, one
-# program over the whole tree: with one per leaf a two-process run hung in its preemption save
-# (tests/test_clusters.py).
-_checksum_leaf = jax.jit(_checksum)
-_checksums_tree = jax.jit(lambda leaves: [_checksum(x) for x in leaves])
+# One program over the whole tree. (One small program per leaf compiles faster and is shared by
+# every model, but with it a two-process run hung in its preemption save: tests/test_clusters.py.)
+_checksums_device = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
 
 
 def checksums(tree) -> dict[str, list]:
   """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh."""
+  sums = jax.device_get(_checksums_device(tree))
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  leaves = [leaf for _, leaf in flat]
-  if jax.process_count() == 1:
-    sums = jax.device_get([_checksum_leaf(leaf) for leaf in leaves])  # all dispatched, then read
-  else:
-    sums = jax.device_get(_checksums_tree(leaves))
+  flat_sums = jax.tree_util.tree_leaves(sums, is_leaf=lambda x: isinstance(x, np.ndarray))
   return {path_str(path): [int(s[0]), int(s[1]), list(leaf.shape), str(leaf.dtype)]
-          for (path, leaf), s in zip(flat, sums)}
+          for (path, leaf), s in zip(flat, flat_sums)}
 
 
 def structure_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
