@@ -96,7 +96,7 @@ def test_the_compiled_train_step_is_the_loops():
   assert len(kept) > 0.9 * len(expected)
 
 
-def test_collectives_count_loop_bodies_once_per_iteration():
+def test_collectives_count_loop_bodies_once_per_iteration_and_a_transfer_once():
   hlo = """HloModule m
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={}, to_apply=%add
@@ -126,6 +126,53 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 }
 """
   assert aot_report.collectives(tpu) == {"reduce-scatter": {"count": 3, "bytes": 3 * 64}}
+  # XLA:TPU's async collective fusions: one transfer started before the layer loop (flag_start
+  # -1) and carried through it by continuation fusions holding the same all-gather: counted
+  # once, not once per continuation per iteration. A windowed einsum's loop counts in u32 and
+  # steps by 2: `i < 8` runs 4 times.
+  fused = """HloModule m
+%start.1 (p: bf16[2,4]) -> (bf16[2,4], bf16[8,4]) {
+  %ag.1 = bf16[8,4]{1,0} all-gather(%p), channel_id=7, dimensions={0}, backend_config={"async_collective_fusion_config":{"flag_start":"-1","flag_end":"-1"}}
+  ROOT %cc = (bf16[2,4]{1,0}, bf16[8,4]{1,0}) custom-call(%ag.1), custom_call_target="AsyncCollectiveStart"
+}
+%continue.1 (p: bf16[2,4]) -> bf16[8,4] {
+  ROOT %ag.2 = bf16[8,4]{1,0} all-gather(%p), channel_id=7, dimensions={0}, backend_config={"async_collective_fusion_config":{"flag_start":"2","flag_end":"8"}}
+}
+%wcond (p: (u32[], bf16[4])) -> pred[] {
+  %c8 = u32[]{:T(128)} constant(8)
+  %p = (u32[], bf16[4]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c8), direction=LT
+}
+%wbody (p: (u32[], bf16[4])) -> (u32[], bf16[4]) {
+  %one = u32[]{:T(128)} constant(1)
+  %two = u32[]{:T(128)} constant(2)
+  %p = (u32[], bf16[4]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %x = bf16[4]{0} get-tuple-element(%p), index=1
+  %cp = (bf16[4]{0}, bf16[4]{0}, u32[], u32[]) collective-permute-start(%x), channel_id=9
+  %y = bf16[4]{0} collective-permute-done(%cp)
+  %next = u32[]{:T(128)} add(%i, %two)
+  ROOT %t = (u32[], bf16[4]) tuple(%next, /*index=1*/%y)
+}
+%lcond (p: (s32[], bf16[4])) -> pred[] {
+  %n = s32[]{:T(128)} constant(3)
+  %p = (s32[], bf16[4]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+%lbody (p: (s32[], bf16[4])) -> (s32[], bf16[4]) {
+  %f = bf16[8,4]{1,0} fusion(%a), kind=kCustom, calls=%continue.1
+  %w = (u32[], bf16[4]) while(%t0), condition=%wcond, body=%wbody
+}
+ENTRY %main (a: bf16[2,4]) -> bf16[8,4] {
+  %s = (bf16[2,4]{1,0}, bf16[8,4]{1,0}) fusion(%a), kind=kCustom, calls=%start.1
+  %l = (s32[], bf16[4]) while(%t), condition=%lcond, body=%lbody
+}
+"""
+  assert aot_report.collectives(fused) == {
+      "all-gather": {"count": 1, "bytes": 64},
+      "collective-permute": {"count": 3 * 4, "bytes": 3 * 4 * 8}}
   refusal = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
              "space hbm. Used 30.78G of 15.75G hbm. Exceeded hbm capacity by 15.03G.")
   parsed = aot_report.exhausted(refusal, 16 * 2**30)

@@ -29,7 +29,13 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation|"
                     r"branch_computations)=(?:\{([^}]*)\}|%?([\w.\-]+))")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_S32_CONSTANT = re.compile(r"=\s*s32\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
+# A loop counter's bound: XLA:TPU's layer loops count in s32, its windowed einsums in u32.
+_INT_CONSTANT = re.compile(r"=\s*[su](?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
+# XLA:TPU runs an async collective as a start (flag_start -1) and continuation/done fusions that
+# carry the same op (same channel) forward, often inside a loop the transfer overlaps with: one
+# transfer, counted at its start only.
+_INST = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CONTINUATION = re.compile(r'"async_collective_fusion_config":\{"flag_start":"(?!-1")')
 
 
 def memory(stats, hbm_bytes: int) -> dict:
@@ -131,7 +137,8 @@ def collectives(hlo_text: str) -> dict:
   """{kind: {"count", "bytes"}} per step: ops inside a loop body count once per iteration.
 
   XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter` computation (an
-  all-reduce inside): counted as a reduce-scatter of that computation's result.
+  all-reduce inside): counted as a reduce-scatter of that computation's result. Its async
+  collectives' continuation fusions repeat the op they carry on: counted at the start only.
   """
   ops, edges, entry, loops = _read_hlo(hlo_text)
   trips = {cond: count for cond, count in loops["constants"].items()}
@@ -153,7 +160,7 @@ def _read_hlo(hlo_text: str):
   ops, edges = collections.defaultdict(list), collections.defaultdict(list)
   current, entry = "?", None
   loops = {"constants": {}, "results": {}}
-  scalars = collections.defaultdict(list)
+  insts, whiles = collections.defaultdict(dict), []
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head and not line.startswith(" "):
@@ -162,26 +169,65 @@ def _read_hlo(hlo_text: str):
       result = line.rsplit("->", 1)[-1] if "->" in line else ""
       loops["results"][current] = _shape_bytes(result)
       continue
+    inst = _INST.match(line)
+    if inst:
+      insts[current][inst.group(2)] = inst.group(3)
+      if inst.group(1):
+        insts[current][""] = inst.group(2)
     op = _OP.match(line)
-    if op:
+    if op and not _CONTINUATION.search(line):
       ops[current].append((op.group(2), _result_bytes(op.group(1), op.group(2),
                                                       bool(op.group(3)))))
-    scalars[current] += [int(n) for n in _S32_CONSTANT.findall(line)]
     known = _TRIP.search(line)
     called = {m.group(1): (m.group(2) or m.group(3)) for m in _CALLS.finditer(line)}
+    if "condition" in called and "body" in called:
+      whiles.append((called["condition"].strip().lstrip("%"), called["body"].strip().lstrip("%")))
     for role, names in called.items():
       for name in names.split(","):
         edges[current].append((name.strip().lstrip("%"), role, called.get("condition"),
                                int(known.group(1)) if known else None))
-  for name, values in scalars.items():
-    if len(values) == 1:  # a loop condition's bound: `counter < N`
-      loops["constants"][name] = values[0]
+  for condition, body in whiles:
+    trips = _trips(insts[condition], insts[body])
+    if trips is not None:
+      loops["constants"][condition] = trips
   return ops, edges, entry, loops
+
+
+def _constant(insts: dict, name: str) -> int | None:
+  found = _INT_CONSTANT.search("= " + insts.get(name, ""))
+  return int(found.group(1)) if found else None
+
+
+def _trips(condition: dict, body: dict) -> int | None:
+  """A loop's trip count from its condition `i < N` and its body's `i = i + k` (i from 0:
+  XLA:TPU's windowed einsums step by 2); else the one integer constant the condition holds."""
+  found = re.search(r"\bcompare\(([^)]*)\).*direction=LT", condition.get(condition.get(""), ""))
+  if found:
+    operands = re.findall(r"%([\w.\-]+)", found.group(1))
+    if len(operands) == 2:
+      index = re.search(r"get-tuple-element\(.*index=(\d+)", condition.get(operands[0], ""))
+      limit = _constant(condition, operands[1])
+      if index and limit is not None:
+        return -(-limit // _step(body, int(index.group(1))))
+  values = [v for v in (_constant(condition, n) for n in condition if n) if v is not None]
+  return values[0] if len(values) == 1 else None
+
+
+def _step(body: dict, index: int) -> int:
+  """What a loop body adds to the counter at tuple `index` each iteration (1 unless a constant
+  says otherwise)."""
+  root = re.search(r"\btuple\((.*)\)", body.get(body.get(""), ""))
+  names = re.findall(r"%([\w.\-]+)", root.group(1)) if root else []
+  update = body.get(names[index], "") if index < len(names) else ""
+  added = re.search(r"\badd\(([^)]*)\)", update)
+  steps = [_constant(body, n) for n in re.findall(r"%([\w.\-]+)", added.group(1))] if added else []
+  steps = [k for k in steps if k]
+  return steps[0] if steps else 1
 
 
 def _multipliers(edges: dict, entry: str | None, bounds: dict) -> dict:
   """How many times each computation runs per call of the entry (loop trip counts multiplied:
-  the compiler's known trip count, else the one constant its condition compares against)."""
+  the compiler's known trip count, else the one read from the loop's condition and body)."""
   times = {entry: 1} if entry else {}
   stack = [entry] if entry else []
   while stack:
