@@ -13,7 +13,8 @@ end-of-turn marker (trailing whitespace left out), so the loss scores the turn's
 trained it. Without one, prompt and completions are the texts as given.
 
 A row is cut to `seq_len` tokens: the prompt loses tokens from its start (down to half the row)
-before a completion loses tokens from its end; cut rows are counted.
+before a completion loses tokens from its end; cut rows are counted. With config.task.share_prompt
+the cut pair's prompt is written once for both completions (llmjax/data/preference_shared.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 
 import numpy as np
 
-from llmjax.data import chat, chat_rows, text, tokenizers
+from llmjax.data import chat, chat_rows, preference_shared, text, tokenizers
 from llmjax.errors import DataError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -99,14 +100,9 @@ def tokenize(pairs: list[Pair], tokenizer, seq_len: int, render=None) -> tuple[d
             for k, dt in (("tokens", np.int32), ("segment_ids", np.int32), ("loss", np.float32))}
   cut = 0
   for i, pair in enumerate(pairs):
-    texts = (render or _plain)(pair)
-    # a template writes its own special tokens, as apply_chat_template does
-    prompt_P = np.asarray(tokenizer.encode_batch([texts[0]], add_special_tokens=render is None)[0],
-                          np.int32)
+    prompt_P, *completions = _encode(pair, tokenizer, render)
     row_cut = False
-    for side, text in zip(SIDES, texts[1:]):
-      completion_C = np.asarray(tokenizer.encode_batch([text], add_special_tokens=False)[0],
-                                np.int32)
+    for side, completion_C in zip(SIDES, completions):
       p, c, was_cut = _fit(prompt_P, completion_C, seq_len)
       row_cut |= was_cut
       n = len(p) + len(c)
@@ -115,6 +111,25 @@ def tokenize(pairs: list[Pair], tokenizer, seq_len: int, render=None) -> tuple[d
       arrays[f"{side}_loss"][i, max(len(p) - 1, 0):n - 1] = 1.0  # t predicts token t + 1
     cut += row_cut
   return arrays, cut
+
+
+def _encode(pair: Pair, tokenizer, render) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(prompt, chosen, rejected) token ids of one pair."""
+  texts = (render or _plain)(pair)
+  # a template writes its own special tokens, as apply_chat_template does
+  return tuple(np.asarray(tokenizer.encode_batch([text], add_special_tokens=i == 0 and
+                                                 render is None)[0], np.int32)
+               for i, text in enumerate(texts))
+
+
+def tokenize_shared(pairs: list[Pair], tokenizer, seq_len: int, row_len: int,
+                    pairs_per_row: int, render=None) -> tuple[dict, int, int]:
+  """(llmjax/data/preference_shared.py's rows of the pairs, pairs cut, pairs dropped): each pair
+  cut as `tokenize` cuts it, then its prompt shared by both completions in one row."""
+  trees = [preference_shared.tree(*_encode(pair, tokenizer, render), seq_len, _fit)
+           for pair in pairs]
+  arrays, dropped = preference_shared.pack(trees, row_len, pairs_per_row)
+  return arrays, sum(t[2] for t in trees), dropped
 
 
 def _read(pattern: str, key: str) -> list[Pair]:
@@ -177,14 +192,21 @@ def load(exp, workdir: str | None, render=None) -> PreferenceData:
   render = templated(template) if template is not None else None
   texts = lambda: [t for p in train for t in (render or _plain)(p)]  # noqa: E731
   tokenizer, artifacts = tokenizers.for_run(d.tokenizer, workdir, texts)
-  arrays, cut = {}, {}
+  arrays, cut, dropped = {}, {}, {}
   for name, pairs in (("train", train), ("val", val)):
-    arrays[name], cut[name] = tokenize(pairs, tokenizer, d.seq_len, render)
+    if exp.task.share_prompt:
+      arrays[name], cut[name], dropped[name] = tokenize_shared(
+          pairs, tokenizer, d.seq_len, shared_row_len(exp), exp.task.pairs_per_row, render)
+    else:
+      arrays[name], cut[name] = tokenize(pairs, tokenizer, d.seq_len, render)
   if cut["train"] or cut["val"]:
     print(f"config.data.seq_len={d.seq_len}: cut {cut['train']} training and {cut['val']} "
           "validation pairs to fit", file=sys.stderr)
   info = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
           "pairs": {"train": len(train), "val": len(val)}, "cut_pairs": cut}
+  if exp.task.share_prompt:
+    _check_dropped(exp, dropped, arrays)
+    info.update(dropped_pairs=dropped, rows={k: len(v["tokens"]) for k, v in arrays.items()})
   prompts = [(render or _plain)(p)[0] for p in val]
   if template is not None:
     info.update(chat_template=template.name,
@@ -192,6 +214,22 @@ def load(exp, workdir: str | None, render=None) -> PreferenceData:
     artifacts = {**artifacts, "chat_template.jinja": template.source}
   return PreferenceData(arrays["train"], arrays["val"], tokenizer, info, artifacts,
                         [(prompt, p.chosen) for prompt, p in zip(prompts, val)])
+
+
+def shared_row_len(exp) -> int:
+  """The slots of a shared-prompt row: config.task.row_len, 0 meaning two rows' worth."""
+  return exp.task.row_len or 2 * exp.data.seq_len
+
+
+def _check_dropped(exp, dropped: dict, arrays: dict) -> None:
+  """Say how many pairs did not fit a shared row; refuse a split left with none."""
+  if dropped["train"] or dropped["val"]:
+    print(f"config.task.row_len={shared_row_len(exp)}: dropped {dropped['train']} training and "
+          f"{dropped['val']} validation pairs longer than a row", file=sys.stderr)
+  for name, rows in arrays.items():
+    if not len(rows["tokens"]):
+      raise DataError(f"config.task.row_len={shared_row_len(exp)}: no {name} pair fits a shared "
+                      f"row; raise it (0: 2 x data.seq_len = {2 * exp.data.seq_len})")
 
 
 def _take_bytes(pairs: list[Pair], max_bytes: int) -> list[Pair]:

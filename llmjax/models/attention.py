@@ -16,8 +16,11 @@
 Gemma 2's soft-capped scores (`attn_softcap`) run blocked, splash or through `capped_attention`
 (XLA); cuDNN cannot cap them and is refused, never silently uncapped.
 Masks: causal by config; `segment_ids` keep packed documents (and padding, id 0) from attending
-across boundaries; a local layer (config.sliding_window, layer_pattern) lets the query in slot i
-see slots (i - window, i] only, as transformers' sliding-window mask does. With `decode=True`
+across boundaries; `branch_ids` (one prompt, two completions in a row: `branch_mask`) keep a
+branch from seeing another (xla, blocked, cuDNN take any mask; splash takes segment ids only:
+`auto` runs XLA there, 'splash' is refused); a local layer (config.sliding_window,
+layer_pattern) lets the query in slot i see slots (i - window, i] only, as transformers'
+sliding-window mask does. With `decode=True`
 keys and values also go to a "cache" collection, so generation runs the prompt once and then one
 token per step against the cached prefix (the window is a mask over the cache's slots there).
 """
@@ -47,6 +50,18 @@ def segment_mask(segment_ids_BL: jax.Array | None) -> jax.Array | None:
   if segment_ids_BL is None:
     return None
   return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+
+
+def branch_mask(segment_ids_BL: jax.Array, branch_ids_BL: jax.Array) -> jax.Array:
+  """[B, 1, L, L]: same segment, and the key is in the shared trunk (branch 0) or in the query's
+  own branch; slot order gives causality as for any mask here."""
+  branch_q_BLL, branch_k_BLL = branch_ids_BL[:, :, None], branch_ids_BL[:, None, :]
+  visible_BLL = (branch_k_BLL == 0) | (branch_k_BLL == branch_q_BLL)
+  return segment_mask(segment_ids_BL) & visible_BLL[:, None]
+
+
+# Set by the Transformer while it traces a branch mask, which splash (segment ids only) cannot run.
+BRANCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("branched", default=False)
 
 
 def decode_mask(cached_segment_ids_BS: jax.Array, segment_ids_BL: jax.Array,
@@ -276,11 +291,15 @@ class Attention(nn.Module):
     """The attention core of `implementation`, with this layer's window if it is local."""
     cfg = self.cfg
     impl = implementation(cfg, q_BLNH.shape[1])
-    if impl == "splash" and (self.peft.prompt_length or splash.context_shards() > 1):
-      # The prompt's columns make the mask more than same-segment, which is all splash takes;
-      # under context parallelism splash is refused for now (models/splash.py).
+    if impl == "splash" and (self.peft.prompt_length or splash.context_shards() > 1
+                             or BRANCHED.get()):
+      # The prompt's columns (or branches) make the mask more than same-segment, which is all
+      # splash takes; under context parallelism splash is refused for now (models/splash.py).
       if cfg.attention_impl == "auto":
         impl = "xla"
+      elif BRANCHED.get():
+        raise ConfigError("config.model.attention_impl='splash' cannot run the branch mask of "
+                          "config.task.share_prompt=True; use 'xla', 'blocked', 'cudnn' or 'auto'")
       elif self.peft.prompt_length:
         raise ConfigError("config.model.attention_impl='splash' cannot run prompt tuning's mask "
                           "(config.finetune.method='prompt'); use 'xla' or 'blocked'")

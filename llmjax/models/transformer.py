@@ -9,6 +9,7 @@ reads and writes a "cache" collection (keys, values, segment ids and the next fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -133,12 +134,14 @@ class Mask(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL, positions_BL):
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, branch_ids_BL=None):
     """-> (mask [B, 1, L, S] or None, positions [B, L], cache slot of the first token or None)."""
     batch, length = tokens_BL.shape
     if not self.decode:
       if positions_BL is None:
         positions_BL = default_positions(segment_ids_BL, tokens_BL.shape)
+      if branch_ids_BL is not None:
+        return attention.branch_mask(segment_ids_BL, branch_ids_BL), positions_BL, None
       return attention.segment_mask(segment_ids_BL), positions_BL, None
     # Sized at init by the input length: init_cache passes the whole prompt + generation budget.
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -206,10 +209,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None, token_types_BL=None,
                deterministic: bool = True, return_hidden: bool = False, decode: bool = False,
-               last_only: bool = False, prefill: bool = False):
+               last_only: bool = False, prefill: bool = False, branch_ids_BL=None):
     """`decode`: use and update the "cache" collection; `last_only`: logits [B, 1, V] of the
     last position (what generation needs from a prompt); `prefill`: this decode call is the
-    first of a generation (prompt tuning writes its vectors into the cache then)."""
+    first of a generation (prompt tuning writes its vectors into the cache then);
+    `branch_ids_BL` (with segment ids and positions; not with decode): a token of branch b > 0
+    sees its segment's branch 0 and b only (attention.branch_mask)."""
+    assert branch_ids_BL is None or not decode, "branch ids are for training and scoring"
     cfg, prompt_length = self.cfg, self.peft.prompt_length
     param_dtype, dtype = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.dtype)
     embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=dtype, param_dtype=param_dtype)
@@ -218,7 +224,7 @@ class Transformer(nn.Module):
         _prompted(prompt_length, tokens_BL, segment_ids_BL, positions_BL, decode, prefill)
         if prompt_length else (tokens_BL, segment_ids_BL, positions_BL))
     mask_B1LS, positions_BL, cache_index = Mask(decode, name="mask")(
-        slots_BL, segments_BL, positions_BL)
+        slots_BL, segments_BL, positions_BL, branch_ids_BL)
     if prompted and not decode:
       mask_B1LS = prompt_mask(mask_B1LS, prompt_length)
 
@@ -246,8 +252,9 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, _ACT_BLD)
 
-    x_BLD = stack(Block, cfg.n_layers, cfg, self.peft, deterministic, decode, x_BLD, mask_B1LS,
-                  positions_BL, cache_index)
+    with _branched(branch_ids_BL is not None):
+      x_BLD = stack(Block, cfg.n_layers, cfg, self.peft, deterministic, decode, x_BLD, mask_B1LS,
+                    positions_BL, cache_index)
     if prompted:  # the prompt's outputs are nobody's: callers see one output per token
       x_BLD = x_BLD[:, prompt_length:]
     if last_only:
@@ -258,6 +265,16 @@ class Transformer(nn.Module):
       return x_BLD
     self.sow("intermediates", HEAD_INPUT, x_BLD)  # what the output layer reads (distillation)
     return output_logits(cfg, token_embed, x_BLD)
+
+
+@contextlib.contextmanager
+def _branched(value: bool):
+  """attention.BRANCHED while the layers are traced."""
+  token = attention.BRANCHED.set(value)
+  try:
+    yield
+  finally:
+    attention.BRANCHED.reset(token)
 
 
 def output_logits(cfg: ModelConfig, token_embed: nn.Embed, x_BLD) -> jax.Array:

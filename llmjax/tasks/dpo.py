@@ -10,9 +10,10 @@ completions with a reference model's, which comes from `config.task.reference`:
                 run whose every trainable parameter is an added one needs no second copy
   precomputed   the reference's log-probabilities of every train and validation pair, computed
                 once from the starting policy and stored in the workdir (reference_logps/)
-Chosen and rejected run as one batch of 2B rows. They share the prompt, but its work is not
-shared: attention takes segment ids only, and an exact shared prefix needs a tree mask (the
-rejected tokens seeing the prompt but not the chosen ones) that llmjax's kernels do not take.
+Chosen and rejected run as one batch of 2B rows; with `config.task.share_prompt` as one row per
+pair instead (or several pairs per row), the prompt once and both completions after it, the
+rejected tokens seeing the prompt but never the chosen ones (llmjax/data/preference_shared.py,
+attention.branch_mask): the same log-probabilities for less work.
 
 Metrics (means over pairs, TRL's DPOTrainer definitions; TRL key in brackets): loss,
 reward_accuracy [rewards/accuracies], reward_margin [rewards/margins], reward_chosen
@@ -46,6 +47,9 @@ from llmjax.tasks.sft import SFT, scores
 REFERENCES = ("copy", "adapters_off", "precomputed")
 REF_CHOSEN, REF_REJECTED = "ref_logp_chosen", "ref_logp_rejected"  # precomputed batch columns
 SIDES = ("chosen", "rejected")
+SHARED_KEYS = (("tokens", jnp.int32), ("segment_ids", jnp.int32), ("branch_ids", jnp.int32),
+               ("positions", jnp.int32), ("chosen_loss", jnp.float32),
+               ("rejected_loss", jnp.float32))  # data/preference_shared.py's rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,9 @@ class DPOConfig(TaskConfig):
   reference: str = "copy"  # copy | adapters_off | precomputed
   completions: int = 8  # held-out prompts completed greedily at each evaluation (0: none)
   max_new_tokens: int = 0  # per completion; 0: half of data.seq_len
+  share_prompt: bool = False  # one row: prompt once, both completions (data/preference_shared.py)
+  pairs_per_row: int = 1  # share_prompt: at most this many pairs packed in a row
+  row_len: int = 0  # share_prompt: slots of a row; 0: 2 x data.seq_len (any pair fits)
 
   def validate(self, exp):
     validate_pairs(self, exp)
@@ -89,6 +96,21 @@ def validate_pairs(options, exp) -> None:
   require(0 <= options.max_new_tokens < exp.data.seq_len,
           f"config.task.max_new_tokens must be in [0, data.seq_len={exp.data.seq_len}) (0: "
           f"half of it), got {options.max_new_tokens}")
+  validate_sharing(options, exp)
+
+
+def validate_sharing(options, exp) -> None:
+  """config.task.share_prompt and its row options."""
+  require(options.pairs_per_row >= 1, f"config.task.pairs_per_row must be >= 1, got "
+          f"{options.pairs_per_row}")
+  require(options.row_len >= 0, f"config.task.row_len must be >= 0 (0: 2 x data.seq_len), got "
+          f"{options.row_len}")
+  require(options.share_prompt or (options.pairs_per_row == 1 and options.row_len == 0),
+          f"config.task.pairs_per_row={options.pairs_per_row}, row_len={options.row_len}: rows of "
+          "several pairs need config.task.share_prompt=True")
+  require(not options.share_prompt or exp.model.attention_impl != "splash",
+          "config.model.attention_impl='splash' cannot run the branch mask of "
+          "config.task.share_prompt=True; use 'xla', 'blocked', 'cudnn' or 'auto'")
 
 
 class PreferencePairs(DecodedReport, Task):
@@ -106,13 +128,46 @@ class PreferencePairs(DecodedReport, Task):
     return Transformer(self.exp.model, self.peft())
 
   def example_batch(self, batch_size):
+    if self.exp.task.share_prompt:
+      shape = (batch_size, self.exp.task.row_len or 2 * self.exp.data.seq_len)
+      return {k: jax.ShapeDtypeStruct(shape, dtype) for k, dtype in SHARED_KEYS}
     shape = (batch_size, self.exp.data.seq_len)
     return {f"{side}_{key}": jax.ShapeDtypeStruct(shape, dtype) for side in SIDES
             for key, dtype in (("tokens", jnp.int32), ("segment_ids", jnp.int32),
                                ("loss", jnp.float32))}
 
   def init(self, model, rngs, batch):
+    if self.exp.task.share_prompt:  # parameters do not depend on the length
+      return model.init(rngs, batch["tokens"][:, :self.exp.data.seq_len])
     return model.init(rngs, batch["chosen_tokens"])
+
+  def pair_logps(self, model, variables, batch, *, rng, train):
+    """((summed log-probability of each chosen completion [P], of each rejected one [P]), (their
+    token counts), log-probability of each next token [rows, L], model state); P pairs: B, or
+    with share_prompt B x pairs_per_row (a pair with no chosen token is padding)."""
+    if not self.exp.task.share_prompt:
+      logp_NL, mask_NL, _, model_state = self.token_logps(model, variables, batch, rng=rng,
+                                                          train=train)
+      sums_N, counts_N = objective.masked_sums(logp_NL, mask_NL)
+      return jnp.split(sums_N, 2), jnp.split(counts_N, 2), logp_NL, model_state
+    tokens_BL = batch["tokens"]
+    logits_BLV, model_state = apply_model(
+        model, variables, tokens_BL, train=train, rng=rng, segment_ids_BL=batch["segment_ids"],
+        positions_BL=batch["positions"], branch_ids_BL=batch["branch_ids"],
+        deterministic=not train)
+    targets_BL = jnp.concatenate([tokens_BL[:, 1:], jnp.zeros_like(tokens_BL[:, :1])], axis=1)
+    logp_BL = objective.token_logps(logits_BLV, targets_BL)
+    (c, c_n), (r, r_n) = (self.segment_sums(logp_BL, batch[f"{s}_loss"], batch) for s in SIDES)
+    return (c, r), (c_n, r_n), logp_BL, model_state
+
+  def segment_sums(self, values_BL, mask_BL, batch):
+    """(masked sums [B x pairs_per_row], mask counts) per pair of shared-prompt rows."""
+    pairs_11K = jnp.arange(1, self.exp.task.pairs_per_row + 1)[None, None]
+    mask_BLK = ((batch["segment_ids"][..., None] == pairs_11K)
+                * mask_BL[..., None].astype(jnp.float32))
+    sums_BK = jnp.einsum("bl,blk->bk", values_BL, mask_BLK,
+                         precision=jax.lax.Precision.HIGHEST)
+    return sums_BK.reshape(-1), jnp.sum(mask_BLK, axis=1).reshape(-1)
 
   def token_logps(self, model, variables, batch, *, rng, train):
     """(log-probability of each next token [2B, L], completion mask [2B, L], segment ids
@@ -124,6 +179,12 @@ class PreferencePairs(DecodedReport, Task):
                                           segment_ids_BL=segment_ids_NL, deterministic=not train)
     targets_NL = jnp.concatenate([tokens_NL[:, 1:], jnp.zeros_like(tokens_NL[:, :1])], axis=1)
     return objective.token_logps(logits_NLV, targets_NL), mask_NL, segment_ids_NL, model_state
+
+  def valid(self, batch):
+    """[P] whether each pair is real (padded evaluation rows, empty pair slots: not)."""
+    if self.exp.task.share_prompt:
+      return self.segment_sums(batch["chosen_loss"], batch["chosen_loss"], batch)[1] > 0
+    return jnp.sum(batch["chosen_loss"], axis=-1) > 0
 
   def decoded_report(self, model, get_params, data, split, limit=None):
     """Greedy completions of the first held-out prompts against their chosen answers (exact
@@ -150,27 +211,27 @@ class DPO(PreferencePairs, References):
   def example_batch(self, batch_size):
     batch = super().example_batch(batch_size)
     if self.exp.task.reference == "precomputed":
-      batch.update({k: jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+      shape = (batch_size,) + ((self.exp.task.pairs_per_row,) if self.exp.task.share_prompt
+                               else ())
+      batch.update({k: jax.ShapeDtypeStruct(shape, jnp.float32)
                     for k in (REF_CHOSEN, REF_REJECTED)})
     return batch
 
   def logps(self, model, variables, batch, *, rng, train):
-    """(policy log-probability of each chosen completion [B], of each rejected one [B], the
+    """(policy log-probability of each chosen completion [P], of each rejected one [P], the
     model state): one forward over both sides; per-token means for ipo (TRL's)."""
-    logp_NL, mask_NL, _, model_state = self.token_logps(model, variables, batch, rng=rng,
-                                                        train=train)
-    logps_N, counts_N = objective.masked_sums(logp_NL, mask_NL)
+    logps, counts, _, model_state = self.pair_logps(model, variables, batch, rng=rng,
+                                                    train=train)
     if self.exp.task.loss_type == "ipo":
-      logps_N = logps_N / jnp.maximum(counts_N, 1.0)
-    chosen_B, rejected_B = jnp.split(logps_N, 2)
-    return chosen_B, rejected_B, model_state
+      logps = [x / jnp.maximum(n, 1.0) for x, n in zip(logps, counts)]
+    return logps[0], logps[1], model_state
 
   def reference_logps(self, model, variables, batch):
     """(reference log-probabilities of chosen [B], of rejected [B]), never differentiated."""
     params = variables["params"]
     reference = variables.get(TEACHER)
-    if REF_CHOSEN in batch:
-      return batch[REF_CHOSEN], batch[REF_REJECTED]
+    if REF_CHOSEN in batch:  # [B] or, sharing the prompt, [B, pairs_per_row]
+      return batch[REF_CHOSEN].reshape(-1), batch[REF_REJECTED].reshape(-1)
     if reference is not None:
       with without_moe_statistics():  # the frozen reference's routing is not the policy's
         chosen, rejected, _ = self.logps(model, reference["variables"], batch, rng=None,
@@ -204,9 +265,8 @@ class DPO(PreferencePairs, References):
     losses_B, chosen_rewards_B, rejected_rewards_B = objective.pair_losses(
         chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=t.beta, loss_type=t.loss_type,
         label_smoothing=t.label_smoothing)
-    valid_B = jnp.sum(batch["chosen_loss"], axis=-1) > 0  # padded evaluation rows: no pair
     loss_sum, pairs, sums = objective.pair_sums(losses_B, chosen_rewards_B, rejected_rewards_B,
-                                                chosen_B, rejected_B, valid_B)
+                                                chosen_B, rejected_B, self.valid(batch))
     return LossTerms(loss_sum, pairs, sums, model_state)
 
   def report(self, sums):
@@ -237,4 +297,6 @@ class DPO(PreferencePairs, References):
 
   def reference_columns(self, model, variables, batch):
     chosen, rejected, _ = self.logps(model, variables, batch, rng=None, train=False)
+    if self.exp.task.share_prompt:  # stored per row: [B, pairs_per_row]
+      chosen, rejected = (x.reshape(-1, self.exp.task.pairs_per_row) for x in (chosen, rejected))
     return {REF_CHOSEN: chosen, REF_REJECTED: rejected}

@@ -43,6 +43,9 @@ class ORPOConfig(TaskConfig):
   nll_tokens: str = "sequence"  # sequence (TRL: prompt and chosen completion) | completion
   completions: int = 8  # held-out prompts completed greedily at each evaluation (0: none)
   max_new_tokens: int = 0  # per completion; 0: half of data.seq_len
+  share_prompt: bool = False  # one row: prompt once, both completions (data/preference_shared.py)
+  pairs_per_row: int = 1  # share_prompt: at most this many pairs packed in a row
+  row_len: int = 0  # share_prompt: slots of a row; 0: 2 x data.seq_len (any pair fits)
 
   def validate(self, exp):
     validate_pairs(self, exp)
@@ -58,6 +61,8 @@ class ORPO(PreferencePairs):
     """[B, L] 1 where position t's next token counts in the chosen row's NLL."""
     if self.exp.task.nll_tokens == "completion":
       return batch["chosen_loss"]
+    if self.exp.task.share_prompt:
+      return shared_sequence_mask(batch["segment_ids"], batch["branch_ids"])
     segment_ids_BL = batch["chosen_segment_ids"]
     # every token of the row but its first: t predicts t + 1, both real (one pair per row)
     real_BL = jnp.concatenate([segment_ids_BL[:, 1:], jnp.zeros_like(segment_ids_BL[:, :1])],
@@ -65,16 +70,18 @@ class ORPO(PreferencePairs):
     return (real_BL & (segment_ids_BL > 0)).astype(jnp.float32)
 
   def loss(self, model, variables, batch, *, rng, train):
-    logp_NL, mask_NL, _, model_state = self.token_logps(model, variables, batch, rng=rng,
-                                                        train=train)
-    sums_N, counts_N = objective.masked_sums(logp_NL, mask_NL)
-    chosen_B, rejected_B = jnp.split(sums_N / jnp.maximum(counts_N, 1.0), 2)
-    chosen_logp_BL = logp_NL[:chosen_B.shape[0]]
-    nll_sum_B, nll_count_B = objective.masked_sums(chosen_logp_BL, self.nll_mask(batch))
+    sums, counts, logp_NL, model_state = self.pair_logps(model, variables, batch, rng=rng,
+                                                         train=train)
+    chosen_B, rejected_B = (x / jnp.maximum(n, 1.0) for x, n in zip(sums, counts))
+    if self.exp.task.share_prompt:
+      nll_sum_B, nll_count_B = self.segment_sums(logp_NL, self.nll_mask(batch), batch)
+    else:
+      nll_sum_B, nll_count_B = objective.masked_sums(logp_NL[:chosen_B.shape[0]],
+                                                     self.nll_mask(batch))
     nll_B = -nll_sum_B / jnp.maximum(nll_count_B, 1.0)
     losses_B, chosen_rewards_B, rejected_rewards_B, log_odds_B = objective.odds_ratio_losses(
         chosen_B, rejected_B, nll_B, beta=self.exp.task.beta)
-    valid_B = jnp.sum(batch["chosen_loss"], axis=-1) > 0  # padded evaluation rows: no pair
+    valid_B = self.valid(batch)
     loss_sum, pairs, sums = objective.pair_sums(losses_B, chosen_rewards_B, rejected_rewards_B,
                                                 chosen_B, rejected_B, valid_B)
     sums.update(objective.orpo_sums(nll_B, log_odds_B, valid_B))
@@ -87,3 +94,13 @@ class ORPO(PreferencePairs):
     line = (f"final validation ORPO loss {report['loss']:.4f} (NLL {report['nll_loss']:.4f}), "
             f"reward accuracy {report['reward_accuracy']:.3f}")
     return line + decoded.headline_part(report)
+
+
+def shared_sequence_mask(segment_ids_BL, branch_ids_BL):
+  """[B, L] of shared-prompt rows: 1 where slot t and the slot after it are the same pair's
+  prompt or chosen tokens (branches 0, 1): every token of the chosen sequence but its first."""
+  def next_(x_BL):
+    return jnp.concatenate([x_BL[:, 1:], jnp.zeros_like(x_BL[:, :1])], axis=1)
+  sequence_BL = (segment_ids_BL > 0) & (branch_ids_BL <= 1)
+  same_BL = (next_(segment_ids_BL) == segment_ids_BL) & next_(sequence_BL)
+  return (sequence_BL & same_BL).astype(jnp.float32)
