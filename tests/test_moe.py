@@ -196,8 +196,10 @@ def test_moe_options_on_rnn_or_resnet_are_refused():
 
 
 def test_dropless_all_to_all_equals_one_device_values_and_grads():
-  """expert=4 (x fsdp=2) and expert=8 on 8 devices: tokens travel by all-to-all (shard_map),
-  and the layer's output and gradients (kernels, expert LoRA, input) equal one device's."""
+  """expert=4 (x fsdp=2), expert=8 and fsdp=2 x expert=2 x tensor=2 (fsdp_tp_ep: the expert
+  width split over `tensor`, gathered for the call) on 8 devices: tokens travel by all-to-all
+  (shard_map), and the layer's output and gradients (kernels, expert LoRA, input) equal one
+  device's."""
   from llmjax.config import MeshConfig
   from llmjax.models import peft as peftlib
   from llmjax.parallel import mesh as meshlib
@@ -205,7 +207,8 @@ def test_dropless_all_to_all_equals_one_device_values_and_grads():
   cfg = dataclasses.replace(CFG, n_experts=8, n_layers=1)
   layer = moe.MoeMlp(cfg, peftlib.Peft(lora_targets="experts/w[ig]", lora_rank=2))
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 4, D))
-  params = nn.unbox(layer.init(jax.random.PRNGKey(0), x))["params"]
+  boxed = layer.init(jax.random.PRNGKey(0), x)["params"]
+  params = nn.unbox(boxed)
   lora = params["experts"]["lora"]  # B starts at zero: make the LoRA update count
   lora["wi_b"] = jax.random.normal(jax.random.PRNGKey(2), lora["wi_b"].shape) * 0.1
 
@@ -214,11 +217,20 @@ def test_dropless_all_to_all_equals_one_device_values_and_grads():
     return jnp.sum(y * jnp.cos(jnp.arange(D))[None, None]), y
   step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
   (want_loss, want_y), want_grads = jax.jit(step)(params, x)
-  for mesh, rules in [(dict(fsdp=2, expert=4), "fsdp_ep"), (dict(expert=8), "ep")]:
+  for mesh, rules in [(dict(fsdp=2, expert=4), "fsdp_ep"), (dict(expert=8), "ep"),
+                      (dict(fsdp=2, expert=2, tensor=2), "fsdp_tp_ep")]:
     mc = MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, "rules": rules, **mesh})
-    with jax.set_mesh(meshlib.make_mesh(mc)), nn.logical_axis_rules(sharding.rules_for(rules)):
-      compiled = jax.jit(step).lower(params, x).compile()
-      (got_loss, got_y), got_grads = compiled(params, x)
+    mesh_ = meshlib.make_mesh(mc)
+    # the parameters placed as the rules shard them (fsdp_tp_ep: E over expert, D over fsdp,
+    # F over tensor), which the shard_map gathers but for E
+    placed = jax.device_put(params, sharding.logical_shardings(boxed, mesh_, sharding.rules_for(
+        rules)))
+    sizes = {"fsdp": 1, "tensor": 1, **mesh}
+    assert placed["experts"]["wi"].addressable_shards[0].data.shape == (
+        8 // sizes["expert"], D // sizes["fsdp"], F // sizes["tensor"])
+    with jax.set_mesh(mesh_), nn.logical_axis_rules(sharding.rules_for(rules)):
+      compiled = jax.jit(step).lower(placed, x).compile()
+      (got_loss, got_y), got_grads = compiled(placed, x)
     hlo = compiled.as_text()
     # 3 forward (tokens, counts, results) + 2 backward: the dropless path really is all-to-all
     assert len(re.findall(r"[ )]all-to-all(-start)?\(", hlo)) == 5, rules
@@ -227,3 +239,42 @@ def test_dropless_all_to_all_equals_one_device_values_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  got_grads, want_grads)
   assert np.abs(want_grads[0]["experts"]["lora"]["wi_a"]).max() > 0
+
+
+def test_dropless_all_to_all_under_scan_with_remat_equals_one_device():
+  """A scanned, rematerialised stack of sparse layers under fsdp_ep (fsdp=2 x expert=4): the
+  shard_map runs inside the scan body and again in the backward's recomputation; the loss, every
+  gradient and the sown statistics equal one device's."""
+  from llmjax.config import MeshConfig
+  from llmjax.parallel import mesh as meshlib
+  from llmjax.parallel import sharding
+  cfg = dataclasses.replace(CFG, scan_layers=True, remat="full")
+  model = Transformer(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (8, L), 0, 32)
+  boxed = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  params = nn.unbox(boxed)
+
+  def loss(p):
+    logits, sown = model.apply({"params": p}, tokens, mutable=[moe.AUX])
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+    return nll, (logits, moe.aux_stats(sown[moe.AUX]))
+  step = jax.value_and_grad(loss, has_aux=True)
+  (want_loss, (want_y, want_stats)), want_grads = jax.jit(step)(params)
+  mc = MeshConfig(data=1, fsdp=2, expert=4, tensor=1, rules="fsdp_ep")
+  mesh_, rules = meshlib.make_mesh(mc), sharding.rules_for("fsdp_ep")
+  placed = jax.device_put(params, sharding.logical_shardings(boxed, mesh_, rules))
+  with jax.set_mesh(mesh_), nn.logical_axis_rules(rules):
+    compiled = jax.jit(step).lower(placed).compile()
+    (got_loss, (got_y, got_stats)), got_grads = compiled(placed)
+  # the forward scan body holds the 3 all-to-alls (tokens, counts, results), the backward body
+  # their recomputation (remat: nothing saved) and the 2 transposes
+  assert len(re.findall(r"[ )]all-to-all(-start)?\(", compiled.as_text())) == 3 + 3 + 2
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_stats, want_stats)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_grads, want_grads)
+  assert want_stats["load"].shape == (E,)
+  assert np.abs(want_grads["layers"]["mlp"]["experts"]["wi"]).max() > 0

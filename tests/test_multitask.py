@@ -2,6 +2,7 @@
 heads get no gradient from other tasks' rows, the mixture's frequencies, exact resume and
 `llmjax eval`, 8 devices equal one, and each bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from llmjax import config as config_lib
 from llmjax.errors import ConfigError, UserError
 from llmjax.eval import evaluate
 from llmjax.parallel import sharding
-from llmjax.tasks import multitask
+from llmjax.tasks import multitask, report_with_moe
 from llmjax.train import init, loop, reporting, rundir, step
 from llmjax.train import setup as setuplib
 
@@ -282,3 +283,53 @@ def test_the_cli_refuses_a_mixture_of_zero_weights_and_writes_nothing(tmp_path):
   assert "every mixture weight is 0" in proc.stderr and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not workdir.exists()
+
+
+def test_sparse_layers_join_each_tasks_loss_and_each_task_reports_them(tmp_path):
+  """A backbone with sparse layers (4 experts, top-2): in training each task's load-balancing
+  and z-losses join its loss with its loss weight and reach the train records combined as the
+  loss is; evaluation reports each task's statistics, equal to its single-task evaluation."""
+  exp = with_mesh(_experiment(tmp_path, model=dict(n_experts=4, experts_per_token=2, moe_d_ff=32,
+                                                   moe_z_loss_weight=0.1)), 1, 1, "dp")
+  s = setuplib.prepare(exp, None, jax.devices()[:1])
+  params = jax.device_get(init.init_state(0, s.init_variables, s.tx, s.mesh, s.rules,
+                                          s.state_shardings).params)
+  batch = next(loop._data_iterator(s, None))  # mixed rows of both tasks
+  assert set(np.unique(batch[multitask.TASK_ID])) == {0, 1}
+  loss = step.bind_loss(s.task, s.model)
+  run = jax.jit(lambda p, b, train: loss({"params": p}, b, rng=jax.random.PRNGKey(0),
+                                         train=train), static_argnums=2)
+  trained, plain = run(params, batch, True), run(params, batch, False)
+  weights = {e.head: e.loss_weight for e in exp.tasks}
+  per_task = {head: {k: float(v) / max(float(sums["weight"]), 1.0) for k, v in sums.items()
+                     if k in ("moe_aux_loss", "moe_z_loss", "moe_dropped")}
+              for head, sums in trained.sums["tasks"].items()}
+  assert all(t["moe_aux_loss"] > 1.0 and t["moe_z_loss"] > 0 for t in per_task.values())
+  extra = sum(weights[h] * (0.01 * t["moe_aux_loss"] + 0.1 * t["moe_z_loss"])
+              for h, t in per_task.items())
+  np.testing.assert_allclose(float(trained.loss_sum) - float(plain.loss_sum), extra, rtol=1e-4)
+  logged = step._logged(trained)
+  assert set(logged) == {"moe_aux_loss", "moe_z_loss", "moe_dropped"} and not step._logged(plain)
+  for key, value in logged.items():
+    np.testing.assert_allclose(float(value), sum(weights[h] * t[key] for h, t in per_task.items()),
+                               rtol=1e-5, err_msg=key)
+  # evaluation: one batch of each task's own rows, against that task run alone
+  batches = s.task.eval_batches(s.data.val, 8, 1)
+  sums = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs),
+                      *[jax.device_get(dataclasses.asdict(run(params, b, False))) for b in batches])
+  report = report_with_moe(s.task, {"loss_sum": sums["loss_sum"],
+                                                 "weight": sums["weight"], **sums["sums"]})
+  for head in ("lm", "classify"):
+    single, _ = _single(s, head, params)
+    single_loss = step.bind_loss(single.task, single.model)
+    own = single.task.eval_batches(single.data.val, 8, 1)[0]
+    terms = jax.device_get(jax.jit(lambda p, b: single_loss(
+        {"params": p}, b, rng=None, train=False))(multitask.params_for(params, head), own))
+    alone = report_with_moe(single.task, {"loss_sum": terms.loss_sum,
+                                                       "weight": terms.weight, **terms.sums})
+    ours = report["tasks"][head]
+    assert len(ours["moe_load"]) == 4 and abs(sum(ours["moe_load"]) - 1) < 1e-5
+    for key in ("loss", "moe_aux_loss", "moe_z_loss", "moe_dropped", "moe_load"):
+      np.testing.assert_allclose(ours[key], alone[key], rtol=1e-5, err_msg=f"{head} {key}")
+  records = s.task.split_records("val", report)
+  assert isinstance(records["val/lm"]["moe_aux_loss"], float)

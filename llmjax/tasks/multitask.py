@@ -31,8 +31,10 @@ from llmjax import treepaths
 from llmjax.config import Experiment
 from llmjax.config_tasks import TaskEntry
 from llmjax.errors import ConfigError
+from llmjax.models import moe
 from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, LossTerms, Outputs, SharesBatch,
-                               Task, WritesFiles, declared, supports)
+                               Task, WritesFiles, declared, loss_with_moe, report_with_moe,
+                               supports)
 from llmjax.tasks.registry import TASKS
 
 TASK_ID = "task_id"
@@ -268,18 +270,29 @@ class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
 
   def loss(self, model, variables, batch, *, rng, train):
     """sum_k loss_weight_k * (task k's loss sum over its rows / its count), weight 1; each
-    task's own sums under sums["tasks"][k] for its report."""
+    task's own sums under sums["tasks"][k] for its report.
+
+    Task k's loss is `loss_with_moe`'s: with sparse layers its model's load-balancing and
+    z-losses join it in training (so they enter with its loss weight), and its sums carry the
+    statistics. In training the top-level sums hold them combined as the loss is (sum_k
+    loss_weight_k * task k's per-weight mean), which the train records log."""
     task_B = batch[TASK_ID]
     rows = {k: v for k, v in batch.items() if k != TASK_ID}
     total, per_task = jnp.zeros((), jnp.float32), {}
+    combined = {}
     for k, (head, sub) in enumerate(self.subs.items()):
       keep_B = (task_B == k).astype(jnp.float32)
       key = None if rng is None else jax.random.fold_in(rng, k)
-      terms = sub.loss(model.models[head], {"params": params_for(variables["params"], head)},
-                       sub.only_rows(rows, keep_B), rng=key, train=train)
-      total += self.entries[head].loss_weight * terms.loss_sum / jnp.maximum(terms.weight, 1.0)
+      terms = loss_with_moe(sub, model.models[head],
+                            {"params": params_for(variables["params"], head)},
+                            sub.only_rows(rows, keep_B), rng=key, train=train)
+      share = self.entries[head].loss_weight / jnp.maximum(terms.weight, 1.0)
+      total += share * terms.loss_sum
       per_task[head] = {"loss_sum": terms.loss_sum, "weight": terms.weight, **terms.sums}
-    return LossTerms(total, jnp.ones((), jnp.float32), {"tasks": per_task}, {})
+      for name in moe.TRAIN_SUMS if train else ():
+        if name in terms.sums:
+          combined[name] = combined.get(name, 0.0) + share * terms.sums[name]
+    return LossTerms(total, jnp.ones((), jnp.float32), {"tasks": per_task, **combined}, {})
 
   def eval_batches(self, arrays, batch_size, max_batches=None):
     """Each task's rows in batches of their own, at most `max_batches` per task."""
@@ -294,8 +307,8 @@ class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
   def report(self, sums):
     """{"loss": sum_k loss_weight_k * loss_k, "tasks": {k: task k's own report}} over the tasks
     whose rows were evaluated."""
-    per_task = {head: sub.report(sums["tasks"][head]) for head, sub in self.subs.items()
-                if float(sums["tasks"][head]["weight"]) > 0}
+    per_task = {head: report_with_moe(sub, sums["tasks"][head])
+                for head, sub in self.subs.items() if float(sums["tasks"][head]["weight"]) > 0}
     loss = sum(self.entries[h].loss_weight * r["loss"] for h, r in per_task.items())
     return {"loss": float(loss), "tasks": per_task}
 
