@@ -74,7 +74,7 @@ def test_formats_roundtrip_within_bounds_and_numpy_reads_them():
                              [-1.0, -0.6961928, 0.0, 0.0795803, 0.7229568, 1.0], atol=1e-6)
   with pytest.raises(ConfigError, match=r"layer_0/mlp/wo: group size 48 does not divide .* 64"):
     quantlib.scale_shape((64, 32), 1, 48, "layer_0/mlp/wo")
-  for bad in ("int3", "int4:g0", "nf4:asym", "int8:x"):
+  for bad in ("int3", "int4:g", "nf4:asym", "int8:x"):
     with pytest.raises(ConfigError, match="config.model.quant"):
       quantlib.parse(bad)
 

@@ -32,8 +32,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An llmjax export: export:
                                   flag_values=FLAGS)
 _BITS = flags.DEFINE_integer("bits", None, "8 or 4.", flag_values=FLAGS)
 _GROUP = flags.DEFINE_integer("group_size", None, "Inputs sharing one scale (default: 8 bits "
-                              "per channel, int4 128, nf4 64); must divide each kernel's input.",
-                              flag_values=FLAGS)
+                              "per channel, int4 128, nf4 64); must divide each kernel's input; "
+                              "0: one scale per output channel.", flag_values=FLAGS)
 _FORMAT = flags.DEFINE_string("format", "int", "int (integers, --bits 8 or 4) or nf4 (QLoRA's "
                               "4-bit normal float).", flag_values=FLAGS)
 _ASYM = flags.DEFINE_boolean("asymmetric", False, "A zero point per group (int only).",
@@ -54,10 +54,10 @@ def spec(bits, group_size, fmt: str, asymmetric: bool) -> str:
   if fmt == "nf4" and (bits != 4 or asymmetric):
     raise UserError(f"--format=nf4 is 4-bit and symmetric (got --bits={bits}"
                     f"{', --asymmetric' if asymmetric else ''})")
-  if group_size is not None and group_size <= 0:
-    raise UserError(f"--group_size={group_size}: must be positive")
+  if group_size is not None and group_size < 0:
+    raise UserError(f"--group_size={group_size}: must be positive, or 0 (per output channel)")
   kind = "nf4" if fmt == "nf4" else f"int{bits}"
-  return ":".join([kind] + ([f"g{group_size}"] if group_size else [])
+  return ":".join([kind] + ([f"g{group_size}"] if group_size is not None else [])
                   + (["asym"] if asymmetric else []))
 
 

@@ -1,18 +1,19 @@
 """Weight quantization: int8 per channel, int4 in groups, nf4 (QLoRA); storage and pure math.
 
-A quantized kernel of DenseGeneral is stored, as qwix stores a QArray, as integer values plus a
-float32 `scale` (and, asymmetric, an integer `zero`) of the kernel's rank, the kernel
-reconstructed as (q - zero) * scale with the scale broadcast generically (an axis of the scale
-either 1, the kernel's size, or a divisor: one scale per tile). Differences from qwix: 4-bit
-values are packed two per uint8 byte along the kernel's first axis (orbax/tensorstore store no
-int4 or uint4, and XLA:CPU keeps a jnp.int4 array at one byte per value), and groups run over
+A quantized kernel of DenseGeneral (or of a convolution, models/quant_conv.py) is stored, as qwix
+stores a QArray, as integer values plus a float32 `scale` (and, asymmetric, an integer `zero`) of
+the kernel's rank, the kernel reconstructed as (q - zero) * scale with the scale broadcast
+generically (an axis of the scale either 1, the kernel's size, or a divisor: one scale per
+tile). Differences from qwix: 4-bit values are packed two per uint8 byte along one axis of the
+kernel (a dense kernel's first, a convolution's output channels) because orbax/tensorstore store
+no int4 or uint4 and XLA:CPU keeps a jnp.int4 array at one byte per value; and groups run over
 the flattened contraction (an attention output kernel [N, H, D] in groups of 128 spans two heads
 of 64), expressed per axis in the scale's shape.
 
 Spec strings (config.model.quant): int8 (per output channel), int8:g64, int4:g128, int4:g32:asym,
-nf4:g64 ("" = not quantized). Symmetric int8 uses [-127, 127], int4 [-7, 7]; asymmetric the full
-range with a zero point; nf4 the 16 levels of QLoRA (Dettmers et al. 2023) times each block's
-absmax.
+nf4:g64, int4:g0 (g0: one scale per output channel, in any format) ("" = not quantized).
+Symmetric int8 uses [-127, 127], int4 [-7, 7]; asymmetric the full range with a zero point; nf4
+the 16 levels of QLoRA (Dettmers et al. 2023) times each block's absmax.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class QuantSpec:
     return (-top - 1, top) if self.asymmetric else (-top, top)
 
   def __str__(self) -> str:
-    parts = [self.kind] + ([f"g{self.group_size}"] if self.group_size else [])
+    # g0 (per channel) is written where it is not the kind's default
+    named = self.group_size or DEFAULT_GROUP[self.kind]
+    parts = [self.kind] + ([f"g{self.group_size}"] if named else [])
     return ":".join(parts + (["asym"] if self.asymmetric else []))
 
 
@@ -70,14 +73,15 @@ def parse(text: str, key: str = "config.model.quant") -> QuantSpec | None:
   if not text:
     return None
   kind, *rest = text.split(":")
-  allowed = "int8[:gN][:asym], int4[:gN][:asym], nf4[:gN] (N dividing the input dimension)"
+  allowed = ("int8[:gN][:asym], int4[:gN][:asym], nf4[:gN] (N dividing the input dimension; "
+             "g0: per output channel)")
   if kind not in KINDS:
     raise ConfigError(f"{key}={text!r}: allowed {allowed}")
   group, asym = DEFAULT_GROUP[kind], False
   for part in rest:
     if part == "asym" and kind != "nf4":
       asym = True
-    elif part[:1] == "g" and part[1:].isdigit() and int(part[1:]) > 0:
+    elif part[:1] == "g" and part[1:].isdigit():
       group = int(part[1:])
     else:
       raise ConfigError(f"{key}={text!r}: bad part {part!r}; allowed {allowed}")
@@ -110,14 +114,15 @@ def scale_shape(shape: tuple[int, ...], n_in: int, group: int, where: str) -> tu
   return tuple(reversed(dims)) + tuple(shape[n_in:])
 
 
-def stored_shape(shape: tuple[int, ...], spec: QuantSpec, where: str) -> tuple[int, ...]:
-  """The stored values' shape: the kernel's, the first axis halved for 4 bits (two per byte)."""
+def stored_shape(shape: tuple[int, ...], spec: QuantSpec, where: str,
+                 axis: int = 0) -> tuple[int, ...]:
+  """The stored values' shape: the kernel's, axis `axis` halved for 4 bits (two per byte)."""
   if spec.bits == 8:
     return tuple(shape)
-  if shape[0] % 2:
-    raise ConfigError(f"{where}: 4-bit values pack two per byte along the kernel's first axis, "
+  if shape[axis] % 2:
+    raise ConfigError(f"{where}: 4-bit values pack two per byte along the kernel's axis {axis}, "
                       f"which must be even (kernel {list(shape)})")
-  return (shape[0] // 2,) + tuple(shape[1:])
+  return tuple(shape[:axis]) + (shape[axis] // 2,) + tuple(shape[axis + 1:])
 
 
 def stored_dtype(spec: QuantSpec):
@@ -150,23 +155,26 @@ def broadcast_mul(x: jax.Array, scale: jax.Array) -> jax.Array:
   return (xs * scale.reshape(s_shape)).reshape(x.shape)
 
 
-def pack(v: jax.Array) -> jax.Array:
-  """4-bit values (int, low nibble kept) two per uint8 along axis 0: even rows low, odd high."""
-  nib = (v.astype(jnp.int32) & 15).astype(jnp.uint8)
-  return nib[0::2] | (nib[1::2] << 4)
+def pack(v: jax.Array, axis: int = 0) -> jax.Array:
+  """4-bit values (int, low nibble kept) two per uint8 along `axis`: even entries low, odd high."""
+  nib = (jnp.moveaxis(v, axis, 0).astype(jnp.int32) & 15).astype(jnp.uint8)
+  return jnp.moveaxis(nib[0::2] | (nib[1::2] << 4), 0, axis)
 
 
-def unpack(b: jax.Array, signed: bool) -> jax.Array:
-  """`pack` undone: axis 0 doubled, values int8 (signed: -8..7, else 0..15)."""
+def unpack(b: jax.Array, signed: bool, axis: int = 0) -> jax.Array:
+  """`pack` undone: `axis` doubled, values int8 (signed: -8..7, else 0..15)."""
+  b = jnp.moveaxis(b, axis, 0)
   both = jnp.stack([b & 15, b >> 4], axis=1).astype(jnp.int8)
   both = jnp.where(both >= 8, both - 16, both) if signed else both
-  return both.reshape((b.shape[0] * 2,) + b.shape[1:])
+  return jnp.moveaxis(both.reshape((b.shape[0] * 2,) + b.shape[1:]), 0, axis)
 
 
-def quantize(w: jax.Array, n_in: int, spec: QuantSpec, where: str = "kernel") -> dict:
-  """{"kernel": stored values, "kernel_scale": float32 [, "kernel_zero": int8]} of kernel `w`."""
+def quantize(w: jax.Array, n_in: int, spec: QuantSpec, where: str = "kernel",
+             pack_axis: int = 0) -> dict:
+  """{"kernel": stored values, "kernel_scale": float32 [, "kernel_zero": int8]} of kernel `w`
+  (4 bits: packed along `pack_axis`)."""
   sshape = scale_shape(w.shape, n_in, spec.group_size, where)
-  stored_shape(w.shape, spec, where)
+  stored_shape(w.shape, spec, where, pack_axis)
   w32 = w.astype(jnp.float32)
   ws, s_split, red = _split(w32, sshape)
   out = {}
@@ -190,15 +198,15 @@ def quantize(w: jax.Array, n_in: int, spec: QuantSpec, where: str = "kernel") ->
     scale = jnp.max(jnp.abs(ws), axis=red, keepdims=True) / hi
     scale = jnp.where(scale == 0, 1.0, scale)
     q = jnp.clip(jnp.round(ws / scale), lo, hi).reshape(w.shape)
-  out["kernel"] = pack(q) if spec.bits == 4 else q.astype(jnp.int8)
+  out["kernel"] = pack(q, pack_axis) if spec.bits == 4 else q.astype(jnp.int8)
   out["kernel_scale"] = scale.reshape(sshape).astype(jnp.float32)
   return out
 
 
-def values(stored: dict, spec: QuantSpec) -> jax.Array:
+def values(stored: dict, spec: QuantSpec, pack_axis: int = 0) -> jax.Array:
   """The integer values (nf4: codes 0..15) at the kernel's shape, zero point subtracted."""
   q = stored["kernel"]
-  q = unpack(q, signed=spec.kind != "nf4") if spec.bits == 4 else q
+  q = unpack(q, spec.kind != "nf4", pack_axis) if spec.bits == 4 else q
   if "kernel_zero" in stored:
     zero = stored["kernel_zero"].astype(jnp.int32)
     return (q.astype(jnp.int32) - _broadcast_to(zero, q.shape)).astype(jnp.int32)
@@ -209,18 +217,18 @@ def _broadcast_to(s: jax.Array, shape) -> jax.Array:
   return broadcast_mul(jnp.ones(shape, s.dtype), s)
 
 
-def dequantize(stored: dict, spec: QuantSpec, dtype=jnp.float32) -> jax.Array:
+def dequantize(stored: dict, spec: QuantSpec, dtype=jnp.float32, pack_axis: int = 0) -> jax.Array:
   """The float kernel the stored values stand for, in `dtype` (scaled in float32)."""
-  q = values(stored, spec)
+  q = values(stored, spec, pack_axis)
   base = jnp.asarray(NF4)[q] if spec.kind == "nf4" else q.astype(jnp.float32)
   return broadcast_mul(base, stored["kernel_scale"]).astype(dtype)
 
 
-def error_bound(stored: dict, spec: QuantSpec) -> jax.Array:
+def error_bound(stored: dict, spec: QuantSpec, pack_axis: int = 0) -> jax.Array:
   """Per element, the largest |w - dequantize(w)| the format allows: half a step (symmetric),
   a step (asymmetric: the rounded zero point shifts the grid), half nf4's widest gap x absmax."""
   scale = stored["kernel_scale"]
-  shape = values(stored, spec).shape
+  shape = values(stored, spec, pack_axis).shape
   if spec.kind == "nf4":
     return _broadcast_to(scale * float(np.max(np.diff(NF4)) / 2), shape)
   return _broadcast_to(scale * (1.0 if spec.asymmetric else 0.5), shape)
@@ -237,7 +245,7 @@ def _ones(key, shape, dtype):
 
 
 def kernel_params(module: nn.Module, spec: QuantSpec, shape: tuple[int, ...], n_in: int,
-                  logical_axes: tuple[str, ...]) -> dict:
+                  logical_axes: tuple[str, ...], pack_axis: int = 0) -> dict:
   """Declare `module`'s stored kernel (its real values come from a quantized export or
   `quantize`): {"kernel", "kernel_scale"[, "kernel_zero"]}. Scales are sharded like the kernel's
   output axes and replicated along its input axes (a tile count rarely divides a mesh axis)."""
@@ -246,7 +254,7 @@ def kernel_params(module: nn.Module, spec: QuantSpec, shape: tuple[int, ...], n_
   scale_axes = (None,) * n_in + tuple(logical_axes[n_in:])
   stored = {"kernel": module.param(
       "kernel", nn.with_logical_partitioning(_zeros, logical_axes),
-      stored_shape(shape, spec, where), stored_dtype(spec))}
+      stored_shape(shape, spec, where, pack_axis), stored_dtype(spec))}
   stored["kernel_scale"] = module.param(
       "kernel_scale", nn.with_logical_partitioning(_ones, scale_axes), sshape, jnp.float32)
   if spec.asymmetric:

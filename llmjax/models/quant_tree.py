@@ -2,10 +2,10 @@
 and a float tree turned into that model's tree (and a quantized tree into floats again).
 
 Which kernels, and how many of their leading axes are inputs, is read from the quantized model
-itself: its abstract init runs (shapes only) with every DenseGeneral call intercepted, so every
-family, scanned layers (a leading `layers` axis, quantized layer by layer) and LoRA-hooked
-projections are covered without a table. Embeddings, norms, biases, MoE experts and LoRA factors
-stay float.
+itself: its abstract init runs (shapes only) with every DenseGeneral and QuantConv call
+intercepted, so every family, scanned layers (a leading `layers` axis, quantized layer by layer),
+LoRA-hooked projections and image models' convolutions are covered without a table. Embeddings,
+norms, biases, MoE experts and LoRA factors stay float.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from llmjax import treepaths
 from llmjax.errors import UserError
 from llmjax.models import quant as quantlib
 from llmjax.models.layers import DenseGeneral
+from llmjax.models.quant_conv import N_IN as CONV_IN, PACK_AXIS as CONV_PACK, QuantConv
 
 PARTS = ("kernel", "kernel_scale", "kernel_zero")
 
@@ -33,21 +34,25 @@ class Layout:
   spec: quantlib.QuantSpec
   n_in: int
   rank: int  # the float kernel's rank, a scanned stack's layer axis excluded
+  pack_axis: int = 0  # 4 bits: the axis values pack two per byte along (a conv's: its outputs)
 
 
 def layouts(abstract_init: Callable[[], dict]) -> dict[str, Layout]:
-  """{module path: Layout} of every quantized DenseGeneral that `abstract_init` (the quantized
+  """{module path: Layout} of every quantized DenseGeneral and QuantConv that `abstract_init` (the
   model's abstract init, e.g. hf.api.abstract_variables) creates. It must trace the model
   afresh: jax reuses the trace of a function object it has traced before, running no module."""
   found: dict[str, Layout] = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == "__call__" and isinstance(module, DenseGeneral)
+    if (context.method_name == "__call__" and isinstance(module, (DenseGeneral, QuantConv))
         and module.quant):
       path = "/".join(module.path)
-      found[path] = Layout(path, quantlib.parse(module.quant), len(module.axis),
-                           len(module.axis) + len(module.features))
+      if isinstance(module, DenseGeneral):
+        found[path] = Layout(path, quantlib.parse(module.quant), len(module.axis),
+                             len(module.axis) + len(module.features))
+      else:
+        found[path] = Layout(path, quantlib.parse(module.quant), CONV_IN, CONV_IN + 1, CONV_PACK)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -74,7 +79,8 @@ def quantize_tree(params: dict, found: dict[str, Layout]) -> dict:
     out = {}
     for path, w in kernels.items():
       layout = found[path]
-      one = lambda k, layout=layout: quantlib.quantize(k, layout.n_in, layout.spec, layout.path)
+      one = lambda k, layout=layout: quantlib.quantize(k, layout.n_in, layout.spec, layout.path,
+                                                       layout.pack_axis)
       out[path] = (jax.vmap(one) if w.ndim == layout.rank + 1 else one)(w)
     return out
 
@@ -92,7 +98,7 @@ def dequantize_tree(params: dict, found: dict[str, Layout], dtype=jnp.float32) -
     out = {}
     for path, parts in stored.items():
       layout = found[path]
-      one = lambda p, layout=layout: quantlib.dequantize(p, layout.spec, dtype)
+      one = lambda p, layout=layout: quantlib.dequantize(p, layout.spec, dtype, layout.pack_axis)
       out[path] = (jax.vmap(one) if parts["kernel"].ndim == layout.rank + 1 else one)(parts)
     return out
 
@@ -105,7 +111,7 @@ def float_shape(stored: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
   """The float kernel's shape from its stored values' (4 bits: the packed axis doubled)."""
   if layout.spec.bits == 8:
     return tuple(stored)
-  axis = len(stored) - layout.rank  # a scanned stack's layer axis comes first
+  axis = len(stored) - layout.rank + layout.pack_axis  # a scanned stack's layer axis first
   return stored[:axis] + (stored[axis] * 2,) + tuple(stored[axis + 1:])
 
 

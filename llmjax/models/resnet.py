@@ -4,6 +4,10 @@ bottleneck blocks, the stride on the 3x3 conv (on the first 1x1, v1, with resnet
 Tensor-name letters: B batch, H height, W width, C channels (of a feature map, or the classes of
 logits). Convolutions pad k//2 on every side as torch does: 'SAME' pads asymmetrically at
 stride 2 and would shift every feature map by a pixel against a torch checkpoint.
+
+With config.model.quant set (a quantized export, `llmjax quantize`), the convolutions and the
+classifier store their kernels quantized (models/quant_conv.py, DenseGeneral); BatchNorm and
+biases stay float.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from flax import linen as nn
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.models.apply import HEAD_INPUT
+from llmjax.models.layers import DenseGeneral
+from llmjax.models.quant_conv import QuantConv
 from llmjax.parallel import axes
 
 # Kaiming-normal over fan-out, as torchvision and HF initialise ResNet convolutions.
@@ -81,21 +87,30 @@ def block_name(stage: int, index: int) -> str:
 
 
 def conv(cfg: ModelConfig, features: int, kernel: int, stride: int, name: str, *,
-         use_bias: bool = False) -> nn.Conv:
-  """A square convolution with torch's symmetric padding (k//2), kernel [H, W, in, out]."""
+         use_bias: bool = False) -> nn.Module:
+  """A square convolution with torch's symmetric padding (k//2), kernel [H, W, in, out]
+  (stored quantized where config.model.quant says)."""
   pad = kernel // 2
+  kernel_axes = (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT)
+  if cfg.quant:
+    return QuantConv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
+                     kernel_axes, cfg.quant, use_bias, cfg.dtype, cfg.param_dtype, name=name)
   extra = {}
   if use_bias:
     extra["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros, (axes.CONV_OUT,))
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias,
                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                 kernel_init=nn.with_logical_partitioning(
-                     _CONV_INIT, (axes.CONV_H, axes.CONV_W, axes.CONV_IN, axes.CONV_OUT)),
+                 kernel_init=nn.with_logical_partitioning(_CONV_INIT, kernel_axes),
                  name=name, **extra)
 
 
-def dense(cfg: ModelConfig, features: int, logical_axes: tuple[str, str], name: str) -> nn.Dense:
+def dense(cfg: ModelConfig, features: int, logical_axes: tuple[str, str], name: str) -> nn.Module:
+  """flax's Dense with torch's init; with config.model.quant, llmjax's DenseGeneral storing the
+  same kernel [in, out] quantized (its init is never used: the values come from an export)."""
+  if cfg.quant:
+    return DenseGeneral((features,), logical_axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        quant=cfg.quant, quant_compute=cfg.quant_compute, name=name)
   return nn.Dense(features, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                   kernel_init=nn.with_logical_partitioning(_DENSE_INIT, logical_axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
