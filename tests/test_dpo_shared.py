@@ -2,6 +2,8 @@
 after it. Loss, metrics and gradients equal the two-row layout's (dpo, orpo; packed, padded and
 cut pairs); the rejected tokens never see the chosen ones; bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,30 @@ def test_bad_sharing_options_are_refused():
                      r"not of config.task.name='lm'") as e:
     config_lib.resolve(c)
   assert "\n" not in str(e.value)
+
+
+def test_auto_attention_runs_xla_where_it_would_pick_splash():
+  """On a TPU target `auto` picks splash for a 128-slot row; with branch ids it runs XLA's
+  attention instead (equal to 'xla'), and an explicit 'splash' is refused in one line."""
+  from llmjax.models import attention
+  from llmjax.models.transformer import Transformer
+  length = 128
+  batch = {"tokens_BL": jnp.arange(length, dtype=jnp.int32)[None] % 50,
+           "segment_ids_BL": jnp.ones((1, length), jnp.int32),
+           "branch_ids_BL": jnp.repeat(jnp.arange(3, dtype=jnp.int32), 43)[None, :length],
+           "positions_BL": jnp.arange(length, dtype=jnp.int32)[None] % 86}
+  exp = experiment("dpo", True)
+  models = {impl: Transformer(dataclasses.replace(exp.model, attention_impl=impl, max_len=length))
+            for impl in ("auto", "xla", "splash")}
+  params = models["xla"].init(jax.random.PRNGKey(0), batch["tokens_BL"])
+  tokens_BL = batch.pop("tokens_BL")
+  run = lambda impl: models[impl].apply(params, tokens_BL, **batch)  # noqa: E731
+  token = attention.TARGET_PLATFORM.set("tpu")
+  try:
+    assert attention.implementation(models["auto"].cfg, length) == "splash"
+    np.testing.assert_array_equal(run("auto"), run("xla"))
+    with pytest.raises(ConfigError, match="'splash' cannot run the branch mask") as e:
+      run("splash")
+    assert "\n" not in str(e.value)
+  finally:
+    attention.TARGET_PLATFORM.reset(token)
