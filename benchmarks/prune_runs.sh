@@ -14,7 +14,8 @@
 # Environment: BASE, the run every row starts from (init_from=workdir:$BASE; default runs/gpt_base
 # or runs/mnist_base; pin a step as runs/stdlib_gpt@750); OUT, where the rows go (default
 # runs/prune; the table: prune_table.py KIND OUT); FT_STEPS, the fine-tuning rows' steps when
-# they must be shorter than the defaults (gradual rows then prune over its first three quarters).
+# they must be shorter than the defaults: the gradual schedule shrinks with them (pruning over
+# the first three quarters, every FT_STEPS/8 (gpt) or /20 (mnist) steps, as 5 of 40 and 10 of 200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -27,7 +28,8 @@ case "$kind" in
             --config.optim.schedule=constant --config.train.eval_every=1000
             --config.train.checkpoint_every=1000)
     FT=(--config.train.steps=${FT_STEPS:-200} --config.optim.lr=5e-4)
-    GRADUAL=(--config.prune.end_step=$(( ${FT_STEPS:-200} * 3 / 4 )) --config.prune.frequency=10)
+    GRADUAL=(--config.prune.end_step=$(( ${FT_STEPS:-200} * 3 / 4 ))
+             --config.prune.frequency=$(( ${FT_STEPS:-200} / 20 > 1 ? ${FT_STEPS:-200} / 20 : 1 )))
     ONE_SHOT=()
     # The first conv has one input channel: no group of 4 along it.
     NM=(--config.prune.method=nm --config.prune.target=0
@@ -40,7 +42,8 @@ case "$kind" in
     GRADUAL=()  # the experiment's own: 0 -> target over steps 0..30, every 5
     if [ -n "${FT_STEPS:-}" ]; then
       FT=(--config.train.steps=$FT_STEPS)
-      GRADUAL=(--config.prune.end_step=$(( FT_STEPS * 3 / 4 )))
+      GRADUAL=(--config.prune.end_step=$(( FT_STEPS * 3 / 4 ))
+               --config.prune.frequency=$(( FT_STEPS / 8 > 1 ? FT_STEPS / 8 : 1 )))
     fi
     ONE_SHOT=(--config.prune.end_step=0)
     NM=(--config.prune.method=nm --config.prune.target=0 --config.prune.end_step=0)

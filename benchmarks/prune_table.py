@@ -1,6 +1,6 @@
 """docs/compression.md's pruning table from benchmarks/prune_runs.sh's workdirs (runs/prune/).
 
-  .venv/bin/python benchmarks/prune_table.py mnist|gpt
+  .venv/bin/python benchmarks/prune_table.py mnist|gpt [OUT]   # OUT: prune_runs.sh's, runs/prune
 
 gpt: validation nats/byte of each row's final evaluation; mnist: test accuracy (llmjax eval
 --split=test). Sparsity: zeros over every pruned kernel, as the run reports it.
@@ -19,9 +19,9 @@ ROWS = [("dense", "none", "no"), ("dense_ft", "none", "yes"), ("oneshot_noft_0.5
         ("gradual_ft_0.9", "gradual 0 -> 90%", "yes"), ("nm_ft", "one-shot 2:4", "yes")]
 
 
-def result(kind: str, name: str):
+def result(kind: str, name: str, out: str = "runs/prune"):
   """(sparsity, metric) of one row, or None when it has not finished."""
-  wd = f"runs/prune/{kind}_{name}"
+  wd = f"{out}/{kind}_{name}"
   if not os.path.exists(f"{wd}/done"):
     return None
   with open(f"{wd}/metrics.jsonl") as f:
@@ -33,14 +33,14 @@ def result(kind: str, name: str):
   return val.get("sparsity", 0.0), f"{val['loss']:.4f}"
 
 
-def main(kind: str) -> None:
+def main(kind: str, out: str = "runs/prune") -> None:
   metric = "test accuracy" if kind == "mnist" else "val nats/byte"
   print(f"| pruning | fine-tuned | sparsity | {metric} |\n|---|---|---|---|")
   for name, what, tuned in ROWS:
-    found = result(kind, name)
+    found = result(kind, name, out)
     if found is not None:
       print(f"| {what} | {tuned} | {found[0]:.3f} | {found[1]} |")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:3])
