@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax import config as config_lib, finetune
+from llmjax import config as config_lib, finetune, flops
 from llmjax.errors import ConfigError, DataError, UserError
 from llmjax.objectives import dpo as objective
 from llmjax.objectives.distill import TEACHER
 from llmjax.parallel import sharding
 from llmjax.train import loop, setup
-from llmjax.tasks.dpo import REF_CHOSEN, REF_REJECTED
+from llmjax.tasks.dpo import DPO, REF_CHOSEN, REF_REJECTED
 from llmjax.train.state import loss_variables
 
 from _task_helpers import with_mesh
@@ -333,8 +333,10 @@ def test_orpo_loss_and_metrics_equal_trl_in_numpy(tmp_path):
 
 def test_orpo_trains_with_no_reference(tmp_path):
   """An orpo run holds no reference (no teacher field, no store) and reports dpo's metrics and
-  ORPO's; the experiment's `:orpo` variant resolves; bad options are one line."""
-  exp = dpo_experiment(tmp_path, name="orpo")
+  ORPO's; the experiment's `:orpo` variant resolves; bad options are one line. Also what the
+  preference tasks share: throughput counts both rows of a pair (and dpo's reference forward in
+  the FLOPs), and each evaluation's completions are appended to completions.txt."""
+  exp = dpo_experiment(tmp_path, name="orpo", completions=2)
   s = setup.prepare(exp, devices=jax.devices()[:1])
   train, evaluate = setup.compile_steps(s)
   with jax.set_mesh(s.mesh):
@@ -348,6 +350,18 @@ def test_orpo_trains_with_no_reference(tmp_path):
   assert {"loss", "reward_accuracy", "reward_margin", "logp_chosen", "preference_accuracy",
           "nll_loss", "log_odds_ratio", "log_odds_chosen"} <= set(report)
   assert report["pairs"] == 8 and report["loss"] > report["nll_loss"]
+  two_rows = flops.lm_forward(exp.model, 16).scaled(2)
+  assert s.task.tokens_per_example() == 2 * 16
+  assert s.task.train_flops_per_example() == pytest.approx(3 * two_rows.total)
+  for reference, forwards in (("copy", 4), ("precomputed", 3)):  # the reference: forward only
+    dpo = DPO(dpo_experiment(tmp_path, reference=reference), {})
+    assert dpo.train_flops_per_example() == pytest.approx(forwards * two_rows.total)
+  found = s.task.decoded_report(s.model, lambda: jax.device_get(
+      finetune.merge(state.params, state.frozen)), s.data, "val")
+  assert found["completed"] == 2
+  assert s.task.write_decoded(str(tmp_path), 1) == [str(tmp_path / "completions.txt")]
+  text = (tmp_path / "completions.txt").read_text()
+  assert text.startswith("##### step 1\n") and text.count("=== reference\n") == 2
   root = pathlib.Path(__file__).parents[1]
   variant = config_lib.experiment_module("experiments/instruct/gettext_dpo.py",
                                          str(root / "setup")).get_config("orpo")

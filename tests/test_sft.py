@@ -4,6 +4,7 @@ packed conversations, 8 devices == 1, and each bad input."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _experiment(tmp_path, **sections):
 
 
 def test_a_tiny_run_reports_completes_resumes_exactly_and_chats(tmp_path):
-  exp = _experiment(tmp_path)
+  exp = _experiment(tmp_path, train=dict(eval_every=1))
   workdir = str(tmp_path / "run")
   llmjax.train.run(exp, workdir)
   records = reporting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -77,7 +78,9 @@ def test_a_tiny_run_reports_completes_resumes_exactly_and_chats(tmp_path):
   assert info["end_of_turn_ids"] == [4] and info["conversations"]["train"]["conversations"] > 0
   assert info["conversations"]["val"]["conversations"] == 6
   with open(os.path.join(workdir, "completions.txt")) as f:
-    assert f.read().count("=== reference\n") == 2
+    completions = f.read()  # every evaluation's, under its step
+  assert re.findall(r"^##### step (\d+)$", completions, re.M) == ["1", "2"]
+  assert completions.count("=== reference\n") == 4
   straight = jax.device_get(rundir.restore(workdir).params)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2"))  # as if stopped after step 1
   llmjax.train.run(exp, workdir)
@@ -87,6 +90,8 @@ def test_a_tiny_run_reports_completes_resumes_exactly_and_chats(tmp_path):
       records)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(rundir.restore(workdir).params),
                straight)
+  with open(os.path.join(workdir, "completions.txt")) as f:
+    assert f.read() == completions  # step 2's evaluation ran again and replaced its section
   env = dict(os.environ, XLA_FLAGS=_xla.xla_flags(1), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-m", "llmjax.cli.main", "chat", f"--checkpoint={workdir}",

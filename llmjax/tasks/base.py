@@ -207,6 +207,11 @@ class DecodedReport(Capability):
     """The keys `decoded_report` adds to an evaluation with the run's settings."""
     raise NotImplementedError
 
+  def write_decoded(self, workdir: str, step: int) -> list[str]:
+    """Files of the texts the last `decoded_report` decoded, written after each of the loop's
+    evaluations (process 0); returns the paths written."""
+    return []
+
 
 class Translates(Capability):
   """Turns texts into texts with the run's model and decoding settings (`llmjax translate`)."""

@@ -107,6 +107,9 @@ class Distilled(DecodedReport, WritesFiles, CountsFlops, Task):
   def decoded_keys(self):
     return self.student.decoded_keys()
 
+  def write_decoded(self, workdir, step):
+    return self.student.write_decoded(workdir, step)
+
   def headline(self, report):
     return self.student.headline(report) + f" (distilled: KL {report['distill_kl']:.4f})"
 

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llmjax import treepaths
+from llmjax import flops, treepaths
 from llmjax.config import TaskConfig
 from llmjax.config_checks import require
 from llmjax.errors import ConfigError
@@ -40,9 +40,9 @@ from llmjax.models.transformer import Transformer
 from llmjax.objectives import dpo as objective
 from llmjax.objectives.distill import TEACHER
 from llmjax.tasks import decoded
-from llmjax.tasks.base import (Data, DecodedReport, LossTerms, References, Task,
+from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, LossTerms, References, Task,
                                require_encoder_decoder)
-from llmjax.tasks.sft import SFT, scores
+from llmjax.tasks.sft import SFT
 
 REFERENCES = ("copy", "adapters_off", "precomputed")
 REF_CHOSEN, REF_REJECTED = "ref_logp_chosen", "ref_logp_rejected"  # precomputed batch columns
@@ -113,9 +113,16 @@ def validate_sharing(options, exp) -> None:
           "config.task.share_prompt=True; use 'xla', 'blocked', 'cudnn' or 'auto'")
 
 
-class PreferencePairs(DecodedReport, Task):
+class PreferencePairs(DecodedReport, CountsFlops, Task):
   """What the preference tasks (dpo, orpo) share: {prompt, chosen, rejected} rows, a decoder, one
   forward over both completions, greedy completions of held-out prompts."""
+  sft = None  # the SFT task whose completions the last decoded_report made
+
+  def tokens_per_example(self):
+    return 2 * self.exp.data.seq_len  # tokens_per_s counts both rows of a pair, padding included
+
+  def forward_flops_per_example(self):
+    return flops.lm_forward(self.exp.model, self.exp.data.seq_len).scaled(2)
 
   def data(self, workdir):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
@@ -189,11 +196,12 @@ class PreferencePairs(DecodedReport, Task):
   def decoded_report(self, model, get_params, data, split, limit=None):
     """Greedy completions of the first held-out prompts against their chosen answers (exact
     match, chrF), as the sft task decodes them."""
-    limit = self.exp.task.completions if limit is None else limit
-    sft = SFT(self.exp, self.info)
-    return decoded.report(get_params, data, split, limit,
-                          lambda params, prompts: sft.complete(model, params, data.tokenizer,
-                                                               prompts), scores)
+    self.sft = SFT(self.exp, self.info)  # its texts stay for write_decoded
+    return self.sft.decoded_report(model, get_params, data, split, limit)
+
+  def write_decoded(self, workdir, step):
+    """Appends the last evaluation's completions to completions.txt, as sft does."""
+    return self.sft.write_decoded(workdir, step) if self.sft is not None else []
 
   def decoded_keys(self):
     return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()
@@ -207,6 +215,14 @@ class DPO(PreferencePairs, References):
     """The same network without config.finetune's added parameters (the adapters-off
     reference)."""
     return Transformer(self.exp.model, Peft())
+
+  def forward_flops_per_example(self):
+    """Both rows through the policy, and through the reference (forward only, no gradients)
+    unless its log-probabilities are precomputed."""
+    policy = super().forward_flops_per_example()
+    if self.exp.task.reference == "precomputed":
+      return policy
+    return dataclasses.replace(policy, no_grad=policy.no_grad + policy.total)
 
   def example_batch(self, batch_size):
     batch = super().example_batch(batch_size)

@@ -342,6 +342,13 @@ class MultiTask(DecodedReport, WritesFiles, CountsFlops, Task):
       out.update({f"{head}/{k}": v for k, v in found.items()})
     return out
 
+  def write_decoded(self, workdir, step):
+    written = []
+    for head, sub in self.subs.items():
+      if supports(sub, DecodedReport):
+        written += sub.write_decoded(subdir(workdir, head), step)
+    return written
+
   def headline(self, report):
     each = "; ".join(f"{h}: {self.subs[h].headline(r).removeprefix('final validation ')}"
                      for h, r in report["tasks"].items())

@@ -5,7 +5,8 @@ Rows (JSONL or Parquet: `messages`, or `prompt`/`completion`) are rendered with 
 (llmjax/data/chat.py): the loss counts the tokens config.data.train_on names. Conversations are
 packed whole with segment ids (no attention or loss across them). Reports the completion loss and
 token accuracy over the trained tokens, and, at every evaluation, greedy completions of the first
-held-out prompts scored against their answers (exact match, chrF); completions.txt at the end.
+held-out prompts scored against their answers (exact match, chrF), each evaluation's completions
+appended to completions.txt under a `##### step N` header.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ from llmjax.tasks.base import (CountsFlops, Data, DecodedReport, Exportable, Los
 from llmjax.tasks.lm import DECODERS, LMConfig
 
 COMPLETIONS_FILE = "completions.txt"
+STEP_HEADER = re.compile(r"^##### step (\d+)$", re.MULTILINE)  # one per evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,7 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
   accuracy, greedy completions' exact match and chrF. (Not SharesBatch: its rows carry a loss
   mask other tasks' rows do not.)"""
   name = "sft"
+  decoded = None  # the last decoded_report's (prompt, reference, completion), to write_decoded
 
   def model(self):
     return DECODERS.get(self.exp.model.arch, Transformer)(self.exp.model, self.peft())
@@ -196,25 +200,51 @@ class SFT(Predicts, DecodedReport, WritesFiles, CountsFlops, Exportable, Task):
 
   def decoded_report(self, model, get_params, data, split, limit=None):
     limit = self.exp.task.completions if limit is None else limit
-    return decoded.report(get_params, data, split, limit,
-                          lambda params, prompts: self.complete(model, params, data.tokenizer,
-                                                                prompts), scores)
+    return decoded.report(get_params, data, split, limit, self._decoder(model, data, split),
+                          scores)
+
+  def _decoder(self, model, data, split):
+    """complete(), keeping (prompt, reference, completion) for write_decoded."""
+    def decode(params, prompts):
+      out = self.complete(model, params, data.tokenizer, prompts)
+      self.decoded = [(p, r, c) for (p, r), c in zip(data.texts[split], out)]
+      return out
+    return decode
 
   def decoded_keys(self):
     return ("exact_match", "chrf", "completed") if self.exp.task.completions else ()
 
-  def finish(self, outputs):
-    pairs = (outputs.data.texts.get("val") or [])[:self.exp.task.completions]
-    if not pairs:
+  def write_decoded(self, workdir, step):
+    """Appends the last evaluation's completions to completions.txt."""
+    found, self.decoded = self.decoded, None
+    if not found:
       return []
-    completions = self.complete(outputs.model, outputs.params, outputs.data.tokenizer,
-                                [p for p, _ in pairs])
-    path = os.path.join(outputs.workdir, COMPLETIONS_FILE)
-    with open(path, "w") as f:
-      for (prompt, reference), completion in zip(pairs, completions):
-        f.write(f"=== prompt\n{prompt}\n=== reference\n{reference}\n=== completion "
-                f"(exact match: {completion == reference})\n{completion}\n\n")
+    path = os.path.join(workdir, COMPLETIONS_FILE)
+    append_completions(path, step, found)
     return [path]
+
+  def finish(self, outputs):
+    path = os.path.join(outputs.workdir, COMPLETIONS_FILE)
+    return [path] if os.path.exists(path) else []
+
+
+def append_completions(path: str, step: int, found: list[tuple[str, str, str]]) -> None:
+  """Adds step `step`'s (prompt, reference, completion) section to the file, first dropping
+  the sections of this step and later ones (a resumed run evaluates them again)."""
+  text = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+    later = [m.start() for m in STEP_HEADER.finditer(text) if int(m.group(1)) >= step]
+    text = text[:later[0]] if later else text
+  os.makedirs(os.path.dirname(path), exist_ok=True)  # a multi-task run's task subdirectory
+  text += f"##### step {step}\n\n"
+  for prompt, reference, completion in found:
+    text += (f"=== prompt\n{prompt}\n=== reference\n{reference}\n=== completion "
+             f"(exact match: {completion == reference})\n{completion}\n\n")
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 def scores(completions: list[str], references: list[str]) -> dict:

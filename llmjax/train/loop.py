@@ -215,7 +215,7 @@ class _Loop:
     if self.last_eval is not None and self.last_eval[0] == end:
       return self.last_eval[1:]
     final, sums = self.evaluate_with_sums(state)
-    write_eval(self.writer, self.s.task, end, final)
+    reporting.write_eval(self.writer, self.s.task, end, final)
     return final, sums
 
   def _samples(self, state) -> dict:
@@ -284,7 +284,7 @@ class _Loop:
     if not self._eval_due(done):
       return False
     self.last_eval = (done, *self.evaluate_with_sums(state))
-    write_eval(self.writer, self.s.task, done, self.last_eval[1])
+    reporting.write_eval(self.writer, self.s.task, done, self.last_eval[1])
     self.throughput.reset()  # evaluation time is not training throughput
     return self.stopper.observe(self.s.task, self.last_eval[1], done)
 
@@ -347,12 +347,6 @@ def evaluate(s: setup.Setup, eval_fn, state, batches) -> tuple[dict, dict]:
   sums = eval_sums(s.mesh, eval_fn, state, batches)
   sparsity = finetune.prune.sparsity(s.exp.prune, state.params)
   return tasks.report_with_moe(s.task, sums) | sparsity, sums
-
-
-def write_eval(writer, task, step: int, report: dict) -> None:
-  """An evaluation's metrics.jsonl records: `val`, and `val/<task>` for each of several tasks."""
-  for split, metrics in task.split_records("val", report).items():
-    writer.write(step, split, metrics)
 
 
 class _Throughput:

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from llmjax import tasks
 from llmjax.train import tbevents
 
 
@@ -62,6 +63,15 @@ def read_metrics(path: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_eval(writer: MetricWriter, task, step: int, report: dict) -> None:
+  """An evaluation's metrics.jsonl records (`val`, and `val/<task>` for each of several tasks)
+  and the files of the texts it decoded (sft's completions.txt)."""
+  for split, metrics in task.split_records("val", report).items():
+    writer.write(step, split, metrics)
+  if writer.is_main and tasks.supports(task, tasks.DecodedReport):
+    task.write_decoded(os.path.dirname(writer.path), step)
 
 
 def truncate_after(path: str, step: int) -> None:
