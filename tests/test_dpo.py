@@ -356,6 +356,9 @@ def test_orpo_trains_with_no_reference(tmp_path):
   for reference, forwards in (("copy", 4), ("precomputed", 3)):  # the reference: forward only
     dpo = DPO(dpo_experiment(tmp_path, reference=reference), {})
     assert dpo.train_flops_per_example() == pytest.approx(forwards * two_rows.total)
+  shared = DPO(dpo_experiment(tmp_path, share_prompt=True), {})  # one row of 2 x seq_len
+  assert shared.tokens_per_example() == 2 * 16
+  assert shared.forward_flops_per_example().total == flops.lm_forward(exp.model, 32).total
   found = s.task.decoded_report(s.model, lambda: jax.device_get(
       finetune.merge(state.params, state.frozen)), s.data, "val")
   assert found["completed"] == 2

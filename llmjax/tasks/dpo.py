@@ -118,11 +118,19 @@ class PreferencePairs(DecodedReport, CountsFlops, Task):
   forward over both completions, greedy completions of held-out prompts."""
   sft = None  # the SFT task whose completions the last decoded_report made
 
+  def rows(self) -> tuple[int, int]:
+    """(rows, positions per row) of one example: a pair's two rows, or one shared-prompt row."""
+    if self.exp.task.share_prompt:
+      return 1, self.exp.task.row_len or 2 * self.exp.data.seq_len
+    return 2, self.exp.data.seq_len
+
   def tokens_per_example(self):
-    return 2 * self.exp.data.seq_len  # tokens_per_s counts both rows of a pair, padding included
+    rows, length = self.rows()
+    return rows * length  # tokens_per_s counts every position of the rows, padding included
 
   def forward_flops_per_example(self):
-    return flops.lm_forward(self.exp.model, self.exp.data.seq_len).scaled(2)
+    rows, length = self.rows()
+    return flops.lm_forward(self.exp.model, length).scaled(rows)
 
   def data(self, workdir):
     # deferred: grain and tensorflow-datasets stay off the model-only import path
