@@ -15,6 +15,7 @@ from tensorboardX.proto import event_pb2  # an independent decoder of the Event 
 import llmjax.train
 from llmjax import config as config_lib
 from llmjax import tasks
+from llmjax.eval import evaluate
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
 from llmjax.tasks.lm import LM
@@ -96,7 +97,8 @@ def moe_run(tmp, workdir, steps):
   exp = task_experiment("lm", tmp, model=dict(n_experts=4, experts_per_token=2, moe_d_ff=32,
                                               moe_z_loss_weight=1e-2),
                         train=dict(steps=steps, log_every=1, checkpoint_every=2,
-                                   eval_every=4, async_checkpoint=False))
+                                   eval_every=4, eval_batches=2, sample_prompts=0,
+                                   async_checkpoint=False))
   return llmjax.train.run(exp, str(workdir))
 
 
@@ -111,6 +113,11 @@ def test_moe_run_reports_load_and_active_params_and_resumes_exactly(tmp_path):
   records = reporting.read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
   val = [r for r in records if r["split"] == "val"]
   assert val and val[-1]["moe_aux_loss"] == pytest.approx(final["moe_aux_loss"])
+  # llmjax eval's function over the batches training's evaluations read gives their report
+  again = evaluate.evaluate_run(str(tmp_path / "a"), max_batches=2)
+  assert again["batches"] == 2 and again["step"] == 4
+  for key in ("loss", "moe_aux_loss", "moe_z_loss", "moe_load"):
+    np.testing.assert_allclose(again[key], final[key], rtol=1e-6, err_msg=key)
   # Every train record carries the step's scalar MoE statistics (load: evaluation only).
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]

@@ -28,15 +28,18 @@ def split_arrays(data: tasks.Data, split: str, workdir: str) -> dict:
   return arrays
 
 
-def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> dict:
-  """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json."""
+def evaluate_run(workdir: str, step: int | None = None, split: str = "val",
+                 max_batches: int | None = None) -> dict:
+  """{"step", "split", **the task's report} for a verified checkpoint; writes eval/step_N.json.
+  `max_batches`: only the split's first batches (`train.eval_batches` of them are what training's
+  evaluations read), recorded as "batches" in the report."""
   run = rundir.restore(workdir, step)
   task, data = tasks.setup(run.exp, workdir)
   state, data = reference.for_evaluation(run, data, workdir)  # a dpo run's reference model
   arrays = split_arrays(data, split, workdir)
   devices = run.mesh.size
   batch_size = devices * math.ceil(run.exp.train.batch_size / devices)
-  batches = task.eval_batches(arrays, batch_size)
+  batches = task.eval_batches(arrays, batch_size, max_batches)
   eval_fn = jax.jit(lambda state, batch: steplib.eval_step(
       state, batch, loss=steplib.bind_loss(task, run.model)))
   rules = sharding.rules_for("dp")
@@ -44,6 +47,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str = "val") -> d
     sums = loop.eval_sums(run.mesh, eval_fn, state, batches)
   report = {"step": run.step, "split": split, **tasks.report_with_moe(task, sums),
             **finetune.prune.sparsity(run.exp.prune, run.params)}
+  if max_batches is not None:
+    report["batches"] = len(batches)
   if tasks.supports(task, tasks.DecodedReport):
     report.update(task.decoded_report(run.model, lambda: distributed.to_host(run.params), data,
                                       split, limit=-1))
