@@ -20,12 +20,11 @@ import shutil
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # no public path in orbax
 from orbax.checkpoint._src.serialization import type_handler_registry
 
+from llmjax.checksums import checksums
 from llmjax.errors import UserError, capped
 from llmjax.treepaths import path_str
 
@@ -47,41 +46,6 @@ type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be saved or restored as promised; the message names step and path."""
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-  """The array's bit patterns as uint32, whatever its dtype (so checksums see every bit)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  width = jnp.dtype(x.dtype).itemsize
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """Two position-weighted sums mod 2**32 with odd weights: any single bit flip changes both."""
-  bits = _as_uint32(x).ravel()
-  index = jnp.arange(bits.size, dtype=jnp.uint32)
-  first = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-  second = jnp.sum((bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B),
-                   dtype=jnp.uint32)
-  return jnp.stack([first, second])
-
-
-# One program over the whole tree. (One small program per leaf compiles faster and is shared by
-# every model, but with it a two-process run hung in its preemption save: tests/test_clusters.py.)
-_checksums_device = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
-
-
-def checksums(tree) -> dict[str, list]:
-  """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh."""
-  sums = jax.device_get(_checksums_device(tree))
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  flat_sums = jax.tree_util.tree_leaves(sums, is_leaf=lambda x: isinstance(x, np.ndarray))
-  return {path_str(path): [int(s[0]), int(s[1]), list(leaf.shape), str(leaf.dtype)]
-          for (path, leaf), s in zip(flat, flat_sums)}
 
 
 def structure_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:

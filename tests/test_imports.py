@@ -33,7 +33,7 @@ FLOORS = {
   "llmjax.task_config": 2, "llmjax.config_sections": 2,
   "llmjax.config_prune": 2,
   # 3 devices and storage: logical axes, meshes, shardings, the cluster, checkpoints
-  "llmjax.parallel": 3, "llmjax.distributed": 3, "llmjax.checkpoint": 3,
+  "llmjax.parallel": 3, "llmjax.distributed": 3, "llmjax.checkpoint": 3, "llmjax.checksums": 3,
   # 4 models (pure flax modules) and their FLOP counts
   "llmjax.models": 4, "llmjax.flops": 4,
   # 5 what runs a model without training it: decoding, beam search, zero-shot scoring
