@@ -2,7 +2,6 @@
 compilation cache for every process (kept between runs), and the trained runs that several test
 files share."""
 
-import importlib.util
 import os
 
 import _xla
@@ -19,20 +18,44 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (.jax-test-cache/, ignored by git) and outlives the session, so a developer's next run of the
 # suite compiles only what changed (a second run of test_multitask: 50 -> 38 CPU-s); a fresh
 # clone starts empty. A hit cannot change a result: the key is the program itself with its compile
-# options, devices, XLA flags and jax/XLA versions, so a hit returns what compiling would. The
-# size limit evicts the least recently used programs and turns on jax's file lock, so no process
-# reads an entry another is writing. LLMJAX_TESTS_JIT_CACHE=DIR puts it elsewhere.
+# options, devices, XLA flags and jax/XLA versions, so a hit returns what compiling would.
+# LLMJAX_TESTS_JIT_CACHE=DIR puts it elsewhere.
 _CACHE = os.environ.setdefault(
     "LLMJAX_TESTS_JIT_CACHE",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax-test-cache"))
-os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+# Programs that compile in under a tenth of a second (single operations run eagerly, a thousand
+# of them in a run of the suite) are not written: storing one costs about what compiling it does.
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.1",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+# No size limit inside jax: with one, every write takes a lock and then lists, stats and reads
+# the timestamp of every entry to decide what to evict (0.15 CPU-s per write with the 2,600
+# entries one fresh run of the suite leaves; every write of the run paid for all the entries
+# before it). The bound is kept here instead, once per session (below). Without jax's lock a
+# reader may meet an entry another process is still writing: jax then warns, compiles, and goes
+# on with the same program.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = "-1"
 # XLA's backend (LLVM) optimisations cost a third of each compile of these tiny programs and buy
 # nothing at their size. They are off for the tests and the processes the tests start, never for
 # users; tests compare results within the session, or with other libraries within a tolerance.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-if importlib.util.find_spec("filelock"):  # jax's lock needs it (torch and transformers bring it)
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 << 30)
+_CACHE_BYTES = 2 << 30
+
+
+def _bound_cache(directory: str, limit: int) -> None:
+  """Delete the least recently written entries until the cache holds at most `limit` bytes."""
+  entries = sorted((e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(directory)
+                   if e.name.endswith("-cache")) if os.path.isdir(directory) else []
+  total = sum(size for _, size, _ in entries)
+  for _, size, path in entries:
+    if total <= limit:
+      break
+    os.remove(path)
+    total -= size
+
+
+if "PYTEST_XDIST_WORKER" not in os.environ:  # once, in the process that starts the workers
+  _bound_cache(_CACHE, _CACHE_BYTES)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
