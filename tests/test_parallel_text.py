@@ -268,3 +268,12 @@ def test_nearest_neighbour_agrees_with_sklearn_char_wb_tfidf():
   assert np.allclose(scores[np.arange(len(queries)), got], best)  # the best score, ties aside
   assert all(got[q] == np.flatnonzero(scores[q] >= best[q] - 1e-9)[0]
              for q in range(len(queries)))  # ... and the earliest of equals
+
+
+def test_the_k_best_equal_a_full_sort_with_ties_to_the_earliest():
+  from llmjax.eval.translation_baselines import _TIE, _best_first
+  rng = np.random.default_rng(0)
+  for size, k in ((50, 5), (50, 50), (7, 20), (200, 1), (1000, 20)):
+    scores = rng.integers(0, 6, size) / 5.0 + rng.choice([0.0, _TIE / 10], size)  # many ties
+    full = np.lexsort((np.arange(size), -np.round(scores / _TIE)))[:k]
+    np.testing.assert_array_equal(_best_first(scores, k), full)
