@@ -2,6 +2,7 @@
 `llmjax quantize` and QLoRA (docs/compression.md)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,10 @@ def test_quantize_verb_export_reads_back_and_refuses_bad_input(lm_run, tmp_path)
     assert bits / 32 <= with_scales / (values * 4) <= bits / 32 * 1.55
   result = run("generate", f"--checkpoint=export:{q4}", "--prompt=def ", "--max_new_tokens=3")
   assert result.returncode == 0 and result.stdout.startswith("def "), result.stderr
+  result = run("chat", f"--checkpoint=export:{q4}", "--message=def ", "--max_new_tokens=3",
+               "--chat_template=byte")
+  assert result.returncode == 0 and result.stdout.strip(), result.stderr
+  _init_from_quantized_export(q4, tmp_path)
   assert checkpoint.exported_shapes(str(q4))["layer_0/mlp/wo/kernel_scale"] == (4, 32)
   bad = [(["--bits=3"], "--bits=3: allowed 8 or 4"),
          (["--bits=4", "--group_size=24"],
@@ -175,6 +180,37 @@ def test_quantize_verb_export_reads_back_and_refuses_bad_input(lm_run, tmp_path)
                         capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stderr.strip().endswith("already exists; choose a new "
                                                                "directory"), proc.stderr
+
+
+def _init_from_quantized_export(q4, tmp_path) -> None:
+  """init_from=export: of a quantized export: LoRA over its stored kernels with
+  config.model.quant set to the export's (the frozen base is its integers as stored); a float
+  model, another quant, base_quant or full fine-tuning over it are refused with one line."""
+  from _task_helpers import experiment
+  from llmjax import treepaths, weights
+  from llmjax.hf import convert
+  from llmjax.train import loop
+  from llmjax.train import setup as setuplib
+  lora = dict(method="lora", lora_rank=2, lora_targets="all_linear")
+  exp = experiment("lm", tmp_path, finetune=lora, model=dict(quant="int4:g16"),
+                   train=dict(init_from=f"export:{q4}"))
+  frozen = dict(treepaths.items(jax.device_get(loop.fresh_state(setuplib.prepare(exp)).frozen)))
+  source = weights.parse(f"export:{q4}", "--checkpoint")
+  stored = dict(treepaths.items(source.load(nn.unbox(api.abstract_params(
+      convert.load_export(str(q4)).model)), None)))
+  assert frozen["layer_0/mlp/wi/kernel"].dtype == np.uint8
+  assert set(frozen) == set(stored)
+  for p, x in stored.items():
+    assert np.array_equal(np.asarray(x), frozen[p]), p
+  bad = [(dict(finetune=lora), "stores its kernels quantized ('int4:g16'), config.model.quant=''"),
+         (dict(finetune=lora, model=dict(quant="int8")), "set config.model.quant='int4:g16'"),
+         (dict(finetune={**lora, "base_quant": "int4:g16"}), "is quantized already"),
+         (dict(model=dict(quant="int4:g16")), "stores layer_0/attn/k/kernel as uint8, which "
+                                               "cannot train")]
+  for sections, message in bad:
+    exp = experiment("lm", tmp_path, train=dict(init_from=f"export:{q4}"), **sections)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      setuplib.prepare(exp)
 
 
 def test_sharded_quantized_load_equals_unsharded(tmp_path):
@@ -215,18 +251,22 @@ def test_qlora_base_quantized_in_state_adapters_train_resume_exact(lm_run, tmp_p
   """config.finetune.base_quant: the frozen base is stored int4 in the train state (dtype and
   bytes), equal to quantizing init_from's weights; only LoRA factors are trainable and move;
   the checkpoint's base identity is the quantized base's; a resume from step 2 reproduces the
-  run's losses exactly; base_quant with full fine-tuning or without init_from is refused."""
+  run's losses exactly; `llmjax export` writes the dequantized base with LoRA merged (the run's
+  logits) and, to hf:, the adapter with the dequantized base in base/; base_quant with full
+  fine-tuning or without init_from is refused."""
   import json
   import shutil
 
   import llmjax.train
+  from _cli import run as cli
   from _task_helpers import experiment
-  from llmjax import treepaths
+  from llmjax import hf, treepaths
+  from llmjax.hf import convert
   from llmjax.train import pretrained, rundir
   ft = dict(method="lora", lora_rank=2, lora_targets="all_linear", base_quant="int4:g16")
   exp = experiment("lm", tmp_path, finetune=ft,
                    train=dict(init_from=f"workdir:{lm_run}", steps=4, checkpoint_every=2,
-                              eval_every=100, async_checkpoint=False))
+                              eval_every=100, async_checkpoint=False, sample_prompts=0))
   assert exp.model.quant == "int4:g16"
   workdir = tmp_path / "qlora"
   llmjax.train.run(exp, str(workdir))
@@ -255,6 +295,23 @@ def test_qlora_base_quantized_in_state_adapters_train_resume_exact(lm_run, tmp_p
   assert sorted(first) == [2, 4]
   assert {r["step"]: r["loss"] for r in losses()} == first
   assert (workdir / "checkpoints" / "4").exists()
+  out, adapter = tmp_path / "export", tmp_path / "adapter"
+  for flags in ([f"--out={out}"], [f"--out=hf:{adapter}"]):
+    result = cli("export", f"--workdir={workdir}", *flags)
+    assert result.returncode == 0, result.stderr
+  exported = convert.load_export(str(out))
+  assert exported.model.cfg.quant == ""
+  x = jnp.arange(16).reshape(2, 8) % 64
+  want = jax.jit(run.model.apply)({"params": run.params}, x)
+  got = jax.jit(exported.model.apply)({"params": exported.params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert (adapter / "adapter_model.safetensors").exists()
+  deq = dict(treepaths.items(quant_tree.dequantize_tree(run.state.frozen, found)))
+  _, hf_base = hf.load(str(adapter / "base"))
+  compared = [p for p, _ in treepaths.items(hf_base) if p[:-len("/kernel")] in found]
+  assert len(compared) == len(found)
+  for p in compared:
+    assert np.array_equal(np.asarray(dict(treepaths.items(hf_base))[p]), np.asarray(deq[p])), p
   with pytest.raises(ConfigError, match="base_quant='int8' keeps the base's kernels"):
     experiment("lm", tmp_path, finetune=dict(method="full", base_quant="int8"),
                train=dict(init_from=f"workdir:{lm_run}"))

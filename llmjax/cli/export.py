@@ -5,6 +5,10 @@ convert and fine-tuning. --out=hf:PATH: Hugging Face files. A LoRA or AdaLoRA ru
 LoRA adapter (adapter_config.json + adapter_model.safetensors; with --merge, the merged full
 model instead), a prompt-tuning run PEFT prompt embeddings, a full, freeze or bitfit run the full
 model. An adapter whose run started from no Hugging Face model gets its frozen base in base/.
+A run whose base is stored quantized (QLoRA: config.finetune.base_quant) exports the float model
+it trained against: each kernel dequantized (float32), so --out=DIR, --merge and base/ hold the
+dequantized base (LoRA merged into it where merged); a PEFT adapter is the same factors as over a
+float base.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def export(workdir: str, out: str, step: int | None = None, *, merge: bool = Fal
   dest = os.path.abspath(out[3:] if out.startswith("hf:") else out)
   if os.path.exists(dest):
     raise UserError(f"--out={out} already exists; choose a new directory")
-  run = rundir.restore(workdir, step)
+  run = _dequantized(rundir.restore(workdir, step))
   if not out.startswith("hf:"):
     _to_llmjax(run, workdir, dest)
     return run.step
@@ -90,6 +94,31 @@ def export(workdir: str, out: str, step: int | None = None, *, merge: bool = Fal
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return run.step
+
+
+def _dequantized(run):
+  """`run` as the float model its stored kernels stand for (a QLoRA run's quantized base, or a
+  run of a quantized model): every quantized kernel dequantized to float32 (one jit per part of
+  the state), config.model.quant unset. Other runs are returned as they are."""
+  if not run.exp.model.quant:
+    return run
+  import jax.numpy as jnp
+
+  from llmjax import treepaths
+  from llmjax.hf import api
+  from llmjax.models import quant_tree
+  found = quant_tree.layouts(lambda: api.abstract_variables(run.model))
+
+  def dequantized(tree):
+    paths = {p for p, _ in treepaths.items(tree or {})}
+    here = {p: layout for p, layout in found.items() if f"{p}/kernel" in paths}
+    return quant_tree.dequantize_tree(tree, here, jnp.float32) if here else tree
+
+  cfg = dataclasses.replace(run.exp.model, quant="", quant_compute="dequant")
+  state = run.state.replace(params=dequantized(run.state.params),
+                            frozen=dequantized(run.state.frozen))
+  return dataclasses.replace(run, exp=dataclasses.replace(run.exp, model=cfg),
+                             model=run.model.clone(cfg=cfg), state=state)
 
 
 def _merged(run):

@@ -24,6 +24,7 @@ def plan(exp: Experiment, param_shapes: dict) -> frozenset[str] | None:
   f = exp.finetune
   everything = f.method == "full" and not f.frozen
   trainable = None if everything else spec.trainable_paths(exp, param_shapes)
+  _check_stored_integers(exp, param_shapes, trainable)
   prune.check(exp.prune, param_shapes, trainable)  # pruning reaches trained parameters only
   if everything:
     return None
@@ -31,6 +32,18 @@ def plan(exp: Experiment, param_shapes: dict) -> frozenset[str] | None:
   print(f"finetune {f.method}: {len(trainable)} parameter arrays train, {frozen} frozen",
         file=sys.stderr)
   return trainable
+
+
+def _check_stored_integers(exp: Experiment, param_shapes: dict, trainable) -> None:
+  """A quantized model's stored kernels (config.model.quant) are integers: they cannot train."""
+  trains = [p for p, x in sorted(param_shapes.items()) if (trainable is None or p in trainable)
+            and not jnp.issubdtype(x.dtype, jnp.inexact)]
+  if trains:
+    raise ConfigError(
+        f"config.model.quant={exp.model.quant!r} stores {trains[0]} as {param_shapes[trains[0]].dtype}, "
+        f"which cannot train, and config.finetune.method={exp.finetune.method!r} trains it "
+        f"({len(trains)} such parameters); keep them frozen with lora, adalora, adapter, prompt, "
+        "prefix or bitfit (QLoRA), or train the float model")
 
 
 def optimizer(exp: Experiment, tx, trainable):

@@ -63,6 +63,7 @@ def resolve_model(exp: Experiment, pin: bool = False) -> Experiment:
   weights_from = source(spec)
   weights_from.check_finetune(exp)
   fields, default = weights_from.model_fields(), ModelConfig()
+  _check_storage(exp, spec, fields.get("quant") or "")
   taken, conflicts = {}, []
   for field in dataclasses.fields(ModelConfig):
     name = field.name
@@ -85,6 +86,23 @@ def resolve_model(exp: Experiment, pin: bool = False) -> Experiment:
   if pin:
     train = dataclasses.replace(train, init_from=weights_from.pinned().spec)
   return dataclasses.replace(exp, model=dataclasses.replace(exp.model, **taken), train=train)
+
+
+def _check_storage(exp: Experiment, spec: str, theirs: str) -> None:
+  """init_from's kernels are stored as the run's model stores its base (config.model.quant):
+  float weights for a float model or QLoRA's base_quant, the same quantization otherwise."""
+  ours, base_quant = exp.model.quant, exp.finetune.base_quant
+  if theirs and base_quant:
+    raise ConfigError(f"config.finetune.base_quant={base_quant!r} quantizes a float base, but "
+                      f"config.train.init_from={spec!r} is quantized already (quant={theirs!r}); "
+                      f"set config.model.quant={theirs!r} instead of base_quant to train over "
+                      "its stored kernels, or start from the float weights")
+  if theirs != ours and not base_quant:
+    stored = lambda q: f"quantized ({q!r})" if q else "as floats"
+    fix = (f"set config.model.quant={theirs!r} (and a method that freezes the kernels)" if theirs
+           else f"set config.finetune.base_quant={ours!r} to quantize them (QLoRA)")
+    raise ConfigError(f"config.train.init_from={spec!r} stores its kernels {stored(theirs)}, "
+                      f"config.model.quant={ours!r} {stored(ours)}; {fix}")
 
 
 def check(spec: str, init_new: str, abstract_params) -> None:
@@ -176,8 +194,10 @@ def initialised(exp: Experiment, init_variables, tx, mesh, rules, shardings, tra
   model_state = state.model_state
   if model_state:  # running statistics belong to the backbone: they come with it
     model_state = load_model_state(weights_from, model_state, shardings.model_state)
-  return state.replace(params=params, frozen=frozen, opt_state=tx.init(params),
-                       model_state=model_state)
+  # The optimizer state placed as the step expects it: tx.init leaves its scalars (counts)
+  # uncommitted on one device, which made the first step compile once more on the second call.
+  opt_state = jax.device_put(tx.init(params), shardings.opt_state)
+  return state.replace(params=params, frozen=frozen, opt_state=opt_state, model_state=model_state)
 
 
 def _layouts(init_variables) -> dict:
