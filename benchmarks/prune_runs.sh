@@ -15,7 +15,8 @@
 # or runs/mnist_base; pin a step as runs/stdlib_gpt@750); OUT, where the rows go (default
 # runs/prune; the table: prune_table.py KIND OUT); FT_STEPS, the fine-tuning rows' steps when
 # they must be shorter than the defaults: the gradual schedule shrinks with them (pruning over
-# the first three quarters, every FT_STEPS/8 (gpt) or /20 (mnist) steps, as 5 of 40 and 10 of 200).
+# the first three quarters, every FT_STEPS/8 (gpt) or /20 (mnist) steps, as 5 of 40 and 10 of 200);
+# FT_ARGS, more overrides for every fine-tuned row (e.g. FT_ARGS=--config.optim.lr=2e-5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -50,6 +51,7 @@ case "$kind" in
     LAYER=() ;;
   *) echo "usage: $0 mnist|gpt" >&2; exit 2 ;;
 esac
+if [ -n "${FT_ARGS:-}" ]; then read -ra EXTRA <<< "$FT_ARGS"; FT+=("${EXTRA[@]}"); fi
 NO_FT=(--config.train.steps=1 --config.optim.lr=0)
 mkdir -p "$OUT"
 row() {  # NAME ARGS...
