@@ -1,9 +1,10 @@
 """llmjax quantize --workdir=DIR|--checkpoint=DIR --bits=8|4 [--group_size=N] [--format=int|nf4]
 [--asymmetric] --out=DIR [--eval_batches=N]
 
-Writes a quantized llmjax export (docs/compression.md): the dense kernels stored as int8 (per
-output channel, or groups of --group_size inputs), int4 or nf4 (groups of --group_size, default
-128 / 64), with quantization.json reporting each kernel's relative error and the sizes on disk.
+Writes a quantized llmjax export (docs/compression.md): the dense kernels (and an image model's
+convolutions) stored as int8 (per output channel, or groups of --group_size inputs; 0: per
+channel), int4 or nf4 (groups of --group_size, default 128 / 64), with quantization.json
+reporting each kernel's relative error and the sizes on disk.
 --workdir quantizes a run's checkpoint (its newest, or --step); with --eval_batches=N the run's
 validation metric is reported before and after, on its first N batches. --checkpoint quantizes
 an llmjax export (export:DIR or a bare export directory).

@@ -1,6 +1,6 @@
 """An llmjax export quantized into a new export (`llmjax quantize`): the same files, the dense
-kernels stored as config.model.quant says (llmjax/models/quant.py), and quantization.json with
-each kernel's relative error and the sizes on disk.
+kernels (and convolutions) stored as config.model.quant says (llmjax/models/quant.py), and
+quantization.json with each kernel's relative error and the sizes on disk.
 
 The quantized export is an ordinary export whose model_config.json names `quant`: every reader
 of exports (`export:DIR` weights, eval, generate, chat, init_from) builds the quantized model
