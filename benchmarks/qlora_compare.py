@@ -83,6 +83,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default="")
+  parser.add_argument("--base", type=int, default=1, help="0: skip the base's evaluation")
   args = parser.parse_args(argv)
   quants = args.quants.split(",")
   rows, runners = {}, {}
@@ -99,15 +100,16 @@ def main(argv=None) -> None:
     runners[quant] = run_once
     frozen = s.abstract_state.frozen
     rows[quant] = {"step_memory_bytes": memory,
-                   "frozen_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen)),
-                   **ftc._final_metric("lm", f"{args.runs}_{quant.split(':')[0]}")}
+                   "frozen_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))}
   timings = common.time_interleaved(runners, args.steps, args.warmup)
-  for quant in quants:
+  for quant in quants:  # read last: the runs may finish while this measures
+    rows[quant].update(ftc._final_metric("lm", f"{args.runs}_{quant.split(':')[0]}"))
     rows[quant]["median_step_s"] = timings[quant]["median_step_s"]
     rows[quant]["step_time_vs_lora"] = (timings[quant]["median_step_s"]
                                         / timings[quants[0]]["median_step_s"])
   result = {"experiment": EXPERIMENT, "overrides": args.set, "environment": common.environment(),
-            "variants": rows, "base": _base_loss(_experiment(quants[0], args.set))}
+            "variants": rows,
+            "base": _base_loss(_experiment(quants[0], args.set)) if args.base else None}
   header = ["base", "val loss", "frozen base MB", "step memory MB (args + temp)", "step time vs lora"]
   table = [[q, rows[q]["val_loss"], rows[q]["frozen_bytes"] / 1e6,
             f"{rows[q]['step_memory_bytes']['total'] / 1e6:.1f} "

@@ -86,7 +86,9 @@ def test_quantized_model_logits_equal_numpy_dequantized_reference():
   x = jnp.arange(16).reshape(2, 8) % 64
   for scan, formats in ((False, ("int4:g16:asym", "nf4:g32")), (True, ("int8",))):
     cfg = _tiny(scan_layers=scan)
-    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x)["params"])
+    # one jit each (eager init dispatches dozens of small programs; one float apply serves all)
+    params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), x)["params"])
+    float_apply = jax.jit(Transformer(cfg).apply)
     for text in formats:
       qmodel = Transformer(dataclasses.replace(cfg, quant=text))
       found = quant_tree.layouts(lambda: api.abstract_variables(qmodel))
@@ -106,14 +108,14 @@ def test_quantized_model_logits_equal_numpy_dequantized_reference():
                                     for i in range(stored["kernel"].shape[0])])
                           if scan else _np_values(stored, spec))
       got = jax.jit(qmodel.apply)({"params": qparams}, x)
-      want = jax.jit(Transformer(cfg).apply)({"params": ref}, x)
+      want = float_apply({"params": ref}, x)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     if scan:
       continue
     int8 = Transformer(dataclasses.replace(cfg, quant="int8", quant_compute="int8"))
     found = quant_tree.layouts(lambda: api.abstract_variables(int8))
     got = jax.jit(int8.apply)({"params": quant_tree.quantize_tree(params, found)}, x)
-    want = jax.jit(Transformer(cfg).apply)({"params": params}, x)
+    want = float_apply({"params": params}, x)
     assert float(jnp.max(jnp.abs(got - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
   with pytest.raises(ConfigError, match="quant_compute='int8' needs"):
     api.abstract_variables(Transformer(_tiny(quant="int4:g16", quant_compute="int8")))
@@ -222,7 +224,7 @@ def test_sharded_quantized_load_equals_unsharded(tmp_path):
   from llmjax.parallel import sharding
   cfg = _tiny()
   x = jnp.arange(16).reshape(8, 2) % 64
-  params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x)["params"])
+  params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), x)["params"])
   qmodel = Transformer(dataclasses.replace(cfg, quant="int4:g16"))
   found = quant_tree.layouts(lambda: api.abstract_variables(qmodel))
   qparams = jax.device_get(quant_tree.quantize_tree(params, found))
