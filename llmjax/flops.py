@@ -46,6 +46,7 @@ Work the step does without a backward (a distillation teacher's forward) is adde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import statistics
 import time
@@ -347,7 +348,10 @@ def matmul_shots(dtype: str, n: int, repeats: int) -> list[dict]:
   return shots
 
 
+@functools.cache
 def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device (median of `repeats`)."""
+  """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device (median of `repeats`),
+  measured once per process: every later run in the process (tests, notebooks) compares against
+  the same figure instead of paying a compile and a dozen GFLOP again."""
   wall_s = statistics.median(shot["wall_s"] for shot in matmul_shots(dtype, n, repeats))
   return 2.0 * n**3 / wall_s

@@ -363,7 +363,7 @@ class _Throughput:
         params, s.trainable) if counts else None
     device = jax.devices()[0]
     self.peak = flops.device_peak(device.device_kind, exp.model.dtype)
-    if self.peak is None:  # no datasheet (CPUs): compare against a matmul measured right now
+    if self.peak is None:  # no datasheet (CPUs): a matmul measured on this host (once a process)
       self.peak = flops.measured_matmul_peak(exp.model.dtype) * len(jax.local_devices())
     self.peak *= jax.process_count()
     self.reset()
