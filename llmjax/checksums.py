@@ -1,13 +1,14 @@
 """Per-array checksums of a state, equal for equal values on any mesh.
 
 Two position-weighted sums mod 2**32 of the array's bit patterns, with odd weights, so any single
-bit flip changes both. Both are sums of per-element terms, so they can be taken shard by shard
-and added: in one process every shard is summed on its own device by one small program per
-shard shape and dtype, which any model with the same shapes reuses, and which holds no
-collective. (One program over the whole tree compiled about as long as the train step for every
-new model; one program per whole leaf put a cross-device reduction in each, and many of those in
-flight at once beside orbax's own work aborted or hung.) Across processes the shards a process
-lacks live elsewhere, so one program over the whole tree sums every leaf where it is.
+bit flip changes both. Both are sums of per-element terms, so they can be taken in parts and
+added. In one process, an array of at most a MiB is copied to the host and summed by numpy, and
+a larger one is summed shard by shard on each shard's own device, by one small program per shard
+shape and dtype that holds no collective. (One program over the whole tree compiled about as long
+as the train step for every new model; one program per whole leaf put a cross-device reduction
+in each, and many of those in flight at once beside orbax's own work aborted or hung.) Across
+processes the shards a process lacks live elsewhere, so one program over the whole tree sums
+every leaf where it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import numpy as np
 from llmjax.treepaths import path_str
 
 _MASK = (1 << 32) - 1
+# Up to this size an array is copied to the host and summed by numpy: compiling a program for its
+# shard shape costs far more than the copy (a tiny model's state is all such arrays, and the
+# suite saves hundreds of them); larger arrays are summed where they are.
+HOST_BYTES = 1 << 20
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -85,18 +90,35 @@ def _by_shard(x: jax.Array) -> list[jax.Array]:
   return out
 
 
+def _on_host(x) -> np.ndarray:
+  """The terms of a small array, computed by numpy (uint32 arithmetic wraps mod 2**32, as XLA's)."""
+  x = np.asarray(x)
+  width = x.dtype.itemsize
+  bits = (x.astype(np.uint32) if x.dtype == np.bool_
+          else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[width]).astype(np.uint32)).ravel()
+  index = np.arange(bits.size, dtype=np.uint32)
+  first = np.sum(bits * (2 * index + np.uint32(1)), dtype=np.uint32)
+  second = np.sum((bits ^ (index * np.uint32(0x9E3779B9))) * np.uint32(0x85EBCA6B),
+                  dtype=np.uint32)
+  return np.stack([first, second])
+
+
 def _added(parts: list[np.ndarray]) -> tuple[int, int]:
   total = np.sum(np.stack(parts).astype(np.uint64), axis=0) & _MASK
   return int(total[0]), int(total[1])
 
 
-def checksums(tree) -> dict[str, list]:
-  """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh."""
+def checksums(tree, host_bytes: int = HOST_BYTES) -> dict[str, list]:
+  """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh. In one
+  process, arrays of at most `host_bytes` are summed by numpy on the host."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   leaves = [_key_data(leaf) for _, leaf in flat]
   if jax.process_count() == 1:
+    small = [np.size(x) * np.dtype(x.dtype).itemsize <= host_bytes for x in leaves]
     with jax.set_mesh(None):  # each program runs on one shard's device, whatever mesh is set
-      parts = jax.device_get([_by_shard(leaf) for leaf in leaves])  # all dispatched, then read
+      parts = [None if s else _by_shard(x) for x, s in zip(leaves, small)]  # dispatched first
+      host = jax.device_get([x if s else None for x, s in zip(leaves, small)])
+      parts = [[_on_host(h)] if s else jax.device_get(p) for h, p, s in zip(host, parts, small)]
     sums = [_added(p) for p in parts]
   else:
     sums = [(int(s[0]), int(s[1])) for s in jax.device_get(_whole_tree(leaves))]

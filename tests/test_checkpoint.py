@@ -317,9 +317,10 @@ def fsdp_checkpoint(tmp_path_factory):
   return directory, h.flat(state)
 
 
-def test_checksums_summed_by_shard_equal_one_program_over_the_whole_arrays():
-  """Shard by shard (one process) == the whole-array formula that older checkpoints recorded,
-  for every layout and dtype a state holds; one flipped bit changes both sums."""
+def test_checksums_by_shard_or_on_the_host_equal_one_program_over_the_whole_arrays():
+  """Shard by shard (one process) and by numpy on the host == the whole-array formula that older
+  checkpoints recorded, for every layout and dtype a state holds; one flipped bit changes both
+  sums."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from llmjax import checksums as checksums_lib
 
@@ -334,8 +335,9 @@ def test_checksums_summed_by_shard_equal_one_program_over_the_whole_arrays():
           "step": put(np.int32(7), P()), "rng": jax.random.key(3)}
   whole = jax.device_get(checksums_lib._whole_tree(
       [checksums_lib._key_data(x) for x in jax.tree.leaves(tree)]))
-  by_shard = checkpoint.checksums(tree)
+  by_shard = checkpoint.checksums(tree, host_bytes=0)
   assert [v[:2] for v in by_shard.values()] == [[int(a), int(b)] for a, b in whole]
+  assert checkpoint.checksums(tree) == by_shard  # small arrays: summed by numpy on the host
   flipped = np.asarray(tree["rows"]).copy()
   flipped.view(np.uint32)[3, 4] ^= 1 << 17
   changed = checkpoint.checksums({"rows": put(flipped, P("a"))})["rows"]
