@@ -104,6 +104,7 @@ _LONGEST_FIRST = ("test_config.py", "test_finetune.py", "checkpoints", "test_tas
                   "test_seq2seq.py", "clusters", "test_quant.py", "test_distill.py", "test_train.py",
                   "test_dpo.py", "test_reproducible.py", "test_image_task.py", "test_sft.py",
                   "test_benchmarks.py", "test_rnn.py", "test_moe_train.py", "test_early_stop.py",
+                  "test_dpo_shared.py", "test_quant_conv.py",
                   "test_peft.py", "test_multitask.py", "test_hf_moe.py", "test_generate.py",
                   "test_gan.py", "test_weights.py", "test_hf_families.py")
 
