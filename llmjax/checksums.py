@@ -35,12 +35,13 @@ def _as_uint32(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _terms(bits: jax.Array, index: jax.Array) -> jax.Array:
-  """[2] uint32: the two weighted sums of `bits` at flat positions `index` (both uint32)."""
-  first = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-  second = jnp.sum((bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B),
-                   dtype=jnp.uint32)
-  return jnp.stack([first, second])
+def _terms(bits, index, xp=jnp):
+  """[2] uint32: the two weighted sums of `bits` at flat positions `index` (both uint32), with
+  `xp` = jax.numpy on a device or numpy on the host (both wrap mod 2**32)."""
+  first = xp.sum(bits * (2 * index + 1), dtype=xp.uint32)
+  second = xp.sum((bits ^ (index * xp.uint32(0x9E3779B9))) * xp.uint32(0x85EBCA6B),
+                  dtype=xp.uint32)
+  return xp.stack([first, second])
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -75,11 +76,8 @@ def _strides(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _by_shard(x: jax.Array) -> list[jax.Array]:
-  """The terms of each distinct shard of `x` (one replica of each), still on its device; a host
-  array is one shard."""
-  strides = _strides(np.shape(x))
-  if not isinstance(x, jax.Array):
-    return [_shard_terms(x, np.zeros(np.ndim(x), np.uint32), strides)]
+  """The terms of each distinct shard of `x` (one replica of each), still on its device."""
+  strides = _strides(x.shape)
   out = []
   for shard in x.addressable_shards:
     if shard.replica_id != 0:
@@ -96,11 +94,7 @@ def _on_host(x) -> np.ndarray:
   width = x.dtype.itemsize
   bits = (x.astype(np.uint32) if x.dtype == np.bool_
           else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[width]).astype(np.uint32)).ravel()
-  index = np.arange(bits.size, dtype=np.uint32)
-  first = np.sum(bits * (2 * index + np.uint32(1)), dtype=np.uint32)
-  second = np.sum((bits ^ (index * np.uint32(0x9E3779B9))) * np.uint32(0x85EBCA6B),
-                  dtype=np.uint32)
-  return np.stack([first, second])
+  return _terms(bits, np.arange(bits.size, dtype=np.uint32), np)
 
 
 def _added(parts: list[np.ndarray]) -> tuple[int, int]:
@@ -110,11 +104,12 @@ def _added(parts: list[np.ndarray]) -> tuple[int, int]:
 
 def checksums(tree, host_bytes: int = HOST_BYTES) -> dict[str, list]:
   """{array path: [sum1, sum2, shape, dtype]}; equal for equal values on any mesh. In one
-  process, arrays of at most `host_bytes` are summed by numpy on the host."""
+  process, arrays of at most `host_bytes` (and arrays already on the host) are summed by numpy."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   leaves = [_key_data(leaf) for _, leaf in flat]
   if jax.process_count() == 1:
-    small = [np.size(x) * np.dtype(x.dtype).itemsize <= host_bytes for x in leaves]
+    small = [not isinstance(x, jax.Array) or x.size * x.dtype.itemsize <= host_bytes
+             for x in leaves]  # host arrays are summed where they are
     with jax.set_mesh(None):  # each program runs on one shard's device, whatever mesh is set
       parts = [None if s else _by_shard(x) for x, s in zip(leaves, small)]  # dispatched first
       host = jax.device_get([x if s else None for x, s in zip(leaves, small)])
