@@ -57,8 +57,9 @@ def test_shared_rows_equal_two_rows(task_cls):
   tasks = [task_cls(experiment(name, share, **({"pairs_per_row": 3, "row_len": 40} if share
                                                else {})), {}) for share in (False, True)]
   model = tasks[0].model()
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
-  reference = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
+  # Jitted: one compile per program instead of one per operation (most of this test's time).
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
+  params, reference = init(jax.random.PRNGKey(0)), init(jax.random.PRNGKey(1))
 
   def terms(task, batch, params):
     variables = {"params": params}
@@ -69,8 +70,8 @@ def test_shared_rows_equal_two_rows(task_cls):
 
   results = []
   for task, share in zip(tasks, (False, True)):
-    (_, out), grads = jax.value_and_grad(terms, argnums=2, has_aux=True)(task, _rows(share),
-                                                                         params)
+    (_, out), grads = jax.jit(jax.value_and_grad(terms, argnums=2, has_aux=True),
+                              static_argnums=0)(task, _rows(share), params)
     results.append((out, grads))
   (two, two_grads), (shared, shared_grads) = results
   assert float(two.weight) == float(shared.weight) == len(PAIRS)
@@ -91,7 +92,8 @@ def test_rejected_never_sees_chosen():
   batch = {k: jnp.asarray(v) for k, v in arrays.items()}
   task = DPO(experiment("dpo", True, row_len=24), {})
   model = task.model()
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), batch["tokens"][:, :SEQ_LEN])["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"][:, :SEQ_LEN])[
+      "params"])
   only_chosen = jnp.asarray([ord("Q"), ord("Z")])
 
   def logp(embed, side, branch_ids):
@@ -101,7 +103,9 @@ def test_rejected_never_sees_chosen():
     return sums[side].sum()
 
   embed = params["embed"]["embedding"]
-  grad = lambda side, branches: jax.grad(logp)(embed, side, branches)[only_chosen]  # noqa: E731
+  # Jitted (the side is static): one compile each instead of one per operation.
+  grad_fn = jax.jit(jax.grad(logp), static_argnums=1)
+  grad = lambda side, branches: grad_fn(embed, side, branches)[only_chosen]  # noqa: E731
   assert float(jnp.abs(grad(1, batch["branch_ids"])).max()) == 0.0
   assert float(jnp.abs(grad(0, batch["branch_ids"])).max()) > 0.0
   assert float(jnp.abs(grad(1, jnp.zeros_like(batch["branch_ids"]))).max()) > 0.0
@@ -143,9 +147,11 @@ def test_auto_attention_runs_xla_where_it_would_pick_splash():
   exp = experiment("dpo", True)
   models = {impl: Transformer(dataclasses.replace(exp.model, attention_impl=impl, max_len=length))
             for impl in ("auto", "xla", "splash")}
-  params = models["xla"].init(jax.random.PRNGKey(0), batch["tokens_BL"])
+  params = jax.jit(models["xla"].init)(jax.random.PRNGKey(0), batch["tokens_BL"])
   tokens_BL = batch.pop("tokens_BL")
-  run = lambda impl: models[impl].apply(params, tokens_BL, **batch)  # noqa: E731
+  # Jitted: one compile per implementation instead of one per operation (the choice and the
+  # refusal happen at trace time, under the TPU target set below).
+  run = lambda impl: jax.jit(models[impl].apply)(params, tokens_BL, **batch)  # noqa: E731
   token = attention.TARGET_PLATFORM.set("tpu")
   try:
     assert attention.implementation(models["auto"].cfg, length) == "splash"
