@@ -79,6 +79,7 @@ class Family:
   compare_error: Callable  # args -> why the --compare systems cannot run ("" when they can)
   # (exp, args) -> (run one step, info): the --compare=plain-jax counterpart; None: there is none
   plain_jax_runner: Callable | None = None
+  defaults: dict = dataclasses.field(default_factory=dict)  # flag defaults other than REFERENCE
 
 
 def experiment(args, *, n_layers=None, scan=None, remat=None, mesh="data=1", rules="dp"):
@@ -136,7 +137,8 @@ def build(exp: configlib.Experiment, devices=None, task: Task | None = None) -> 
   sharding.check_divisible(exp.model, mesh, exp.mesh.rules)
   task = LM(exp) if task is None else task
   model = task.model()
-  tx = optim.make_optimizer(exp.optim, exp.train.steps)
+  # a task with parameter groups (a GAN's two networks) gets each group's settings, as in training
+  tx = optim.make_optimizer(exp.optim, exp.train.steps, optim.param_groups(task))
   schedule = optim.learning_rate_schedule(exp.optim, exp.train.steps)
   init_variables = init.variables_init(task, model, task.example_batch(1))
   abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)

@@ -12,13 +12,22 @@ aside), so the `dense` row is the dense step of equal active FLOPs. Beside it (-
 `dense,moe-capacity`): `moe-capacity`, the same MoE with capacity factor --capacity (dispatch and
 combine einsums). The step is llmjax's own with the LM loss and its auxiliary losses; FLOPs count
 active parameters (llmjax.flops). This folds in what benchmarks/moe_throughput.py measured.
+`--compare=...,hf-torch` adds transformers' MixtralForCausalLM of the same shapes in torch,
+loaded from llmjax's initial weights (llmjax.hf.save), its router loss at llmjax's weight, with
+torch's AdamW set as llmjax's optimiser (benchmarks/torch_peers.py): dropless, as transformers'
+Mixtral always is, with its default experts implementation. benchmarks/moe_layer.py times the
+layer alone against Mixtral's and Qwen2-MoE's blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+
+import numpy as np
 
 import bench_common as common
+import torch_peers
 
 MODELS = ("moe",)
 # Mixtral's proportions at a seconds-long size: 8 experts, 2 per token.
@@ -76,9 +85,43 @@ def describe(exp, args) -> str:
           f"{exp.train.batch_size}, {m.dtype}, remat {m.remat}, scan {m.scan_layers}")
 
 
+def hf_torch_runner(exp, task, args, seed: int = 0):
+  """(run one step, info): transformers' MixtralForCausalLM with llmjax's initial weights."""
+  import torch
+  import transformers
+  from llmjax import hf
+  threads = torch_peers.set_threads(args, seed)
+  m = exp.model
+  # every MLP is sparse, so the dense width is unused: Mixtral's config reads it as the experts'
+  model = task.model()
+  model = model.clone(cfg=dataclasses.replace(model.cfg, d_ff=m.moe_d_ff))
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save(model, torch_peers.initial_params(task, seed), tmp, config_overrides=dict(
+        router_aux_loss_coef=m.moe_aux_loss_weight, output_router_logits=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp, attn_implementation="sdpa", dtype=torch.float32)
+  model.train()
+  tokens = torch.from_numpy(common.host_batch(task, exp.train.batch_size, seed)["tokens"]
+                            .astype(np.int64))
+  # llmjax decays matrices and experts, never norms or the embedding table (optim.NO_DECAY)
+  opt, scheduler, clip = torch_peers.adamw(
+      model.named_parameters(), exp.optim, exp.train.steps,
+      lambda name, p: p.ndim >= 2 and "embed_tokens" not in name)
+  info = {"losses": [], "threads": threads, "peer": f"transformers {type(model).__name__}",
+          "experts_implementation": model.config._experts_implementation,
+          "n_params": sum(p.numel() for p in model.parameters())}
+  loss_fn = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
+  return torch_peers.train_step(loss_fn, opt, scheduler, clip, info), info
+
+
+def _compare_error(args) -> str:
+  if set(args.compare) - {"bf16", "hf-torch"} - set(COMPARE):
+    return "--model=moe compares with dense, moe-capacity, bf16 and hf-torch only"
+  return ""
+
+
 def family(text: common.Family) -> common.Family:
-  """The text family with the MoE experiment; no torch or plain-jax counterpart."""
+  """The text family with the MoE experiment; transformers' Mixtral as the torch peer."""
   return dataclasses.replace(
-      text, tiny=TINY, experiment=experiment, describe=describe, torch_runner=None,
-      compare_error=lambda args: "--model=moe compares with dense and moe-capacity only",
-      plain_jax_runner=None)
+      text, tiny=TINY, experiment=experiment, describe=describe, torch_runner=hf_torch_runner,
+      compare_error=_compare_error, plain_jax_runner=None)

@@ -10,8 +10,10 @@ The model family is data (`FAMILIES`, by the preset's arch): text models (--mode
 llama, the default --preset) count tokens, image models (any resnet* preset, cnn;
 benchmarks/image_bench.py) count images, and --model=moe (benchmarks/moe_bench.py) times a
 Mixtral-shaped mixture of experts with, as rows beside it, the dense step of equal active FLOPs
-and the MoE's capacity dispatch (`--compare=dense,moe-capacity`, its default); all share the
-timing, the turns, the ceilings and the JSON below.
+and the MoE's capacity dispatch (`--compare=dense,moe-capacity`, its default; add hf-torch for
+transformers' Mixtral), --model=rnn / rnn_classify (benchmarks/rnn_bench.py) an LSTM language
+model / classifier beside torch's nn.LSTM, and --model=dcgan (benchmarks/gan_bench.py) one DCGAN
+step beside a torch DCGAN; all share the timing, the turns, the ceilings and the JSON below.
 
 Defaults are the issue's reference config (GPT-2 shape, 6 layers, d_model 512, 8 heads, seq 256,
 batch 8, vocab 8192, AdamW, fp32). The train step is llmjax's own, jitted as the loop jits it
@@ -46,8 +48,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_common as common  # noqa: E402
+import gan_bench  # noqa: E402
 import image_bench  # noqa: E402
 import moe_bench  # noqa: E402
+import rnn_bench  # noqa: E402
 from llmjax import flops  # noqa: E402
 from llmjax.models import presets  # noqa: E402
 from llmjax.tasks.lm import LM  # noqa: E402
@@ -64,12 +68,14 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_model_flags(p)
   p.add_argument("--model", default="",
-                 choices=("",) + TEXT_MODELS + image_bench.MODELS + moe_bench.MODELS,
+                 choices=("",) + TEXT_MODELS + image_bench.MODELS + tuple(EXTRA_FAMILIES),
                  help="a preset: gpt2 or llama (text; the same as --preset) or an image preset "
-                      "(resnet18 ... resnet152, cnn), or moe (Llama-shaped experts); empty: "
-                      "--preset")
+                      "(resnet18 ... resnet152, cnn), or moe (Llama-shaped experts), rnn / "
+                      "rnn_classify (LSTM LM / classifier), dcgan; empty: --preset")
   image_bench.add_flags(p)
   moe_bench.add_flags(p)
+  rnn_bench.add_flags(p)
+  gan_bench.add_flags(p)
   p.add_argument("--steps", type=int, default=9, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--block", type=int, default=3,
@@ -89,6 +95,10 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0,
                  help="pin the process to this many cores, torch threads to match (0: all cores); "
                       "1 gives a like-for-like figure when other processes share the cores")
+  # a family's own shape defaults (the LSTMs' are not the GPT reference's), before the full parse
+  known, _ = p.parse_known_args(argv)
+  if known.model in EXTRA_FAMILIES:
+    p.set_defaults(**EXTRA_FAMILIES[known.model].defaults)
   args = p.parse_args(argv)
   if args.model in TEXT_MODELS + moe_bench.MODELS:
     args.preset = "llama" if args.model in moe_bench.MODELS else args.model
@@ -260,12 +270,14 @@ TEXT = common.Family(
     compare_error=_text_compare_error, plain_jax_runner=plain_jax_runner)
 # A preset's arch picks its family.
 FAMILIES = {"transformer": TEXT, "resnet": image_bench.FAMILY, "cnn": image_bench.FAMILY}
-MOE = moe_bench.family(TEXT)
+# Families named by --model rather than by a preset's arch.
+EXTRA_FAMILIES = {"moe": moe_bench.family(TEXT), "rnn": rnn_bench.family(),
+                  "rnn_classify": rnn_bench.family(), "dcgan": gan_bench.FAMILY}
 
 
 def family_of(args) -> common.Family:
-  if args.model in moe_bench.MODELS:
-    return MOE
+  if args.model in EXTRA_FAMILIES:
+    return EXTRA_FAMILIES[args.model]
   return FAMILIES[presets.get(args.model).get("arch", "transformer")]
 
 
@@ -398,7 +410,7 @@ def report(result: dict) -> str:
   for key, label in [("jax", "llmjax (jax)")] + [(k, label) for k, _, label in COMPARE.values()]:
     if key in result:
       r = result[key]
-      rows.append([label, r[f"{unit}_per_s"], r["median_step_s"], r["best_step_s"],
+      rows.append([r.get("peer", label), r[f"{unit}_per_s"], r["median_step_s"], r["best_step_s"],
                    r["tflops_per_s"],
                    100 * r["fraction_of_measured_matmul"],
                    None if r["mfu_datasheet"] is None else 100 * r["mfu_datasheet"],

@@ -150,10 +150,14 @@ def test_train_throughput_resnet_tiny_with_torch(tmp_path, capsys):
 
 
 def test_train_throughput_moe_beside_its_dense_twin(tmp_path, capsys):
-  """--model=moe: the Mixtral-shaped MoE step (dropless) with, by default, the dense step of
-  equal active FLOPs and the capacity dispatch as rows beside it; bad MoE flags refused."""
+  """--model=moe: the Mixtral-shaped MoE step (dropless) with the dense step of equal active
+  FLOPs, the capacity dispatch and (with torch) transformers' Mixtral as rows beside it; bad MoE
+  flags refused."""
+  torch = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
+  compare = ["--compare=dense,moe-capacity,hf-torch"] if torch else []
   result, stdout = _run("train_throughput", ["--model=moe", "--steps=1", "--warmup=0",
-                                             "--block=1", "--matmul_repeats=1"], tmp_path, capsys)
+                                             "--block=1", "--matmul_repeats=1"] + compare,
+                        tmp_path, capsys)
   assert "8 experts of width 32, top 2" in result["description"]
   assert "llmjax dense, equal active FLOPs" in stdout and "llmjax MoE, capacity dispatch" in stdout
   model = result["config"]["model"]
@@ -166,9 +170,15 @@ def test_train_throughput_moe_beside_its_dense_twin(tmp_path, capsys):
   assert result["jax_dense"]["n_params"] < result["jax"]["n_params"]
   assert _positive(result["jax_over_dense_tokens_per_s"])
   assert _positive(result["jax_over_capacity_tokens_per_s"])
+  if torch:  # transformers' Mixtral from llmjax's initial weights: the same first loss
+    theirs = result["hf_torch"]
+    assert theirs["peer"] == "transformers MixtralForCausalLM" and "Mixtral" in stdout
+    assert theirs["n_params"] == result["jax"]["n_params"]
+    assert abs(theirs["first_loss"] - result["jax"]["first_loss"]) < 1e-4, theirs
+    assert _positive(result["jax_over_torch_tokens_per_s"])
   module = _script("train_throughput")
   for argv in (["--model=moe", "--top_k=9"], ["--model=moe", "--d_ff=63"],
-               ["--model=moe", "--compare=hf-torch"], ["--compare=dense"]):
+               ["--model=moe", "--compare=plain-jax"], ["--compare=dense"]):
     with pytest.raises(SystemExit):
       module.parse_args(argv)
 
@@ -308,3 +318,50 @@ def test_profile_step_parts_and_hlo_parsing():
            [{"name": "not an instruction", "dur": 1e6, "ph": "X"}]
   timed = module.attribute(events, found, steps=2)
   assert math.isclose(sum(timed["by_part"].values()), 5.0 * len(found))
+
+
+def test_train_throughput_lstm_and_dcgan_tiny_with_torch(tmp_path, capsys):
+  """The LSTM LM, the LSTM classifier and the DCGAN step each beside their torch peer, started
+  from llmjax's initial weights on the same batch (and, for the GAN, the same first latents):
+  the same parameters and the same first loss up to float32 rounding."""
+  pytest.importorskip("torch")
+  fast = ["--compare=hf-torch", "--steps=1", "--warmup=0", "--block=1", "--matmul_repeats=1"]
+  for model, unit, peer in (("rnn", "tokens", "torch nn.LSTM"),
+                            ("rnn_classify", "tokens", "torch nn.LSTM"),
+                            ("dcgan", "images", "torch DCGAN")):
+    result, stdout = _run("train_throughput", [f"--model={model}"] + fast, tmp_path, capsys)
+    assert result["unit"] == unit and peer in stdout, model
+    assert f"jax/torch {unit}/s ratio" in stdout, model
+    ours, theirs = result["jax"], result["hf_torch"]
+    assert theirs["peer"] == peer and _positive(result[f"jax_over_torch_{unit}_per_s"])
+    assert _positive(result["flops_per_step"]) and _positive(ours[f"{unit}_per_s"]), model
+    assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-5, (model, ours, theirs)
+    if model == "dcgan":  # every layer as llmjax's, biases included
+      assert ours["n_params"] == theirs["n_params"]
+      assert result["config"]["task"]["g_widths"] == "16,8"
+    else:  # torch keeps a second LSTM bias, bias_hh: 4 x hidden per layer and direction
+      cfg = result["config"]["model"]
+      directions = 2 if model == "rnn_classify" else 1
+      assert cfg["bidirectional"] == (model == "rnn_classify")
+      assert theirs["n_params"] - ours["n_params"] == (
+          4 * cfg["rnn_hidden"] * cfg["rnn_layers"] * directions)
+
+
+def test_moe_layer_tiny_against_transformers_blocks(tmp_path, capsys):
+  """llmjax's MoE layer (dropless and with capacity) beside transformers' Mixtral and Qwen2-MoE
+  blocks holding the same weights: dropless outputs equal theirs to float32 rounding."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  result, stdout = _run("moe_layer", ["--steps=1", "--warmup=0", "--block=1"], tmp_path, capsys)
+  assert "llmjax dropless" in stdout and "transformers" in stdout and "x torch" in stdout
+  assert [r["kind"] for r in result["rows"]] == ["mixtral", "qwen2_moe"]
+  for row in result["rows"]:
+    assert row["dropless_max_abs_diff_vs_torch"] <= 1e-5 * max(row["torch_max_abs_output"], 1e-3)
+    for system in ("dropless", "capacity", "torch"):
+      assert _positive(row[system]["tokens_per_s"]), (row["kind"], system)
+    assert row["dropless"]["n_params"] == row["torch"]["n_params"], row["kind"]
+    assert _positive(row["dropless_over_torch_tokens_per_s"])
+  assert result["rows"][1]["shared_width"] > 0 and result["rows"][0]["shared_width"] == 0
+  assert result["host_kind"] == result["environment"]["host"]["kind"]
+  with pytest.raises(SystemExit):
+    _script("moe_layer").parse_args(["--kinds=switch"])
