@@ -97,6 +97,7 @@ def test_the_combination_weights_distillation_by_alpha():
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -199,10 +200,12 @@ def _student(tmp_path, teacher, **distill):
 def test_a_smaller_student_trains_resumes_exactly_and_keeps_no_teacher(lm_teacher, tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   exp = _student(tmp_path, lm_teacher)
+  exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, checkpoint_every=2))
   loop.run(exp, straight)
-  half = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2,
-                                                            checkpoint_every=2))
-  loop.run(half, resumed)
+  # As if stopped after step 2 (the same experiment: a shorter one would compile another step
+  # for its other learning-rate schedule).
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
   final = loop.run(exp, resumed)
   assert np.isfinite(final["distill_kl"]) and final["distill_kl"] > 0
   records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
@@ -261,13 +264,14 @@ def test_offline_top_k_of_the_whole_vocabulary_equals_the_online_teacher(lm_teac
 def test_an_offline_run_stores_the_teacher_once_and_reads_it_back(lm_teacher, tmp_path):
   workdir = str(tmp_path / "offline")
   exp = _student(tmp_path, lm_teacher, top_k=4)
-  half = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=2,
-                                                            checkpoint_every=2))
-  loop.run(half, workdir)
+  exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, checkpoint_every=2))
+  loop.run(exp, workdir)
   store = os.path.join(workdir, offline_teacher.STORE)
   manifest = json.load(open(os.path.join(store, offline_teacher.MANIFEST)))
   assert manifest["top_k"] == 4 and manifest["teacher"] == f"workdir:{lm_teacher}"
   before = os.path.getmtime(os.path.join(store, offline_teacher.MANIFEST))
+  # As if stopped after step 2 (the same experiment: a shorter one would compile another step).
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   final = loop.run(exp, workdir)  # the resume reads the store back instead of recomputing
   assert os.path.getmtime(os.path.join(store, offline_teacher.MANIFEST)) == before
   assert final["step"] == 4 and np.isfinite(final["distill_kl"])
