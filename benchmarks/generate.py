@@ -2,6 +2,7 @@
 
   python benchmarks/generate.py --json=/tmp/generate.json   # GPT-2 shape, 6 x 384, batch 1 and 8
   python benchmarks/generate.py --tiny                      # seconds; checks the script only
+  python benchmarks/generate.py --quant=int8,int4           # also int8 and int4 kernels
   python benchmarks/generate.py --llmjax_only --dtype=bfloat16 --n_layer=24 --n_embd=2048 \
       --n_head=16 --vocab_size=50304 --n_positions=2048      # a ~1.3B GPT on a GPU, no torch
 
@@ -12,6 +13,11 @@ jitted matrix-vector product over a buffer much larger than the caches), times l
 step apart from its prefill (a call with --new_tokens against one with a single new token:
 the difference over new_tokens - 1 steps), and reports the fraction of the bound reached,
 bound seconds / measured seconds per step.
+
+--quant=int8,int4 (config.model.quant specs) also decodes with the dense kernels quantized from
+the same weights (llmjax.models.quant_tree; embeddings, norms and biases stay float), in the same
+rounds: each format's bound counts its own weight bytes, and its tokens/s and decode step are
+also given as ratios to the float model's.
 
 Both run the same random GPT-2 (built with transformers, saved as safetensors, loaded into
 llmjax), fp32, on the same CPU in the same process, from the same prompt, for the same number of
@@ -34,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import bench_common as common  # noqa: E402
+from llmjax.errors import ConfigError  # noqa: E402
+from llmjax.models import quant  # noqa: E402
 
 REFERENCE = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=50257, n_positions=1024)
 TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64)
@@ -58,11 +66,20 @@ def parse_args(argv=None):
                  help="llmjax's parameter and compute dtype (bfloat16 with --llmjax_only only)")
   for name, value in REFERENCE.items():  # transformers' GPT2Config names
     p.add_argument(f"--{name}", type=int, default=value)
+  p.add_argument("--quant", default="",
+                 help="also decode with the kernels quantized as each of these config.model.quant "
+                      "specs, comma-separated (e.g. int8,int4 or int4:g32)")
   p.add_argument("--tiny", action="store_true", help="tiny model and budget (tests)")
   p.add_argument("--json", default="", help="write the results here as JSON")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batches.split(",") if b]
   args.shape = {name: getattr(args, name) for name in REFERENCE}
+  args.quant = [q for q in args.quant.split(",") if q]
+  for spec in args.quant:
+    try:
+      quant.parse(spec, "--quant")
+    except ConfigError as e:
+      p.error(str(e))
   if args.tiny:
     args.prompt_len, args.new_tokens, args.repeats, args.block = 4, 8, 1, 1
     args.shape = dict(TINY)
@@ -102,16 +119,23 @@ def cache_bytes(cfg, batch: int, length: int) -> int:
   return 2 * cfg.n_layers * batch * length * kv_heads * (cfg.d_model // cfg.n_heads) * itemsize
 
 
-def measure(model, params, torch_model, batch: int, args, weights: int, bandwidth: float) -> dict:
+def measure(model, params, torch_model, batch: int, args, weights: int, bandwidth: float,
+            quantized: dict | None = None) -> dict:
   """One batch size: llmjax's whole call and its prefill, and torch's generate unless
-  torch_model is None, taking turns; `weights` bytes read at `bandwidth` bytes/s bound a step."""
+  torch_model is None, taking turns; `weights` bytes read at `bandwidth` bytes/s bound a step.
+  `quantized` ({spec: (model, params)}) join the same rounds; their rows go under "quantized"."""
   from llmjax import generate
   vocab = model.cfg.vocab_size
   prompt = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt_len), np.int32)
+  systems = {"llmjax": (model, params), **{f"llmjax {spec}": pair
+                                           for spec, pair in (quantized or {}).items()}}
+  results, runners = {}, {}
 
-  def run_llmjax():
-    out = generate.generate(model, params, prompt, max_new_tokens=args.new_tokens)
-    results["llmjax"] = np.asarray(out.block_until_ready())
+  def llmjax_runner(name, key, new_tokens):
+    def run_once():
+      out = generate.generate(*systems[name], prompt, max_new_tokens=new_tokens)
+      results[key] = np.asarray(out.block_until_ready())
+    return run_once
 
   def run_torch():
     import torch
@@ -122,35 +146,64 @@ def measure(model, params, torch_model, batch: int, args, weights: int, bandwidt
                                  pad_token_id=0)
     results["torch"] = out[:, args.prompt_len:].numpy()
 
-  def run_llmjax_prefill():  # the prompt's prefill and one new token: the non-decode part
-    generate.generate(model, params, prompt, max_new_tokens=1).block_until_ready()
-
-  results = {}
-  runners = {"llmjax": run_llmjax, "llmjax_prefill": run_llmjax_prefill}
+  for name in systems:  # the prompt's prefill and one new token: the non-decode part
+    runners[name] = llmjax_runner(name, name, args.new_tokens)
+    runners[name + "_prefill"] = llmjax_runner(name, name + "_prefill", 1)
   if torch_model is not None:
     runners["torch"] = run_torch
   times = common.time_interleaved(runners, args.repeats, 1, block=args.block)
-  new = batch * args.new_tokens
   with_torch = torch_model is not None
-  jax_s = times["llmjax"]["median_step_s"]
+  row = {"batch": batch, **_decode_figures(times, "llmjax", batch, args, weights, bandwidth)}
   torch_s = times["torch"]["median_step_s"] if with_torch else None
-  prefill_s = times["llmjax_prefill"]["median_step_s"]
+  row.update({"torch_tokens_per_s": batch * args.new_tokens / torch_s if with_torch else None,
+              "ratio": torch_s / times["llmjax"]["median_step_s"] if with_torch else None,
+              "llmjax_first_call_s": times["llmjax"]["first_call_s"],
+              "same_tokens": (bool(np.array_equal(results["llmjax"], results["torch"]))
+                              if with_torch else None),
+              "cache_bytes_at_end": cache_bytes(model.cfg, batch,
+                                                args.prompt_len + args.new_tokens),
+              "times": times})
+  if quantized:
+    row["quantized"] = {}
+    for spec, (_, qparams) in quantized.items():
+      q = _decode_figures(times, f"llmjax {spec}", batch, args, weight_bytes(qparams), bandwidth)
+      q["tokens_per_s_vs_float"] = q["llmjax_tokens_per_s"] / row["llmjax_tokens_per_s"]
+      q["decode_step_speedup_vs_float"] = (row["llmjax_decode_step_s"] / q["llmjax_decode_step_s"]
+                                           if q["llmjax_decode_step_s"] > 0 else None)
+      q["same_tokens_as_float"] = bool(np.array_equal(results[f"llmjax {spec}"],
+                                                      results["llmjax"]))
+      row["quantized"][spec] = q
+  return row
+
+
+def _decode_figures(times: dict, name: str, batch: int, args, weights: int,
+                    bandwidth: float) -> dict:
+  """Tokens/s of runner `name`, its decode step (its call minus its prefill call's) and the
+  fraction of the weight-streaming bound of `weights` bytes at `bandwidth` bytes/s."""
+  whole_s, prefill_s = times[name]["median_step_s"], times[name + "_prefill"]["median_step_s"]
   # Each decode step after the first new token; floored at 0 only so noise cannot go negative.
-  decode_step_s = max(jax_s - prefill_s, 0.0) / max(args.new_tokens - 1, 1)
+  step_s = max(whole_s - prefill_s, 0.0) / max(args.new_tokens - 1, 1)
   bound_s = weights / bandwidth
-  return {"batch": batch, "llmjax_tokens_per_s": new / jax_s,
-          "torch_tokens_per_s": new / torch_s if with_torch else None,
-          "ratio": torch_s / jax_s if with_torch else None,
-          "llmjax_first_call_s": times["llmjax"]["first_call_s"],
-          "same_tokens": (bool(np.array_equal(results["llmjax"], results["torch"]))
-                          if with_torch else None),
-          "llmjax_prefill_s": prefill_s, "llmjax_decode_step_s": decode_step_s,
-          "weight_bytes": weights,
-          "cache_bytes_at_end": cache_bytes(model.cfg, batch, args.prompt_len + args.new_tokens),
-          "weight_streaming_bound_s": bound_s,
-          "fraction_of_weight_streaming_bound": (bound_s / decode_step_s if decode_step_s > 0
-                                                 else None),
-          "times": times}
+  return {"llmjax_tokens_per_s": batch * args.new_tokens / whole_s,
+          "llmjax_prefill_s": prefill_s, "llmjax_decode_step_s": step_s,
+          "weight_bytes": weights, "weight_streaming_bound_s": bound_s,
+          "fraction_of_weight_streaming_bound": bound_s / step_s if step_s > 0 else None}
+
+
+def quantized_models(model, params, specs) -> dict:
+  """{spec: (the model storing its dense kernels as `spec` says, `params` quantized so)}."""
+  import dataclasses
+
+  import jax
+
+  from llmjax.hf import api
+  from llmjax.models import quant_tree
+  out = {}
+  for spec in specs:
+    qmodel = model.clone(cfg=dataclasses.replace(model.cfg, quant=spec))
+    found = quant_tree.layouts(lambda qmodel=qmodel: api.abstract_variables(qmodel))
+    out[spec] = (qmodel, jax.block_until_ready(quant_tree.quantize_tree(params, found)))
+  return out
 
 
 def models(args):
@@ -186,8 +239,13 @@ def run(args) -> dict:
   # A buffer 4x the weights (at least 256 MiB, at most 4 GiB) so that no cache holds it.
   floor, weights = (64 if args.tiny else 256) << 20, weight_bytes(params)
   bandwidth = memory_bandwidth(min(max(4 * weights, floor), 4 << 30))
-  rows = [measure(model, params, torch_model, batch, args, weights, bandwidth["bytes_per_s"])
-          for batch in args.batches]
+  try:
+    quantized = quantized_models(model, params, args.quant)
+  except ConfigError as e:  # e.g. a group that does not divide this model's widths
+    print(f"--quant: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  rows = [measure(model, params, torch_model, batch, args, weights, bandwidth["bytes_per_s"],
+                  quantized) for batch in args.batches]
   torch_threads = None
   if torch_model is not None:
     import torch
@@ -198,12 +256,13 @@ def run(args) -> dict:
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "block": args.block, "tiny": args.tiny,
                      "llmjax_only": args.llmjax_only, "threads": args.threads or "default",
+                     "quant": args.quant,
                      "torch_threads": torch_threads},
           "what": "wall time of one greedy generate call (prefill + decode), median; "
                   "tokens/s = batch x new_tokens / time; ratio = torch time / llmjax time; "
                   "decode step = (time - time with one new token) / (new_tokens - 1); "
                   "weight-streaming bound = weight bytes / measured read bandwidth; fraction = "
-                  "bound / decode step",
+                  "bound / decode step; quantized rows: the same with their own weight bytes",
           "rows": rows}
 
 
@@ -222,8 +281,26 @@ def main(argv=None) -> dict:
         + f"); weights {result['rows'][0]['weight_bytes'] / 1e6:.4g} MB")
   print(common.format_table(["batch", "llmjax tok/s", "torch tok/s", "ratio", "same tokens",
                              "decode ms/step", "bound ms/step", "fraction of bound"], table))
+  if args.quant:
+    print(common.format_table(
+        ["batch", "weights", "MB", "tok/s", "vs float", "decode ms/step", "step speedup",
+         "bound ms/step", "fraction of bound", "same tokens as float"],
+        [row for r in result["rows"] for row in _quant_table(r, args.dtype)]))
   common.write_json(args.json, result)
   return result
+
+
+def _quant_table(row: dict, dtype: str) -> list[list]:
+  """One batch's lines of the quantized table: the float model's, then each spec's."""
+  lines = [[row["batch"], dtype, row["weight_bytes"] / 1e6, row["llmjax_tokens_per_s"], 1.0,
+            1e3 * row["llmjax_decode_step_s"], 1.0, 1e3 * row["weight_streaming_bound_s"],
+            row["fraction_of_weight_streaming_bound"], True]]
+  for spec, q in row.get("quantized", {}).items():
+    lines.append([row["batch"], spec, q["weight_bytes"] / 1e6, q["llmjax_tokens_per_s"],
+                  q["tokens_per_s_vs_float"], 1e3 * q["llmjax_decode_step_s"],
+                  q["decode_step_speedup_vs_float"], 1e3 * q["weight_streaming_bound_s"],
+                  q["fraction_of_weight_streaming_bound"], q["same_tokens_as_float"]])
+  return lines
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 # tests/test_benchmarks.py checks), then KV-cache decoding of the same GPT in bf16 at batch 1 and
 # 8 against the weight-streaming bound (generate.py --llmjax_only: no torch on the image; the
 # HBM read bandwidth measured in the same run), then a Mixtral-shaped MoE step against its dense
-# twin (benchmarks/train_throughput.py --model=moe; MOE_SHAPE overrides its flags). Results (JSON + logs) go to $1 (default $OUT). Variants run
+# twin (benchmarks/train_throughput.py --model=moe; MOE_SHAPE overrides its flags), then the
+# decode again with int8 kernels beside the bf16 ones (generate.py --quant=int8). Results (JSON +
+# logs) go to $1 (default $OUT). Variants run
 # in that order while BUDGET seconds (default 560, under the device call's 600) leave room for
 # another RUN_TIMEOUT (default 130); the rest are skipped. ONLY="name ..." runs just those.
 #
@@ -47,20 +49,21 @@ run() {  # run NAME ENV_SETUP FLAGS...: ENV_SETUP is a command run in the varian
   echo "exit $?"; grep -E "tokens/s|images/s|llmjax|ceilings|compile" "$out/$name.log" | tail -4
 }
 gpu_env() { source launch/gpu_env.sh; echo "XLA_FLAGS=$XLA_FLAGS" >"$out/gpu_env.txt"; }
-decode() {  # the GPT's shape in generate.py's (transformers' GPT2Config) names
-  local name=decode_b1_b8 gpt=${DECODE_SHAPE:---n_layer=24 --n_embd=2048 --n_head=16 --vocab_size=50304 --n_positions=2048}
+decode() {  # decode NAME [FLAGS...]: the GPT's shape in generate.py's (transformers' GPT2Config) names
+  local name=$1 gpt=${DECODE_SHAPE:---n_layer=24 --n_embd=2048 --n_head=16 --vocab_size=50304 --n_positions=2048}
+  shift
   wanted "$name" || return 0
-  echo "== $name: $gpt"
+  echo "== $name: $gpt $*"
   # shellcheck disable=SC2086
   timeout "$limit" "$py" benchmarks/generate.py --llmjax_only --dtype=bfloat16 $gpt \
-      --batches=1,8 --prompt_len=128 --new_tokens=128 --repeats=3 --json="$out/$name.json" \
+      --batches=1,8 --prompt_len=128 --new_tokens=128 --repeats=3 "$@" --json="$out/$name.json" \
       >"$out/$name.log" 2>&1
   echo "exit $?"; tail -4 "$out/$name.log"
 }
 run cudnn_b8 : --attention_impl=cudnn --batch=8
 # shellcheck disable=SC2086
 run resnet50_b256_224px : $image_shape
-decode
+decode decode_b1_b8
 run cudnn_b8_gpu_env gpu_env --attention_impl=cudnn --batch=8
 run cudnn_b16_dots_no_batch : --attention_impl=cudnn --batch=16 --remat=dots_no_batch
 run xla_b8_dots_no_batch : --attention_impl=xla --batch=8 --remat=dots_no_batch
@@ -79,3 +82,5 @@ moe() {  # Mixtral-shaped blocks (d 4096, 32 heads / 8 kv, 8 experts of 14336, t
   echo "exit $?"; tail -4 "$out/$name.log"
 }
 moe
+# int8 kernels (embeddings stay bf16) beside the bf16 model, in one run: ratios and both bounds
+decode decode_int8_b1_b8 --quant=int8 --repeats=2

@@ -56,14 +56,16 @@ def test_generate_benchmark_tiny(tmp_path, capsys):
 def test_generate_benchmark_llmjax_only_runs_without_torch_or_the_data_stack(tmp_path):
   """--llmjax_only is what a GPU image runs: no torch, grain, tensorflow-datasets, orbax or
   llmjax.data may be imported (transformers, for the config, is there, and with it tqdm);
-  bf16 weights halve the bytes the bound counts."""
+  bf16 weights halve the bytes the bound counts; --quant=int8 (gpu_run.sh's int8 row) decodes
+  the same weights with int8 kernels in the same run, bounded by its own bytes."""
   absent = ["grain", "tensorflow_datasets", "tensorflow", "orbax", "orbax.checkpoint", "torch",
             "llmjax.data"]
   out = tmp_path / "g.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla.xla_flags())
   code = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[2].split(',')]; "
           "sys.path.insert(0, sys.argv[1]); import generate; "
-          "generate.main(['--tiny', '--llmjax_only', '--dtype=bfloat16', '--json=' + sys.argv[3]])")
+          "generate.main(['--tiny', '--llmjax_only', '--dtype=bfloat16', '--quant=int8', "
+          "'--json=' + sys.argv[3]])")
   done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), ",".join(absent), str(out)],
                         env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -80,3 +82,25 @@ def test_generate_benchmark_llmjax_only_runs_without_torch_or_the_data_stack(tmp
     n_params = (m["vocab_size"] + m["n_positions"]) * d + m["n_layer"] * (12 * d * d + 13 * d) \
         + 2 * d
     assert row["weight_bytes"] == 2 * n_params
+    # int8: each layer's 12 D^2 kernel values at 1 byte instead of 2, plus a float32 scale per
+    # output channel (q, k, v, o: D each; the MLP's 4 D and D); everything else stays bf16.
+    int8 = row["quantized"]["int8"]
+    assert int8["weight_bytes"] == 2 * n_params - m["n_layer"] * (12 * d * d - 9 * d * 4)
+    assert math.isclose(int8["weight_streaming_bound_s"],
+                        int8["weight_bytes"] / written["memory_bandwidth"]["bytes_per_s"])
+    assert math.isclose(int8["tokens_per_s_vs_float"],
+                        int8["llmjax_tokens_per_s"] / row["llmjax_tokens_per_s"])
+    assert int8["llmjax_tokens_per_s"] > 0 and isinstance(int8["same_tokens_as_float"], bool)
+  assert written["config"]["quant"] == ["int8"]
+
+
+def test_generate_benchmark_refuses_a_bad_quant_spec(capsys):
+  sys.path.insert(0, str(BENCHMARKS))
+  spec = importlib.util.spec_from_file_location("benchmarks_generate", BENCHMARKS / "generate.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  with pytest.raises(SystemExit) as exit_info:
+    script.parse_args(["--quant=int8,int3"])
+  assert exit_info.value.code == 2
+  assert "--quant='int3'" in capsys.readouterr().err
+  assert script.parse_args(["--quant=int8,int4:g32"]).quant == ["int8", "int4:g32"]
