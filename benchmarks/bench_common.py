@@ -144,7 +144,7 @@ def build(exp: configlib.Experiment, devices=None, task: Task | None = None) -> 
   abstract, shardings = init.state_shardings(init_variables, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
   train, _ = step.jit_steps(step.bind_loss(task, model), tx, schedule, exp.optim.accum_steps,
-                            mesh, shardings)
+                            mesh, shardings, model)
   return Built(exp, mesh, rules, task, model, tx, abstract, shardings, batch_sharding, train,
                init_variables)
 

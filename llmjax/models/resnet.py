@@ -12,6 +12,9 @@ biases stay float.
 
 from __future__ import annotations
 
+import functools
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -117,6 +120,49 @@ def dense(cfg: ModelConfig, features: int, logical_axes: tuple[str, str], name: 
                                                          logical_axes[1:]), name=name)
 
 
+def _batch_moments(x_NC):
+  """Mean and biased variance over the rows, [1, C] each (two passes: no cancellation)."""
+  mean_1C = jnp.mean(x_NC, 0, keepdims=True)
+  return mean_1C, jnp.mean(jnp.square(x_NC - mean_1C), 0, keepdims=True)
+
+
+# BatchNorm's training normalisation with its backward written out: autodiff of the formula
+# reduces over the batch once per path through mean and var (XLA:CPU runs each as its own pass
+# over a full feature map); the closed form needs two sums, over g and g * xhat, that read the
+# same rows. The two cost ~45% of a ResNet step on CPU (benchmarks/RESULTS.md "ResNet (CPU)").
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_batch(x_NC, scale_C, bias_C, epsilon):
+  """((x - mean) / sqrt(var + eps) * scale + bias, mean, var) with the rows' mean and biased
+  var; differentiable in all three outputs."""
+  (y_NC, mean_C, var_C), _ = _normalize_fwd(x_NC, scale_C, bias_C, epsilon)
+  return y_NC, mean_C, var_C
+
+
+def _normalize_fwd(x_NC, scale_C, bias_C, epsilon):
+  mean_1C, var_1C = _batch_moments(x_NC)
+  inv_1C = jax.lax.rsqrt(var_1C + epsilon)
+  y_NC = (x_NC - mean_1C) * (inv_1C * scale_C[None]) + bias_C[None]
+  return (y_NC, mean_1C[0], var_1C[0]), (x_NC, mean_1C, inv_1C, scale_C)
+
+
+def _normalize_bwd(epsilon, res, cotangents):
+  """dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), plus what mean and var's own
+  cotangents add (the running statistics take no gradient, but the function stays exact)."""
+  x_NC, mean_1C, inv_1C, scale_C = res
+  g_NC, gmean_C, gvar_C = cotangents
+  n = x_NC.shape[0]
+  xc_NC = x_NC - mean_1C
+  xhat_NC = xc_NC * inv_1C
+  gbias_1C = jnp.sum(g_NC, 0, keepdims=True)
+  gscale_1C = jnp.sum(g_NC * xhat_NC, 0, keepdims=True)
+  gx_NC = (scale_C[None] * inv_1C) * (g_NC - gbias_1C / n - xhat_NC * (gscale_1C / n))
+  gx_NC = gx_NC + gmean_C[None] / n + xc_NC * (2.0 * gvar_C[None] / n)
+  return gx_NC, gscale_1C[0], gbias_1C[0]
+
+
+normalize_batch.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class BatchNorm(nn.Module):
   """Batch normalisation over every axis but the last, with torch's running statistics.
 
@@ -148,20 +194,18 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", vector(nn.initializers.ones),
                            None, (c,), jnp.float32)
     x = x_BHWC.astype(jnp.float32)
-    reduce = tuple(range(x.ndim - 1))
-    if deterministic:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      mean = jnp.mean(x, reduce)
-      var = jnp.mean(jnp.square(x - mean.reshape((1,) * len(reduce) + (c,))), reduce)
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if not deterministic:
+      y_NC, mean, var = normalize_batch(x.reshape(-1, c), scale, bias, self.epsilon)
       if not self.is_initializing():
         n = x.size // c
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
         ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
-    bshape = (1,) * len(reduce) + (c,)
-    inv = (jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)).reshape(bshape)
-    y = (x - mean.reshape(bshape)) * inv + bias.astype(jnp.float32).reshape(bshape)
+      return y_NC.reshape(x.shape).astype(jnp.dtype(self.dtype))
+    bshape = (1,) * (x.ndim - 1) + (c,)
+    inv = (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale).reshape(bshape)
+    y = (x - ra_mean.value.reshape(bshape)) * inv + bias.reshape(bshape)
     return y.astype(jnp.dtype(self.dtype))
 
 
@@ -224,6 +268,12 @@ class ResNet(nn.Module):
   num_classes: int
   in_channels: int = 3
   image_size: int = 32  # only what abstract init traces: any size runs, parameters do not change
+  # How XLA compiles this model's steps, over the backend's defaults (train/compile_options.py):
+  # on CPU, YNNPACK's reduction kernels for BatchNorm's statistics and their gradients (the
+  # Transformers' default, no YNNPACK fusion, doubled the step; benchmarks/RESULTS.md "ResNet
+  # (CPU)").
+  compile_options: ClassVar[dict] = {
+      "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}}
 
   def example_input(self) -> jax.Array:
     """One image for abstract init."""

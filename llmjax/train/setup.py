@@ -130,4 +130,4 @@ def distilled(exp: Experiment, task, model, data, mesh, rules):
 def compile_steps(s: Setup):
   """The jitted train and eval steps, with explicit shardings; the train state is donated."""
   return step.jit_steps(step.bind_loss(s.task, s.model), s.tx, s.schedule,
-                        s.exp.optim.accum_steps, s.mesh, s.state_shardings)
+                        s.exp.optim.accum_steps, s.mesh, s.state_shardings, s.model)

@@ -181,10 +181,11 @@ class _Compiled:
 
 
 def jit_steps(loss, tx: optax.GradientTransformation, schedule, accum_steps: int, mesh,
-              state_shardings):
-  """(train, evaluate): jitted with explicit shardings and the backend's compile options."""
+              state_shardings, model=None):
+  """(train, evaluate): jitted with explicit shardings and the compile options of the backend
+  and of `model` (the one `loss` is bound to, if it declares any: compile_options.py)."""
   batch_sharding = sharding.batch_sharding(mesh)
-  options = compiler_options(mesh)
+  options = compiler_options(mesh, model)
   train = DonatingStep(
       functools.partial(train_step, loss=loss, tx=tx, schedule=schedule,
                         accum_steps=accum_steps),
