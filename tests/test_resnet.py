@@ -1,5 +1,6 @@
 """Image models: ResNet and CNN shapes, torch's padding, zero-init residuals, logical names,
-BatchNorm on a sharded batch equal to one device, the CNN learning, and the FLOP formula."""
+BatchNorm on a sharded batch equal to one device, BatchNorm's written-out backward equal to
+autodiff, the ResNet's CPU compile option, the CNN learning, and the FLOP formula."""
 
 import dataclasses
 
@@ -20,6 +21,7 @@ from llmjax.models.resnet import ResNet
 from llmjax.models.vision import image_model
 from llmjax.parallel import mesh as meshlib
 from llmjax.parallel import sharding
+from llmjax.train.compile_options import compiler_options
 
 
 def model_cfg(preset="resnet18", **overrides) -> ModelConfig:
@@ -224,6 +226,15 @@ def test_batchnorm_backward_equals_autodiff_and_trains_alike(one_device_bn, monk
   assert losses[-1] < losses[0]  # it trained: the comparison is over moving parameters
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), trained,
                want_trained)
+
+
+def test_the_resnet_declares_its_cpu_compile_option_and_other_models_keep_the_default():
+  """A ResNet step compiles with YNNPACK's reductions on CPU; a model that declares nothing (a
+  Transformer, the main job) keeps the backend's option."""
+  one = meshlib.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  key = "xla_cpu_experimental_ynn_fusion_type"
+  assert compiler_options(one, ResNet(model_cfg(), 3))[key] == "LIBRARY_FUSION_TYPE_REDUCE"
+  assert compiler_options(one, CNN(model_cfg("cnn"), 3)) == compiler_options(one) == {key: ""}
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
