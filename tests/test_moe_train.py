@@ -4,6 +4,7 @@ parameters, and resumes exactly."""
 
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -137,8 +138,11 @@ def test_moe_run_reports_load_and_active_params_and_resumes_exactly(tmp_path):
   assert len(histos) == 1
   np.testing.assert_allclose(list(histos[0].bucket), load, rtol=1e-6)
   assert list(histos[0].bucket_limit) == [0.5, 1.5, 2.5, 3.5]
-  # Resumed from step 2, steps 3 and 4 are bitwise those of the uninterrupted run.
-  moe_run(tmp_path, tmp_path / "b", 2)
+  # Resumed from step 2, steps 3 and 4 are bitwise those of the uninterrupted run. (Stopped
+  # after step 2 by dropping the last checkpoint of a copy: a 2-step run would compile another
+  # train step for its other learning-rate schedule.)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
   moe_run(tmp_path, tmp_path / "b", 4)
   train = {d: {r["step"]: r["loss"] for r in reporting.read_metrics(
       str(tmp_path / d / "metrics.jsonl")) if r["split"] == "train"} for d in "ab"}

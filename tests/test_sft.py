@@ -118,8 +118,9 @@ def test_packed_equals_unpacked_and_nothing_crosses_conversations(tmp_path):
   assert packed["segment_ids"].max() == 2 and len(packed["tokens"]) == 1
   alone = {k: np.concatenate([chat_rows.pack([e], 96)[0][k] for e in examples])
            for k in packed}
-  variables = task.init(model, {"params": jax.random.PRNGKey(0)},
-                        jax.tree.map(lambda a: a[:1], alone))
+  # jitted: one compile instead of one per operation
+  variables = jax.jit(lambda key, b: task.init(model, {"params": key}, b))(
+      jax.random.PRNGKey(0), jax.tree.map(lambda a: a[:1], alone))
 
   def loss(params, batch):
     terms = task.loss(model, {"params": params}, batch, rng=jax.random.PRNGKey(1), train=False)
