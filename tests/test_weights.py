@@ -5,6 +5,7 @@ weights take a run or an export with the tokenizer the weights record."""
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -32,12 +33,14 @@ def _exported_params(path):
   return jax.device_get(convert.load_export(str(path)).params)
 
 
-def test_a_lora_run_keeps_the_base_step_it_started_from_when_the_base_trains_on(tmp_path):
+def test_a_lora_run_keeps_the_base_step_it_started_from_when_the_base_trains_on(lm_run,
+                                                                                tmp_path):
   from llmjax.cli import export
   from llmjax.eval import evaluate
   base, lora = tmp_path / "base", tmp_path / "lora"
   base_exp = experiment("lm", tmp_path)  # 4 steps, a checkpoint at 4
-  llmjax.train.run(base_exp, str(base))
+  # conftest's lm_run is this experiment's run (read only: the base that trains on is a copy).
+  shutil.copytree(lm_run, base)
   lora_exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
                         train=dict(init_from=f"workdir:{base}"))
   llmjax.train.run(lora_exp, str(lora))
