@@ -265,6 +265,9 @@ def test_a_tiny_classifier_fits_its_data_through_the_cli(tmp_path):
            "--config.data.source=files", f"--config.data.files={data}",
            f"--config.data.val_files={data}", "--config.data.tokenizer=byte",
            "--config.model.vocab_size=256", "--config.train.steps=60",
+           # rows of at most 32 bytes hold these texts: half the smoke's 64 (and its width)
+           "--config.data.seq_len=32", "--config.model.max_len=32", "--config.model.d_model=32",
+           "--config.model.d_ff=64",
            "--config.train.batch_size=8", "--config.train.eval_every=60",
            "--config.train.checkpoint_every=60", "--config.train.progress=False",
            "--config.optim.lr=3e-3", "--config.model.dropout=0.0"]
