@@ -307,7 +307,7 @@ def test_orpo_loss_and_metrics_equal_trl_in_numpy(tmp_path):
   beta = 0.25
   exp = dpo_experiment(tmp_path, name="orpo", beta=beta)
   model = tasks.build(exp).model()
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
   for nll_tokens, lengths, per_pair in (("sequence", [12, 12, 12], False),
                                         ("completion", [12, 12, 12], False),
                                         ("sequence", [9, 12, 16], True)):
