@@ -348,11 +348,12 @@ def test_generation_after_prompt_or_prefix_tuning_equals_full_recomputation(peft
 
 def test_prefix_and_prompt_change_the_output_and_prompt_keeps_one_output_per_token(tmp_path):
   exp = experiment("lm", tmp_path)
-  tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 7)))
+  # The shapes and methods of the generation tests above: their inits compile once for both.
+  tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)))
   base = Transformer(exp.model)
   params = nn.unbox(jax.jit(base.init)(jax.random.PRNGKey(0), tokens_BL)["params"])
   reference = jax.jit(base.apply)({"params": params}, tokens_BL)
-  for peft in (Peft(prefix_length=2), Peft(prompt_length=2)):
+  for peft in (Peft(prefix_length=3), Peft(prompt_length=3)):
     model = Transformer(exp.model, peft)
     extra = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens_BL)["params"])
     added = {p: v for p, v in partition.items(extra) if p not in dict(partition.items(params))}
