@@ -16,7 +16,9 @@ the same losses (binary cross-entropy on the logits, non-saturating G loss), the
 simultaneous update (D's loss back-propagated into D's parameters only, G's into G's only) and
 two torch AdamW set as llmjax's groups, starting from llmjax's initial weights and, on the first
 step, llmjax's first latents: both first losses are the same number up to float32 rounding.
-Later steps draw their latents with each system's own generator. Defaults: 32x32x3 images (CIFAR
+Later steps draw their latents with each system's own generator. One difference that costs
+nothing: torch's D updates its BatchNorm running statistics in all three passes, llmjax's keeps
+those of the first two (tasks/gan.py); no loss reads them in training. Defaults: 32x32x3 images (CIFAR
 size), z of 100, G widths 256,128,64, D widths 64,128,256, batch 64.
 """
 
