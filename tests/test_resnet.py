@@ -1,6 +1,7 @@
 """Image models: ResNet and CNN shapes, torch's padding, zero-init residuals, logical names,
 BatchNorm on a sharded batch equal to one device, BatchNorm's written-out backward equal to
-autodiff, the ResNet's CPU compile option, the CNN learning, and the FLOP formula."""
+autodiff, the stem's max-pool, the ResNet's CPU compile option, the CNN learning, and the FLOP
+formula."""
 
 import dataclasses
 
@@ -91,6 +92,23 @@ def test_conv_padding_equals_torch_at_stride_2(kernel):
                                       torch.tensor(weight), stride=2, padding=kernel // 2)
   assert ours.shape == (1, 5, 5, 4)
   np.testing.assert_allclose(ours, theirs.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_stem_max_pool_equals_torch_and_reduce_window_with_its_gradient():
+  """The nine-view max-pool: torch's MaxPool2d(3, 2, 1) values (odd and even sides) and the
+  gradient of flax's reduce_window max-pool on tie-free input."""
+  import torch
+  flax_pool = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  for x in (images(2, 9, 3), jax.random.normal(jax.random.PRNGKey(1), (1, 10, 7, 2))):
+    ours = resnet.max_pool_3x3_s2(x)
+    theirs = torch.nn.functional.max_pool2d(torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)),
+                                            3, 2, 1)
+    np.testing.assert_array_equal(ours, theirs.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ours, flax_pool(x))
+    w = jax.random.normal(jax.random.PRNGKey(2), ours.shape)
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * w))(x)
+             for f in (resnet.max_pool_3x3_s2, flax_pool)]
+    np.testing.assert_array_equal(*grads)
 
 
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])

@@ -247,9 +247,31 @@ class Stem(nn.Module):
     kernel, stride, pool = STEMS[cfg.stem]
     x_BHWC = conv(cfg, cfg.stem_width, kernel, stride, "conv")(images_BHWC)
     x_BHWC = nn.relu(batch_norm(cfg, "bn")(x_BHWC, deterministic=deterministic))
-    if pool:  # max_pool pads with -inf, as torch's MaxPool2d does
-      x_BHWC = nn.max_pool(x_BHWC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if pool:
+      x_BHWC = max_pool_3x3_s2(x_BHWC)
     return x_BHWC
+
+
+def max_pool_3x3_s2(x_BHWC: jax.Array) -> jax.Array:
+  """torch's MaxPool2d(3, stride=2, padding=1) (-inf padding) as the max of nine strided views.
+
+  The values are reduce_window's (nn.max_pool's) exactly. The gradient differs in how it is
+  computed: here nine selects at the pooled size, where reduce_window's is XLA:CPU's
+  select-and-scatter (four index iotas at the input size, a variadic reduce-window and a
+  scatter: ~15% of a ResNet-18 step on CPU, benchmarks/RESULTS.md "ResNet (CPU)"). On a tie
+  the gradient is shared instead of going to the first maximum; after the stem's ReLU the only
+  ties are zeros, whose ReLU gradient is zero either way.
+  """
+  b, h, w, c = x_BHWC.shape
+  h_out, w_out = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out_BHWC = None
+  for i in range(3):
+    for j in range(3):
+      view = jax.lax.slice(padded, (0, i, j, 0), (b, i + 2 * h_out - 1, j + 2 * w_out - 1, c),
+                           (1, 2, 2, 1))
+      out_BHWC = view if out_BHWC is None else jnp.maximum(out_BHWC, view)
+  return out_BHWC
 
 
 def check_images(images_BHWC: jax.Array, in_channels: int, model: str, size: int = 0) -> None:
