@@ -246,13 +246,27 @@ def test_batchnorm_backward_equals_autodiff_and_trains_alike(one_device_bn, monk
                want_trained)
 
 
-def test_the_resnet_declares_its_cpu_compile_option_and_other_models_keep_the_default():
-  """A ResNet step compiles with YNNPACK's reductions on CPU; a model that declares nothing (a
-  Transformer, the main job) keeps the backend's option."""
+def test_the_resnet_declares_its_cpu_compile_option_and_other_models_keep_the_default(
+    one_device_bn):
+  """A ResNet step compiles with YNNPACK's reductions on CPU, and its loss and gradients equal
+  the backend default's within float32 rounding; a model that declares nothing (a Transformer,
+  the main job) keeps the backend's option."""
   one = meshlib.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   key = "xla_cpu_experimental_ynn_fusion_type"
-  assert compiler_options(one, ResNet(model_cfg(), 3))[key] == "LIBRARY_FUSION_TYPE_REDUCE"
+  resnet_options = compiler_options(one, _BN_MODEL)
+  assert resnet_options[key] == "LIBRARY_FUSION_TYPE_REDUCE"
   assert compiler_options(one, CNN(model_cfg("cnn"), 3)) == compiler_options(one) == {key: ""}
+
+  boxed, x, labels = one_device_bn[:3]
+  variables = nn.unbox(boxed)
+  def loss_and_grads(params):
+    return jax.value_and_grad(lambda p: _bn_step({**variables, "params": p}, x, labels)[0])(
+        params)
+  got, want = (jax.jit(loss_and_grads, compiler_options=options)(variables["params"])
+               for options in (resnet_options, compiler_options(one)))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
