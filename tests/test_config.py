@@ -23,6 +23,7 @@ from llmjax.parallel import sharding
 from llmjax.train import loop, setup, teacher_run
 
 import _cli
+import _suiteA_helpers
 import _xla
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -275,7 +276,9 @@ def quick_compiles():
 def test_every_smoke_trains_on_a_fresh_clone(path, tmp_path, monkeypatch, quick_compiles):
   """`FILE:smoke` needs no earlier run and no download: its data loads, its model initialises
   and a train step runs (in-process, one device). A distilled student's smoke first trains its
-  teacher's smoke (shortened alike) in WORKDIR/teacher through the real loop."""
+  teacher's smoke (shortened alike) in WORKDIR/teacher through the real loop, on the same one
+  device: the teacher's init and step are then the programs its own file's smoke compiles (one
+  compile for both), and a one-device program compiles in a fraction of an 8-device one's time."""
   c = config_lib.experiment_module(path, str(ROOT / "setup")).get_config("smoke")
   c.unlock()
   c.train.update(SHORT)
@@ -285,6 +288,7 @@ def test_every_smoke_trains_on_a_fresh_clone(path, tmp_path, monkeypatch, quick_
     t = original(e)
     return t and dataclasses.replace(t, train=dataclasses.replace(t.train, **SHORT))
   monkeypatch.setattr(teacher_run, "teacher_experiment", shortened_teacher)
+  _suiteA_helpers.on_one_device(monkeypatch)
   with _offline_data(c, tmp_path, monkeypatch):
     exp, stopped = teacher_run.train_first(config_lib.resolve(c), str(tmp_path), loop.run)
     assert stopped is None
