@@ -3,6 +3,7 @@ leakage across packed pairs by gradients, packed == unpacked loss, greedy and be
 token-identical to transformers' generate, BLEU/chrF equal to sacrebleu's, the task through the
 loop and the CLI, and bad input."""
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from flax import linen as nn
 
 import llmjax.train
+import _cli as _cli_lib
 import _xla
 from _task_helpers import ROOT, experiment
 from llmjax import config as config_lib
@@ -36,10 +38,22 @@ def _cfg(preset="marian", **overrides) -> ModelConfig:
   return ModelConfig(**{**fields, **overrides})
 
 
+def _host_params(model, *inputs):
+  """Parameters of `model`'s shapes drawn by numpy: the tests below compare two computations
+  over the same parameters, whatever they are, and init's program (a random draw per parameter)
+  costs more to compile than the computations it would serve."""
+  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"])
+  rng = np.random.default_rng(0)
+
+  def draw(path, a):
+    centre = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0  # norms' gains
+    return jnp.asarray(centre + 0.02 * rng.standard_normal(a.shape), a.dtype)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def _init(cfg, source_BS, target_BT):
   model = EncoderDecoder(cfg)
-  # Jitted: one compile instead of one per operation (eager init and apply compile each op).
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), source_BS, target_BT)["params"])
+  params = _host_params(model, source_BS, target_BT)
   # Marian's logits bias starts at zero; make it matter.
   if cfg.final_logits_bias:
     params["final_logits_bias"] = jax.random.normal(jax.random.PRNGKey(1), (cfg.vocab_size,))
@@ -72,20 +86,30 @@ def test_cached_decoding_equals_full_recomputation(preset, scan):
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_BTV, atol=1e-5)
 
 
-def _hidden_grads(source_BS, target_BT, source_ids_BS, target_ids_BT, position: int):
-  """d(decoder hidden state at target `position`) / d(embedding row of every token): nonzero
-  exactly for the tokens that position depends on (all tokens distinct; hidden states, so the
-  tied output projection plays no part)."""
+@functools.cache
+def _hidden_grad_fn():
+  """(params, the jitted gradient below): one program for every probe of the tests below (the
+  tokens, segments and position are its arguments)."""
+  source_BS, target_BT = jnp.arange(1, 7)[None], jnp.arange(10, 16)[None]
   model, params = _init(_cfg(), source_BS, target_BT)
   probe_D = jax.random.normal(jax.random.PRNGKey(2), (32,))
 
-  def hidden_at(embedding_VD):
+  def hidden_at(embedding_VD, source_BS, target_BT, source_ids_BS, target_ids_BT, position):
     p = {**params, "embed": {"embedding": embedding_VD}}
     hidden_BTD = model.apply({"params": p}, source_BS, target_BT,
                              source_segment_ids_BS=source_ids_BS,
                              target_segment_ids_BT=target_ids_BT, return_hidden=True)
     return jnp.sum(hidden_BTD[0, position] * probe_D)
-  grad_VD = jax.jit(jax.grad(hidden_at))(params["embed"]["embedding"])
+  return params, jax.jit(jax.grad(hidden_at))
+
+
+def _hidden_grads(source_BS, target_BT, source_ids_BS, target_ids_BT, position: int):
+  """d(decoder hidden state at target `position`) / d(embedding row of every token): nonzero
+  exactly for the tokens that position depends on (all tokens distinct; hidden states, so the
+  tied output projection plays no part)."""
+  params, grad_fn = _hidden_grad_fn()
+  grad_VD = grad_fn(params["embed"]["embedding"], source_BS, target_BT, source_ids_BS,
+                    target_ids_BT, jnp.asarray(position))
   return np.abs(np.asarray(grad_VD)).sum(-1)
 
 
@@ -117,8 +141,7 @@ def task_and_params(tmp_path_factory):
   data = task.data(None)
   task = task.with_info(data.info)
   model = task.model()
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32),
-                                        jnp.zeros((1, 32), jnp.int32))["params"])
+  params = _host_params(model, jnp.zeros((1, 32), jnp.int32), jnp.zeros((1, 32), jnp.int32))
   return task, data, model, params
 
 
@@ -284,7 +307,9 @@ def test_a_seq2seq_run_reports_bleu_writes_translations_and_translates_from_the_
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads((workdir / "eval" / "step_4.json").read_text())
   assert report["translated"] == 12 and 0 <= report["bleu"] <= 100 and "chrf" in report
-  proc = _cli("translate", f"--checkpoint={workdir}", "--text=the cat", "--num_beams=0")
+  # A refused request in this process (tests/_cli.py): the exit code and the line are the CLI's;
+  # the translation above is the verb's run as a process.
+  proc = _cli_lib.run("translate", f"--checkpoint={workdir}", "--text=the cat", "--num_beams=0")
   assert proc.returncode == 2 and "num_beams must be >= 1" in proc.stderr
   assert "Traceback" not in proc.stderr
 
