@@ -21,6 +21,7 @@ from llmjax.train import loop
 from llmjax.train import setup as setuplib
 from llmjax.treepaths import path_str
 
+import _suiteA_helpers
 import _xla
 from _task_helpers import with_mesh
 
@@ -113,13 +114,17 @@ def _final_state(workdir):
 
 @pytest.fixture(scope="module")
 def straight(folder, tmp_path_factory):
-  """A 6-step ResNet run on the folder (workdir)."""
+  """A 6-step ResNet run on the folder (workdir), on one device (_suiteA_helpers): its step is
+  the one-device step the tests above compile."""
   workdir = str(tmp_path_factory.mktemp("straight") / "run")
-  llmjax.train.run(experiment(folder), workdir)
+  with pytest.MonkeyPatch.context() as mp:
+    _suiteA_helpers.on_one_device(mp)
+    llmjax.train.run(experiment(folder), workdir)
   return workdir
 
 
-def test_resume_is_exact_with_batch_statistics(folder, straight, tmp_path):
+def test_resume_is_exact_with_batch_statistics(folder, straight, tmp_path, monkeypatch):
+  _suiteA_helpers.on_one_device(monkeypatch)  # as `straight` ran
   exp = experiment(folder, arch="resnet18")
   resumed = str(tmp_path / "resumed")
   llmjax.train.run(dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=3)),
@@ -192,6 +197,7 @@ def test_num_classes_that_differ_from_the_data_are_refused(folder):
 
 def test_cifar10_resnet50_smoke_runs_on_mock_tfds_data(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
+  _suiteA_helpers.on_one_device(monkeypatch)  # what is tested is not the devices
   # mock_data leaves is_prepared alone, which the tfds source checks before reading.
   monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
   c = config_lib.experiment_module("cifar10_resnet50.py", os.path.join(
@@ -205,7 +211,8 @@ def test_cifar10_resnet50_smoke_runs_on_mock_tfds_data(tmp_path, monkeypatch):
   assert result["examples"] > 0
 
 
-def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_path):
+def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_path,
+                                                                    monkeypatch):
   """llmjax export writes model_state/ beside params/; --out=hf: gives a ResNet transformers
   runs with llmjax's eval logits (ImageNet stem: HF has no small-image stem)."""
   import torch
@@ -214,6 +221,7 @@ def test_export_keeps_batch_statistics_and_hf_export_matches_torch(folder, tmp_p
   from llmjax.cli import export
   from llmjax.hf import convert
   from llmjax.train import rundir
+  _suiteA_helpers.on_one_device(monkeypatch)  # what is tested is not the devices
   exp = experiment(folder, steps=2)
   exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, stem="imagenet"))
   workdir = str(tmp_path / "run")
