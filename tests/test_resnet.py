@@ -1,7 +1,7 @@
 """Image models: ResNet and CNN shapes, torch's padding, zero-init residuals, logical names,
 BatchNorm on a sharded batch equal to one device, BatchNorm's written-out backward equal to
-autodiff, the stem's max-pool, the ResNet's CPU compile option, the CNN learning, and the FLOP
-formula."""
+autodiff, the stem's max-pool, 1x1 convs as products, the ResNet's CPU compile option, the CNN
+learning, and the FLOP formula."""
 
 import dataclasses
 
@@ -92,6 +92,25 @@ def test_conv_padding_equals_torch_at_stride_2(kernel):
                                       torch.tensor(weight), stride=2, padding=kernel // 2)
   assert ours.shape == (1, 5, 5, 4)
   np.testing.assert_allclose(ours, theirs.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,size", [(1, 8), (2, 9)])
+def test_pointwise_conv_equals_flax_conv_with_its_init_and_gradients(stride, size):
+  """A 1x1 conv as a matrix product: nn.Conv's kernel (same init), values and gradients."""
+  x = images(2, size, 6)
+  ours = resnet.conv(model_cfg(), 4, 1, stride, "c")
+  theirs = nn.Conv(4, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)), use_bias=False,
+                   kernel_init=resnet._CONV_INIT, name="c")
+  assert isinstance(ours, resnet.PointwiseConv)
+  params = nn.unbox(ours.init(jax.random.PRNGKey(0), x))
+  np.testing.assert_array_equal(params["params"]["kernel"],
+                                theirs.init(jax.random.PRNGKey(0), x)["params"]["kernel"])
+  w = jax.random.normal(jax.random.PRNGKey(1), (2, (size - 1) // stride + 1,
+                                                (size - 1) // stride + 1, 4))
+  def run(module):
+    return jax.value_and_grad(lambda p, x: jnp.sum(module.apply(p, x) * w), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), run(ours),
+               run(theirs))
 
 
 def test_stem_max_pool_equals_torch_and_reduce_window_with_its_gradient():
