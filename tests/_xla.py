@@ -8,10 +8,16 @@ compiling is most of the suite's time. The tests and every process they start us
 ones; users keep XLA's defaults. Results are compared within the session (or with other
 libraries within a tolerance), so every process of a session compiling the same way is what
 matters.
+
+XLA:CPU also splits each program's LLVM module into parts to compile them on several threads; on
+the suite's two cores, already busy with two pytest workers, the split and the clones it makes
+only add work: one part compiles the suite's train steps with a quarter less CPU (a tiny LM, a
+classifier and a seq2seq step compiled in one process: 8.2 -> 6.2 CPU-s, 2026-12-07).
 """
 
 COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
-                 "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+                 "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                 "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def xla_flags(devices: int = 1) -> str:

@@ -8,8 +8,6 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn import cluster as sk_cluster
-from sklearn.datasets import make_blobs
 
 import llmjax.train
 from llmjax import cluster
@@ -24,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _blobs(n=120, d=2, std=0.6, seed=0):
+  from sklearn.datasets import make_blobs  # here: sklearn's import costs every pytest worker seconds
   return make_blobs(n_samples=n, centers=3, n_features=d, cluster_std=std, random_state=seed,
                     return_centers=True)
 
@@ -44,6 +43,7 @@ def _assert_same(ours, theirs, atol=1e-4):
 
 
 def test_equals_sklearn_mean_shift():
+  from sklearn import cluster as sk_cluster
   x_ND, _, _ = _blobs()
   x3_ND, _, _ = _blobs(n=90, d=3, std=1.0, seed=1)
   x40_ND, _, _ = _blobs(n=60, d=40, std=1.0, seed=4)  # over 32 features: matmul distances

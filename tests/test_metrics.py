@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from sklearn import metrics as skm
 
 from llmjax.eval import metrics
 
@@ -32,6 +31,7 @@ def _random_case(seed: int, num_classes: int, batch: int):
 
 def _assert_matches_sklearn(report: dict, predictions_B, labels_B, num_classes: int):
   """Every report number equals sklearn's with labels=range(C), zero_division=0."""
+  from sklearn import metrics as skm  # imported here: sklearn costs each pytest worker seconds
   labels = list(range(num_classes))
   assert set(report) == REPORT_KEYS
   assert report["accuracy"] == pytest.approx(skm.accuracy_score(labels_B, predictions_B),
@@ -54,6 +54,7 @@ def _assert_matches_sklearn(report: dict, predictions_B, labels_B, num_classes: 
 
 @pytest.mark.parametrize("seed,num_classes,batch", [(0, 3, 50), (1, 5, 97), (2, 10, 300)])
 def test_confusion_and_report_match_sklearn(seed, num_classes, batch):
+  from sklearn import metrics as skm  # imported here: sklearn costs each pytest worker seconds
   predictions_B, labels_B = _random_case(seed, num_classes, batch)
   confusion_CC = jax.jit(metrics.confusion_matrix, static_argnums=2)(
       predictions_B, labels_B, num_classes)
@@ -69,6 +70,7 @@ def test_confusion_and_report_match_sklearn(seed, num_classes, batch):
 
 
 def test_mask_excludes_rows():
+  from sklearn import metrics as skm  # imported here: sklearn costs each pytest worker seconds
   num_classes = 6
   predictions_B, labels_B = _random_case(3, num_classes, 80)
   mask_B = np.random.default_rng(4).random(80) < 0.7
@@ -116,6 +118,7 @@ def test_topk_ties_count_as_correct():
 
 
 def test_sharded_accumulation_equals_unsharded_reference():
+  from sklearn import metrics as skm  # imported here: sklearn costs each pytest worker seconds
   num_classes, k, per_device = 5, 3, 4
   mesh = Mesh(np.array(jax.devices()), ("data",))
   assert mesh.size == 8
