@@ -169,7 +169,7 @@ def torch_runner(exp, task, args, seed: int = 0):
   """(run one step, info): the torch DCGAN, llmjax's weights, batch and first latents."""
   import torch
   import torch.nn.functional as F
-  threads = torch_peers.set_threads(args, seed)
+  threads = torch_peers.set_threads(args.threads, seed)
   spec, m = task.spec(), exp.model
   params = torch_peers.initial_params(task, seed)
   nets = dict(zip(gan_task.GROUPS, _torch_networks(spec, m.bn_momentum, m.bn_eps)))

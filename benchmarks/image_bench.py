@@ -16,11 +16,11 @@ widths and block type (its stem is the ImageNet one, as every ResNet preset's is
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
 import bench_common as common
+import torch_peers
 from llmjax import config as configlib
 from llmjax import flops
 from llmjax.models import presets
@@ -121,9 +121,7 @@ def hf_torch_runner(exp, task: ImageClassify, args, seed: int = 0):
   import transformers
   from llmjax.hf import resnet as hf_resnet
 
-  threads = args.threads or os.cpu_count()
-  torch.set_num_threads(threads)
-  torch.manual_seed(seed)
+  threads = torch_peers.set_threads(args.threads, seed)
   o = exp.optim
   hf_config = transformers.ResNetConfig(num_channels=3, num_labels=task.num_classes(),
                                         **hf_resnet.to_hf(exp.model))

@@ -90,7 +90,7 @@ def hf_torch_runner(exp, task, args, seed: int = 0):
   import torch
   import transformers
   from llmjax import hf
-  threads = torch_peers.set_threads(args, seed)
+  threads = torch_peers.set_threads(args.threads, seed)
   m = exp.model
   # every MLP is sparse, so the dense width is unused: Mixtral's config reads it as the experts'
   model = task.model()

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 import bench_common as common  # noqa: E402
+import torch_peers  # noqa: E402
 from llmjax import config as configlib  # noqa: E402
 from llmjax.models import moe  # noqa: E402
 
@@ -221,8 +222,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.threads:
     common.limit_threads(args.threads)
-  import torch
-  torch.set_num_threads(args.threads or os.cpu_count())
+  torch_peers.set_threads(args.threads)
   rows = [run_kind(args, kind) for kind in args.kinds]
   env = common.environment()
   config = {k: v for k, v in vars(args).items() if k != "json"}

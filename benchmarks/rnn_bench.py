@@ -115,7 +115,7 @@ def torch_state(params: dict, cfg) -> dict:
 def torch_runner(exp, task, args, seed: int = 0):
   """(run one step, info): Embedding + nn.LSTM + Linear in torch, llmjax's initial weights."""
   import torch
-  threads = torch_peers.set_threads(args, seed)
+  threads = torch_peers.set_threads(args.threads, seed)
   m, both = exp.model, _classify(args)
   params = torch_peers.initial_params(task, seed)
   head = "classifier" if both else "lm_head"

@@ -25,10 +25,11 @@ def initial_params(task, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, nn.unbox(variables["params"]))
 
 
-def set_threads(args, seed: int = 0) -> int:
-  """torch's threads as the process's pinning (--threads, else every CPU); a fixed seed."""
+def set_threads(threads: int = 0, seed: int = 0) -> int:
+  """torch's threads as the process's pinning (--threads, else every CPU); a fixed seed. Every
+  benchmark's torch peer starts here."""
   import torch
-  threads = args.threads or os.cpu_count()
+  threads = threads or os.cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   return threads

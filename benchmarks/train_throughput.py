@@ -52,6 +52,7 @@ import gan_bench  # noqa: E402
 import image_bench  # noqa: E402
 import moe_bench  # noqa: E402
 import rnn_bench  # noqa: E402
+import torch_peers  # noqa: E402
 from llmjax import flops  # noqa: E402
 from llmjax.models import presets  # noqa: E402
 from llmjax.tasks.lm import LM  # noqa: E402
@@ -180,9 +181,7 @@ def hf_torch_runner(exp, seed: int = 0, threads: int = 0):
   import torch
   import transformers
 
-  threads = threads or os.cpu_count()
-  torch.set_num_threads(threads)
-  torch.manual_seed(seed)
+  threads = torch_peers.set_threads(threads, seed)
   m, o = exp.model, exp.optim
   hf_config = transformers.GPT2Config(
       vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.n_layers,
