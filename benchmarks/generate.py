@@ -192,16 +192,13 @@ def _decode_figures(times: dict, name: str, batch: int, args, weights: int,
 
 def quantized_models(model, params, specs) -> dict:
   """{spec: (the model storing its dense kernels as `spec` says, `params` quantized so)}."""
-  import dataclasses
-
   import jax
 
   from llmjax.hf import api
   from llmjax.models import quant_tree
   out = {}
   for spec in specs:
-    qmodel = model.clone(cfg=dataclasses.replace(model.cfg, quant=spec))
-    found = quant_tree.layouts(lambda qmodel=qmodel: api.abstract_variables(qmodel))
+    qmodel, found = api.quantized_model(model, spec)
     out[spec] = (qmodel, jax.block_until_ready(quant_tree.quantize_tree(params, found)))
   return out
 

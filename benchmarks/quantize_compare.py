@@ -50,13 +50,13 @@ def variants(run, formats):
   """{name: (model, params)}: float32, each format, and int8 with the int32 dot."""
   from llmjax import distributed
   from llmjax.models import quant_tree
-  from llmjax.weights import quantize
+  from llmjax.hf import api
   params = distributed.to_host(run.params)
   out = {"float32": (run.model, params)}
   for name in formats:
     if name == "float32":
       continue
-    qmodel, found = quantize.quantized_model(run.model, name)
+    qmodel, found = api.quantized_model(run.model, name)
     out[name] = (qmodel, quant_tree.quantize_tree(params, found))
   if "int8" in out:
     model = out["int8"][0]

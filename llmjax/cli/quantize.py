@@ -87,9 +87,10 @@ def quantize(workdir, checkpoint, out: str, quant: str, step=None, eval_batches:
     path = checkpoint[len("export:"):] if checkpoint.startswith("export:") else checkpoint
     return quantlib.quantize_export(path, out, quant, "--checkpoint")
   from llmjax.cli import export
+  from llmjax.hf import api
   from llmjax.train import rundir
   # group sizes checked on the run's model (shapes only) before any weights are read
-  quantlib.quantized_model(rundir.task(workdir, rundir.experiment(workdir)).model(), quant)
+  api.quantized_model(rundir.task(workdir, rundir.experiment(workdir)).model(), quant)
   staging = tempfile.mkdtemp(prefix="llmjax-quantize-")
   try:
     export.export(workdir, os.path.join(staging, "float"), step)

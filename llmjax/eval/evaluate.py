@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from llmjax import distributed, finetune, tasks
 from llmjax.errors import UserError
+from llmjax.hf import api
 from llmjax.models import quant_tree
 from llmjax.parallel import sharding
 from llmjax.train import loop, reference, rundir, step as steplib
@@ -71,14 +72,13 @@ def quantized_reports(workdir: str, spec: str, step: int | None = None, split: s
                       max_batches: int | None = None) -> dict:
   """{"float": report, spec: report}: the task's report on the first `max_batches` batches of
   `split` with the run's weights as trained and with its dense kernels quantized by `spec`."""
-  from llmjax.weights import quantize  # floor 9, for the quantized model and its layouts
   run = rundir.restore(workdir, step)
   task, data = tasks.setup(run.exp, workdir)
   arrays = split_arrays(data, split, workdir)
   devices = run.mesh.size
   batches = task.eval_batches(arrays, devices * math.ceil(run.exp.train.batch_size / devices),
                               max_batches)
-  qmodel, found = quantize.quantized_model(run.model, spec)
+  qmodel, found = api.quantized_model(run.model, spec)
   params = distributed.to_host(run.params)
   out = {}
   for name, model, weights in (("float", run.model, params),

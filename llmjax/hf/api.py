@@ -24,7 +24,7 @@ from llmjax.hf import (bart, bert, experts, files, gemma, gpt2, llama, mapping, 
                        mistral, moe, qwen, resnet)
 from llmjax.hf.arch import IMAGE_FIELDS, RUNTIME_FIELDS, Architecture, canonical
 from llmjax.hf.errors import HFError, UnsupportedModelError, WeightsMismatchError
-from llmjax.models import presets
+from llmjax.models import presets, quant_tree
 from llmjax.parallel import sharding
 
 # Order matters when saving: the first architecture that expresses a model exactly is used.
@@ -106,6 +106,13 @@ def abstract_variables(model: nn.Module) -> dict:
   inputs = example() if example else jnp.zeros((1, min(8, model.cfg.max_len)), jnp.int32)
   args = inputs if isinstance(inputs, tuple) else (inputs,)  # an encoder-decoder takes two
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, deterministic=True))
+
+
+def quantized_model(model: nn.Module, spec: str):
+  """(the model storing its kernels as `spec` (config.model.quant) says, {module path: Layout});
+  ConfigError naming the layer and sizes where a group does not divide a kernel's input."""
+  qmodel = model.clone(cfg=dataclasses.replace(model.cfg, quant=spec))
+  return qmodel, quant_tree.layouts(lambda: abstract_variables(qmodel))
 
 
 def abstract_params(model: nn.Module):

@@ -43,13 +43,6 @@ def check_source(export_dir: str, key: str) -> dict:
   return fields
 
 
-def quantized_model(model, spec: str):
-  """(the model storing its kernels as `spec` says, {module path: Layout}); ConfigError naming
-  the layer and sizes where a group does not divide a kernel's input."""
-  qmodel = model.clone(cfg=dataclasses.replace(model.cfg, quant=spec))
-  return qmodel, quant_tree.layouts(lambda: api.abstract_variables(qmodel))
-
-
 def quantize_export(export_dir: str, out: str, spec: str, key: str = "--checkpoint") -> dict:
   """Write `out` (aside, then renamed) from the float export `export_dir`; the report."""
   check_source(export_dir, key)
@@ -58,7 +51,7 @@ def quantize_export(export_dir: str, out: str, spec: str, key: str = "--checkpoi
   if os.path.exists(dest):
     raise UserError(f"--out={out} already exists; choose a new directory")
   loaded = convert.load_export(export_dir)
-  qmodel, found = quantized_model(loaded.model, spec)
+  qmodel, found = api.quantized_model(loaded.model, spec)
   if not found:
     raise UserError(f"{key}={export_dir}: the model has no dense kernels to quantize")
   params = jax.device_get(loaded.params)
