@@ -20,38 +20,70 @@ from llmjax.parallel import sharding
 from llmjax.train.state import TrainState
 
 
-def variables_init(task, model, example_batch: dict):
-  """rngs -> every variable of `model`, initialised on zeros shaped like `example_batch`."""
-  def init_variables(rngs):
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_batch)
-    return task.init(model, rngs, zeros)
-  return init_variables
+class VariablesInit:
+  """rngs -> every variable of `model`, initialised on zeros shaped like `example_batch`.
+
+  `abstract()` is its shapes with their logical boxes, traced once: a run asks for them three
+  times or more (the trainable/frozen plan, the state's shardings, MFU's parameter count) and each
+  trace of a model costs as much as its whole init program."""
+
+  def __init__(self, task, model, example_batch: dict):
+    self.task, self.model, self.example_batch = task, model, example_batch
+    self._abstract = None
+
+  def __call__(self, rngs):
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.example_batch)
+    return self.task.init(self.model, rngs, zeros)
+
+  def abstract(self) -> dict:
+    if self._abstract is None:
+      self._abstract = _traced_abstract(self)
+    return self._abstract
 
 
-def _boxed_state(rng, *, init_variables, tx: optax.GradientTransformation, trainable=None):
-  """A fresh TrainState whose params (and matching optimizer moments) keep their logical boxes.
+def variables_init(task, model, example_batch: dict) -> VariablesInit:
+  return VariablesInit(task, model, example_batch)
 
-  With a `trainable` set of paths (config.finetune), only those are `params` (and get moments);
-  the rest are `frozen`.
-  """
-  params_rng, state_rng = jax.random.split(rng)
-  variables = dict(init_variables({"params": params_rng, "dropout": params_rng}))
+
+def _traced_abstract(init_variables) -> dict:
+  return jax.eval_shape(lambda rng: init_variables({"params": rng, "dropout": rng}),
+                        jax.random.PRNGKey(0))
+
+
+def abstract_variables(init_variables) -> dict:
+  """Every variable's abstract value with its logical box (a VariablesInit's kept trace)."""
+  return (init_variables.abstract() if isinstance(init_variables, VariablesInit)
+          else _traced_abstract(init_variables))
+
+
+def _state_of(variables: dict, state_rng, *, tx: optax.GradientTransformation, trainable=None):
+  """A fresh TrainState from a model's `variables`: with a `trainable` set of paths
+  (config.finetune), only those are `params` (and get optimizer moments); the rest are `frozen`.
+  Logical boxes on the variables carry through to the matching moments."""
+  variables = dict(variables)
   params, frozen = finetune.split(variables.pop("params"), trainable)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng, model_state=dict(variables), frozen=frozen)
 
 
+def _boxed_state(rng, *, init_variables, tx: optax.GradientTransformation, trainable=None):
+  """A fresh TrainState whose params (and matching optimizer moments) keep their logical boxes."""
+  params_rng, state_rng = jax.random.split(rng)
+  return _state_of(init_variables({"params": params_rng, "dropout": params_rng}), state_rng,
+                   tx=tx, trainable=trainable)
+
+
 def param_shapes(init_variables):
   """Every parameter's path and abstract value, before any trainable/frozen split."""
-  shapes = jax.eval_shape(lambda rng: init_variables({"params": rng, "dropout": rng}),
-                          jax.random.PRNGKey(0))
-  return dict(finetune.partition.items(nn.unbox(shapes["params"])))
+  return dict(finetune.partition.items(nn.unbox(abstract_variables(init_variables)["params"])))
 
 
 def state_shardings(init_variables, tx, mesh: Mesh, rules, trainable=None):
-  """(abstract unboxed state, NamedShardings) without allocating anything."""
-  boxed = jax.eval_shape(functools.partial(_boxed_state, init_variables=init_variables, tx=tx,
-                                           trainable=trainable), jax.random.PRNGKey(0))
+  """(abstract unboxed state, NamedShardings) without allocating anything (the model's abstract
+  variables are traced once, then only the optimizer's state is)."""
+  state_rng = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0))[1])
+  boxed = jax.eval_shape(functools.partial(_state_of, tx=tx, trainable=trainable),
+                         abstract_variables(init_variables), state_rng)
   with nn.logical_axis_rules(rules):
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   return nn.unbox(boxed), shardings
