@@ -9,6 +9,7 @@ its state is an error rather than a model whose statistics are silently fresh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -108,6 +109,22 @@ def abstract_variables(model: nn.Module) -> dict:
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, deterministic=True))
 
 
+def _kept_abstract(model: nn.Module) -> dict:
+  """abstract_variables(model), traced once per model (models equal field by field share it): a
+  load, a save and the checks around them ask for one model's shapes several times, and each
+  trace costs about what the model's init does. abstract_variables itself traces afresh
+  (quant_tree.layouts reads the modules a trace runs)."""
+  try:
+    return dict(_abstract_of(model))
+  except TypeError:  # a model with an unhashable field: traced every time
+    return abstract_variables(model)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_of(model: nn.Module) -> dict:
+  return abstract_variables(model)
+
+
 def quantized_model(model: nn.Module, spec: str):
   """(the model storing its kernels as `spec` (config.model.quant) says, {module path: Layout});
   ConfigError naming the layer and sizes where a group does not divide a kernel's input."""
@@ -117,7 +134,7 @@ def quantized_model(model: nn.Module, spec: str):
 
 def abstract_params(model: nn.Module):
   """Parameter shapes with their logical-axis boxes, allocating nothing."""
-  return abstract_variables(model)["params"]
+  return _kept_abstract(model)["params"]
 
 
 def _state_names(abstract: dict) -> list[str]:
@@ -135,7 +152,7 @@ def load(path: str, dtype: str = "float32", *, architecture: str | None = None,
   has such state must be loaded with it: HFError otherwise.
   """
   arch, model = _build(path, dtype, scan_layers, architecture)
-  boxed = abstract_variables(model)
+  boxed = _kept_abstract(model)
   state = _state_names(boxed)
   if state and not with_model_state:
     raise HFError(f"{path}: this {type(model).__name__} keeps {', '.join(state)} (BatchNorm "
@@ -173,7 +190,7 @@ def load_model_state(path: str, abstract_state: dict, shardings: dict | None = N
   """HF tensors that are not parameters (a ResNet's BatchNorm statistics) placed into a given
   abstract {collection: tree} (e.g. a training state's model_state), as load_params does."""
   arch, model = _build(path, "float32", False, architecture)
-  want = {c: _shapes(mapping.flatten(t)) for c, t in nn.unbox(abstract_variables(model)).items()
+  want = {c: _shapes(mapping.flatten(t)) for c, t in nn.unbox(_kept_abstract(model)).items()
           if c != "params"}
   have = {c: _shapes(mapping.flatten(t)) for c, t in abstract_state.items()}
   problems = [f"collection {c} is not in the checkpoint" for c in sorted(set(have) - set(want))]
@@ -196,7 +213,7 @@ def abstract_flat(model: nn.Module) -> dict:
 
 
 def _abstract_state_flat(model: nn.Module) -> dict[str, dict]:
-  return {c: mapping.flatten(t) for c, t in nn.unbox(abstract_variables(model)).items()
+  return {c: mapping.flatten(t) for c, t in nn.unbox(_kept_abstract(model)).items()
           if c != "params"}
 
 
