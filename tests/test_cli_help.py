@@ -149,3 +149,27 @@ def test_every_verb_keeps_its_flags_to_itself():
     assert not leaked, f"llmjax.cli.{verb} defines {leaked} in absl's global FLAGS: pass " \
                        "flag_values=FLAGS"
     assert module.FLAGS.get_flags_for_module(module), verb
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_a_bad_gc_threshold_is_one_line_exit_2_before_the_verb_runs(value):
+  done = subprocess.run([sys.executable, "-m", "llmjax.cli.main", "train", "--help"], cwd=ROOT,
+                        env={**os.environ, "LLMJAX_GC_THRESHOLD": value}, capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 2 and done.stdout == "", done
+  assert done.stderr.strip().splitlines() == [
+      f"error: LLMJAX_GC_THRESHOLD must be a positive integer (new objects between cycle "
+      f"collections), got {value!r}"]
+
+
+def test_the_gc_threshold_applies_to_the_process_s_own_command_line_only():
+  code = ("import gc, sys\nfrom llmjax.cli import main\nsys.argv = ['llmjax', 'train', '--help']\n"
+          "try:\n  main.main(['llmjax', 'train', '--help'])\nexcept SystemExit:\n  pass\n"
+          "print('threshold', gc.get_threshold()[0])\ntry:\n  main.main()\nexcept SystemExit:\n"
+          "  pass\nprint('threshold', gc.get_threshold()[0])\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "LLMJAX_GC_THRESHOLD": "12345"}, timeout=60)
+  assert done.returncode == 0, done.stderr
+  # A call with its own argv (a test, a notebook) leaves the collector alone; the command line
+  # of the process sets it.
+  assert re.findall(r"^threshold (\d+)$", done.stdout, re.M) == ["700", "12345"]
