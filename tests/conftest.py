@@ -44,7 +44,6 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = "-1"
 # test_distill.py take 8-10% less CPU (two rounds, taking turns; 2026-12-07). The CLI processes
 # the tests start collect alike (llmjax.cli.main.collect_less_often).
 os.environ.setdefault("LLMJAX_GC_THRESHOLD", "50000")
-gc.set_threshold(int(os.environ["LLMJAX_GC_THRESHOLD"]), 20, 20)
 # XLA's backend (LLVM) optimisations cost a third of each compile of these tiny programs and buy
 # nothing at their size. They are off for the tests and the processes the tests start, never for
 # users; tests compare results within the session, or with other libraries within a tolerance.
@@ -76,6 +75,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # CLI imports it); tests resolve experiments directly, so every test file, run alone or after any
 # other, finds the built-in tasks registered.
 import llmjax.tasks  # noqa: E402,F401
+from llmjax.cli.main import collect_less_often  # noqa: E402
+
+collect_less_often()  # this worker too (LLMJAX_GC_THRESHOLD, above)
 
 
 @pytest.fixture(scope="session")

@@ -70,10 +70,11 @@ def collect_less_often() -> None:
 
   A short run's Python time is mostly tracing jax programs, which makes and drops many small
   objects; at the default threshold the collector runs thousands of times and walks jax's caches
-  and every imported module each time. The test suite's processes collect every 50,000: a tenth
-  less CPU for its subprocess-heavy tests (a SIGKILL-and-resume chain of 14 runs: 55 -> 42 s,
-  2026-12-07). Long-running processes keep Python's default: garbage that holds device buffers is
-  then freed sooner. Only a process's own `main()` reads it, never a call from another program."""
+  and every imported module each time. The test suite sets 50,000 for its workers and the CLI
+  processes they start (four test files of in-process runs: 8-10% less CPU, two rounds taking
+  turns, 2026-12-07). Long-running processes keep Python's default: garbage that holds device
+  buffers is then freed sooner. Only a process's own `main()` reads it, never a call from another
+  program (tests/conftest.py calls this function itself)."""
   threshold = os.environ.get("LLMJAX_GC_THRESHOLD", "")
   if not threshold:
     return
