@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrink any experiment to a run of seconds, keeping its architecture family."""
   c.model.n_layers = 2
+  c.model.n_decoder_layers = 0  # an encoder-decoder's decoder: as deep as its encoder
   c.model.d_model = 64
   c.model.n_heads = 4
   c.model.n_kv_heads = min(c.model.n_kv_heads, 2) if c.model.n_kv_heads else 0
