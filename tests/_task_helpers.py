@@ -75,8 +75,10 @@ def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
     c.task.update(dict(num_beams=2, max_new_tokens=12, bleu_examples=8))
   c.task.name = task
   c.data.source, c.data.seq_len = "files", 32
+  # No samples at the end of a run unless a test asks (sample_prompts=1): compiling the sampler
+  # is a fifth of a tiny LM run's compiles, and few tests read samples.txt.
   c.train.update(dict(steps=4, batch_size=8, log_every=2, eval_every=4, eval_batches=2,
-                      checkpoint_every=4, progress=False, sample_prompts=1, sample_tokens=4))
+                      checkpoint_every=4, progress=False, sample_prompts=0, sample_tokens=4))
   c.optim.warmup_steps = 1
   for section, values in sections.items():
     c[section].update(values)
