@@ -104,8 +104,9 @@ def lora_lm_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory):
   """_task_helpers.experiment("lm") trained once for the session (4 steps, a checkpoint at 4,
-  samples.txt of one prompt): its workdir. Read it, never write to it: test_distill's teacher, and the LM run that
-  test_finetune's and test_tasks' classifiers start from (each used to train this same run)."""
+  samples.txt of one prompt): its workdir. Read it, never write to it: test_distill's teacher,
+  and the LM run that test_finetune's and test_tasks' classifiers start from (each used to train
+  this same run)."""
   import llmjax.train
   from _task_helpers import experiment
   tmp = tmp_path_factory.mktemp("lm_run")
