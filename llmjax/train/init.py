@@ -36,24 +36,15 @@ class VariablesInit:
     return self.task.init(self.model, rngs, zeros)
 
   def abstract(self) -> dict:
+    """Every variable's abstract value with its logical box."""
     if self._abstract is None:
-      self._abstract = _traced_abstract(self)
+      self._abstract = jax.eval_shape(lambda rng: self({"params": rng, "dropout": rng}),
+                                      jax.random.PRNGKey(0))
     return self._abstract
 
 
 def variables_init(task, model, example_batch: dict) -> VariablesInit:
   return VariablesInit(task, model, example_batch)
-
-
-def _traced_abstract(init_variables) -> dict:
-  return jax.eval_shape(lambda rng: init_variables({"params": rng, "dropout": rng}),
-                        jax.random.PRNGKey(0))
-
-
-def abstract_variables(init_variables) -> dict:
-  """Every variable's abstract value with its logical box (a VariablesInit's kept trace)."""
-  return (init_variables.abstract() if isinstance(init_variables, VariablesInit)
-          else _traced_abstract(init_variables))
 
 
 def _state_of(variables: dict, state_rng, *, tx: optax.GradientTransformation, trainable=None):
@@ -73,17 +64,17 @@ def _boxed_state(rng, *, init_variables, tx: optax.GradientTransformation, train
                    tx=tx, trainable=trainable)
 
 
-def param_shapes(init_variables):
+def param_shapes(init_variables: VariablesInit):
   """Every parameter's path and abstract value, before any trainable/frozen split."""
-  return dict(finetune.partition.items(nn.unbox(abstract_variables(init_variables)["params"])))
+  return dict(finetune.partition.items(nn.unbox(init_variables.abstract()["params"])))
 
 
-def state_shardings(init_variables, tx, mesh: Mesh, rules, trainable=None):
+def state_shardings(init_variables: VariablesInit, tx, mesh: Mesh, rules, trainable=None):
   """(abstract unboxed state, NamedShardings) without allocating anything (the model's abstract
   variables are traced once, then only the optimizer's state is)."""
   state_rng = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0))[1])
   boxed = jax.eval_shape(functools.partial(_state_of, tx=tx, trainable=trainable),
-                         abstract_variables(init_variables), state_rng)
+                         init_variables.abstract(), state_rng)
   with nn.logical_axis_rules(rules):
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   return nn.unbox(boxed), shardings
