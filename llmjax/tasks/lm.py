@@ -109,6 +109,9 @@ def write_samples(exp, model, params, data: Data, path: str) -> None:
   n_new = min(t.sample_tokens, exp.model.max_len // 2)
   prompt_len = min(64, exp.model.max_len - n_new)
   rows = data.val["tokens"][: t.sample_prompts, :prompt_len]
+  if not len(rows):  # sample_prompts=0: an empty file, and no sampler traced for nothing
+    open(path, "w").close()
+    return
   out = generate.sample(model, params, jnp.asarray(rows), jax.random.PRNGKey(t.seed),
                         n_new=n_new, temperature=t.sample_temperature)
   decode = data.tokenizer.decode
