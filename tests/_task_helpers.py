@@ -51,14 +51,15 @@ def write_parallel(path: pathlib.Path, n: int = 48, seed: int = 0) -> pathlib.Pa
 def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
                **sections) -> config_lib.Experiment:
   """A tiny experiment of `task` on files the test writes (encoders for mlm and classify
-  unless `decoder`)."""
+  unless `decoder`), one layer deep: a test whose point needs a stack of layers (scanned equals
+  unrolled, per-layer choices) asks for `model=dict(n_layers=2)`."""
   c = config_lib.base_config()
   if task == "lm" or decoder:
-    c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=2,
+    c.model = config_lib.model_section("llama", vocab_size=256, d_model=32, n_layers=1,
                                        n_heads=4, d_ff=64, max_len=32)
     c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "byte"
   if task != "lm" and not decoder:
-    c.model = config_lib.model_section("bert", vocab_size=256, d_model=32, n_layers=2,
+    c.model = config_lib.model_section("bert", vocab_size=256, d_model=32, n_layers=1,
                                        n_heads=4, d_ff=64, max_len=32)
     if task == "mlm":
       c.data.files, c.data.tokenizer = write_corpus(tmp / "corpus"), "wordpiece:256"
@@ -67,7 +68,7 @@ def experiment(task: str, tmp: pathlib.Path, decoder: bool = False,
     c.data.val_files = str(write_labelled(tmp / "val.csv", 3, seed=1))
     c.data.tokenizer = "byte"
   if task == "seq2seq":
-    c.model = config_lib.model_section("marian", vocab_size=256, d_model=32, n_layers=2,
+    c.model = config_lib.model_section("marian", vocab_size=256, d_model=32, n_layers=1,
                                        n_heads=4, d_ff=64, max_len=32)
     c.data.files = str(write_parallel(tmp / "train.tsv"))
     c.data.val_files = str(write_parallel(tmp / "val.tsv", 12, seed=1))

@@ -231,8 +231,9 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, lm_run):
   c.data.update(dict(source="files", files="x.jsonl"))
   with pytest.raises(ConfigError, match=r"config.task.beta must be > 0, got 0.0"):
     config_lib.resolve(c)
-  # The reference (the starting policy: a byte-level LM run) and a wordpiece-tokenized dataset.
-  base = dpo_experiment(tmp_path, model=dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4,
+  # The reference (the starting policy: lm_run, a byte-level LM run of _task_helpers' one-layer
+  # llama) and a wordpiece-tokenized dataset.
+  base = dpo_experiment(tmp_path, model=dict(vocab_size=256, d_model=32, n_layers=1, n_heads=4,
                                              d_ff=64, max_len=32))
   data = dataclasses.replace(base.data, tokenizer="wordpiece:64")
   exp = dataclasses.replace(base, data=data, train=dataclasses.replace(

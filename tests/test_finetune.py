@@ -28,13 +28,15 @@ from llmjax.train import setup as setuplib
 
 from _task_helpers import experiment
 
-D, L, N, F = 32, 2, 4, 64  # the tiny llama of _task_helpers.experiment("lm"): H = 8, K = N
+# The tiny llama of _task_helpers.experiment("lm") two layers deep (per-layer methods are counted
+# and placed over a stack): H = 8, K = N.
+D, L, N, F = 32, 2, 4, 64
 H, K = D // N, N
 
 
 def _setup(tmp_path, method, model=None, mesh=None, devices=None, **ft):
   # Room for a prompt or prefix of up to 16 beyond the 32-token rows.
-  sections = dict(model={"max_len": 48, **(model or {})}, finetune=dict(method=method, **ft))
+  sections = dict(model={"max_len": 48, "n_layers": L, **(model or {})}, finetune=dict(method=method, **ft))
   if mesh:
     sections["mesh"] = mesh
   return setuplib.prepare(experiment("lm", tmp_path, **sections), None, devices)
@@ -104,7 +106,7 @@ def test_adalora_state_adds_two_scores_per_value_and_one_mask_entry_per_triplet(
 
 
 def test_adalora_keeps_the_target_budget_of_triplets_once_the_schedule_ends(tmp_path):
-  exp = experiment("lm", tmp_path, train=dict(steps=6), finetune=dict(
+  exp = experiment("lm", tmp_path, model=dict(n_layers=L), train=dict(steps=6), finetune=dict(
       method="adalora", lora_rank=4, adalora_target_rank=2, adalora_warmup=1,
       adalora_final=2, adalora_interval=1))
   s = setuplib.prepare(exp)
@@ -172,7 +174,7 @@ def test_frozen_parameters_stay_bitwise_and_only_the_method_trains(method, tmp_p
 
 
 def _random_lora(tmp_path, scan=False):
-  exp = experiment("lm", tmp_path, model=dict(scan_layers=scan))
+  exp = experiment("lm", tmp_path, model=dict(scan_layers=scan, n_layers=L))
   peft = Peft(lora_targets=finetune.spec.LORA_TARGETS["all_linear"], lora_rank=4)
   model = Transformer(exp.model, peft)
   tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
@@ -302,8 +304,10 @@ def test_lora_resume_reproduces_the_uninterrupted_losses_saves_no_base_and_check
 
 def test_lora_classifier_from_an_lm_run_freezes_its_weights_and_trains_lora_and_the_head(
     lm_run, tmp_path, capfd):
-  # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only.
-  exp = experiment("classify", tmp_path, decoder=True, finetune=dict(method="lora"),
+  # lm_run: experiment("lm") trained for 4 steps once per session (conftest), read only. LoRA on
+  # every linear: more fresh parameters than the one line that says so lists.
+  exp = experiment("classify", tmp_path, decoder=True,
+                   finetune=dict(method="lora", lora_targets="all_linear"),
                    train=dict(init_from=f"workdir:{lm_run}", init_new="classifier/.*"))
   workdir = str(tmp_path / "cls")
   llmjax.train.run(exp, workdir)

@@ -196,7 +196,7 @@ def test_init_from_takes_the_shape_from_the_checkpoint_and_names_conflicts(mlm_r
   exp = pretrained.resolve_model(config_lib.resolve(c))
   assert (exp.model.d_model, exp.model.causal, exp.model.norm_position) == (32, False, "post")
   c.model.n_layers = 3
-  with pytest.raises(ConfigError, match="config.model.n_layers=3 but the checkpoint has 2"):
+  with pytest.raises(ConfigError, match="config.model.n_layers=3 but the checkpoint has 1"):
     pretrained.resolve_model(config_lib.resolve(c))
 
 
