@@ -44,6 +44,7 @@ def test_a_lora_run_keeps_the_base_step_it_started_from_when_the_base_trains_on(
   lora_exp = experiment("lm", tmp_path, finetune=dict(method="lora"),
                         train=dict(init_from=f"workdir:{base}"))
   llmjax.train.run(lora_exp, str(lora))
+  assert (lora / "samples.txt").read_text() == ""  # sample_prompts=0: the file, nothing sampled
   pinned = f"workdir:{base}@4"  # the step it started from, recorded
   assert json.loads((lora / "config.json").read_text())["train"]["init_from"] == pinned
   assert json.loads((lora / "params.json").read_text())["base"]["init_from"] == pinned
