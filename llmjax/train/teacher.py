@@ -59,8 +59,7 @@ def build(exp: config_lib.Experiment, student_task, student_data, mesh, rules) -
   task = type(student_task)(teacher_exp, student_info)
   model = task.model()
   init_variables = init.variables_init(task, model, task.example_batch(1))
-  boxed = jax.eval_shape(lambda rng: init_variables({"params": rng, "dropout": rng}),
-                         jax.random.PRNGKey(0))
+  boxed = init_variables.abstract()
   with nn.logical_axis_rules(rules):
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   return Teacher(task, model, nn.unbox(boxed), shardings)
