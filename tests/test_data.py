@@ -1,7 +1,10 @@
 """Data stack: packing invariants, document splits, grain order/resume/sharding, sources."""
 
 import dataclasses
+import os
+import pathlib
 import re
+import shutil
 
 import json
 
@@ -192,10 +195,34 @@ def test_files_source_reads_sorted_documents_and_caps_bytes(tmp_path):
   _write_corpus(tmp_path)
   cfg = DataConfig(source="files", files=str(tmp_path / "**" / "*.txt"))
   docs = sources.read_documents(cfg)
-  assert [n for n, _ in docs] == sorted(str(p) for p in tmp_path.rglob("*.txt"))
+  # Named from the glob's directory (the split hashes the name): d0/f0.txt, d0/f2.txt, ...
+  assert [n for n, _ in docs] == sorted(str(p.relative_to(tmp_path))
+                                        for p in tmp_path.rglob("*.txt"))
   assert docs[0][1].startswith("document 0 é")
   capped = sources.read_documents(DataConfig(source="files", files=cfg.files, max_bytes=1))
   assert len(capped) == 1
+
+
+def test_a_corpus_splits_alike_wherever_it_sits_and_however_the_glob_names_it(tmp_path,
+                                                                            monkeypatch):
+  (tmp_path / "here").mkdir()
+  _write_corpus(tmp_path / "here", n=12)
+  shutil.copytree(tmp_path / "here", tmp_path / "moved" / "elsewhere")
+  monkeypatch.chdir(tmp_path)
+  corpora = [text.load_corpus(DataConfig(source="files", files=files, tokenizer="byte",
+                                         seq_len=16, val_fraction=0.3))
+             for files in (str(tmp_path / "here" / "**" / "*.txt"),
+                           str(tmp_path / "moved" / "elsewhere" / "**" / "*.txt"),
+                           "here/d*/f*.txt")]
+  first = corpora[0]
+  assert 0 < first.n_val_tokens < first.n_train_tokens
+  for other in corpora[1:]:
+    for split in ("train", "val"):
+      for key, value in getattr(first, split).items():
+        np.testing.assert_array_equal(getattr(other, split)[key], value)
+  assert sources.glob_root("~/data/*.txt") == pathlib.Path(os.path.expanduser("~/data"))
+  assert sources.glob_root("*.txt") == pathlib.Path() and sources.glob_root("/a/b.txt") == (
+      pathlib.Path("/a"))
 
 
 def test_missing_glob_is_an_error_naming_it(tmp_path):

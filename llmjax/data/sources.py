@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import os
 import pathlib
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +38,22 @@ def glob_files(pattern: str) -> list[pathlib.Path]:
   if not files:
     raise DataError(f"config.data.files={pattern!r} matches no files")
   return files
+
+
+_WILDCARD = re.compile(r"[*?[]")
+
+
+def glob_root(pattern: str) -> pathlib.Path:
+  """The directory a glob starts from: its leading parts before the first with a wildcard (a file
+  named relative to it keeps its name wherever the data is copied, and whether the glob is given
+  absolute or relative)."""
+  parts = pathlib.Path(os.path.expanduser(pattern)).parts[:-1]
+  fixed = []
+  for part in parts:
+    if _WILDCARD.search(part):
+      break
+    fixed.append(part)
+  return pathlib.Path(*fixed)
 
 
 def read_files(files: list[pathlib.Path], root: pathlib.Path | None) -> Iterator[tuple[str, str]]:
@@ -127,7 +144,9 @@ def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
   if cfg.source == "stdlib":
     docs = read_files(stdlib_files(), stdlib_root())
   elif cfg.source == "files":
-    docs = read_files(glob_files(cfg.files), None)
+    # Named from the glob's directory: a document's split (a hash of its name) is the same
+    # wherever the corpus sits.
+    docs = read_files(glob_files(cfg.files), glob_root(cfg.files))
   elif cfg.source == "tfds":
     docs = _read_tfds(cfg)
   else:
