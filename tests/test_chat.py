@@ -71,7 +71,7 @@ def test_byte_template_mask_and_prompt():
   assert prompt.endswith("### User:\nagain\n\n### Assistant:\n") and reference == "Yes."
 
 
-def test_rows_formats_and_packing(tmp_path):
+def test_rows_formats_and_packing(tmp_path, monkeypatch):
   import pyarrow as pa  # Parquet as HF datasets writes it
   import pyarrow.parquet as pq
   rows = [{"messages": [SYSTEM] + TURNS},
@@ -85,6 +85,13 @@ def test_rows_formats_and_packing(tmp_path):
       [SYSTEM] + TURNS, [{"role": "user", "content": "2+2?"},
                          {"role": "assistant", "content": "4"}],
       [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+  # Errors name the file where it is; the split hashes its name from the glob's directory, so
+  # the split stays when the data moves or the glob is relative.
+  assert conversations[0].where == f"{tmp_path / 'a.jsonl'}:1"
+  names = ["a.jsonl:1", "a.jsonl:2", "b.parquet row 1"]
+  assert [c.split_key for c in conversations] == names
+  monkeypatch.chdir(tmp_path.parent)
+  assert [c.split_key for c in chat_rows.read_conversations(f"{tmp_path.name}/*")] == names
   examples = [(np.arange(1, n + 1), np.ones(n, np.int32)) for n in (5, 4, 9, 3)]
   packed, counts = chat_rows.pack(examples, 8, "cut")
   assert packed["segment_ids"].tolist() == [[1] * 5 + [2] * 3, [1] * 4 + [0] * 4, [1] * 8]

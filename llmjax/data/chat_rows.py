@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from llmjax.data import chat
-from llmjax.data.sources import glob_files
+from llmjax.data.sources import glob_files, glob_root
 from llmjax.errors import DataError
 
 TOO_LONG = ("cut", "drop")
@@ -26,9 +27,16 @@ TOO_LONG = ("cut", "drop")
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-  """One row's messages, and where it came from (file:row) for error messages."""
+  """One row's messages, where it came from (file:row) for error messages, and its name: file:row
+  with the file named from its glob's directory (what a split hashes, so the split stays when
+  the data moves), or `where` itself for a row that has no file."""
   messages: list[dict]
   where: str
+  name: str = ""
+
+  @property
+  def split_key(self) -> str:
+    return self.name or self.where
 
 
 def _jsonl_rows(path: pathlib.Path):
@@ -105,8 +113,10 @@ def to_conversation(where: str, row: dict) -> Conversation:
 
 
 def read_conversations(pattern: str, key: str = "config.data.files") -> list[Conversation]:
-  """Every conversation in the files matching `pattern`."""
-  return [to_conversation(where, row) for where, row in read_rows(pattern, key)]
+  """Every conversation in the files matching `pattern`, named from the glob's directory."""
+  root = glob_root(pattern)
+  return [dataclasses.replace(to_conversation(where, row), name=os.path.relpath(where, root))
+          for where, row in read_rows(pattern, key)]
 
 
 OPEN_ROWS = 16  # rows still taking conversations: first fit among the newest few, in order

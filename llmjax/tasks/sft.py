@@ -81,7 +81,7 @@ def _split(d):
     conversations = chat_rows.read_conversations(d.files)
     if d.val_files:
       return conversations, chat_rows.read_conversations(d.val_files, "config.data.val_files")
-  docs = [(c.where, c) for c in conversations]
+  docs = [(c.split_key, c) for c in conversations]
   train, val = text.split_documents(docs, d.val_fraction, d.seed)
   return [c for _, c in train], [c for _, c in val]
 
