@@ -36,7 +36,8 @@ H, K = D // N, N
 
 def _setup(tmp_path, method, model=None, mesh=None, devices=None, **ft):
   # Room for a prompt or prefix of up to 16 beyond the 32-token rows.
-  sections = dict(model={"max_len": 48, "n_layers": L, **(model or {})}, finetune=dict(method=method, **ft))
+  sections = dict(model={"max_len": 48, "n_layers": L, **(model or {})},
+                  finetune=dict(method=method, **ft))
   if mesh:
     sections["mesh"] = mesh
   return setuplib.prepare(experiment("lm", tmp_path, **sections), None, devices)

@@ -56,14 +56,14 @@ def glob_root(pattern: str) -> pathlib.Path:
   return pathlib.Path(*fixed)
 
 
-def read_files(files: list[pathlib.Path], root: pathlib.Path | None) -> Iterator[tuple[str, str]]:
-  """(name, text) of each file, named relative to root when given."""
+def read_files(files: list[pathlib.Path], root: pathlib.Path) -> Iterator[tuple[str, str]]:
+  """(name, text) of each file, named relative to `root`."""
   for f in files:
     try:
       data = f.read_bytes()
     except OSError as e:
       raise DataError(f"cannot read corpus file {f}: {e.strerror}") from e
-    yield str(f.relative_to(root)) if root else str(f), data.decode("utf-8", errors="replace")
+    yield str(f.relative_to(root)), data.decode("utf-8", errors="replace")
 
 
 def _tfds_source(cfg: DataConfig):
