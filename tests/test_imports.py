@@ -27,7 +27,7 @@ FLOORS = {
   "llmjax.objectives": 1, "llmjax.eval.metrics": 1, "llmjax.eval.bleu": 1,
   "llmjax.eval.plots": 1, "llmjax.eval.translation_baselines": 1, "llmjax.models.presets": 1,
   "llmjax.cluster": 1,
-  "llmjax.eval.frechet": 1,
+  "llmjax.eval.frechet": 1, "llmjax.random_draws": 1,
   # 2 the experiment config: ConfigDict -> validated frozen dataclasses
   "llmjax.config": 2, "llmjax.config_checks": 2, "llmjax.config_tasks": 2,
   "llmjax.task_config": 2, "llmjax.config_sections": 2,

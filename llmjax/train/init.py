@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax import finetune
+from llmjax.random_draws import drawn_together
 from llmjax.parallel import sharding
 from llmjax.train.state import TrainState
 
@@ -86,5 +87,5 @@ def init_state(seed: int, init_variables, tx, mesh: Mesh, rules, shardings,
   init = functools.partial(_boxed_state, init_variables=init_variables, tx=tx,
                            trainable=trainable)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(
+    return jax.jit(drawn_together(lambda rng: nn.unbox(init(rng))), out_shardings=shardings)(
         jax.random.PRNGKey(seed))
