@@ -71,6 +71,7 @@ def _inlinable(eqn) -> bool:
   if eqn.primitive is not prims.jit_p:
     return False
   p = eqn.params
+  # UnspecifiedValue: jax's "no sharding given" (a jit under a jit without in/out_shardings).
   return (all(type(s).__name__ == "UnspecifiedValue" for s in (*p["in_shardings"],
                                                               *p["out_shardings"]))
           and all(layout is None for layout in (*p["in_layouts"], *p["out_layouts"]))
@@ -105,16 +106,15 @@ def _new_slot(values: list, value=_PENDING) -> int:
 
 def _batchable(eqn) -> bool:
   """A draw from one threefry key of at most MAX_DRAW_SIZE values."""
-  if eqn.primitive not in _DRAWS:
-    return False
+  if eqn.primitive not in _DRAWS or eqn.ctx.compute_type or eqn.ctx.xla_metadata:
+    return False  # a draw placed (compute_on) or annotated on its own stays on its own
   key = eqn.invars[0].aval
   if key.shape or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     return False
   if eqn.primitive is prims.random_fold_in_p:
     return not eqn.invars[1].aval.shape
   # split and bits count with a 64-bit iota only when threefry is partitionable.
-  return (jax.config.jax_threefry_partitionable
-          and math.prod(eqn.params["shape"]) <= MAX_DRAW_SIZE)
+  return eqn.ctx.threefry_partitionable and math.prod(eqn.params["shape"]) <= MAX_DRAW_SIZE
 
 
 def _replay(closed, args) -> list:
