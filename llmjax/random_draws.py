@@ -3,10 +3,9 @@
 A model's init derives a key per parameter (`fold_in` along its path) and draws each parameter's
 values from it: a tiny LM's init holds some twenty threefry hashes. XLA:CPU lowers each hash to a
 loop of its own, so compiling that init costs as much as compiling the LM's train step, and the
-hashes are almost all of it. Threefry is elementwise
-integer arithmetic, so draws that do not depend on one another can be hashed in one call on their
-concatenated counters, keys broadcast to match, and sliced apart after: bit for bit what each
-draw gives alone.
+hashes are most of it. Threefry is elementwise integer arithmetic, so draws that do not
+depend on one another can be hashed in one call on their concatenated counters, keys broadcast
+to match, and sliced apart after: bit for bit what each draw gives alone.
 
 `drawn_together(fun)` traces `fun` to a jaxpr, inlines its nested `jit` calls, and replays it in
 waves: everything that can run before the next draw runs, then every draw whose inputs are ready
@@ -45,7 +44,8 @@ _DRAWS = (prims.random_fold_in_p, prims.random_split_p, prims.random_bits_p)
 def drawn_together(fun):
   """`fun` (arrays in, a pytree of arrays out) with its independent small threefry draws hashed
   together in one call per wave; its outputs are bitwise those of `fun`. Meant for the function
-  a `jax.jit` compiles (it traces `fun` once more, inside that trace)."""
+  a `jax.jit` compiles: `fun` is traced to a jaxpr once, and the jaxpr replayed into jit's
+  trace."""
 
   @functools.wraps(fun)
   def replayed(*args):
