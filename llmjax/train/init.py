@@ -16,8 +16,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llmjax import finetune
-from llmjax.random_draws import drawn_together
 from llmjax.parallel import sharding
+from llmjax.random_draws import drawn_together
 from llmjax.train.state import TrainState
 
 
@@ -83,7 +83,8 @@ def state_shardings(init_variables: VariablesInit, tx, mesh: Mesh, rules, traina
 
 def init_state(seed: int, init_variables, tx, mesh: Mesh, rules, shardings,
                trainable=None) -> TrainState:
-  """Initialise every array directly into its sharding."""
+  """Initialise every array directly into its sharding; the small random draws are hashed
+  together (llmjax.random_draws: the same values, half the compile of a small model's init)."""
   init = functools.partial(_boxed_state, init_variables=init_variables, tx=tx,
                            trainable=trainable)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
