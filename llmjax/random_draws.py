@@ -118,6 +118,7 @@ def _batchable(eqn) -> bool:
 
 
 def _replay(closed, args) -> list:
+  """`closed` evaluated on `args` into the current trace, its ready draws hashed together."""
   values: list = []
   nodes: list[_Node] = []
   out_slots = _flatten(closed.jaxpr, [_new_slot(values, a) for a in args],
@@ -143,9 +144,11 @@ def _replay(closed, args) -> list:
 
   while ready or draws:
     if not ready:  # nothing else can run before the waiting draws: hash them together
-      batch, draws[:] = list(draws), []
-      for node, outs in zip(batch, _draw([nodes[i] for i in batch], read)):
-        done(nodes[node].outs[0], outs)
+      batch, draws[:] = [nodes[i] for i in draws], []
+      drawn = _draw(batch, read) if len(batch) > 1 else [
+          _bind(batch[0].eqn, [read(s) for s in batch[0].ins])[0]]  # alone: as jax draws it
+      for node, value in zip(batch, drawn):
+        done(node.outs[0], value)
       continue
     i = heapq.heappop(ready)
     node = nodes[i]
