@@ -124,12 +124,12 @@ def _replay(closed, args) -> list:
   out_slots = _flatten(closed.jaxpr, [_new_slot(values, a) for a in args],
                        [_new_slot(values, c) for c in closed.consts], nodes, values)
   read = lambda s: s.val if isinstance(s, jcore.Literal) else values[s]
-  waiting = [sum(1 for s in n.ins if not isinstance(s, jcore.Literal) and values[s] is _PENDING)
-             for n in nodes]
-  users: dict[int, list[int]] = {}
+  waiting = [0] * len(nodes)  # inputs not yet computed, per node
+  users: dict[int, list[int]] = {}  # slot -> the nodes waiting for it
   for i, n in enumerate(nodes):
     for s in n.ins:
       if not isinstance(s, jcore.Literal) and values[s] is _PENDING:
+        waiting[i] += 1
         users.setdefault(s, []).append(i)
   ready = [i for i, w in enumerate(waiting) if w == 0]
   heapq.heapify(ready)
