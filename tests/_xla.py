@@ -17,16 +17,16 @@ with tests/test_sharding.py, cold cache, take 10% less (28.4 -> 25.5 CPU-s; two 
 turns; 2026-12-07).
 
 Two more trims of each compile's work. XLA:CPU rewrites every long reduction into a windowed
-partial reduction and a final one (tree_reduction_rewriter, for accuracy over millions of
-elements): in a train step that is the global norm's and the non-finite check's sum over every
-parameter, each now two kernels to generate instead of one, and the suite's reductions are a
-few thousand elements at most. And XLA verifies the code it emits before compiling it
-(xla_cpu_emitter_verification_level), a check on XLA itself, not on the program. Without the rewriter
-a step compiles in 6-16% less time (a tiny LM 0.517 -> 0.434 s, a BERT classifier 0.807 ->
-0.756 s; medians of twelve and ten compiles, taking turns in one process), and with both off the whole suite's compiles took 308 CPU-s instead of 357 (train steps 120 instead
-of 157; two instrumented runs of `pytest -n 2 tests`, one after the other, 2026-12-08). Sums
-without the rewriter round differently in their last bits; every process of the suite compiles
-alike, and all 885 tests pass.
+partial reduction followed by a final one (tree_reduction_rewriter, for accuracy over millions
+of elements): in a train step that is the sum of squares and the non-finite check of every
+parameter, each then two kernels to generate instead of one, for the suite's small tensors.
+And XLA verifies the code it emits before compiling it (xla_cpu_emitter_verification_level), a
+check on XLA itself, not on the program. Without the rewriter a step compiles in 6-16% less
+time (a tiny LM 0.517 -> 0.434 s, a BERT classifier 0.807 -> 0.756 s; medians of twelve and ten
+compiles, taking turns in one process); with both off, the whole suite's compiles took 308 CPU-s
+instead of 357 (train steps 120 instead of 157; two instrumented runs of `pytest -n 2 tests`, one
+after the other, 2026-12-08). Sums without the rewriter round differently in their last bits;
+every process of the suite compiles alike, and all 885 tests pass.
 """
 
 COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
