@@ -133,7 +133,7 @@ def _replay(closed, args) -> list:
         users.setdefault(s, []).append(i)
   ready = [i for i, w in enumerate(waiting) if w == 0]
   heapq.heapify(ready)
-  draws: list[int] = []
+  draws: list[_Node] = []
 
   def done(slot, value):
     values[slot] = value
@@ -142,22 +142,25 @@ def _replay(closed, args) -> list:
       if waiting[i] == 0:
         heapq.heappush(ready, i)
 
-  while ready or draws:
-    if not ready:  # nothing else can run before the waiting draws: hash them together
-      batch, draws[:] = [nodes[i] for i in draws], []
-      drawn = _draw(batch, read) if len(batch) > 1 else [
-          _bind(batch[0].eqn, [read(s) for s in batch[0].ins])[0]]  # alone: as jax draws it
-      for node, value in zip(batch, drawn):
-        done(node.outs[0], value)
-      continue
-    i = heapq.heappop(ready)
-    node = nodes[i]
-    if _batchable(node.eqn) and str(jax.random.key_impl(read(node.ins[0]))) == _THREEFRY:
-      draws.append(i)
-      continue
+  def run(node):  # as jax binds it
     for slot, value in zip(node.outs, _bind(node.eqn, [read(s) for s in node.ins])):
       if slot is not None:
         done(slot, value)
+
+  while ready or draws:
+    if not ready:  # nothing else can run before the waiting draws: hash them together
+      batch, draws[:] = list(draws), []
+      if len(batch) == 1:  # alone: as jax draws it
+        run(batch[0])
+        continue
+      for node, value in zip(batch, _draw(batch, read)):
+        done(node.outs[0], value)
+      continue
+    node = nodes[heapq.heappop(ready)]
+    if _batchable(node.eqn) and str(jax.random.key_impl(read(node.ins[0]))) == _THREEFRY:
+      draws.append(node)
+    else:
+      run(node)
   return [read(s) for s in out_slots]
 
 
